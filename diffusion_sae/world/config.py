@@ -1,0 +1,70 @@
+"""ShapesCanvas concepts and caption templates: the one place they are defined.
+
+ShapesCanvas is our small, offline stand-in for UnlearnCanvas: every image is one object, drawn in
+one style and one colour on a random background, so every concept has an exact label.
+"""
+from __future__ import annotations
+
+OBJECTS: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "heart",
+    "cross", "ring", "diamond", "crescent", "arrow",
+)
+STYLES: tuple[str, ...] = (
+    "solid", "striped", "dotted", "checkered",
+    "outlined", "gradient", "noisy", "wavy",
+)
+# RGB in [0, 1]; chosen far apart in hue so that every style keeps the colour readable.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.12, 0.12),
+    "green": (0.10, 0.75, 0.20),
+    "blue": (0.15, 0.35, 0.95),
+    "yellow": (0.95, 0.88, 0.10),
+    "purple": (0.62, 0.20, 0.85),
+    "orange": (1.00, 0.55, 0.05),
+}
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+
+# Captions naming all three attributes. `{a}` is "a"/"an" for the word that follows it.
+FULL_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {object} in {style} style",
+    "{style} {colour} {object}",
+    "an image of a {object}, {colour}, {style}",
+    "a {style} {object} in {colour}",
+    "a {object} in {style} style, {colour}",
+)
+# Captions that leave attributes out, so the model also learns the marginals ("a red star").
+PARTIAL_TEMPLATES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("object", "colour"): ("a {colour} {object}", "an image of a {colour} {object}"),
+    ("object", "style"): ("a {object} in {style} style", "{style} {object}"),
+    ("object",): ("a {object}", "an image of a {object}"),
+}
+# The prompt used by evaluation (UnlearnCanvas uses "A {object} image in {style} style.").
+EVAL_TEMPLATE = "a {colour} {object} in {style} style"
+
+IMAGE_SIZE = 32
+
+
+def caption(obj: str, style: str | None, colour: str | None, template: str) -> str:
+    text = template.format(object=obj, style=style or "", colour=colour or "")
+    # "a orange ..." -> "an orange ..."; keeps the captions grammatical for the tokenizer.
+    words = text.split(" ")
+    for i in range(len(words) - 1):
+        if words[i] == "a" and words[i + 1][:1] in "aeiou":
+            words[i] = "an"
+    return " ".join(words)
+
+
+def eval_prompt(obj: str, style: str, colour: str) -> str:
+    return caption(obj, style, colour, EVAL_TEMPLATE)
+
+
+def vocabulary_words() -> list[str]:
+    """Every word a ShapesCanvas caption can contain (used to build the tokenizer)."""
+    words: set[str] = set(OBJECTS) | set(STYLES) | set(COLOURS)
+    templates = list(FULL_TEMPLATES) + [t for ts in PARTIAL_TEMPLATES.values() for t in ts]
+    for t in templates:
+        for w in t.replace(",", " ").split():
+            if not w.startswith("{"):
+                words.add(w)
+    words |= {"an", "a", "image", "of", "in", "style", "photo", "picture", "painting", "shape"}
+    return sorted(words)
