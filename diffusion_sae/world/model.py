@@ -58,8 +58,9 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
         if 2 ** (len(block_out_channels) - 1) != factor or latent_channels != in_channels * factor ** 2:
             raise ValueError(f"PixelShuffleVAE: inconsistent config factor={factor}, "
                              f"block_out_channels={block_out_channels}, latent_channels={latent_channels}")
-        # ModelMixin needs one tensor to report a device and dtype.
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+        # ModelMixin needs one tensor to report a device and dtype, and diffusers' loader needs a
+        # weights file to exist: one saved zero.
+        self.register_buffer("anchor", torch.zeros(1), persistent=True)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         z = F.pixel_unshuffle(x, self.config.factor)
@@ -128,7 +129,7 @@ def build_noise_scheduler() -> DDPMScheduler:
 
 def build_sampler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing",
-                                     set_alpha_to_one=False, steps_offset=0)
+                                     set_alpha_to_one=False, steps_offset=1)
 
 
 def build_components(cfg: ShapesCanvasModelConfig, seed: int = 0) -> dict:
