@@ -1,0 +1,217 @@
+"""Where a running pipeline call is: denoising step, timestep, and which batch rows are which branch.
+
+The official SAeUron/Steerers code counts hook calls to infer the step and the guidance branch, which
+breaks with other step counts, schedulers, batch sizes or guidance off (spec/algorithms.md §2.7, §3.8).
+Here the step comes from the timestep value the denoiser actually receives, matched against
+`pipe.scheduler.timesteps`, and the branch from how the pipeline batches: diffusers SD/SDXL/SD3
+concatenate [negative; positive] when `pipe.do_classifier_free_guidance`; FLUX runs the conditional
+call alone and, with true CFG, a second call inside `transformer.cache_context("uncond")`.
+Text-encoder calls are labelled by comparing their input ids with the tokenized prompt and negative
+prompt that the pipeline passed to `encode_prompt`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+
+import torch
+
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+
+
+def _texts(x) -> list[str] | None:
+    if x is None:
+        return None
+    return [x] if isinstance(x, str) else list(x)
+
+
+class StepTracker:
+    """Context manager; while a `pipe(...)` call runs inside it, exposes the current step and branches.
+
+    Attributes (valid during a denoiser call): `step_index` (position in `pipe.scheduler.timesteps`,
+    None if the timestep is not in the schedule), `timestep` (the scheduler's value), `num_steps`,
+    `batch_size`; `num_prompts` (prompts in the current pipeline call, from `encode_prompt`).
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser_name = next((c for c in ("unet", "transformer")
+                                   if isinstance(getattr(pipe, c, None), torch.nn.Module)), None)
+        self.denoiser = getattr(pipe, self.denoiser_name) if self.denoiser_name else None
+        self._handles: list = []
+        self._patched: list[tuple[object, str]] = []
+        self._reset_call()
+
+    # -- state ------------------------------------------------------------------------------------
+    def _reset_call(self):
+        self.step_index: int | None = None
+        self.timestep: float = math.nan
+        self.num_steps: int | None = None
+        self.batch_size: int | None = None
+        self.context_name: str | None = None
+        self.skip_layers = False
+        self.num_prompts: int | None = None
+        self._pos: dict[str, list[str]] = {}
+        self._neg: dict[str, list[str]] = {}
+        self._text_label: dict[str, str] = {}
+        self._text_seen: dict[str, int] = {}
+
+    # -- install / remove -------------------------------------------------------------------------
+    def __enter__(self):
+        try:
+            if self.denoiser is not None:
+                self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser, with_kwargs=True))
+                if hasattr(self.denoiser, "cache_context"):
+                    self._patch(self.denoiser, "cache_context", self._wrap_cache_context(self.denoiser.cache_context))
+            if hasattr(self.pipe, "encode_prompt"):
+                self._patch(self.pipe, "encode_prompt", self._wrap_encode_prompt(self.pipe.encode_prompt))
+            for comp in _TOKENIZER_OF:
+                enc = getattr(self.pipe, comp, None)
+                if isinstance(enc, torch.nn.Module):
+                    self._handles.append(enc.register_forward_pre_hook(self._text_pre_hook(comp), with_kwargs=True))
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for obj, attr in reversed(self._patched):
+            # The patch is an instance attribute shadowing the class method: deleting it restores the original.
+            obj.__dict__.pop(attr, None)
+        self._patched.clear()
+
+    def _patch(self, obj, attr, fn):
+        obj.__dict__[attr] = fn
+        self._patched.append((obj, attr))
+
+    # -- denoiser ---------------------------------------------------------------------------------
+    def _on_denoiser(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+        self.batch_size = int(x.shape[0]) if isinstance(x, torch.Tensor) else None
+        self.skip_layers = kwargs.get("skip_layers") is not None
+        self.step_index, self.timestep = self._locate(t)
+        return None
+
+    def _locate(self, t) -> tuple[int | None, float]:
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        if t is None or timesteps is None or len(timesteps) == 0:
+            return None, math.nan
+        value = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        ts = timesteps.detach().to("cpu", torch.float64)
+        self.num_steps = len(ts)
+        # SD/SDXL/SD3 pass the scheduler timestep; FLUX passes timestep / 1000.
+        for scale in (1.0, 1000.0):
+            v = value * scale
+            hits = torch.nonzero(torch.isclose(ts, torch.tensor(v, dtype=torch.float64), rtol=1e-5, atol=1e-3 * scale / 1000))
+            hits = [int(i) for i in hits.flatten()]
+            if hits:
+                return self._pick(hits), float(ts[self._pick(hits)])
+        return None, value
+
+    def _pick(self, hits: list[int]) -> int:
+        if len(hits) == 1:
+            return hits[0]
+        # Repeated timesteps (Heun, PNDM): the scheduler's own step counter says which occurrence this is.
+        sched = self.pipe.scheduler
+        si = getattr(sched, "step_index", None)
+        if si is None:
+            si = getattr(sched, "begin_index", None) or 0
+        return si if si in hits else hits[0]
+
+    def branches(self, batch_size: int | None = None) -> dict[str, slice]:
+        """Rows of the current denoiser batch for each guidance branch ("uncond", "cond", "cond_skip")."""
+        b = batch_size if batch_size is not None else self.batch_size
+        if self.context_name in ("cond", "uncond"):  # FLUX: one branch per call
+            return {self.context_name: slice(0, b)}
+        if self.skip_layers:  # SD3 skip-layer guidance: an extra conditional call with layers skipped
+            return {"cond_skip": slice(0, b)}
+        if bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and b % 2 == 0:
+            return {"uncond": slice(0, b // 2), "cond": slice(b // 2, b)}
+        return {"cond": slice(0, b)}
+
+    def _wrap_cache_context(self, original):
+        @contextmanager
+        def cache_context(name, *args, **kwargs):
+            prev, self.context_name = self.context_name, name
+            try:
+                with original(name, *args, **kwargs):
+                    yield
+            finally:
+                self.context_name = prev
+        return cache_context
+
+    # -- prompts and text encoders ----------------------------------------------------------------
+    def _wrap_encode_prompt(self, original):
+        sig = inspect.signature(original)
+
+        def encode_prompt(*args, **kwargs):
+            try:
+                bound = sig.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            pos = [_texts(bound.get(k)) for k in ("prompt", "prompt_2", "prompt_3")]
+            neg = [_texts(bound.get(k)) for k in ("negative_prompt", "negative_prompt_2", "negative_prompt_3")]
+            first = pos[0] or next((p for p in pos if p), None)
+            if first is not None:
+                self.num_prompts = len(first)
+            elif isinstance(bound.get("prompt_embeds"), torch.Tensor):
+                self.num_prompts = int(bound["prompt_embeds"].shape[0]) // int(bound.get("num_images_per_prompt") or 1)
+            n = self.num_prompts or 1
+            self._pos = {"all": [tuple(p) for p in pos if p]}
+            # diffusers' default negative prompt is "" for every row.
+            self._neg = {"all": [tuple(p) for p in neg if p] + [tuple([""] * n)]}
+            self._text_seen = {}
+            return original(*args, **kwargs)
+        return encode_prompt
+
+    def _text_pre_hook(self, comp: str):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._text_label[comp] = self._classify_text(comp, ids)
+            self._text_seen[comp] = self._text_seen.get(comp, 0) + 1
+            return None
+        return hook
+
+    def _classify_text(self, comp: str, ids) -> str:
+        tok = getattr(self.pipe, _TOKENIZER_OF[comp], None)
+        do_cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        if not isinstance(ids, torch.Tensor) or tok is None or not self._pos:
+            return "cond" if not do_cfg else "unknown"
+
+        def matches(groups) -> bool:
+            for texts in groups:
+                if len(texts) != ids.shape[0]:
+                    continue
+                ref = tok(list(texts), padding="max_length", max_length=ids.shape[1], truncation=True,
+                          add_special_tokens=True, return_tensors="pt").input_ids
+                if ref.shape == ids.shape and torch.equal(ref, ids.cpu()):
+                    return True
+            return False
+
+        is_pos, is_neg = matches(self._pos["all"]), matches(self._neg["all"])
+        if is_pos and is_neg:  # prompt == negative prompt: diffusers encodes the prompt first
+            return "cond" if self._text_seen.get(comp, 0) == 0 else "uncond"
+        if is_pos:
+            return "cond"
+        if is_neg:
+            return "uncond"
+        return "cond" if not do_cfg else "unknown"
+
+    def text_branch(self, component: str) -> str:
+        """Branch of the text-encoder call now running in `component` ("cond", "uncond" or "unknown")."""
+        return self._text_label.get(component, "unknown")
+
+    def images_per_prompt(self, rows: int) -> int:
+        """Rows of one branch per prompt (num_images_per_prompt), from the prompt count of the call."""
+        if self.num_prompts and rows % self.num_prompts == 0:
+            return rows // self.num_prompts
+        return 1
