@@ -38,6 +38,10 @@ class Hookpoint:
     width: int | None  # feature size d of the captured tokens (None when it cannot be known before a call)
 
 
+def _is_clip(module) -> bool:
+    return type(module).__name__.startswith("CLIPText")
+
+
 def _denoiser_name(pipe) -> str | None:
     for c in DENOISER_COMPONENTS:
         if isinstance(getattr(pipe, c, None), torch.nn.Module):
@@ -53,8 +57,9 @@ def list_hookpoints(pipe, kind: str | None = None) -> list[str]:
             enc = getattr(pipe, comp, None)
             if enc is None:
                 continue
-            if hasattr(enc, "text_model"):  # CLIP
-                names += [f"{comp}.text_model.encoder.layers.{i}" for i in range(len(enc.text_model.encoder.layers))]
+            if _is_clip(enc):
+                clip = getattr(enc, "text_model", enc)
+                names += [f"{comp}.text_model.encoder.layers.{i}" for i in range(len(clip.encoder.layers))]
             elif hasattr(enc, "encoder") and hasattr(enc.encoder, "block"):  # T5
                 names += [f"{comp}.encoder.block.{i}" for i in range(len(enc.encoder.block))]
     if kind in (None, "denoiser"):
@@ -100,9 +105,17 @@ def resolve_hookpoint(pipe, name: str) -> Hookpoint:
     parts = path.split(".")
     component = parts[0]
     obj = getattr(pipe, component, None) if component in TEXT_COMPONENTS + DENOISER_COMPONENTS else None
+    if _is_clip(obj) and len(parts) > 1:
+        # transformers 5 flattened CLIPTextModel (no `.text_model`); names keep the classic
+        # `text_encoder.text_model.encoder.layers.N` form, which is what checkpoints and papers use.
+        if parts[1] != "text_model":
+            parts.insert(1, "text_model")
+        path = ".".join(parts)
     for p in parts[1:]:
         if obj is None:
             break
+        if p == "text_model" and not hasattr(obj, "text_model") and _is_clip(obj):
+            continue
         if p.isdigit() and isinstance(obj, (torch.nn.ModuleList, torch.nn.Sequential)):
             obj = obj[int(p)] if int(p) < len(obj) else None
         else:

@@ -56,6 +56,7 @@ class StepTracker:
         self._neg: dict[str, list[str]] = {}
         self._text_label: dict[str, str] = {}
         self._text_seen: dict[str, int] = {}
+        self._in_call = False  # check_inputs ran and no denoiser call has happened since
 
     # -- install / remove -------------------------------------------------------------------------
     def __enter__(self):
@@ -64,8 +65,9 @@ class StepTracker:
                 self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser, with_kwargs=True))
                 if hasattr(self.denoiser, "cache_context"):
                     self._patch(self.denoiser, "cache_context", self._wrap_cache_context(self.denoiser.cache_context))
-            if hasattr(self.pipe, "encode_prompt"):
-                self._patch(self.pipe, "encode_prompt", self._wrap_encode_prompt(self.pipe.encode_prompt))
+            for attr, from_call in (("check_inputs", True), ("encode_prompt", False)):
+                if hasattr(self.pipe, attr):
+                    self._patch(self.pipe, attr, self._wrap(getattr(self.pipe, attr), from_call))
             for comp in _TOKENIZER_OF:
                 enc = getattr(self.pipe, comp, None)
                 if isinstance(enc, torch.nn.Module):
@@ -94,6 +96,7 @@ class StepTracker:
 
     # -- denoiser ---------------------------------------------------------------------------------
     def _on_denoiser(self, module, args, kwargs):
+        self._in_call = False
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
         self.batch_size = int(x.shape[0]) if isinstance(x, torch.Tensor) else None
@@ -150,28 +153,37 @@ class StepTracker:
         return cache_context
 
     # -- prompts and text encoders ----------------------------------------------------------------
-    def _wrap_encode_prompt(self, original):
+    def _record_texts(self, bound: dict) -> None:
+        pos = [_texts(bound.get(k)) for k in ("prompt", "prompt_2", "prompt_3")]
+        first = next((p for p in pos if p), None)
+        if first is not None:
+            self.num_prompts = len(first)
+        elif isinstance(bound.get("prompt_embeds"), torch.Tensor):
+            self.num_prompts = int(bound["prompt_embeds"].shape[0]) // int(bound.get("num_images_per_prompt") or 1)
+        n = self.num_prompts or 1
+        neg = [bound.get(k) for k in ("negative_prompt", "negative_prompt_2", "negative_prompt_3")]
+        # A single negative string applies to every row; diffusers' default negative prompt is "".
+        neg = [[x] * n if isinstance(x, str) else _texts(x) for x in neg]
+        self._pos = {"all": [tuple(p) for p in pos if p]}
+        self._neg = {"all": [tuple(p) for p in neg if p] + [tuple([""] * n)]}
+        self._text_seen = {}
+
+    def _wrap(self, original, from_call: bool):
         sig = inspect.signature(original)
 
-        def encode_prompt(*args, **kwargs):
+        def wrapper(*args, **kwargs):
             try:
                 bound = sig.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 bound = {}
-            pos = [_texts(bound.get(k)) for k in ("prompt", "prompt_2", "prompt_3")]
-            neg = [_texts(bound.get(k)) for k in ("negative_prompt", "negative_prompt_2", "negative_prompt_3")]
-            first = pos[0] or next((p for p in pos if p), None)
-            if first is not None:
-                self.num_prompts = len(first)
-            elif isinstance(bound.get("prompt_embeds"), torch.Tensor):
-                self.num_prompts = int(bound["prompt_embeds"].shape[0]) // int(bound.get("num_images_per_prompt") or 1)
-            n = self.num_prompts or 1
-            self._pos = {"all": [tuple(p) for p in pos if p]}
-            # diffusers' default negative prompt is "" for every row.
-            self._neg = {"all": [tuple(p) for p in neg if p] + [tuple([""] * n)]}
-            self._text_seen = {}
+            # check_inputs sees the call's prompt and negative prompt together; encode_prompt alone may
+            # be handed the negative prompt as `prompt` (FLUX true CFG), so it only counts when called
+            # outside a pipeline call (e.g. to encode prompts directly).
+            if from_call or not self._in_call:
+                self._record_texts(bound)
+                self._in_call = from_call
             return original(*args, **kwargs)
-        return encode_prompt
+        return wrapper
 
     def _text_pre_hook(self, comp: str):
         def hook(module, args, kwargs):
