@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The local CPU wheel; any other torch spec pulls GBs of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# CLIP's BPE vocabulary for the tiny test pipelines, taken from the open-clip-torch wheel (not installed).
+	$(BIN)/python -m diffusion_sae.models.clip_bpe || echo "warning: CLIP BPE unavailable; tests needing it will skip"
 	# torchvision has no CPU build here and, merely installed, breaks `import diffusers`.
 	@if $(BIN)/pip show torchvision >/dev/null 2>&1; then echo "error: torchvision is installed in $(VENV); remove it (pip uninstall torchvision)"; exit 1; fi
 	touch $(STAMP)

@@ -137,6 +137,62 @@ def world_eval(model: Path = typer.Option(None, help="Pipeline folder (default: 
     _ = torch
 
 
+@app.command("collect")
+def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or tiny:sd|sdxl|sd3|flux."),
+                hookpoint: list[str] = typer.Option(..., help="Hookpoint name (repeatable), e.g. "
+                                                    "unet.up_blocks.1.attentions.1 or text_encoder.text_model.encoder.layers.9"),
+                prompts: Path = typer.Option(..., help="Text file (one prompt a line) or CSV with a prompt column."),
+                out: Path = typer.Option(..., help="Output folder: one store per hookpoint."),
+                steps: int = 50, guidance: float = 7.5,
+                branch: list[str] = typer.Option(["cond"], help="Guidance branches to keep (cond, uncond)."),
+                keep_steps: Optional[str] = typer.Option(None, help="Comma-separated step indices to keep (default all)."),
+                tokens_per_record: Optional[int] = typer.Option(None, help="Random subset of patches per record."),
+                batch_size: int = 1, dtype: str = "float16", height: Optional[int] = None,
+                width: Optional[int] = None, negative_prompt: Optional[str] = None, column: str = "prompt",
+                seed: int = typer.Option(0, help="Seed of row i when the file gives none: seed + i."),
+                shard_mb: float = 128.0, max_sequence_length: Optional[int] = None,
+                list_hookpoints: bool = typer.Option(False, "--list-hookpoints", help="Print the model's hookpoints and exit.")):
+    """Collect activations at hookpoints over a prompt set into resumable on-disk stores.
+
+    Rerun the same command to resume. Under `accelerate launch` prompts are split over processes.
+    """
+    from .activations import CollectConfig, PromptFileError, StoreError, collect, load_prompts
+    from .models import HookpointError, list_hookpoints as _list
+    from .models.loading import ModelLoadError, load_pipeline
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    barrier = None
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True) if not os.environ.get("CUDA_VISIBLE_DEVICES") else PartialState()
+        rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
+    try:
+        ps = load_prompts(prompts, column=column, default_seed=seed)
+        pipe = load_pipeline(model)
+        if list_hookpoints:
+            typer.echo("\n".join(_list(pipe)))
+            return
+        keep = None if keep_steps is None else [int(s) for s in keep_steps.split(",") if s.strip()]
+        cfg = CollectConfig(hookpoints=list(hookpoint), steps=steps, guidance=guidance, branches=tuple(branch),
+                            keep_steps=keep, tokens_per_record=tokens_per_record, batch_size=batch_size, dtype=dtype,
+                            height=height, width=width, negative_prompt=negative_prompt, shard_mb=shard_mb,
+                            model_id=model, max_sequence_length=max_sequence_length)
+        with _progress() as p:
+            task = p.add_task("collect" if world == 1 else f"collect [{rank}/{world}]", total=None, info="")
+            stores = collect(pipe, ps, out, cfg, rank=rank, world_size=world, barrier=barrier,
+                             progress=lambda d, n, info: p.update(task, completed=d, total=n, info=info))
+    except (PromptFileError, HookpointError, StoreError, ModelLoadError) as e:
+        fail(str(e))
+    except ValueError as e:  # bad option values reaching the pipeline (branch names, sizes)
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if rank == 0:
+        for name, s in stores.items():
+            c = s.counts()
+            typer.echo(f"{name}: {c['prompts']}/{len(ps)} prompts, {c['records']} records, {c['tokens']} tokens "
+                       f"x {s.width} -> {s.dir}")
+
+
 def main() -> None:
     try:
         app()
