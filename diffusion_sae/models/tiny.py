@@ -197,3 +197,13 @@ def build_tiny_pipeline(family: str, seed: int = 0, tokenizer_dir: str | Path | 
         if isinstance(m, torch.nn.Module):
             m.eval()
     return pipe
+
+
+_SHARED: dict[str, object] = {}
+
+
+def shared_tiny_pipeline(family: str):
+    """One cached `build_tiny_pipeline(family, seed=0)` per process (tests: don't modify it)."""
+    if family not in _SHARED:
+        _SHARED[family] = build_tiny_pipeline(family)
+    return _SHARED[family]
