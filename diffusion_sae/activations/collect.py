@@ -80,14 +80,15 @@ def _run(pipe, ids: list[int], prompts: PromptSet, cfg: CollectConfig, text_only
     guidance = cfg.guidance if guidance is None else guidance
     if text_only:
         # The text encoders run once per prompt and ignore seed and step; no denoising needed (spec §2.3).
-        fn = pipe.encode_prompt
+        fn = type(pipe).encode_prompt  # the class's signature (the instance's may be a capture wrapper)
         params = inspect.signature(fn).parameters
-        kw = {k: None for k, p in params.items() if p.default is inspect.Parameter.empty and k != "self"}
+        kw = {k: None for k, p in params.items() if p.default is inspect.Parameter.empty and k != "self"
+              and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
         kw.update(_call_kwargs(fn, prompt=texts, device=pipe.device, num_images_per_prompt=1,
                                do_classifier_free_guidance="uncond" in cfg.branches, negative_prompt=neg,
                                max_sequence_length=cfg.max_sequence_length))
         with torch.no_grad():
-            fn(**kw)
+            pipe.encode_prompt(**kw)
         return
     gens = [torch.Generator().manual_seed(prompts.rows[i].seed) for i in ids]
     kw = _call_kwargs(pipe.__call__, prompt=texts, negative_prompt=neg, num_inference_steps=cfg.steps,

@@ -50,7 +50,8 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A per-process temporary name: several processes may write the same header at start-up.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         _write_bytes(tmp, data)
         os.replace(tmp, path)
@@ -303,7 +304,7 @@ class ActivationStore:
                 h.__exit__(None, None, None)
 
 
-_SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors(\.tmp)?$")
+_SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors(\.\d+\.tmp)?$")
 
 
 class StoreWriter:
