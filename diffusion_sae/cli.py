@@ -193,6 +193,82 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
                        f"x {s.width} -> {s.dir}")
 
 
+@app.command("train-sae")
+def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activation store folder (from `collect`) "
+                                                                "or a folder of .safetensors/.pt/.npy tensors."),
+                  synthetic: bool = typer.Option(False, "--synthetic", help="Train on a synthetic sparse-dictionary set."),
+                  out: Optional[Path] = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, final SAE (resumed if present)."),
+                  hookpoint: Optional[str] = None,
+                  expansion: int = typer.Option(4, help="num_latents = expansion x d_in (unless --num-latents)."),
+                  num_latents: Optional[int] = None, k: int = 32, batch_topk: bool = False,
+                  normalize_input: bool = False, lr: Optional[float] = None, lr_schedule: str = "constant",
+                  warmup_steps: int = 0, auxk_alpha: float = 1 / 32, k_aux: Optional[int] = None,
+                  dead_tokens_threshold: int = 10_000_000, batch_size: int = 4096, grad_clip: float = 1.0,
+                  seed: int = 0, log_every: int = 100, ckpt_every: int = 0, max_tokens: Optional[int] = None,
+                  autocast: str = "none", b_dec_init: str = "geometric_median",
+                  synthetic_d: int = typer.Option(64, help="--synthetic: input width."),
+                  synthetic_atoms: int = 512, synthetic_active: int = 8,
+                  synthetic_tokens: int = typer.Option(1_000_000, help="--synthetic: tokens to draw.")):
+    """Train a TopK / BatchTopK SAE and print its metrics (FVU, explained variance, L0, dead fraction)."""
+    from .sae import SAEConfig, SAEError, SyntheticSparseData, TrainConfig, best_cosine, iter_activation_files, train_sae
+
+    if synthetic == (activations is not None):
+        fail("give exactly one of an activation folder or --synthetic")
+    try:
+        data, atoms = None, None
+        if synthetic:
+            data = SyntheticSparseData(d=synthetic_d, num_atoms=synthetic_atoms, active=synthetic_active,
+                                       num_tokens=synthetic_tokens, batch_size=batch_size, seed=seed)
+            d_in, atoms = synthetic_d, data.atoms
+        elif (activations / "manifest.json").is_file():
+            from .activations import ActivationStore, StoreError
+
+            try:
+                store = ActivationStore(activations)
+                d_in = store.width
+                data = store.batches(batch_size, shuffle=True, seed=seed)
+            except StoreError as e:
+                fail(str(e))
+            if not d_in:
+                fail(f"{activations}: the activation store is empty")
+        else:
+            probe = iter_activation_files(activations)
+            d_in = next(probe).shape[-1]
+            data = iter_activation_files(activations, d_in)
+        scfg = SAEConfig(d_in=d_in, num_latents=num_latents or expansion * d_in, k=k, batch_topk=batch_topk,
+                         normalize_input=normalize_input, hookpoint=hookpoint)
+        tcfg = TrainConfig(lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, auxk_alpha=auxk_alpha,
+                           k_aux=k_aux, dead_tokens_threshold=dead_tokens_threshold, batch_size=batch_size,
+                           grad_clip=grad_clip, seed=seed, log_every=log_every, ckpt_every=ckpt_every,
+                           max_tokens=max_tokens, autocast=autocast, b_dec_init=b_dec_init)
+        from .sae.train import SAETrainer
+
+        trainer = SAETrainer(scfg, tcfg, run_dir=out)
+        sae = trainer.fit(data, progress=sys.stdout.isatty())
+    except SAEError as e:
+        fail(str(e))
+    m = trainer.metrics
+    rows = [("tokens", f"{trainer.tokens:,}"), ("steps", str(trainer.step)), ("FVU", f"{m.get('fvu', float('nan')):.4f}"),
+            ("explained variance", f"{m.get('explained_variance', float('nan')):.4f}"), ("L0", f"{m.get('l0', 0):.2f}"),
+            ("dead fraction", f"{m.get('dead_fraction', 0):.4f}"), ("tokens/s", f"{m.get('tokens_per_s', 0):,.0f}")]
+    if sae.cfg.batch_topk:
+        rows.append(("inference threshold", f"{sae.cfg.threshold:.5f}"))
+    if atoms is not None:
+        rows.append(("mean best cosine to true atoms", f"{float(best_cosine(atoms, sae.W_dec.detach()).mean()):.4f}"))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"SAE d_in={sae.cfg.d_in} L={sae.cfg.num_latents} k={sae.cfg.k}"
+                        f"{' (BatchTopK)' if sae.cfg.batch_topk else ''}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+    if out is not None:
+        typer.echo(f"saved {out / (sae.cfg.hookpoint or 'sae')}")
+
+
 def main() -> None:
     try:
         app()
