@@ -1,0 +1,171 @@
+"""SAeUron concept dictionaries: per-concept, per-step mean SAE latents at a denoiser block.
+
+For each concept c (a style, an object, ...) and prompt p of that concept, the block's conditional
+output at denoising step t is encoded token by token (per-token TopK) and averaged over patches:
+
+    m_c[p, t, :] = mean_patch TopK_k(ReLU(W_enc (x − b_dec) + b_enc))
+
+Only the mean over prompts μ_c(t) = mean_p m_c[p, t, :] is ever used, so that is what is stored:
+a [C, S, L] fp32 tensor plus the sampler's timesteps, in `concept_dictionary.safetensors` +
+`concept_dictionary.json` next to the SAE (the official code pickles [N_prompts, 100, L] fp16 per
+concept: gigabytes; shared/spec/algorithms.md §3.5).
+
+Scores (§3.6): s_c(t) = μ_c(t)/Σ_j μ_c,j(t) − μ_¬c(t)/Σ_j μ_¬c,j(t), with μ_¬c the mean over the
+pooled prompts of all other concepts of the dictionary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models import StepTracker, as_tokens, output_tensor, resolve_hookpoint
+
+FILE = "concept_dictionary"
+
+
+class DictionaryError(ValueError):
+    """Bad concept-dictionary input; one line: what, where, how to fix."""
+
+
+@dataclass
+class ConceptDictionary:
+    hookpoint: str
+    concepts: list[str]
+    means: torch.Tensor            # [C, S, L] μ_c(t)
+    counts: list[int]              # prompts per concept
+    timesteps: list[float]         # the sampler's timesteps, one per step (the step grid)
+    meta: dict = field(default_factory=dict)
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, folder: str | Path, name: str = FILE) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        t = folder / f"{name}.safetensors"
+        j = folder / f"{name}.json"
+        save_file({"means": self.means.contiguous().float()}, str(t) + ".tmp")
+        os.replace(str(t) + ".tmp", t)
+        doc = {"hookpoint": self.hookpoint, "concepts": self.concepts, "counts": self.counts,
+               "timesteps": self.timesteps, "meta": self.meta}
+        (folder / f"{name}.json.tmp").write_text(json.dumps(doc, indent=1))
+        os.replace(folder / f"{name}.json.tmp", j)
+        return j
+
+    @classmethod
+    def load(cls, folder: str | Path, name: str = FILE) -> "ConceptDictionary":
+        folder = Path(folder)
+        j, t = folder / f"{name}.json", folder / f"{name}.safetensors"
+        if not j.exists() or not t.exists():
+            raise DictionaryError(f"no concept dictionary at {folder} ({name}.json / {name}.safetensors missing): "
+                                  "build one with `diffusion-sae concepts build`")
+        doc = json.loads(j.read_text())
+        means = load_file(str(t))["means"]
+        if means.shape[0] != len(doc["concepts"]) or means.shape[1] != len(doc["timesteps"]):
+            raise DictionaryError(f"{t}: means {tuple(means.shape)} do not match {len(doc['concepts'])} concepts "
+                                  f"x {len(doc['timesteps'])} steps in {j}")
+        return cls(doc["hookpoint"], doc["concepts"], means, doc["counts"], doc["timesteps"], doc.get("meta", {}))
+
+    # --- scoring -----------------------------------------------------------------------------
+    def index(self, concept: str) -> int:
+        if concept not in self.concepts:
+            import difflib
+            close = difflib.get_close_matches(concept, self.concepts, n=3)
+            raise DictionaryError(f"concept {concept!r} is not in the dictionary at {self.hookpoint}; "
+                                  f"known: {', '.join(close or self.concepts[:8])}")
+        return self.concepts.index(concept)
+
+    def others_mean(self, c: int) -> torch.Tensor:
+        """μ_¬c(t): mean over the pooled prompts of every other concept, [S, L]."""
+        w = torch.tensor(self.counts, dtype=torch.float32)
+        w[c] = 0
+        if w.sum() == 0:
+            raise DictionaryError("scores need at least two concepts in the dictionary")
+        return torch.einsum("c,csl->sl", w / w.sum(), self.means.float())
+
+    def scores(self, concept: str) -> torch.Tensor:
+        """s_c(t) for every step and latent, [S, L]."""
+        c = self.index(concept)
+        mu = self.means[c].float()
+        rest = self.others_mean(c)
+        return mu / (mu.sum(-1, keepdim=True) + 1e-8) - rest / (rest.sum(-1, keepdim=True) + 1e-8)
+
+    def average(self) -> torch.Tensor:
+        """ν(t): the average over all concepts (each weighted equally), [S, L]: the firing mask's bar."""
+        return self.means.float().mean(0)
+
+    def select(self, concept: str, percentile: float | None = None, top_n: int | None = None) -> list[torch.Tensor]:
+        """Selected latent indices per step: s > quantile(s, p/100), or the top_n scores."""
+        if (percentile is None) == (top_n is None):
+            raise DictionaryError("give exactly one of percentile (e.g. 99.9) or top_n (e.g. 2)")
+        s = self.scores(concept)
+        out = []
+        for t in range(s.shape[0]):
+            if top_n is not None:
+                idx = torch.topk(s[t], int(top_n)).indices
+                idx = idx[s[t, idx] > 0]  # a latent more typical of the rest is never "the concept's"
+            else:
+                if not 0 < percentile < 100:
+                    raise DictionaryError(f"percentile must be in (0, 100), got {percentile}")
+                tau = torch.quantile(s[t], percentile / 100.0)
+                idx = torch.nonzero(s[t] > tau).flatten()
+            out.append(idx.sort().values)
+        return out
+
+
+@torch.no_grad()
+def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict[str, list[str]],
+                             seeds: list[int] | None = None, steps: int = 25, guidance: float = 5.0,
+                             batch_size: int = 32, progress=None, **call_kwargs) -> ConceptDictionary:
+    """Run the pipeline on every concept's prompts and average the SAE latents per concept and step."""
+    if not prompts_by_concept:
+        raise DictionaryError("no concepts given")
+    hp = resolve_hookpoint(pipe, hookpoint)
+    if hp.kind != "denoiser":
+        raise DictionaryError(f"hookpoint {hookpoint!r} is not a denoiser block; SAeUron reads e.g. "
+                              "unet.up_blocks.1.attentions.1")
+    L = sae.cfg.num_latents
+    concepts = list(prompts_by_concept)
+    sums = torch.zeros(len(concepts), steps, L)
+    counts = [len(prompts_by_concept[c]) for c in concepts]
+    jobs = [(ci, p, i) for ci, c in enumerate(concepts) for i, p in enumerate(prompts_by_concept[c])]
+    state = {"rows": None}
+    tracker = StepTracker(pipe)
+
+    def hook(mod, args, out):
+        x = output_tensor(out, hp.module)
+        tok, _ = as_tokens(x, hookpoint)
+        br = tracker.branches(tok.shape[0])
+        rows = tok[br["cond"]]
+        t = tracker.step_index
+        if t is None or t >= steps:
+            raise DictionaryError(f"denoiser step {t} outside the dictionary's {steps}-step grid")
+        z = sae.dense_latents(rows.to(sae.dtype))           # [B, P, L]
+        zmean = z.mean(1).float().cpu()                      # mean over patches
+        for r, ci in enumerate(state["rows"]):
+            sums[ci, t] += zmean[r]
+
+    handle = hp.module.register_forward_hook(hook)
+    timesteps = None
+    try:
+        with tracker:
+            for i in range(0, len(jobs), batch_size):
+                chunk = jobs[i:i + batch_size]
+                state["rows"] = [ci for ci, _, _ in chunk]
+                gens = [torch.Generator().manual_seed(int(seeds[j % len(seeds)] if seeds else j))
+                        for _, _, j in chunk]
+                pipe([p for _, p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                     generator=gens, output_type="latent", **call_kwargs)
+                if timesteps is None:
+                    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+                if progress is not None:
+                    progress(min(i + batch_size, len(jobs)), len(jobs))
+    finally:
+        handle.remove()
+    means = sums / torch.tensor(counts, dtype=torch.float32)[:, None, None]
+    meta = {"steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
+            "prompts": prompts_by_concept, "seeds": seeds, "k": sae.cfg.k}
+    return ConceptDictionary(hp.name, concepts, means, counts, timesteps, meta)

@@ -1,0 +1,173 @@
+"""SAeUron: unlearn concepts by scaling their timestep-specific SAE features in a denoiser block.
+
+At every denoiser call the block output x (every patch token, both guidance halves) is encoded
+with per-token TopK. For each concept c, the latents F_c(t) selected for the current step t are
+rescaled where they fire above the all-concept average ν_j(t):
+
+    z'_j = z_j · γ_c · μ_c,j(t)    if j ∈ F_c(t) and z_j > ν_j(t),   else z'_j = z_j
+
+(the scale is γ·μ, an activation-scaled factor, exactly as the official code and the paper do it —
+shared/spec/algorithms.md §3.6; γ < 0 flips the feature). The block output becomes
+
+    x_out = x + W_dec (z' − z)                       (ours: the SAE error is kept as is)
+    x_out = W_dec z' + b_dec + (x̂ − x)               (faithful=True: the official sign, = x + Δ − 2e)
+
+so with nothing selected, ours returns x exactly while the faithful mode changes every patch.
+The step t is the pipeline's real step (read from the timestep the denoiser receives, via
+StepTracker), and the dictionary's step grid must equal the sampler's.
+
+`mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
+selected latents, which paints a concept in even where it does not fire (e.g. from an empty
+prompt).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..concepts.dictionary import ConceptDictionary, DictionaryError
+from ..models import StepTracker, as_tokens, from_tokens, output_tensor, replace_output, resolve_hookpoint
+
+
+class StepGridError(ValueError):
+    """The dictionary was built on another step grid than the sampler uses."""
+
+
+@dataclass
+class ConceptEdit:
+    concept: str
+    multiplier: float = -1.0          # γ (ablate) or α (add)
+    percentile: float | None = None
+    top_n: int | None = None
+
+    def __post_init__(self):
+        if self.percentile is None and self.top_n is None:
+            self.top_n = 1
+
+
+def _as_edits(concepts, multiplier, percentile, top_n) -> list[ConceptEdit]:
+    if isinstance(concepts, (str, ConceptEdit)):
+        concepts = [concepts]
+    edits = []
+    for c in concepts:
+        if isinstance(c, ConceptEdit):
+            edits.append(c)
+        else:
+            edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None))
+    if not edits:
+        raise DictionaryError("no concept to unlearn given")
+    return edits
+
+
+class SAeUronHook:
+    """Precomputed per-step tables (selected mask, scale, bar) and the forward hook itself."""
+
+    def __init__(self, sae, dictionary: ConceptDictionary, edits: list[ConceptEdit], mode: str = "ablate",
+                 faithful: bool = False):
+        if mode not in ("ablate", "add"):
+            raise ValueError(f"mode must be 'ablate' or 'add', not {mode!r}")
+        L = sae.cfg.num_latents
+        if dictionary.means.shape[-1] != L:
+            raise DictionaryError(f"dictionary has {dictionary.means.shape[-1]} latents but the SAE has {L}: "
+                                  "build the dictionary with this SAE")
+        self.sae, self.dictionary, self.edits, self.mode, self.faithful = sae, dictionary, edits, mode, faithful
+        S = len(dictionary.timesteps)
+        nu = dictionary.average()
+        # Several concepts: the union of their features, each scaled by its own γ·μ_c (a latent picked
+        # by two concepts keeps the later one's scale, deterministically).
+        self.selected = torch.zeros(S, L, dtype=torch.bool)
+        self.scale = torch.ones(S, L)
+        self.bar = nu.clone()
+        self.features: dict[str, list[list[int]]] = {}
+        for e in edits:
+            c = dictionary.index(e.concept)
+            idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n)
+            self.features[e.concept] = [i.tolist() for i in idx]
+            mu = dictionary.means[c].float()
+            for t, ids in enumerate(idx):
+                self.selected[t, ids] = True
+                self.scale[t, ids] = e.multiplier * mu[t, ids]
+        dev, dt = sae.device, sae.dtype
+        self.selected, self.scale, self.bar = self.selected.to(dev), self.scale.to(dev, dt), self.bar.to(dev, dt)
+        self.tracker: StepTracker | None = None
+        self.checked = False
+
+    def check_grid(self, pipe) -> None:
+        want = [float(t) for t in self.dictionary.timesteps]
+        have = [float(t) for t in pipe.scheduler.timesteps]
+        if len(want) != len(have) or any(abs(a - b) > 1e-3 * max(1.0, abs(a)) for a, b in zip(want, have)):
+            raise StepGridError(
+                f"the concept dictionary for {self.dictionary.hookpoint} was built on {len(want)} steps "
+                f"(timesteps {want[0]:g}..{want[-1]:g}) but the sampler runs {len(have)} "
+                f"({have[0]:g}..{have[-1]:g}): generate with num_inference_steps={len(want)} and the same "
+                f"scheduler ({self.dictionary.meta.get('scheduler', '?')}), or rebuild the dictionary")
+
+    @torch.no_grad()
+    def edit_tokens(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """x: [N, d] block-output tokens at step t -> edited tokens."""
+        sae = self.sae
+        xs = x.to(sae.dtype)
+        acts, idx = sae.encode(xs)
+        sel = self.selected[t][idx]                               # [N, k]
+        if self.mode == "ablate":
+            fire = sel & (acts > self.bar[t][idx])
+            new = torch.where(fire, acts * self.scale[t][idx], acts)
+            if self.faithful:
+                recon_new = sae.decode(new, idx, x=xs)
+                recon_old = sae.decode(acts, idx, x=xs)
+                return (recon_new + (recon_old - xs)).to(x.dtype)
+            delta = new - acts
+            touched = fire.any(-1)
+            if not bool(touched.any()):
+                return x
+            out = x.clone()
+            rows = touched.nonzero().flatten()
+            d = sae.decode(delta[rows], idx[rows], x=xs[rows]) - sae.decode(torch.zeros_like(delta[rows]), idx[rows], x=xs[rows])
+            out[rows] = (xs[rows] + d).to(x.dtype)
+            return out
+        # mode == "add": every patch gets α μ_c,j(t) of each selected latent, fired or not.
+        add = torch.where(self.selected[t], self.scale[t], torch.zeros_like(self.scale[t]))
+        d = sae.decode_dense(add[None].expand(xs.shape[0], -1), add_bias=False, x=xs)
+        return (xs + d).to(x.dtype)
+
+    def __call__(self, module, args, output):
+        tr = self.tracker
+        t = tr.step_index if tr is not None else None
+        if t is None:
+            raise StepGridError(f"timestep {getattr(tr, 'timestep', '?')} is not in the sampler's schedule: "
+                                "SAeUron needs the pipeline's denoising step")
+        if not self.checked:
+            self.check_grid(tr.pipe)
+            self.checked = True
+        h = output_tensor(output, module)
+        tok, grid = as_tokens(h)
+        b, n, d = tok.shape
+        new = self.edit_tokens(tok.reshape(b * n, d), t).reshape(b, n, d)
+        return replace_output(output, from_tokens(new, grid), module)
+
+
+@contextlib.contextmanager
+def unlearn_concepts(pipe, sae, dictionary: ConceptDictionary, concepts, multiplier: float = -1.0,
+                     percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
+                     mode: str = "ablate"):
+    """Within the block, `pipe(...)` generates with the concepts' features scaled at the block.
+
+    `concepts`: a name, a list of names (sharing multiplier / selection), or ConceptEdit objects
+    (each with its own γ and selection). Hooks are removed on exit, also when generation raises.
+    """
+    hp = resolve_hookpoint(pipe, dictionary.hookpoint)
+    if hp.kind != "denoiser":
+        raise DictionaryError(f"{dictionary.hookpoint!r} is not a denoiser block")
+    if hp.width is not None and hp.width != sae.cfg.d_in:
+        raise DictionaryError(f"SAE width {sae.cfg.d_in} != width {hp.width} of block {hp.name!r}")
+    hook = SAeUronHook(sae, dictionary, _as_edits(concepts, multiplier, percentile, top_n), mode, faithful)
+    tracker = StepTracker(pipe)
+    hook.tracker = tracker
+    with tracker:
+        handle = hp.module.register_forward_hook(hook)
+        try:
+            yield hook
+        finally:
+            handle.remove()

@@ -1,0 +1,337 @@
+"""Concept Steerers: steer a text-encoder layer with a k-SAE (arXiv 2501.19066).
+
+A concept prompt c is encoded by the pipeline's own text encoder; its layer output H_c [T, d] goes
+through the SAE *without* TopK and is decoded *without* the decoder bias:
+
+    S = λ · W_dec · ReLU(W_enc (H_c − b_dec) + b_enc)          S ∈ R^{T×d}
+
+Row i of S is added to token position i of the user's prompt at the same layer (+S), and
+subtracted from the negative / unconditional prompt's encoding (−S, "negative steering"), so
+that with λ < 0 classifier-free guidance pushes away from the concept on both branches.
+
+Which encoding is the prompt and which the negative prompt is decided by encoding them in two
+explicit calls (prompt first, then `prompt_embeds` handed back to the pipeline's own
+`encode_prompt` so that only the negative prompt is encoded under the −S hooks) — never by counting
+hook calls, which breaks on SDXL's zeroed negative branch, on batched prompts and on FLUX
+(shared/spec/algorithms.md §2.7). `faithful=True` reproduces the official call-counting hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import resolve_hookpoint
+from ..models.hookpoints import output_tensor, replace_output
+
+
+class SteeringError(ValueError):
+    """Bad steering input; the message is one line: what, where, how to fix."""
+
+
+# Pooled-embedding arguments that must travel with `prompt_embeds` when it is handed back.
+_POOLED = {"pooled_prompt_embeds": 2}
+
+
+@dataclass
+class Steering:
+    """One steering term: a [T, d] (per token) or [d] (every token) matrix at one or more layers.
+
+    `hookpoints` has one name per text-encoder layer; with several (SDXL's CLIP-L + bigG pair) the
+    matrix's feature axis is their concatenation, split by `widths`.
+    """
+
+    hookpoints: list[str]
+    matrix: torch.Tensor
+    widths: list[int]
+    label: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def scaled(self, factor: float) -> "Steering":
+        return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta))
+
+    def __add__(self, other: "Steering") -> "Steering":
+        if other.hookpoints != self.hookpoints:
+            raise SteeringError(f"cannot add steerings at {self.hookpoints} and {other.hookpoints}")
+        return Steering(self.hookpoints, self.matrix + other.matrix, self.widths,
+                        f"{self.label}+{other.label}", {})
+
+
+def _split_hookpoints(hookpoint: str | list[str]) -> list[str]:
+    return list(hookpoint) if isinstance(hookpoint, (list, tuple)) else [h.strip() for h in hookpoint.split("+")]
+
+
+def _check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            raise SteeringError(f"strength must be a number, got {strength!r}") from None
+    strength = float(strength)
+    if strength != strength or strength in (float("inf"), float("-inf")):
+        raise SteeringError(f"strength must be finite, got {strength}")
+    return strength
+
+
+def _text_hookpoints(pipe, names: list[str]):
+    hps = []
+    for n in names:
+        hp = resolve_hookpoint(pipe, n)
+        if hp.kind != "text":
+            raise SteeringError(f"hookpoint {n!r} is not in a text encoder (it is in {hp.component}); "
+                                "Concept Steerers steers text-encoder layers, e.g. "
+                                "text_encoder.text_model.encoder.layers.N")
+        hps.append(hp)
+    return hps
+
+
+def _bias_free_decode(sae, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """W_dec z in the SAE's input units, without b_dec (x: the encoded input, for per-token norms)."""
+    return sae.decode_dense(z, add_bias=False, x=x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding helpers
+# ---------------------------------------------------------------------------------------------
+def _family(pipe) -> str:
+    name = type(pipe).__name__
+    if "Flux" in name:
+        return "flux"
+    if "StableDiffusion3" in name:
+        return "sd3"
+    if "XL" in name:
+        return "sdxl"
+    return "sd"
+
+
+@contextlib.contextmanager
+def _capture(modules):
+    """Record the output tensor of each module during the block."""
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, m in enumerate(modules):
+        def hook(mod, args, out, i=i):
+            got[i] = output_tensor(out).detach()
+        handles.append(m.register_forward_hook(hook))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _encode_positive(pipe, prompts: list[str]):
+    """Run the pipeline's own encode_prompt on prompts (no guidance branch)."""
+    fam = _family(pipe)
+    dev = pipe._execution_device
+    if fam == "flux":
+        return pipe.encode_prompt(prompts, prompt_2=None, device=dev, num_images_per_prompt=1)
+    if fam == "sd3":
+        return pipe.encode_prompt(prompts, None, None, device=dev, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)
+    return pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)
+
+
+@torch.no_grad()
+def layer_activations(pipe, hookpoint: str | list[str], prompts: list[str]) -> torch.Tensor:
+    """[N, T, d] outputs of the named text-encoder layer(s) for prompts, as the pipeline tokenizes them."""
+    names = _split_hookpoints(hookpoint)
+    hps = _text_hookpoints(pipe, names)
+    with _capture([h.module for h in hps]) as got:
+        _encode_positive(pipe, prompts)
+    missing = [names[i] for i in range(len(hps)) if i not in got]
+    if missing:
+        raise SteeringError(f"layer {missing[0]!r} was not run when encoding the prompt "
+                            f"(pipeline {type(pipe).__name__} does not use it)")
+    return torch.cat([got[i] for i in range(len(hps))], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building steering matrices
+# ---------------------------------------------------------------------------------------------
+def _check_width(sae, width: int, hookpoint) -> None:
+    d = sae.cfg.d_in
+    if d != width:
+        raise SteeringError(f"SAE width {d} != width {width} of layer {hookpoint!r}: "
+                            "load the SAE trained on this layer")
+
+
+@torch.no_grad()
+def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str | list[str],
+                     strength: float) -> Steering:
+    """S = λ · W_dec · ReLU(W_enc (H_c − b_dec) + b_enc) over the concept prompt's positions.
+
+    A list of prompts ("several example prompts") averages their matrices.
+    """
+    strength = _check_strength(strength)
+    prompts = [concept_prompt] if isinstance(concept_prompt, str) else list(concept_prompt)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise SteeringError("concept prompt is empty: give a word or phrase such as 'striped' or 'nudity'")
+    names = _split_hookpoints(hookpoint)
+    h = layer_activations(pipe, names, prompts)           # [N, T, d]
+    _check_width(sae, h.shape[-1], hookpoint)
+    sae_param = next(sae.parameters())
+    z = sae.pre_acts(h.to(sae_param.device, sae_param.dtype))
+    s = _bias_free_decode(sae, z, x=h.to(sae_param.device, sae_param.dtype)).mean(0).to(h.dtype).cpu()
+    widths = [resolve_hookpoint(pipe, n).width for n in names]
+    label = prompts[0] if len(prompts) == 1 else f"{prompts[0]} (+{len(prompts) - 1})"
+    return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength})
+
+
+@torch.no_grad()
+def feature_steering(sae, hookpoint: str | list[str], features, strength: float, pipe=None) -> Steering:
+    """Steer by named SAE features: S = λ · Σ_j a_j W_dec[j], added at every token position.
+
+    `features` is a list of indices (a_j = 1) or a {index: activation} dict.
+    """
+    strength = _check_strength(strength)
+    feats = dict(features) if isinstance(features, dict) else {int(j): 1.0 for j in features}
+    if not feats:
+        raise SteeringError("no features given: pass SAE latent indices, e.g. [12, 873]")
+    L = sae.cfg.num_latents
+    bad = [j for j in feats if not 0 <= int(j) < L]
+    if bad:
+        raise SteeringError(f"feature index {bad[0]} out of range for an SAE with {L} latents")
+    z = torch.zeros(1, L, device=next(sae.parameters()).device)
+    for j, a in feats.items():
+        z[0, int(j)] = float(a)
+    s = _bias_free_decode(sae, z)[0].cpu()
+    names = _split_hookpoints(hookpoint)
+    if pipe is not None:
+        widths = [resolve_hookpoint(pipe, n).width for n in names]
+        _check_width(sae, sum(widths), hookpoint)
+    else:
+        widths = [s.shape[-1]] if len(names) == 1 else []
+    return Steering(names, strength * s, widths, f"features {sorted(feats)}", {"features": feats, "strength": strength})
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying them
+# ---------------------------------------------------------------------------------------------
+def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
+    """Register one forward hook per layer adding sign * S; sign_of_call(layer_name) -> float."""
+    by_layer: dict[str, list[tuple[torch.Tensor]]] = {}
+    modules = {}
+    for st in steerings:
+        hps = _text_hookpoints(pipe, st.hookpoints)
+        widths = st.widths or [h.width for h in hps]
+        if sum(widths) != st.matrix.shape[-1]:
+            raise SteeringError(f"steering matrix width {st.matrix.shape[-1]} != layer width {sum(widths)} "
+                                f"at {st.hookpoints}")
+        off = 0
+        for hp, w in zip(hps, widths):
+            by_layer.setdefault(hp.name, []).append(st.matrix[..., off:off + w])
+            modules[hp.name] = hp.module
+            off += w
+    handles = []
+    for name, mats in by_layer.items():
+        total = mats[0].clone()
+        for m in mats[1:]:
+            if m.shape != total.shape:
+                raise SteeringError(f"steering matrices at {name} have shapes {tuple(total.shape)} and {tuple(m.shape)}")
+            total = total + m
+
+        def hook(mod, args, out, total=total, name=name):
+            sign = sign_of_call(name)
+            if sign == 0:
+                return None
+            h = output_tensor(out)
+            s = total.to(h.device, h.dtype)
+            if s.dim() == 2:
+                if s.shape[0] != h.shape[-2]:
+                    raise SteeringError(f"steering matrix has {s.shape[0]} token rows but layer {name!r} "
+                                        f"has {h.shape[-2]} tokens: build it with the same pipeline")
+            return replace_output(out, h + sign * s)
+        handles.append(modules[name].register_forward_hook(hook))
+    return handles
+
+
+class _SignState:
+    def __init__(self):
+        self.sign = 0.0
+
+    def __call__(self, name):
+        return self.sign
+
+
+@contextlib.contextmanager
+def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_steering: bool = True,
+                       faithful: bool = False):
+    """Within the block, `pipe(...)` generates with the steering applied.
+
+    ours: the pipeline's `encode_prompt` is wrapped so that the prompt is encoded under +S and the
+    negative prompt under −S (or unsteered with negative_steering=False) in separate calls.
+    faithful: the official hooks — first call of each layer +S, later calls −S (SD 1.x only
+    behaves as intended).
+    Hooks and the wrapper are removed on exit, also when generation raises.
+    """
+    steerings = [steerings] if isinstance(steerings, Steering) else list(steerings)
+    if faithful:
+        counts: dict[str, int] = {}
+
+        def sign_of_call(name):
+            counts[name] = counts.get(name, 0) + 1
+            return 1.0 if counts[name] == 1 else -1.0
+
+        handles = _add_hooks(pipe, steerings, sign_of_call)
+        try:
+            yield pipe
+        finally:
+            for h in handles:
+                h.remove()
+        return
+
+    state = _SignState()
+    handles = _add_hooks(pipe, steerings, state)
+    orig = pipe.encode_prompt
+    sig = inspect.signature(orig)
+    fam = _family(pipe)
+
+    def encode_prompt(*args, **kwargs):
+        ba = sig.bind(*args, **kwargs)
+        ba.apply_defaults()
+        a = dict(ba.arguments)
+        a.pop("self", None)
+        if fam == "flux" or "do_classifier_free_guidance" not in a:
+            # No guidance branch inside encode_prompt (FLUX): add only.
+            state.sign = 1.0 if a.get("prompt_embeds") is None else 0.0
+            try:
+                return orig(**a)
+            finally:
+                state.sign = 0.0
+        n = a.get("num_images_per_prompt", 1)
+        pos = dict(a, do_classifier_free_guidance=False, num_images_per_prompt=1)
+        if a.get("prompt_embeds") is None:
+            state.sign = 1.0
+            try:
+                out = orig(**pos)
+            finally:
+                state.sign = 0.0
+            a["prompt_embeds"] = out[0]
+            for k, i in _POOLED.items():
+                if k in a and len(out) > i:
+                    a[k] = out[i]
+        # Second call: prompt embeddings are given, so the only encoding left is the negative one.
+        state.sign = -1.0 if negative_steering else 0.0
+        try:
+            return orig(**dict(a, num_images_per_prompt=n))
+        finally:
+            state.sign = 0.0
+
+    pipe.encode_prompt = encode_prompt
+    try:
+        yield pipe
+    finally:
+        for h in handles:
+            h.remove()
+        if pipe.__dict__.get("encode_prompt") is encode_prompt:
+            del pipe.__dict__["encode_prompt"]
+
+
+def steered_generate(pipe, steerings, prompt, negative_steering: bool = True, faithful: bool = False, **kwargs):
+    """`pipe(prompt, **kwargs)` with the steering applied (a one-call wrapper of steer_text_encoder)."""
+    with steer_text_encoder(pipe, steerings, negative_steering=negative_steering, faithful=faithful):
+        return pipe(prompt, **kwargs)

@@ -1,0 +1,242 @@
+"""Concept Steerers and SAeUron on tiny random-weight SD 1.x / SDXL / SD3 / FLUX pipelines."""
+import pytest
+import torch
+
+from diffusion_sae.concepts.dictionary import ConceptDictionary, DictionaryError, build_concept_dictionary
+from diffusion_sae.interventions.ablate import StepGridError, unlearn_concepts
+from diffusion_sae.interventions.steer import (SteeringError, concept_steering, feature_steering,
+                                               steer_text_encoder)
+from diffusion_sae.models import build_tiny_pipeline, list_hookpoints, resolve_hookpoint
+from diffusion_sae.sae import TopKSAE
+
+FAMILIES = ["sd", "sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    cache = {}
+
+    def get(fam):
+        if fam not in cache:
+            p = build_tiny_pipeline(fam, seed=0)
+            p.set_progress_bar_config(disable=True)
+            cache[fam] = p
+        return cache[fam]
+    return get
+
+
+def _gen(pipe, prompt="a photo of a dog", steps=3, seed=0, height=32, width=32, **kw):
+    fam = type(pipe).__name__
+    g = 3.5 if "Flux" in fam else 5.0
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=g, generator=torch.Generator().manual_seed(seed),
+                output_type="pt", height=height, width=width, **kw).images
+
+
+def _sae(width, mult=4, k=8, seed=0):
+    torch.manual_seed(seed)
+    return TopKSAE(width, mult * width, k)
+
+
+def _no_hooks(pipe):
+    mods = [m for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
+            for m in (getattr(pipe, c, None).modules() if getattr(pipe, c, None) is not None else [])]
+    # transformers installs permanent output-capturing hooks of its own when hidden states are asked for.
+    ours = [h for m in mods for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+            if "output_capturing_hook" not in getattr(h, "__qualname__", "")]
+    return not ours and "encode_prompt" not in pipe.__dict__
+
+
+# ------------------------------------------------------------------------------------------ steering
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_steering_changes_image_and_zero_strength_is_exact(pipes, fam):
+    pipe = pipes(fam)
+    name = list_hookpoints(pipe, "text")[-2]
+    hp = resolve_hookpoint(pipe, name)
+    sae = _sae(hp.width)
+    st = concept_steering(sae, pipe, name, "a striped cat", -2.0)
+    base = _gen(pipe)
+    with steer_text_encoder(pipe, st):
+        steered = _gen(pipe)
+    with steer_text_encoder(pipe, st.scaled(0.0)):
+        zero = _gen(pipe)
+    assert (steered - base).abs().max() > 1e-3
+    assert torch.equal(zero, base)
+    assert _no_hooks(pipe)
+
+
+def test_explicit_branches_equal_faithful_call_counting_on_sd(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    st = concept_steering(sae, pipe, name, "naked, nude, bare", -0.5)
+    with steer_text_encoder(pipe, st):
+        ours = _gen(pipe, negative_prompt=None)
+    with steer_text_encoder(pipe, st, faithful=True):
+        faithful = _gen(pipe)
+    assert (ours - faithful).abs().max() < 1e-5
+    # negative steering off differs: the unconditional branch is then unsteered
+    with steer_text_encoder(pipe, st, negative_steering=False):
+        pos_only = _gen(pipe)
+    assert (pos_only - ours).abs().max() > 1e-4
+
+
+def test_negative_branch_gets_minus_s(pipes):
+    """Encodings seen by the UNet: prompt + S and negative − S, checked against direct encodes."""
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.5"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    st = concept_steering(sae, pipe, name, "striped", 1.5)
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen["ehs"] = kwargs["encoder_hidden_states"].detach().clone()
+    h = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with steer_text_encoder(pipe, st):
+            _gen(pipe, prompt="a red cube", steps=1, negative_prompt="blurry")
+    finally:
+        h.remove()
+    neg_seen, pos_seen = seen["ehs"].chunk(2)
+    layer = resolve_hookpoint(pipe, name).module
+
+    def enc(text, sign):
+        hh = layer.register_forward_hook(lambda m, a, o: o + sign * st.matrix)
+        try:
+            return pipe.encode_prompt(text, "cpu", 1, False)[0]
+        finally:
+            hh.remove()
+    assert torch.allclose(pos_seen, enc("a red cube", 1.0), atol=1e-6)
+    assert torch.allclose(neg_seen, enc("blurry", -1.0), atol=1e-6)
+    assert not torch.allclose(neg_seen, enc("blurry", 0.0), atol=1e-4)
+
+
+def test_sdxl_joint_sae_splits_across_both_encoders(pipes):
+    pipe = pipes("sdxl")
+    names = ["text_encoder.text_model.encoder.layers.10", "text_encoder_2.text_model.encoder.layers.28"]
+    width = sum(resolve_hookpoint(pipe, n).width for n in names)
+    sae = _sae(width)
+    st = concept_steering(sae, pipe, "+".join(names), "watercolor", -1.0)
+    assert st.matrix.shape[-1] == width and st.widths == [resolve_hookpoint(pipe, n).width for n in names]
+    base = _gen(pipe)
+    with steer_text_encoder(pipe, st):
+        out = _gen(pipe)
+    assert (out - base).abs().max() > 1e-3 and _no_hooks(pipe)
+
+
+def test_several_concepts_and_feature_steering(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    a = concept_steering(sae, pipe, name, "striped", -1.0)
+    b = concept_steering(sae, pipe, name, "red", 0.5)
+    with steer_text_encoder(pipe, [a, b]):
+        both = _gen(pipe)
+    with steer_text_encoder(pipe, a + b):
+        summed = _gen(pipe)
+    assert (both - summed).abs().max() < 1e-5
+    f = feature_steering(sae, name, [3, 7], 2.0, pipe=pipe)
+    assert torch.allclose(f.matrix, 2.0 * (sae.W_dec[3] + sae.W_dec[7]).detach(), atol=1e-6)
+    with steer_text_encoder(pipe, f):
+        feat = _gen(pipe)
+    assert (feat - _gen(pipe)).abs().max() > 1e-4
+
+
+def test_hooks_removed_when_generation_raises(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "striped", -1.0)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer_text_encoder(pipe, st):
+            _gen(pipe, callback_on_step_end=boom)
+    assert _no_hooks(pipe)
+
+
+def test_steering_bad_inputs(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    with pytest.raises(SteeringError, match="not in a text encoder"):
+        concept_steering(sae, pipe, "unet.up_blocks.1.attentions.1", "striped", -1.0)
+    with pytest.raises(SteeringError, match="SAE width"):
+        concept_steering(_sae(48), pipe, name, "striped", -1.0)
+    with pytest.raises(SteeringError, match="empty"):
+        concept_steering(sae, pipe, name, "  ", -1.0)
+    with pytest.raises(SteeringError, match="number"):
+        concept_steering(sae, pipe, name, "striped", "strong")
+
+
+# ------------------------------------------------------------------------------------------ SAeUron
+CONCEPTS = {"cat": ["a cat", "a small cat"], "dog": ["a dog", "a big dog"], "car": ["a car", "a red car"]}
+
+
+@pytest.fixture(scope="module")
+def sd_dictionary(pipes):
+    pipe = pipes("sd")
+    name = "unet.up_blocks.1.attentions.1"
+    sae = _sae(resolve_hookpoint(pipe, name).width, mult=8, k=4)
+    d = build_concept_dictionary(pipe, sae, name, CONCEPTS, steps=3, guidance=5.0, height=32, width=32)
+    return pipe, sae, d
+
+
+def test_dictionary_shapes_scores_and_roundtrip(sd_dictionary, tmp_path):
+    pipe, sae, d = sd_dictionary
+    assert d.means.shape == (3, 3, sae.cfg.num_latents)
+    assert d.timesteps == [float(t) for t in pipe.scheduler.timesteps]
+    s = d.scores("cat")
+    mu = d.means[0]
+    rest = (d.means[1] * 2 + d.means[2] * 2) / 4
+    ref = mu / (mu.sum(-1, keepdim=True) + 1e-8) - rest / (rest.sum(-1, keepdim=True) + 1e-8)
+    assert torch.allclose(s, ref, atol=1e-7)
+    sel = d.select("cat", top_n=2)
+    assert all(len(i) <= 2 for i in sel)
+    assert all(set(i.tolist()) <= set(torch.topk(s[t], 2).indices.tolist()) for t, i in enumerate(sel))
+    d.save(tmp_path)
+    d2 = ConceptDictionary.load(tmp_path)
+    assert torch.equal(d2.means, d.means) and d2.concepts == d.concepts and d2.timesteps == d.timesteps
+    with pytest.raises(DictionaryError, match="not in the dictionary"):
+        d.scores("cst")
+
+
+def test_unlearning_noop_is_exact_and_faithful_is_not(sd_dictionary):
+    pipe, sae, d = sd_dictionary
+    base = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-1.0, top_n=0):
+        noop = _gen(pipe, "a cat")
+    assert torch.equal(noop, base)
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-1.0, top_n=0, faithful=True):
+        faithful = _gen(pipe, "a cat")
+    assert (faithful - base).abs().max() > 1e-3
+    with unlearn_concepts(pipe, sae, d, ["cat", "dog"], multiplier=-20.0, top_n=3) as hook:
+        edited = _gen(pipe, "a cat")
+    assert (edited - base).abs().max() > 1e-4
+    assert set(hook.features) == {"cat", "dog"}
+    assert _no_hooks(pipe)
+
+
+def test_unlearning_step_grid_mismatch_and_hook_removal(sd_dictionary):
+    pipe, sae, d = sd_dictionary
+    with pytest.raises(StepGridError, match="3 steps"):
+        with unlearn_concepts(pipe, sae, d, "cat", top_n=1):
+            _gen(pipe, "a cat", steps=4)
+    assert _no_hooks(pipe)
+
+
+@pytest.mark.parametrize("fam,block", [("sdxl", "unet.up_blocks.0.attentions.1"),
+                                       ("flux", "transformer.single_transformer_blocks.0"),
+                                       ("flux", "transformer.transformer_blocks.0")])
+def test_unlearning_on_sdxl_and_flux_blocks(pipes, fam, block):
+    pipe = pipes(fam)
+    sae = _sae(resolve_hookpoint(pipe, block).width, mult=8, k=4)
+    g = 3.5 if fam == "flux" else 5.0
+    d = build_concept_dictionary(pipe, sae, block, CONCEPTS, steps=3, guidance=g, height=32, width=48)
+    base = _gen(pipe, "a cat", width=48)
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-1.0, top_n=0):
+        noop = _gen(pipe, "a cat", width=48)
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-30.0, top_n=4):
+        edited = _gen(pipe, "a cat", width=48)
+    assert torch.equal(noop, base)
+    assert (edited - base).abs().max() > 1e-4
+    assert _no_hooks(pipe)
