@@ -99,6 +99,13 @@ def test_figure_check_rejects_unlabelled_or_legendless_plots(tmp_path):
         R.save_figure(fig, tmp_path / "a.png")
     ax.legend()
     assert R.save_figure(fig, tmp_path / "a.png").stat().st_size > 1000
+    fig, axes = plt.subplots(1, 2)
+    for a in axes:
+        a.imshow(np.zeros((4, 4, 3)))
+    with pytest.raises(R.FigureCheckError, match="image grid"):
+        R.save_figure(fig, tmp_path / "g.png")
+    axes[0].set_ylabel("plain")
+    R.save_figure(fig, tmp_path / "g.png")
 
 
 def test_table_row_width_mismatch_is_an_error(tmp_path):

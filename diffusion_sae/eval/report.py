@@ -55,14 +55,15 @@ class Section:
 # ---------------------------------------------------------------------------------------------
 def check_figure(fig) -> None:
     """Every axes that draws data must have x and y labels; with ≥ 2 labelled series, a legend.
-    Image axes (imshow only) need a title or a label instead."""
+    Image grids (imshow-only panels) need at least one panel title / row label."""
+    image_axes, labelled_images = 0, 0
     for ax in fig.get_axes():
         if not ax.get_visible():
             continue
         is_image = bool(ax.get_images()) and not ax.lines and not ax.patches and not ax.collections
         if is_image:
-            if not (ax.get_title() or ax.get_xlabel() or ax.get_ylabel()):
-                raise FigureCheckError("image panel without a title or label")
+            image_axes += 1
+            labelled_images += bool(ax.get_title() or ax.get_xlabel() or ax.get_ylabel())
             continue
         if not (ax.lines or ax.patches or ax.collections):
             continue  # an empty helper axes (e.g. hidden spare subplot)
@@ -71,6 +72,8 @@ def check_figure(fig) -> None:
         handles, labels = ax.get_legend_handles_labels()
         if len([lbl for lbl in labels if not lbl.startswith("_")]) >= 2 and ax.get_legend() is None:
             raise FigureCheckError(f"axes {ax.get_title()!r} draws several series without a legend")
+    if image_axes and not labelled_images:
+        raise FigureCheckError("image grid without any panel title or row/column label")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -111,9 +114,10 @@ def plot_concept_bars(concepts: Sequence[str], scores: dict[str, Sequence[float]
     ax.set_xticklabels(list(concepts), rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, ncol=k)
+    # legend above the axes so it never hides bars near 100 %
+    ax.legend(fontsize=8, ncol=k, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -136,7 +140,7 @@ def plot_image_grid(images: Sequence, rows: int, cols: int, row_labels: Sequence
             ax.set_ylabel(row_labels[r], fontsize=8)
         if r == 0 and col_labels:
             ax.set_title(col_labels[c], fontsize=8)
-        if ax.get_visible() and not (ax.get_title() or ax.get_ylabel()):
+        if ax.get_visible() and not (row_labels or col_labels):
             ax.set_title(f"#{idx}", fontsize=6)
     if title:
         fig.suptitle(title)
