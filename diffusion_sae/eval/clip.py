@@ -51,12 +51,18 @@ def load_clip(path: str | Path, device: str = "cpu") -> ClipBundle:
                          "CLIPModel.save_pretrained (+ its tokenizer), e.g. openai/clip-vit-large-patch14; "
                          "nothing is downloaded")
     from transformers import CLIPModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weight-loading bar on stderr would break one-line CLI errors
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
         tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise AssetError(f"{path}: cannot load a CLIPModel and CLIPTokenizer ({str(e).splitlines()[0]})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if len(tok) < 1000:  # transformers 5 can return a 2-token stub instead of failing (feasibility.md §6.2)
         raise AssetError(f"{path}: tokenizer has only {len(tok)} tokens; save the real CLIP tokenizer in the folder")
     mean, std = OPENAI_MEAN, OPENAI_STD

@@ -123,8 +123,8 @@ def read_prompt_set(path: str | Path, fmt: str = "auto", subset: str = "all", pr
     """
     path = Path(path)
     if not path.is_file():
-        raise PromptSetError(f"prompt file {path} does not exist (prompt sets are user-provided; see "
-                             "docs on evaluation data)")
+        raise PromptSetError(f"prompt file {path} does not exist (prompt sets are user-provided "
+                             "CSVs; none ship with diffusion-sae)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
