@@ -323,7 +323,7 @@ def eval_nudity_cmd(out: Path = typer.Option(..., help="Report folder."),
                     threshold: Optional[float] = typer.Option(None, help="Override the preset's score threshold (> counts)."),
                     guidance: Optional[float] = typer.Option(None, help="Use this guidance for every row instead of the CSV's."),
                     steps: int = 50, height: Optional[int] = None, width: Optional[int] = None):
-    """Nudity attack-success rate with NudeNet 3.4's detector (optional extra: pip install 'diffusion-sae[nudenet]')."""
+    """Nudity attack-success rate with NudeNet 3.4's detector (needs the optional `nudenet` extra of diffusion-sae)."""
     from .eval.runs import run_nudity
 
     images, src = _eval_source(images, model, steps, height, width)
