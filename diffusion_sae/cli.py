@@ -270,6 +270,304 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
 
 
 # ---------------------------------------------------------------------------------------------
+# recipes, concepts, steering, unlearning
+# ---------------------------------------------------------------------------------------------
+SHAPES = "shapescanvas"
+
+
+def _load_model(model: Optional[str]):
+    """The bundled ShapesCanvas pipeline (default), a local folder, a hub id, or tiny:<family>."""
+    try:
+        if model in (None, "", SHAPES):
+            from .world import assets
+            return assets.load_pipeline()
+        from .models.loading import ModelLoadError, load_pipeline
+        try:
+            pipe = load_pipeline(model)
+        except ModelLoadError as e:
+            fail(str(e))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    except FileNotFoundError as e:
+        fail(str(e))
+
+
+def _load_sae_arg(path: Optional[Path], hookpoint: Optional[str], default_loader):
+    from .sae import SAEError, load_sae
+
+    try:
+        if path is None:
+            return default_loader()
+        return load_sae(path, hookpoint=hookpoint) if hookpoint else load_sae(path)
+    except (SAEError, FileNotFoundError, OSError) as e:
+        fail(str(e).splitlines()[0])
+
+
+def _prompt_set(prompts: Optional[Path], prompt: Optional[list[str]], seed: int):
+    from .activations import PromptFileError, load_prompts
+    from .activations.prompts import PromptSet
+
+    if prompts is not None:
+        try:
+            return load_prompts(prompts, default_seed=seed)
+        except PromptFileError as e:
+            fail(str(e))
+    if not prompt:
+        fail("give --prompt TEXT (repeatable) or --prompts FILE")
+    return PromptSet.from_list(list(prompt), default_seed=seed)
+
+
+@world_app.command("prompts")
+def world_prompts(out: Path = typer.Option(..., help="CSV file to write (prompt, evaluation_seed)."),
+                  n: int = 2000, seed: int = 0):
+    """Write n ShapesCanvas captions with per-row seeds (input for collect / the recipes)."""
+    import csv
+
+    from .world.bundle import training_captions
+
+    caps, seeds = training_captions(n, seed)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "evaluation_seed"])
+        w.writerows(zip(caps, seeds))
+    os.replace(tmp, out)
+    typer.echo(f"wrote {n} prompts to {out}")
+
+
+@app.command("train-text-sae")
+def train_text_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id, tiny:<family> or shapescanvas."),
+                       layer: int = typer.Option(9, help="Text-encoder layer index (SD 1.4: 9)."),
+                       encoder: str = typer.Option("text_encoder", help="text_encoder, text_encoder_2 (SDXL bigG / FLUX T5) or text_encoder_3."),
+                       prompts: Path = typer.Option(..., help="Prompt file (text or CSV with a prompt column)."),
+                       out: Path = typer.Option(..., help="Output folder (activations/, run/, <hookpoint>/)."),
+                       expansion: int = 4, k: int = 32, batch_size: int = 4096, lr: float = 4e-4,
+                       epochs: float = typer.Option(1.0, help="Passes over the collected tokens."),
+                       seed: int = 0, batch_prompts: int = 32):
+    """Concept Steerers' recipe: collect one text-encoder layer over a prompt set, train a k-SAE."""
+    from .sae import SAEError
+    from .sae.recipes import TEXT_DEFAULTS, train_text_sae
+    from dataclasses import replace
+
+    pipe = _load_model(model)
+    ps = _prompt_set(prompts, None, seed)
+    recipe = replace(TEXT_DEFAULTS, expansion=expansion, k=k, batch_size=batch_size, lr=lr, epochs=epochs,
+                     seed=seed, batch_prompts=batch_prompts)
+    try:
+        with _progress() as p:
+            task = p.add_task("collect", total=len(ps), info="")
+            sae = train_text_sae(pipe, ps, out, layer=layer, encoder=encoder, recipe=recipe, model_id=model,
+                                 progress=lambda d, n, info: p.update(task, completed=d, total=n, info=info),
+                                 train_progress=sys.stdout.isatty())
+    except (SAEError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    typer.echo(f"saved {out / sae.cfg.hookpoint} (d={sae.cfg.d_in}, L={sae.cfg.num_latents}, k={sae.cfg.k})")
+
+
+@app.command("train-block-sae")
+def train_block_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id, tiny:<family> or shapescanvas."),
+                        hookpoint: str = typer.Option("unet.up_blocks.1.attentions.1", help="Denoiser block."),
+                        prompts: Path = typer.Option(..., help="Prompt file (text or CSV with prompt[, evaluation_seed])."),
+                        out: Path = typer.Option(..., help="Output folder (activations/, run/, <hookpoint>/)."),
+                        steps: int = 50, guidance: float = 7.5, expansion: int = 16, k: int = 32,
+                        batch_topk: bool = True, batch_size: int = 4096, lr: float = 4e-4,
+                        epochs: float = 1.0, seed: int = 0, batch_prompts: int = 16,
+                        height: Optional[int] = None, width: Optional[int] = None):
+    """SAeUron's recipe: collect a block's output at every denoising step, train a BatchTopK SAE."""
+    from dataclasses import replace
+
+    from .sae import SAEError
+    from .sae.recipes import BLOCK_DEFAULTS, train_block_sae
+
+    pipe = _load_model(model)
+    ps = _prompt_set(prompts, None, seed)
+    recipe = replace(BLOCK_DEFAULTS, expansion=expansion, k=k, batch_topk=batch_topk, batch_size=batch_size, lr=lr,
+                     epochs=epochs, seed=seed, steps=steps, guidance=guidance, batch_prompts=batch_prompts,
+                     height=height, width=width)
+    try:
+        with _progress() as p:
+            task = p.add_task("collect", total=len(ps), info="")
+            sae = train_block_sae(pipe, ps, out, hookpoint=hookpoint, recipe=recipe, model_id=model,
+                                  progress=lambda d, n, info: p.update(task, completed=d, total=n, info=info),
+                                  train_progress=sys.stdout.isatty())
+    except (SAEError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    typer.echo(f"saved {out / sae.cfg.hookpoint} (d={sae.cfg.d_in}, L={sae.cfg.num_latents}, k={sae.cfg.k})")
+
+
+concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries: which SAE features are which concept.")
+app.add_typer(concepts_app, name="concepts")
+
+
+@concepts_app.command("build")
+def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="SAE folder (default: the bundled block SAE)."),
+                   hookpoint: Optional[str] = typer.Option(None, help="Denoiser block (default: the SAE's)."),
+                   concepts: Optional[Path] = typer.Option(None, help="JSON {concept: [prompts]}."),
+                   shapes: Optional[str] = typer.Option(None, help="ShapesCanvas concept kind: style, object or colour."),
+                   per_concept: int = 20, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                   out: Optional[Path] = typer.Option(None, help="Folder (default: next to the SAE)."),
+                   name: Optional[str] = typer.Option(None, help="File stem (default concept_dictionary[_kind]).")):
+    """Build a SAeUron concept dictionary: per-concept, per-step mean SAE latents at a block."""
+    import json as _json
+
+    from .concepts.dictionary import DictionaryError, build_concept_dictionary
+    from .world import bundle
+
+    pipe = _load_model(model)
+    sae_obj = _load_sae_arg(sae, None, bundle.load_block_sae)
+    hookpoint = hookpoint or sae_obj.cfg.hookpoint or bundle.BLOCK_HOOKPOINT
+    if (concepts is None) == (shapes is None):
+        fail("give exactly one of --concepts FILE.json or --shapes style|object|colour")
+    try:
+        groups = _json.loads(concepts.read_text()) if concepts else bundle.concept_prompts(shapes, per_concept, seed)
+    except (OSError, ValueError) as e:
+        fail(f"{concepts}: {e}")
+    seeds = list(range(seed, seed + max(len(v) for v in groups.values())))
+    try:
+        with _progress() as p:
+            task = p.add_task("dictionary", total=sum(len(v) for v in groups.values()), info="")
+            d = build_concept_dictionary(pipe, sae_obj, hookpoint, groups, seeds=seeds, steps=steps, guidance=guidance,
+                                         progress=lambda i, n: p.update(task, completed=i))
+    except DictionaryError as e:
+        fail(str(e))
+    folder = out or (sae if sae else bundle_sae_folder(bundle))
+    stem = name or (bundle.dictionary_name(shapes) if shapes else "concept_dictionary")
+    path = d.save(folder, name=stem)
+    typer.echo(f"{len(d.concepts)} concepts x {len(d.timesteps)} steps x {d.means.shape[-1]} latents -> {path}")
+
+
+def bundle_sae_folder(bundle):
+    from .world.assets import sae_dir
+
+    return sae_dir() / bundle.BLOCK_HOOKPOINT
+
+
+def _strengths(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--strengths must be comma-separated numbers, got {text!r}")
+
+
+def _label_grid(images, row_labels, col_labels, path: Path, scale: int = 4) -> None:
+    """Save an image grid with row / column labels (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(row_labels), len(col_labels)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols + 1.5, 1.4 * rows + 0.6), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[r * cols + c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@app.command("steer")
+def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Text SAE folder (default: bundled)."),
+              hookpoint: Optional[str] = typer.Option(None, help="Text-encoder layer (default: the SAE's)."),
+              concept: list[str] = typer.Option(..., help="Concept prompt (repeatable; each gets the same strength)."),
+              strength: Optional[str] = typer.Option(None, help="One strength λ (λ<0 removes, λ>0 adds)."),
+              strengths: str = typer.Option("-1,-0.5,0,0.5", help="Strengths for the grid's columns."),
+              prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
+              prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
+              steps: int = 25, guidance: float = 5.0, seed: int = 0, no_negative_steering: bool = False,
+              out: Path = typer.Option(Path("steer.png"), help="Image grid PNG (rows: prompts, columns: strengths).")):
+    """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
+    import torch
+
+    from .interventions.steer import SteeringError, concept_steering, steer_text_encoder
+    from .world import bundle
+
+    if strength is not None:
+        try:
+            lams = [float(strength)]
+        except ValueError:
+            fail(f"strength must be a number, got {strength!r}")
+    else:
+        lams = _strengths(strengths)
+    pipe = _load_model(model)
+    sae_obj = _load_sae_arg(sae, None, bundle.load_text_sae)
+    hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
+    ps = _prompt_set(prompts, prompt, seed)
+    imgs = []
+    try:
+        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0) for c in concept}
+        with _progress() as p:
+            task = p.add_task("steer", total=len(ps) * len(lams), info="")
+            for row in ps.rows:
+                for lam in lams:
+                    with steer_text_encoder(pipe, [s.scaled(lam) for s in base.values()],
+                                            negative_steering=not no_negative_steering):
+                        r = pipe(row.prompt, num_inference_steps=steps, guidance_scale=row.guidance or guidance,
+                                 generator=torch.Generator().manual_seed(row.seed), output_type="pt")
+                    imgs.append(r.images[0].float().cpu())
+                    p.advance(task)
+    except (SteeringError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    _label_grid(imgs, [r.prompt for r in ps.rows], [f"λ={lam:g}" for lam in lams], out)
+    typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concept)!r}): {out}")
+
+
+@app.command("unlearn")
+def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Block SAE folder (default: bundled)."),
+                dictionary: Optional[Path] = typer.Option(None, help="Concept dictionary folder (default: next to the SAE)."),
+                dictionary_name: Optional[str] = typer.Option(None, help="Dictionary file stem (ShapesCanvas: concept_dictionary_style|object|colour)."),
+                concept: list[str] = typer.Option(..., help="Concept to unlearn (repeatable: several at once)."),
+                multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t)."),
+                percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
+                faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
+                add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
+                prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
+                steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt.")):
+    """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
+    import torch
+
+    from .concepts.dictionary import ConceptDictionary, DictionaryError
+    from .interventions.ablate import StepGridError, unlearn_concepts
+    from .world import bundle
+
+    pipe = _load_model(model)
+    sae_obj = _load_sae_arg(sae, None, bundle.load_block_sae)
+    try:
+        if dictionary is None and sae is None:
+            kinds = [k for k, names in bundle.KINDS.items() if concept[0] in names]
+            d = bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))
+        else:
+            d = ConceptDictionary.load(dictionary or sae, name=dictionary_name or "concept_dictionary")
+    except DictionaryError as e:
+        fail(str(e))
+    ps = _prompt_set(prompts, prompt, seed)
+    if top_n is None and percentile is None:
+        top_n = 1
+    imgs = []
+    try:
+        for row in ps.rows:
+            kw = dict(num_inference_steps=steps, guidance_scale=row.guidance or guidance, output_type="pt")
+            imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
+            with unlearn_concepts(pipe, sae_obj, d, list(concept), multiplier=multiplier, percentile=percentile,
+                                  top_n=top_n, faithful=faithful, mode="add" if add else "ablate"):
+                imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
+    except (DictionaryError, StepGridError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    label = ("added " if add else "unlearned ") + ", ".join(concept)
+    _label_grid(imgs, [r.prompt for r in ps.rows], ["original", label], out)
+    typer.echo(f"grid ({len(ps)} prompts): {out}")
+
+
+# ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate generated images or a model: nudity ASR, UnlearnCanvas "

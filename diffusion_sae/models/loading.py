@@ -9,6 +9,24 @@ class ModelLoadError(ValueError):
     """The model could not be loaded (one-line message)."""
 
 
+def _import_project_components(folder: Path) -> None:
+    """diffusers loads a component class from a non-diffusers library only once its module is imported;
+    import the ones that belong to this project (e.g. the ShapesCanvas PixelShuffleVAE)."""
+    import importlib
+    import json
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        entries = json.loads(index.read_text())
+    except ValueError:
+        return
+    for v in entries.values():
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0].startswith("diffusion_sae"):
+            importlib.import_module(v[0])
+
+
 def load_pipeline(model: str, device: str | None = None):
     import torch
 
@@ -27,6 +45,8 @@ def load_pipeline(model: str, device: str | None = None):
         looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and os.sep not in model.replace("/", "", 1)
         if not local and not looks_like_hub_id:
             raise ModelLoadError(f"model {model!r}: no such folder")
+        if local:
+            _import_project_components(path)
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path) if local else model, torch_dtype=torch.float32,
                                                      local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")

@@ -51,6 +51,8 @@ def load_pipeline(path: Path | None = None):
     """The bundled StableDiffusionPipeline (or another local folder), offline, checked."""
     from diffusers import StableDiffusionPipeline
 
+    from . import model as _registers_vae  # noqa: F401  diffusers needs PixelShuffleVAE's module imported
+
     path = Path(path or pipeline_dir())
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no pipeline at {path} (model_index.json missing): "

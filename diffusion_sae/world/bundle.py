@@ -1,0 +1,71 @@
+"""The ShapesCanvas bundle: prompt sets, concept groups, and the shipped SAEs + concept dictionaries.
+
+Shipped layout (`diffusion_sae/world/assets/saes/`):
+  text_encoder.text_model.encoder.layers.2/   Concept Steerers' k-SAE (cfg.json, sae.safetensors)
+  unet.up_blocks.1.attentions.1/              SAeUron's block SAE + concept_dictionary_{style,object,colour}.*
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
+from .data import make_captions, sample_concepts
+
+TEXT_LAYER = 2
+TEXT_HOOKPOINT = f"text_encoder.text_model.encoder.layers.{TEXT_LAYER}"
+BLOCK_HOOKPOINT = "unet.up_blocks.1.attentions.1"
+STEPS = 25
+GUIDANCE = 5.0
+KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
+
+
+def training_captions(n: int, seed: int = 0, p_partial: float = 0.3) -> tuple[list[str], list[int]]:
+    """n captions from the training distribution and one seed each (for SAE activation collection)."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    o, s, c = sample_concepts(n, g)
+    caps = make_captions(o, s, c, g, p_partial=p_partial)
+    return caps, [seed * 1_000_000 + i for i in range(n)]
+
+
+def concept_prompts(kind: str, per_concept: int = 20, seed: int = 0) -> dict[str, list[str]]:
+    """For every concept of a kind, prompts that name it with the other attributes varied."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    g = torch.Generator().manual_seed(7_919 + seed)
+    out: dict[str, list[str]] = {}
+    for concept in KINDS[kind]:
+        prompts = []
+        for i in range(per_concept):
+            o = OBJECTS[int(torch.randint(len(OBJECTS), (1,), generator=g))]
+            s = STYLES[int(torch.randint(len(STYLES), (1,), generator=g))]
+            c = COLOUR_NAMES[int(torch.randint(len(COLOUR_NAMES), (1,), generator=g))]
+            o, s, c = (concept if kind == "object" else o, concept if kind == "style" else s,
+                       concept if kind == "colour" else c)
+            prompts.append(eval_prompt(o, s, c))
+        out[concept] = prompts
+    return out
+
+
+def dictionary_name(kind: str) -> str:
+    return f"concept_dictionary_{kind}"
+
+
+def load_text_sae(folder=None):
+    from ..sae import TopKSAE
+    from .assets import sae_dir
+
+    return TopKSAE.from_pretrained(folder or sae_dir() / TEXT_HOOKPOINT)
+
+
+def load_block_sae(folder=None):
+    from ..sae import TopKSAE
+    from .assets import sae_dir
+
+    return TopKSAE.from_pretrained(folder or sae_dir() / BLOCK_HOOKPOINT)
+
+
+def load_dictionary(kind: str, folder=None):
+    from ..concepts.dictionary import ConceptDictionary
+    from .assets import sae_dir
+
+    return ConceptDictionary.load(folder or sae_dir() / BLOCK_HOOKPOINT, name=dictionary_name(kind))
