@@ -701,6 +701,109 @@ def eval_unlearncanvas_cmd(out: Path = typer.Option(..., help="Report folder."),
               seeds=seed_list, convention=convention, device=device)
 
 
+
+@eval_app.command("shapes")
+def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 seed (≤ 10 min on 2 cores)."),
+                seeds: int = typer.Option(1, help="Images per object x style pair."),
+                out: Path = typer.Option(Path("eval-shapes"), help="Report folder."),
+                no_faithful: bool = typer.Option(False, help="Skip SAeUron's faithful-mode table."),
+                steps: int = 25, guidance: float = 5.0):
+    """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
+    import json as _json
+    import time as _time
+
+    from .eval.report import write_report
+    from .eval.shapes import ShapesConfig, run_shapes_benchmark, shapes_report_sections, summary_lines
+    from .world import assets, bundle
+
+    t0 = _time.perf_counter()
+    pipe, clf = _load_model(SHAPES), assets.load_classifier()
+    text_sae, block_sae = bundle.load_text_sae(), bundle.load_block_sae()
+    dicts = {k: bundle.load_dictionary(k) for k in ("style", "object")}
+    cfg = ShapesConfig(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful)
+    with _progress() as p:
+        task = p.add_task("eval shapes", total=None, info="images")
+        res = run_shapes_benchmark(pipe, clf, text_sae, block_sae, dicts, bundle.load_params(), cfg,
+                                   progress=lambda n: p.advance(task, n))
+    res["wall_seconds"] = _time.perf_counter() - t0
+    settings = {"judge": "bundled ShapesCanvas classifier (argmax per head)", "sampler": f"DDIM {steps} steps",
+                "guidance": guidance, "grid": "object x style, colour cycle" + (" (half: i+j even)" if quick else ""),
+                "seeds": seeds, "wall_seconds": round(res["wall_seconds"], 1), **res["settings"]}
+    paths = write_report(out, "ShapesCanvas benchmark", shapes_report_sections(res), settings)
+    (out / "results.json").write_text(_json.dumps(res, indent=1, default=str))
+    for line in summary_lines(res):
+        typer.echo(line)
+    typer.echo(f"{res['images_generated']} images in {res['wall_seconds']:.0f} s; report: {paths['md']}")
+
+
+@app.command("tune")
+def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept top-n and γ) or steer (λ per kind)."),
+             kind: str = typer.Option("style", help="style, object or colour."),
+             concept: Optional[list[str]] = typer.Option(None, help="Concepts to tune (default: all of the kind)."),
+             search: str = typer.Option("halving", help="saeuron: grid (official, (UA+IRA)/2) or halving (mean of UA, IRA, CRA)."),
+             images: int = typer.Option(64, help="Images per configuration (grid) / in the final round (halving)."),
+             strengths: str = typer.Option("-0.5,-1,-2,-3,-4", help="steer: strengths to sweep."),
+             save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
+    """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
+    from .eval.tune import sweep_steering, tune_saeuron
+    from .world import assets, bundle
+
+    if kind not in bundle.KINDS:
+        fail(f"--kind must be one of {', '.join(bundle.KINDS)}, not {kind!r}")
+    pipe, clf = _load_model(SHAPES), assets.load_classifier()
+    params = bundle.load_params()
+    with _progress() as p:
+        task = p.add_task(f"tune {method} {kind}", total=None, info="images")
+        prog = lambda n: p.advance(task, n)  # noqa: E731
+        if method == "saeuron":
+            if search not in ("grid", "halving"):
+                fail(f"--search must be grid or halving, not {search!r}")
+            best = tune_saeuron(pipe, clf, bundle.load_block_sae(), bundle.load_dictionary(kind), kind,
+                                concepts=concept or None, search=search, images=images, progress=prog)
+            for c, b in best.items():
+                typer.echo(f"{c:10s} top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
+                           f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
+                params["saeuron"][c] = {"top_n": b["top_n"], "multiplier": b["multiplier"]}
+        elif method == "steer":
+            res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
+                                 n=images // 2 or 8, progress=prog)
+            for lam in res.strengths:
+                r = res.rows[lam]
+                typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
+                           f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
+            params["steer"][kind] = res.pick()
+            typer.echo(f"picked λ={params['steer'][kind]:g} for {kind}")
+        else:
+            fail(f"--method must be saeuron or steer, not {method!r}")
+    if save:
+        bundle.save_params(params)
+        typer.echo(f"saved {bundle.params_path()}")
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("demo"), help="Output folder."),
+             seeds: int = typer.Option(2, help="Images per prompt group.")):
+    """Both methods end to end on the bundled model: remove a style, unlearn an object, add a style."""
+    import time as _time
+
+    from .eval.demo import run_demo
+
+    t0 = _time.perf_counter()
+    with _progress() as p:
+        task = p.add_task("demo", total=None, info="images")
+        res = run_demo(out, progress=lambda n: p.advance(task, n), seeds=seeds)
+    r1, r2, r3 = res["remove_style"], res["unlearn_object"], res["add_style"]
+    pct = lambda x: f"{100 * x:.0f} %"  # noqa: E731
+    typer.echo(f"Concept Steerers removes '{r1['concept']}' (λ={r1['strength']:g}): present {pct(r1['present_before'])} -> "
+               f"{pct(r1['present_after'])}; prompts without it keep {pct(r1['others_after'])} (was {pct(r1['others_before'])})")
+    typer.echo(f"SAeUron unlearns '{r2['concept']}': present {pct(r2['present_before'])} -> {pct(r2['present_after'])}; "
+               f"other objects keep {pct(r2['others_after'])} (was {pct(r2['others_before'])})")
+    typer.echo(f"Concept Steerers adds '{r3['concept']}' (λ={r3['strength']:g}): present {pct(r3['present_before'])} -> "
+               f"{pct(r3['present_after'])}")
+    typer.echo(f"{res['images_generated']} images in {_time.perf_counter() - t0:.0f} s")
+    typer.echo(f"wrote {out}/before_after.png, {out}/strength_sweep.png, {out}/report.md")
+
+
 def main() -> None:
     try:
         app()

@@ -69,3 +69,37 @@ def load_dictionary(kind: str, folder=None):
     from .assets import sae_dir
 
     return ConceptDictionary.load(folder or sae_dir() / BLOCK_HOOKPOINT, name=dictionary_name(kind))
+
+
+DEFAULT_PARAMS = {"steer": {"style": -1.0, "object": -1.0, "colour": -1.0, "add_style": 1.0}, "saeuron": {}}
+
+
+def params_path():
+    from .assets import sae_dir
+
+    return sae_dir() / "params.json"
+
+
+def load_params(path=None) -> dict:
+    """Tuned strengths: {"steer": {kind: λ, "add_style": λ}, "saeuron": {concept: {top_n, multiplier}}}."""
+    import json
+    from pathlib import Path
+
+    p = Path(path or params_path())
+    params = json.loads(json.dumps(DEFAULT_PARAMS))
+    if p.exists():
+        got = json.loads(p.read_text())
+        for k in params:
+            params[k].update(got.get(k, {}))
+    return params
+
+
+def save_params(params: dict, path=None) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    p = Path(path or params_path())
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(params, indent=1))
+    os.replace(tmp, p)

@@ -1,0 +1,380 @@
+"""The ShapesCanvas benchmark: both methods, every concept, judged by the bundled classifier.
+
+Prompt grid: every object x style pair, colours cycling so that each colour appears, `seeds` images
+per pair (the UnlearnCanvas protocol in miniature: shared/spec/evaluation.md §5). With the judge's
+predictions:
+
+- unlearning a style s (UnlearnCanvas / SAeUron definitions, §3.7 of algorithms.md):
+  UA = 1 − acc_style(images prompted with s); IRA = mean over the other styles u of acc_style(u);
+  CRA = object accuracy over the grid (the other kind);
+- unlearning an object o: the same with the roles of style and object swapped;
+- colour: UA/IRA on colours, CRA = mean of object and style accuracy;
+- Concept Steerers removal: "presence" = share of images whose prompt asks for c that the judge
+  still labels c; "kept" = agreement on the other attributes; prompts without c must keep all
+  attributes. Addition (λ > 0): share of images without c in the prompt that the judge labels c.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..world.config import COLOUR_NAMES, OBJECTS, STYLES, caption
+from ..world.evaluate import PromptSet, grid_prompts
+
+KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
+_ATTR = {"style": "styles", "object": "objects", "colour": "colours"}
+
+
+@dataclass
+class Judged:
+    """Predictions of the judge next to what each prompt asked for."""
+    ps: PromptSet
+    pred: dict[str, torch.Tensor]
+    images: torch.Tensor | None = None
+
+    def truth(self, kind: str) -> torch.Tensor:
+        return torch.tensor(getattr(self.ps, _ATTR[kind]))
+
+    def accuracy(self, kind: str, mask: torch.Tensor | None = None) -> float:
+        ok = (self.pred[kind] == self.truth(kind)).float()
+        if mask is not None:
+            ok = ok[mask]
+        return float(ok.mean()) if ok.numel() else float("nan")
+
+    def presence(self, kind: str, concept_index: int, mask: torch.Tensor) -> float:
+        hits = (self.pred[kind] == concept_index).float()[mask]
+        return float(hits.mean()) if hits.numel() else float("nan")
+
+    def subset(self, mask: torch.Tensor) -> "Judged":
+        idx = mask.nonzero().flatten().tolist()
+        ps = PromptSet(*[[getattr(self.ps, f)[i] for i in idx] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+        return Judged(ps, {k: v[mask] for k, v in self.pred.items()}, None if self.images is None else self.images[mask])
+
+
+class ShapesBench:
+    """Generates a prompt set under an intervention (a context manager factory) and judges it."""
+
+    def __init__(self, pipe, classifier, steps: int = 25, guidance: float = 5.0, batch_size: int = 80,
+                 keep_images: bool = False, progress=None):
+        self.pipe, self.clf, self.steps, self.guidance = pipe, classifier, steps, guidance
+        self.batch_size, self.keep_images, self.progress = batch_size, keep_images, progress
+        self.images_generated = 0
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def run(self, ps: PromptSet, intervention=None) -> Judged:
+        outs = []
+        t0 = time.perf_counter()
+        for i in range(0, len(ps.prompts), self.batch_size):
+            p = ps.prompts[i:i + self.batch_size]
+            gens = [torch.Generator().manual_seed(int(s)) for s in ps.seeds[i:i + self.batch_size]]
+            ctx = intervention() if intervention is not None else contextlib.nullcontext()
+            with ctx:
+                r = self.pipe(p, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
+                              output_type="pt")
+            outs.append(r.images.float().cpu())
+            self.images_generated += len(p)
+            if self.progress is not None:
+                self.progress(len(p))
+        self.seconds += time.perf_counter() - t0
+        imgs = torch.cat(outs)
+        return Judged(ps, self.clf.predict(imgs), imgs if self.keep_images else None)
+
+
+def grid(seeds: int = 1, base_seed: int = 0) -> PromptSet:
+    return grid_prompts(seeds, base_seed)
+
+
+def prompts_without_style(seeds: int = 1, base_seed: int = 1000) -> PromptSet:
+    """Object + colour prompts that name no style (for adding a style with λ > 0)."""
+    ps = PromptSet([], [], [], [], [])
+    for i, o in enumerate(OBJECTS):
+        for s in range(seeds * 2):
+            c = (i + s) % len(COLOUR_NAMES)
+            ps.prompts.append(caption(o, None, COLOUR_NAMES[c], "a {colour} {object}"))
+            ps.seeds.append(base_seed + s)
+            ps.objects.append(i)
+            ps.styles.append(-1)
+            ps.colours.append(c)
+    return ps
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+def unlearning_row(judged: Judged, kind: str, target: str) -> dict:
+    """UA / IRA / CRA (fractions) for unlearning `target` of `kind`, from a judged grid."""
+    from .unlearncanvas import _scores
+
+    names = KINDS[kind]
+    in_pred = [names[i] for i in judged.pred[kind].tolist()]
+    in_true = [names[i] for i in judged.truth(kind).tolist()]
+    if kind == "colour":
+        cross = [("o", a, b) for a, b in zip(judged.pred["object"].tolist(), judged.truth("object").tolist())] + \
+                [("s", a, b) for a, b in zip(judged.pred["style"].tolist(), judged.truth("style").tolist())]
+        cross_pred = [f"{t}{a}" for t, a, _ in cross]
+        cross_true = [f"{t}{b}" for t, _, b in cross]
+    else:
+        other = "object" if kind == "style" else "style"
+        cross_pred = [KINDS[other][i] for i in judged.pred[other].tolist()]
+        cross_true = [KINDS[other][i] for i in judged.truth(other).tolist()]
+    s = _scores(kind, target, in_pred, in_true, cross_pred, cross_true)
+    return {"target": target, "UA": s.ua, "IRA": s.ira, "CRA": s.cra, "mean": (s.ua + s.ira + s.cra) / 3}
+
+
+def removal_row(judged: Judged, kind: str, target: str, base: Judged) -> dict:
+    """Concept Steerers removal: presence of the target where asked, other attributes kept."""
+    ci = KINDS[kind].index(target)
+    asked = judged.truth(kind) == ci
+    others = [k for k in KINDS if k != kind]
+    row = {"target": target,
+           "presence_before": base.presence(kind, ci, asked),
+           "presence_after": judged.presence(kind, ci, asked)}
+    for k in others:
+        row[f"{k}_drop"] = base.accuracy(k, asked) - judged.accuracy(k, asked)
+    not_asked = ~asked
+    keep = [(judged.pred[k] == judged.truth(k)) for k in KINDS]
+    all_ok = torch.stack(keep).all(0).float()[not_asked]
+    row["others_agreement"] = float(all_ok.mean())
+    base_ok = torch.stack([(base.pred[k] == base.truth(k)) for k in KINDS]).all(0).float()[not_asked]
+    row["others_agreement_before"] = float(base_ok.mean())
+    return row
+
+
+def mean_of(rows: list[dict], keys: list[str]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+@dataclass
+class SweepResult:
+    strengths: list[float]
+    rows: dict[float, list[dict]] = field(default_factory=dict)
+
+    def pick(self, max_presence: float = 0.05, max_drop: float = 0.05) -> float:
+        """The weakest strength meeting the removal target with the least collateral damage; else the
+        strength with the best (1 − presence) + kept trade-off."""
+        def score(lam):
+            r = self.rows[lam]
+            pres = sum(x["presence_after"] for x in r) / len(r)
+            kept = sum(x["others_agreement"] for x in r) / len(r)
+            return pres, kept
+        ok = [lam for lam in self.strengths if score(lam)[0] <= max_presence
+              and score(lam)[1] >= max(0.0, sum(x["others_agreement_before"] for x in self.rows[lam]) / len(self.rows[lam]) - max_drop)]
+        if ok:
+            return max(ok)  # strengths are negative: the weakest that works
+        return max(self.strengths, key=lambda lam: (1 - score(lam)[0]) + score(lam)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ShapesConfig:
+    quick: bool = True
+    seeds: int = 1                       # images per (object, style) pair
+    steps: int = 25
+    guidance: float = 5.0
+    steer_kinds: tuple = ("style", "object", "colour")
+    unlearn_kinds: tuple = ("style", "object")
+    sweep: tuple = ()                    # Concept Steerers strengths to sweep (full mode)
+    add_strength: float | None = None    # λ > 0 for adding a style (default: the tuned one)
+    multi: tuple = ("striped", "dotted", "checkered")
+    faithful: bool = True                # SAeUron's official error sign beside ours
+    batch_size: int = 80
+
+
+def quick_grid(ps: PromptSet) -> PromptSet:
+    """Half of the object x style grid (pairs with even i + j): every style and object still appears."""
+    keep = [k for k in range(len(ps.prompts)) if (ps.objects[k] + ps.styles[k]) % 2 == 0]
+    return PromptSet(*[[getattr(ps, f)[k] for k in keep] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+
+
+def concept_text(kind: str, concept: str) -> str:
+    """The concept prompt used to build a steering matrix."""
+    return f"{concept} style" if kind == "style" else concept
+
+
+def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: dict, params: dict,
+                         cfg: ShapesConfig, progress=None) -> dict:
+    """All tables of the ShapesCanvas benchmark as plain dicts (see module docstring)."""
+    from ..interventions.ablate import ConceptEdit, unlearn_concepts
+    from ..interventions.steer import concept_steering, steer_text_encoder
+    from ..world.bundle import TEXT_HOOKPOINT
+
+    bench = ShapesBench(pipe, classifier, cfg.steps, cfg.guidance, cfg.batch_size, progress=progress)
+    ps = grid(cfg.seeds)
+    if cfg.quick:
+        ps = quick_grid(ps)
+    out: dict = {"settings": {"prompts": len(ps.prompts), "seeds": cfg.seeds, "steps": cfg.steps,
+                              "guidance": cfg.guidance, "quick": cfg.quick, "params": params}}
+    t0 = time.perf_counter()
+    base = bench.run(ps)
+    out["seconds_per_image_plain"] = (time.perf_counter() - t0) / len(ps.prompts)
+    out["base"] = {k: base.accuracy(k) for k in KINDS}
+
+    # Concept Steerers: remove every concept of every kind at the tuned λ.
+    cs_params = params.get("steer", {})
+    unit = {}
+    for kind in cfg.steer_kinds:
+        for c in KINDS[kind]:
+            unit[(kind, c)] = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, c), 1.0)
+    out["steer"] = {}
+    t_steer, n_steer = 0.0, 0
+    for kind in cfg.steer_kinds:
+        lam = float(cs_params.get(kind, -1.0))
+        rows, urows = [], []
+        for c in KINDS[kind]:
+            st = unit[(kind, c)].scaled(lam)
+            t1 = time.perf_counter()
+            j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
+            t_steer += time.perf_counter() - t1
+            n_steer += len(ps.prompts)
+            rows.append(removal_row(j, kind, c, base))
+            urows.append(unlearning_row(j, kind, c))
+        out["steer"][kind] = {"strength": lam, "removal": rows, "unlearning": urows}
+    out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
+
+    # Concept Steerers: add each style (λ > 0) to prompts that name no style.
+    add_ps = prompts_without_style(cfg.seeds)
+    lam_add = float(cfg.add_strength if cfg.add_strength is not None else cs_params.get("add_style", 1.0))
+    add_rows = []
+    for si, s in enumerate(STYLES):
+        st = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text("style", s), lam_add)
+        j = bench.run(add_ps, lambda st=st: steer_text_encoder(pipe, st))
+        everything = torch.ones(len(add_ps.prompts), dtype=torch.bool)
+        add_rows.append({"target": s, "presence": j.presence("style", si, everything),
+                         "object_kept": j.accuracy("object"), "colour_kept": j.accuracy("colour")})
+    out["add_style"] = {"strength": lam_add, "rows": add_rows}
+
+    # SAeUron: unlearn every style and object, ours and faithful.
+    sa_params = params.get("saeuron", {})
+    out["saeuron"] = {}
+    t_un, n_un = 0.0, 0
+    for kind in cfg.unlearn_kinds:
+        d = dictionaries[kind]
+        for mode in (("ours", False), ("faithful", True)) if cfg.faithful else (("ours", False),):
+            rows = []
+            for c in KINDS[kind]:
+                p = sa_params.get(c, {"top_n": 1, "multiplier": -1.0})
+                edit = ConceptEdit(c, p["multiplier"], p.get("percentile"), p.get("top_n"))
+                t1 = time.perf_counter()
+                j = bench.run(ps, lambda e=edit, f=mode[1], d=d: unlearn_concepts(pipe, block_sae, d, [e], faithful=f))
+                if mode[0] == "ours":
+                    t_un += time.perf_counter() - t1
+                    n_un += len(ps.prompts)
+                rows.append(unlearning_row(j, kind, c))
+            out["saeuron"].setdefault(kind, {})[mode[0]] = rows
+    out["seconds_per_image_unlearned"] = t_un / max(n_un, 1)
+
+    # SAeUron: several styles at once.
+    if cfg.multi and "style" in cfg.unlearn_kinds:
+        edits = [ConceptEdit(c, **{k: v for k, v in sa_params.get(c, {"top_n": 1, "multiplier": -1.0}).items()
+                                   if k in ("multiplier", "percentile", "top_n")}) for c in cfg.multi]
+        j = bench.run(ps, lambda: unlearn_concepts(pipe, block_sae, dictionaries["style"], edits))
+        idx = [STYLES.index(c) for c in cfg.multi]
+        truth = j.truth("style")
+        ua = [1 - j.accuracy("style", truth == i) for i in idx]
+        others = [j.accuracy("style", truth == i) for i in range(len(STYLES)) if i not in idx]
+        row = {"targets": list(cfg.multi), "UA": sum(ua) / len(ua), "IRA": sum(others) / len(others),
+               "CRA": j.accuracy("object")}
+        row["mean"] = (row["UA"] + row["IRA"] + row["CRA"]) / 3
+        out["saeuron_multi"] = row
+    out["images_generated"] = bench.images_generated
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _pct(v: float) -> float:
+    return round(100 * v, 1)
+
+
+def shapes_report_sections(res: dict) -> list:
+    from .report import Figure, Section, Table, plot_concept_bars
+
+    secs = []
+    b = res["base"]
+    secs.append(Section("Generation quality (no intervention)",
+                        "Classifier agreement with the prompt on the benchmark grid.",
+                        [Table("Agreement (%)", ["object", "style", "colour"],
+                               [[_pct(b["object"]), _pct(b["style"]), _pct(b["colour"])]])]))
+    # Concept Steerers removal tables
+    tables = []
+    for kind, r in res.get("steer", {}).items():
+        rows = [[x["target"], _pct(x["presence_before"]), _pct(x["presence_after"])]
+                + [_pct(x[f"{k}_drop"]) for k in KINDS if k != kind]
+                + [_pct(x["others_agreement_before"]), _pct(x["others_agreement"])] for x in r["removal"]]
+        cols = ["concept", "present before", "present after"] + [f"{k} drop (pts)" for k in KINDS if k != kind] \
+            + ["prompts without it: agreement before", "after"]
+        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}), %", cols, rows,
+                            "present = the judge finds the concept in images whose prompt asks for it"))
+    if tables:
+        secs.append(Section("Concept Steerers: removing concepts", "", tables))
+    if "add_style" in res:
+        a = res["add_style"]
+        secs.append(Section("Concept Steerers: adding a style to prompts that name none", "",
+                            [Table(f"Add each style (λ = {a['strength']:g}), %", ["style", "found", "object kept", "colour kept"],
+                                   [[x["target"], _pct(x["presence"]), _pct(x["object_kept"]), _pct(x["colour_kept"])]
+                                    for x in a["rows"]])]))
+    # UA / IRA / CRA for both methods
+    tables, figs = [], []
+    for kind in ("style", "object"):
+        methods = {}
+        if kind in res.get("saeuron", {}):
+            for mode, rows in res["saeuron"][kind].items():
+                methods[f"SAeUron ({mode})"] = rows
+        if kind in res.get("steer", {}):
+            methods["Concept Steerers"] = res["steer"][kind]["unlearning"]
+        if not methods:
+            continue
+        concepts = [x["target"] for x in next(iter(methods.values()))]
+        cols = ["concept"] + [f"{m} {k}" for m in methods for k in ("UA", "IRA", "CRA", "mean")]
+        rows = []
+        for i, c in enumerate(concepts):
+            rows.append([c] + [_pct(methods[m][i][k]) for m in methods for k in ("UA", "IRA", "CRA", "mean")])
+        rows.append(["**mean**"] + [_pct(sum(x[k] for x in methods[m]) / len(methods[m]))
+                                    for m in methods for k in ("UA", "IRA", "CRA", "mean")])
+        tables.append(Table(f"{kind.capitalize()} unlearning, %", cols, rows,
+                            "UA = 1 − accuracy on the target's prompts; IRA = accuracy on the other "
+                            f"{kind}s; CRA = accuracy of the other kind"))
+        ours = methods.get("SAeUron (ours)")
+        if ours:
+            figs.append(Figure(f"saeuron_{kind}", f"SAeUron (ours): UA / IRA / CRA per unlearned {kind}",
+                               plot_concept_bars(concepts, {k: [100 * x[k] for x in ours] for k in ("UA", "IRA", "CRA")},
+                                                 xlabel=f"unlearned {kind}")))
+    if "saeuron_multi" in res:
+        m = res["saeuron_multi"]
+        tables.append(Table("SAeUron: several styles at once, %", ["styles", "UA", "IRA", "CRA", "mean"],
+                            [[", ".join(m["targets"]), _pct(m["UA"]), _pct(m["IRA"]), _pct(m["CRA"]), _pct(m["mean"])]]))
+    if tables:
+        secs.append(Section("Unlearning: UA / IRA / CRA", "", tables, figs))
+    cost = [[k.replace("seconds_per_image_", ""), round(res[k], 4)] for k in
+            ("seconds_per_image_plain", "seconds_per_image_steered", "seconds_per_image_unlearned") if k in res]
+    if cost:
+        secs.append(Section("Cost", "Wall-clock seconds per image within this run (batched generation).",
+                            [Table("Inference time", ["generation", "s / image"], cost)]))
+    return secs
+
+
+def summary_lines(res: dict) -> list[str]:
+    lines = [f"base agreement: " + ", ".join(f"{k} {_pct(v)} %" for k, v in res["base"].items())]
+    for kind, r in res.get("steer", {}).items():
+        m = mean_of(r["removal"], ["presence_before", "presence_after", "others_agreement"])
+        lines.append(f"Concept Steerers remove {kind} (λ={r['strength']:g}): present {_pct(m['presence_before'])} % -> "
+                     f"{_pct(m['presence_after'])} %, prompts without it keep {_pct(m['others_agreement'])} %")
+    if "add_style" in res:
+        a = res["add_style"]["rows"]
+        lines.append(f"Concept Steerers add style (λ={res['add_style']['strength']:g}): found in "
+                     f"{_pct(sum(x['presence'] for x in a) / len(a))} %")
+    for kind, modes in res.get("saeuron", {}).items():
+        for mode, rows in modes.items():
+            m = mean_of(rows, ["UA", "IRA", "CRA", "mean"])
+            lines.append(f"SAeUron {kind} ({mode}): UA {_pct(m['UA'])} IRA {_pct(m['IRA'])} CRA {_pct(m['CRA'])} "
+                         f"mean {_pct(m['mean'])} %")
+    if "saeuron_multi" in res:
+        lines.append(f"SAeUron 3 styles at once: mean {_pct(res['saeuron_multi']['mean'])} %")
+    return lines

@@ -1,0 +1,113 @@
+"""Hyper-parameter tuning on a small prompt set (seeds disjoint from the benchmark's).
+
+SAeUron (per concept): the official sweep — a grid of (features per step, γ) scored by
+(UA + IRA) / 2 — or, beyond it, successive halving on mean(UA, IRA, CRA): every configuration
+is scored on a few images, the better half is kept and re-scored on twice as many, until one is left.
+Concept Steerers (per kind): a strength sweep; the weakest λ that removes the concepts (presence
+≤ 5 %) while keeping the other attributes, else the best trade-off.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..world.evaluate import PromptSet, grid_prompts
+from .shapes import KINDS, ShapesBench, SweepResult, concept_text, removal_row, unlearning_row
+
+TOP_N = (1, 2, 4, 8)
+GAMMAS = (-1.0, -5.0, -10.0, -20.0, -30.0)
+TUNING_SEED = 500
+
+
+def tuning_set(kind: str, concept: str, n: int, seed: int = TUNING_SEED) -> PromptSet:
+    """n prompts: half ask for the concept, half don't (all kinds of the other attributes)."""
+    full = grid_prompts(max(1, (n + 79) // 80 * 2), seed)
+    ci = KINDS[kind].index(concept)
+    attr = {"style": full.styles, "object": full.objects, "colour": full.colours}[kind]
+    g = torch.Generator().manual_seed(seed + ci)
+    asked = [i for i in range(len(attr)) if attr[i] == ci]
+    rest = [i for i in range(len(attr)) if attr[i] != ci]
+    pick = [asked[i] for i in torch.randperm(len(asked), generator=g)[: n // 2].tolist()] + \
+           [rest[i] for i in torch.randperm(len(rest), generator=g)[: n - n // 2].tolist()]
+    return PromptSet(*[[getattr(full, f)[i] for i in pick] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+
+
+@dataclass
+class Trial:
+    top_n: int
+    multiplier: float
+    n_images: int = 0
+    UA: float = 0.0
+    IRA: float = 0.0
+    CRA: float = 0.0
+
+    def score(self, objective: str) -> float:
+        if objective == "official":
+            return (self.UA + self.IRA) / 2
+        return (self.UA + self.IRA + self.CRA) / 3
+
+    def as_dict(self, objective: str) -> dict:
+        return {"top_n": self.top_n, "multiplier": self.multiplier, "UA": self.UA, "IRA": self.IRA, "CRA": self.CRA,
+                "score": self.score(objective), "objective": objective, "images": self.n_images}
+
+
+def _score_trial(bench: ShapesBench, pipe, sae, dictionary, kind, concept, trial: Trial, ps: PromptSet) -> None:
+    from ..interventions.ablate import ConceptEdit, unlearn_concepts
+
+    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n)
+    j = bench.run(ps, lambda: unlearn_concepts(pipe, sae, dictionary, [edit]))
+    row = unlearning_row(j, kind, concept)
+    trial.UA, trial.IRA, trial.CRA, trial.n_images = row["UA"], row["IRA"], row["CRA"], len(ps.prompts)
+
+
+def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, search: str = "halving",
+                 images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = 5.0,
+                 progress=None) -> dict:
+    """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size."""
+    if search not in ("grid", "halving"):
+        raise ValueError(f"search must be 'grid' or 'halving', not {search!r}")
+    objective = "official" if search == "grid" else "mean"
+    bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
+    best = {}
+    for concept in concepts or KINDS[kind]:
+        trials = [Trial(n, g) for n, g in itertools.product(top_n, gammas)]
+        if search == "grid":
+            ps = tuning_set(kind, concept, images)
+            for t in trials:
+                _score_trial(bench, pipe, sae, dictionary, kind, concept, t, ps)
+        else:
+            rounds = max(1, (len(trials) - 1).bit_length())
+            n = max(8, images >> (rounds - 1))
+            alive = trials
+            while True:
+                ps = tuning_set(kind, concept, n)
+                for t in alive:
+                    _score_trial(bench, pipe, sae, dictionary, kind, concept, t, ps)
+                if len(alive) == 1:
+                    break
+                alive = sorted(alive, key=lambda t: t.score(objective), reverse=True)[: max(1, len(alive) // 2)]
+                n = min(images, n * 2)
+        winner = max(trials if search == "grid" else alive, key=lambda t: t.score(objective))
+        best[concept] = winner.as_dict(objective)
+    return best
+
+
+def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
+                   steps: int = 25, guidance: float = 5.0, progress=None) -> SweepResult:
+    """Concept Steerers removal at each strength for every concept of a kind (tuning prompts)."""
+    from ..interventions.steer import concept_steering, steer_text_encoder
+
+    bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
+    res = SweepResult(list(strengths))
+    sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
+    bases = {c: bench.run(ps) for c, ps in sets.items()}
+    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0) for c in KINDS[kind]}
+    for lam in res.strengths:
+        res.rows[lam] = []
+        for c, ps in sets.items():
+            st = units[c].scaled(lam)
+            j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
+            res.rows[lam].append(removal_row(j, kind, c, bases[c]))
+    return res
