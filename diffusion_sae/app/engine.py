@@ -119,6 +119,21 @@ class Engine:
                    find_dictionaries(folder), roots=[assets.sae_dir(), assets.pipeline_dir()],
                    block_folder=folder, guidance=bundle.GUIDANCE, default_steps=bundle.STEPS, **kw)
 
+    @classmethod
+    def from_folders(cls, pipe, block_sae: Path | None = None, text_sae: Path | None = None,
+                     model_dir: Path | None = None, **kw) -> "Engine":
+        """The bundled SAEs unless folders are given; dictionaries are read from the block SAE's folder."""
+        from ..sae import load_sae
+        from ..world import assets, bundle
+
+        bfolder = Path(block_sae) if block_sae else assets.sae_dir() / bundle.BLOCK_HOOKPOINT
+        tfolder = Path(text_sae) if text_sae else (assets.sae_dir() / bundle.TEXT_HOOKPOINT if not block_sae else None)
+        bsae = load_sae(bfolder)
+        tsae = load_sae(tfolder) if tfolder else None
+        roots = [f if f.is_dir() else f.parent for f in (bfolder, tfolder) if f is not None]
+        roots += [Path(model_dir)] if model_dir and Path(model_dir).is_dir() else []
+        return cls(pipe, bsae, tsae, find_dictionaries(roots[0]), roots=roots, block_folder=roots[0], **kw)
+
     # --- concept dictionaries (names typed in the UI resolve inside the SAE folders only) -----------
     def concept_names(self) -> list[str]:
         return [c for d in self.dictionaries.values() for c in d.concepts]
