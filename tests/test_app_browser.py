@@ -1,0 +1,115 @@
+"""The web UI in a real browser (Playwright + Debian's Chromium) on the bundled model.
+
+Generate, drag a strength slider and see the result image change, search a concept, open a feature
+and see its heatmaps, send it to the steering panel; a screenshot goes to test-artifacts/.
+Skips only when no Chromium binary can be found (`make test` installs it when run as root).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = os.environ.get("DIFFUSION_SAE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                                reason=f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` "
+                                       "(make test does this when run as root)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    from diffusion_sae.app.engine import Engine
+    from diffusion_sae.app.ui import launch
+
+    prompts = ["a red circle in solid style", "a blue star in striped style", "a green heart in dotted style",
+               "a yellow ring in wavy style", "a purple square in checkered style", "an orange arrow in noisy style"]
+    engine = Engine.bundled(stats_prompts=prompts, stats_seeds=list(range(len(prompts))), stats_steps=5)
+    demo, url = launch(engine, host="127.0.0.1", port=_free_port(), block=False)
+    try:
+        yield engine, url
+    finally:
+        demo.close()
+
+
+def _pixels(locator) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.int16)
+
+
+def test_browser_generate_slider_feature(served):
+    from playwright.sync_api import sync_playwright
+
+    engine, url = served
+    assert url.startswith("http://127.0.0.1:")
+    feature = engine.stats().top_features(1)[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
+                                                    viewport={"width": 1280, "height": 1400})
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.locator("#generate").wait_for()
+
+            # 1. A concept with strength 0: the result is the original.
+            page.locator("#target-0 textarea, #target-0 input").first.fill("red")
+            page.locator("#generate").click()
+            result = page.locator("#result img")
+            result.wait_for()
+            page.locator("#original img").wait_for()
+            first_src = result.get_attribute("src")
+            before = _pixels(result)
+            assert np.abs(before - _pixels(page.locator("#original img"))).mean() < 1.0
+
+            # 2. Drag the strength slider towards -3 (removes "red"): the result image changes.
+            rng = page.locator("#strength-0 input[type=range]")
+            box = rng.bounding_box()
+            page.mouse.click(box["x"] + 0.1 * box["width"], box["y"] + box["height"] / 2)
+            value = float(page.locator("#strength-0 input[type=number]").input_value())
+            assert value < -1.5, value
+            page.locator("#generate").click()
+            page.wait_for_function("src => { const i = document.querySelector('#result img');"
+                                   " return i && i.src && i.src !== src && i.complete; }", arg=first_src)
+            page.wait_for_timeout(300)
+            after = _pixels(page.locator("#result img"))
+            assert np.abs(after - before).mean() > 2.0, "moving the strength slider did not change the image"
+            assert "done" in page.locator("#status").inner_text()
+
+            # 3. Search a concept, open a feature: its top images come with heatmaps.
+            page.locator("#concept-query textarea, #concept-query input").first.fill("red")
+            page.locator("#search").click()
+            page.locator('#search-results .search-results[data-concept="red"]').wait_for()
+            page.locator("#feature input[type=number]").fill(str(feature))
+            page.locator("#show-feature").click()
+            card = page.locator(f'#feature-card .feature-card[data-feature="{feature}"]')
+            card.wait_for()
+            heat = card.locator("img.heatmap")
+            assert heat.count() >= 1
+            assert heat.first.evaluate("i => i.complete && i.naturalWidth") == 128
+            assert card.locator("svg.step-plot polyline").count() >= 1
+
+            # 4. Send it to the steering panel.
+            page.locator("#send-to-steering").click()
+            page.wait_for_function("f => { const t = document.querySelector('#target-0 textarea, #target-0 input');"
+                                   " return t && t.value === '#' + f; }", arg=str(feature))
+            page.screenshot(path=str(ARTIFACTS / "app_browser.png"), full_page=True)
+        finally:
+            ctx.close()
+    assert (ARTIFACTS / "app_browser.png").stat().st_size > 10_000
