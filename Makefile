@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The local CPU wheel; any other torch spec pulls GBs of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# Chromium for the browser test (root only; without it that test skips and says why).
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will skip"; fi
 	# CLIP's BPE vocabulary for the tiny test pipelines, taken from the open-clip-torch wheel (not installed).
 	$(BIN)/python -m diffusion_sae.models.clip_bpe || echo "warning: CLIP BPE unavailable; tests needing it will skip"
 	# torchvision has no CPU build here and, merely installed, breaks `import diffusers`.
