@@ -109,6 +109,16 @@ def test_browser_generate_slider_feature(served):
             page.locator("#send-to-steering").click()
             page.wait_for_function("f => { const t = document.querySelector('#target-0 textarea, #target-0 input');"
                                    " return t && t.value === '#' + f; }", arg=str(feature))
+            # 5. An out-of-range index is one error line, the card stays.
+            page.locator("#feature input[type=number]").fill("999999")
+            page.locator("#show-feature").click()
+            page.get_by_text("out of range").wait_for()
+            assert card.count() == 1
+
+            # 6. The dashboard export offers a zip download.
+            page.locator("#export").click()
+            page.locator("#dashboard-file a").first.wait_for()
+            assert ".zip" in page.locator("#dashboard-file").inner_text()
             page.screenshot(path=str(ARTIFACTS / "app_browser.png"), full_page=True)
         finally:
             ctx.close()

@@ -246,10 +246,16 @@ class Engine:
                                                     guidance=self.guidance, progress=progress)
             return self._stats
 
-    def feature_card(self, f) -> str:
+    def check_feature(self, f) -> int:
+        from ..concepts.features import _check_index
+
+        return _check_index(f, self.block_sae.cfg.num_latents)
+
+    def feature_card(self, f, progress=None) -> str:
         from .render import feature_card
 
-        stats = self.stats()
+        self.check_feature(f)
+        stats = self.stats(progress)
         index = self.index() if self.dictionaries else None
         return feature_card(stats.check(f), stats, index)
 

@@ -44,10 +44,15 @@ def build_app(engine):
         what = "; ".join(f"{e.target.strip()} ({e.method}, λ={e.strength:g})" for e in live) or "no edit"
         return _show(orig), _show(res), f"done: {what}"
 
-    def show_feature(f):
+    def show_feature(f, progress=gr.Progress()):
+        # The first look computes the statistics (one pass over the prompt set): show how far it is.
+        def tick(i, n):
+            progress(i / n, desc=f"feature statistics: {i}/{n} images")
+        if f is None:
+            return gr.update(), "**error:** type a feature index"
         try:
-            return engine.feature_card(int(f)), ""
-        except (TypeError,) + ERRORS as e:
+            return engine.feature_card(int(f), progress=tick), ""
+        except ERRORS as e:
             return gr.update(), _err(e)
 
     def search(q):
@@ -57,9 +62,11 @@ def build_app(engine):
             return gr.update(), _err(e)
 
     def send(f):
+        if f is None:
+            return gr.update(), gr.update(), gr.update(), "**error:** type a feature index"
         try:
-            j = engine.stats().check(int(f))
-        except (TypeError,) + ERRORS as e:
+            j = engine.check_feature(int(f))
+        except ERRORS as e:
             return gr.update(), gr.update(), gr.update(), _err(e)
         return f"#{j}", "block ablation", -1.0, f"feature {j} sent to the steering panel (edit 1): press Generate"
 
@@ -70,12 +77,13 @@ def build_app(engine):
             return _err(e)
         return f"dictionaries: {', '.join(kinds) or 'none'}"
 
-    def export():
+    def export(progress=gr.Progress()):
         from .export import export_dashboard
 
         try:
             folder = Path(tempfile.mkdtemp(prefix="diffusion-sae-dashboard-")) / "dashboard"
-            export_dashboard(folder, engine.stats(), engine.index() if engine.dictionaries else None)
+            stats = engine.stats(lambda i, n: progress(i / n, desc=f"feature statistics: {i}/{n} images"))
+            export_dashboard(folder, stats, engine.index() if engine.dictionaries else None)
         except ERRORS as e:
             return None, _err(e)
         zpath = folder.with_suffix(".zip")
