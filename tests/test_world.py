@@ -1,0 +1,92 @@
+"""ShapesCanvas: procedural data, the shipped pipeline and classifier, and the training commands."""
+import json
+
+import pytest
+import torch
+
+from diffusion_sae.world import assets
+from diffusion_sae.world.classifier import ClassifierTrainConfig, ShapesClassifier, accuracy, train_classifier
+from diffusion_sae.world.config import COLOUR_NAMES, OBJECTS, STYLES, vocabulary_words
+from diffusion_sae.world.data import object_masks, sample_batch
+from diffusion_sae.world.evaluate import generate
+from diffusion_sae.world.tokenizer import build_tokenizer
+from diffusion_sae.world.train import UNetTrainConfig, UNetTrainer, export_pipeline
+from diffusion_sae.world.model import ShapesCanvasModelConfig
+
+
+def test_concepts_sizes_and_every_object_has_a_distinct_mask():
+    assert len(OBJECTS) >= 10 and len(STYLES) >= 8 and len(COLOUR_NAMES) >= 6
+    m = object_masks()
+    assert m.shape[0] == len(OBJECTS)
+    flat = m.flatten(1)
+    # no two objects share a silhouette (IoU well below 1)
+    inter = flat @ flat.T
+    union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
+    iou = inter / union
+    assert float((iou - torch.eye(len(OBJECTS))).max()) < 0.9
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a, b, c = sample_batch(16, seed=3, step=5), sample_batch(16, seed=3, step=5), sample_batch(16, seed=3, step=6)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (16, 3, 32, 32) and 0 <= float(a.images.min()) and float(a.images.max()) <= 1
+    for cap, o in zip(a.captions, a.objects.tolist()):
+        assert OBJECTS[o] in cap
+
+
+def test_tokenizer_gives_one_token_per_caption_word():
+    tok = build_tokenizer()
+    assert len(tok) > 500
+    for w in vocabulary_words():
+        ids = tok(w).input_ids
+        assert len(ids) == 3, (w, tok.convert_ids_to_tokens(ids))
+
+
+def test_shipped_pipeline_loads_offline_and_same_seed_gives_same_images():
+    pipe = assets.load_pipeline()
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert hasattr(pipe.unet, "up_blocks") and len(pipe.unet.up_blocks[1].attentions) >= 2
+    a = generate(pipe, ["a red star in striped style", "a blue ring in dotted style"], [0, 1], steps=5)
+    b = generate(pipe, ["a red star in striped style", "a blue ring in dotted style"], [0, 1], steps=5)
+    c = generate(pipe, ["a red star in striped style", "a blue ring in dotted style"], [2, 3], steps=5)
+    assert a.shape == (2, 3, 32, 32)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_shipped_classifier_is_accurate_on_fresh_samples():
+    clf = assets.load_classifier()
+    acc = accuracy(clf, n=600, seed=424_242)
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_classifier_training_lowers_the_loss():
+    _, losses = train_classifier(ClassifierTrainConfig(steps=30, batch_size=32))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_unet_training_lowers_the_loss_resumes_exactly_and_exports(tmp_path):
+    small = ShapesCanvasModelConfig(block_out_channels=(16, 32, 32), heads=(1, 1, 1), text_width=32, text_layers=1,
+                                    text_heads=2)
+    cfg = UNetTrainConfig(steps=40, batch_size=8, lr=2e-3, warmup=2, ckpt_every=5, model=small)
+    t = UNetTrainer(tmp_path / "run", cfg)
+    first = [t.loss_on(s).item() for s in range(3)]
+    t.run(until=30)
+    last = [t.loss_on(s).item() for s in range(3)]
+    assert sum(last) < sum(first)
+    # resume: a run stopped at 10 and resumed to 12 equals an uninterrupted run to 12
+    a = UNetTrainer(tmp_path / "a", cfg)
+    a.run(until=10)
+    a2 = UNetTrainer(tmp_path / "a")
+    assert a2.step == 10
+    a2.run(until=12)
+    b = UNetTrainer(tmp_path / "b", cfg)
+    b.run(until=12)
+    for (n, p), (_, q) in zip(a2.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), n  # float non-associativity in conv kernels
+    out = export_pipeline(b, tmp_path / "pipe")
+    assert json.loads((out / "training.json").read_text())["step"] == 12
+    pipe = assets.load_pipeline(out)
+    img = generate(pipe, ["a red star"], [0], steps=2)
+    assert img.shape == (1, 3, 32, 32)
