@@ -123,3 +123,35 @@ def test_browser_generate_slider_feature(served):
         finally:
             ctx.close()
     assert (ARTIFACTS / "app_browser.png").stat().st_size > 10_000
+
+
+def test_exported_dashboard_opens_offline_in_the_browser(served, tmp_path):
+    """file:// pages, every non-file request blocked and recorded: none is made, every image decodes."""
+    from playwright.sync_api import sync_playwright
+
+    from diffusion_sae.app.export import export_dashboard
+
+    engine, _ = served
+    feats = engine.stats().top_features(2)
+    index = export_dashboard(tmp_path / "dash", engine.stats(), engine.index(), features=feats)
+    outside = []
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            ctx.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:"))
+                      else (outside.append(route.request.url), route.abort()))
+            page = ctx.new_page()
+            page.goto(index.as_uri())
+            assert page.locator(".feature-row").count() == len(feats)
+            page.locator(f'a[href="features/{feats[0]}.html"]').first.click()
+            page.wait_for_url(f"**/features/{feats[0]}.html")
+            card = page.locator(f'.feature-card[data-feature="{feats[0]}"]')
+            assert card.locator("img.heatmap").count() >= 1
+            sizes = page.eval_on_selector_all("img", "els => els.map(i => i.complete && i.naturalWidth)")
+            assert sizes and all(s == 128 for s in sizes), sizes
+            # the stylesheet came along (relative link): its pixelated rendering applies
+            assert card.locator("img.heatmap").first.evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"
+            page.screenshot(path=str(ARTIFACTS / "dashboard_feature.png"), full_page=True)
+        finally:
+            ctx.close()
+    assert outside == []

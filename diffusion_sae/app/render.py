@@ -81,7 +81,9 @@ def step_plot_svg(curves: dict[str, list[float]], width: int = 420, height: int 
         pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(c)))
         colour = colours[k % len(colours)]
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
-        parts.append(f'<text x="{l + 6}" y="{t + 14 + 13 * k}" font-size="11" fill="{colour}">{html.escape(label)}</text>')
+        # Legend top right: curves start high at the noisy end (left), where a legend would cover them.
+        parts.append(f'<text x="{l + pw - 6}" y="{t + 14 + 13 * k}" font-size="11" text-anchor="end" '
+                     f'fill="{colour}">{html.escape(label)}</text>')
     parts.append("</svg>")
     # No xmlns: inline SVG in HTML5 needs none, and the page then holds no URL at all.
     return "".join(parts)
