@@ -707,6 +707,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 seeds: int = typer.Option(1, help="Images per object x style pair."),
                 out: Path = typer.Option(Path("eval-shapes"), help="Report folder."),
                 no_faithful: bool = typer.Option(False, help="Skip SAeUron's faithful-mode table."),
+                concepts_per_kind: Optional[int] = typer.Option(None, help="Only the first N concepts of each kind (smoke runs)."),
                 steps: int = 25, guidance: float = 5.0):
     """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
     import json as _json
@@ -720,7 +721,8 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
     pipe, clf = _load_model(SHAPES), assets.load_classifier()
     text_sae, block_sae = bundle.load_text_sae(), bundle.load_block_sae()
     dicts = {k: bundle.load_dictionary(k) for k in ("style", "object")}
-    cfg = ShapesConfig(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful)
+    cfg = ShapesConfig(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful,
+                       max_concepts=concepts_per_kind)
     with _progress() as p:
         task = p.add_task("eval shapes", total=None, info="images")
         res = run_shapes_benchmark(pipe, clf, text_sae, block_sae, dicts, bundle.load_params(), cfg,
@@ -743,6 +745,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              search: str = typer.Option("halving", help="saeuron: grid (official, (UA+IRA)/2) or halving (mean of UA, IRA, CRA)."),
              images: int = typer.Option(64, help="Images per configuration (grid) / in the final round (halving)."),
              strengths: str = typer.Option("-0.5,-1,-2,-3,-4", help="steer: strengths to sweep."),
+             top_n: str = typer.Option("1,2,4,8", help="saeuron: features per step to try."),
+             gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
     from .eval.tune import sweep_steering, tune_saeuron
@@ -759,7 +763,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             if search not in ("grid", "halving"):
                 fail(f"--search must be grid or halving, not {search!r}")
             best = tune_saeuron(pipe, clf, bundle.load_block_sae(), bundle.load_dictionary(kind), kind,
-                                concepts=concept or None, search=search, images=images, progress=prog)
+                                concepts=concept or None, search=search, images=images, progress=prog,
+                                top_n=[int(x) for x in _strengths(top_n)], gammas=_strengths(gammas))
             for c, b in best.items():
                 typer.echo(f"{c:10s} top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")

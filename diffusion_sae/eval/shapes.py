@@ -184,6 +184,10 @@ class ShapesConfig:
     multi: tuple = ("striped", "dotted", "checkered")
     faithful: bool = True                # SAeUron's official error sign beside ours
     batch_size: int = 80
+    max_concepts: int | None = None      # first N concepts of each kind (smoke tests)
+
+    def concepts(self, kind: str) -> tuple:
+        return KINDS[kind][: self.max_concepts] if self.max_concepts else KINDS[kind]
 
 
 def quick_grid(ps: PromptSet) -> PromptSet:
@@ -219,14 +223,14 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     cs_params = params.get("steer", {})
     unit = {}
     for kind in cfg.steer_kinds:
-        for c in KINDS[kind]:
+        for c in cfg.concepts(kind):
             unit[(kind, c)] = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, c), 1.0)
     out["steer"] = {}
     t_steer, n_steer = 0.0, 0
     for kind in cfg.steer_kinds:
         lam = float(cs_params.get(kind, -1.0))
         rows, urows = [], []
-        for c in KINDS[kind]:
+        for c in cfg.concepts(kind):
             st = unit[(kind, c)].scaled(lam)
             t1 = time.perf_counter()
             j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
@@ -241,7 +245,8 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     add_ps = prompts_without_style(cfg.seeds)
     lam_add = float(cfg.add_strength if cfg.add_strength is not None else cs_params.get("add_style", 1.0))
     add_rows = []
-    for si, s in enumerate(STYLES):
+    for s in cfg.concepts("style"):
+        si = STYLES.index(s)
         st = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text("style", s), lam_add)
         j = bench.run(add_ps, lambda st=st: steer_text_encoder(pipe, st))
         everything = torch.ones(len(add_ps.prompts), dtype=torch.bool)
@@ -257,7 +262,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
         d = dictionaries[kind]
         for mode in (("ours", False), ("faithful", True)) if cfg.faithful else (("ours", False),):
             rows = []
-            for c in KINDS[kind]:
+            for c in cfg.concepts(kind):
                 p = sa_params.get(c, {"top_n": 1, "multiplier": -1.0})
                 edit = ConceptEdit(c, p["multiplier"], p.get("percentile"), p.get("top_n"))
                 t1 = time.perf_counter()
@@ -270,7 +275,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     out["seconds_per_image_unlearned"] = t_un / max(n_un, 1)
 
     # SAeUron: several styles at once.
-    if cfg.multi and "style" in cfg.unlearn_kinds:
+    if cfg.multi and "style" in cfg.unlearn_kinds and not cfg.max_concepts:
         edits = [ConceptEdit(c, **{k: v for k, v in sa_params.get(c, {"top_n": 1, "multiplier": -1.0}).items()
                                    if k in ("multiplier", "percentile", "top_n")}) for c in cfg.multi]
         j = bench.run(ps, lambda: unlearn_concepts(pipe, block_sae, dictionaries["style"], edits))

@@ -1,0 +1,108 @@
+"""Every CLI command: --help, and a small-scale run of each (tiny pipelines or the bundled model)."""
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffusion_sae.cli import UserError, app
+
+runner = CliRunner()
+
+
+def _commands(typer_app, prefix=()):
+    import typer.main
+
+    click_app = typer.main.get_command(typer_app)
+    stack = [(prefix, click_app)]
+    while stack:
+        path, cmd = stack.pop()
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                stack.append((path + (name,), sub))
+        elif path:
+            yield list(path)
+
+
+def run(*args):
+    r = runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
+    return r
+
+
+def ok(*args):
+    r = run(*args)
+    assert r.exit_code == 0, (args, r.output, r.exception)
+    return r.output
+
+
+@pytest.mark.parametrize("cmd", list(_commands(app)), ids=lambda c: " ".join(c))
+def test_every_command_has_help(cmd):
+    out = ok(*cmd, "--help")
+    assert "Usage" in out
+
+
+def test_recipes_concepts_and_unlearn_on_a_tiny_pipeline(tmp_path):
+    prompts = tmp_path / "p.csv"
+    ok("world", "prompts", "--out", prompts, "--n", 12)
+    rows = list(csv.DictReader(open(prompts)))
+    assert len(rows) == 12 and all(r["prompt"] and r["evaluation_seed"] for r in rows)
+    ok("train-text-sae", "--model", "tiny:sd", "--layer", 3, "--prompts", prompts, "--out", tmp_path / "text",
+       "--k", 4, "--expansion", 2, "--batch-size", 128, "--epochs", 2)
+    cfg = json.loads((tmp_path / "text" / "text_encoder.text_model.encoder.layers.3" / "cfg.json").read_text())
+    assert cfg["k"] == 4 and cfg["num_latents"] == 2 * cfg["d_in"]
+    ok("train-block-sae", "--model", "tiny:sd", "--prompts", prompts, "--out", tmp_path / "block", "--steps", 2,
+       "--expansion", 2, "--k", 4, "--batch-size", 256, "--batch-prompts", 6)
+    sae_dir = tmp_path / "block" / "unet.up_blocks.1.attentions.1"
+    assert json.loads((sae_dir / "cfg.json").read_text())["batch_topk"] is True
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"cat": ["a cat", "a small cat"], "dog": ["a dog", "a big dog"]}))
+    ok("concepts", "build", "--model", "tiny:sd", "--sae", sae_dir, "--concepts", concepts, "--steps", 2)
+    assert (sae_dir / "concept_dictionary.safetensors").exists()
+    ok("unlearn", "--model", "tiny:sd", "--sae", sae_dir, "--concept", "cat", "--prompt", "a cat", "--steps", 2,
+       "--multiplier", -5, "--top-n", 2, "--out", tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 1000
+    r = run("unlearn", "--model", "tiny:sd", "--sae", sae_dir, "--concept", "cat", "--prompt", "a cat", "--steps", 3,
+            "--out", tmp_path / "u2.png")
+    assert isinstance(r.exception, UserError) and "2 steps" in str(r.exception)
+
+
+def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
+    ok("steer", "--concept", "striped style", "--strengths", "-1,0", "--prompt", "a red star in striped style",
+       "--steps", 5, "--out", tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    r = run("steer", "--concept", "striped", "--strength", "lots", "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "number" in str(r.exception)
+    r = run("steer", "--concept", " ", "--strength", "-1", "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "empty" in str(r.exception)
+    ok("unlearn", "--concept", "striped", "--prompt", "a red star in striped style", "--out", tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 1000
+
+
+def test_tune_both_methods_small(tmp_path):
+    out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
+             "--images", 8, "--top-n", "1", "--gammas", "-5", "--no-save")
+    assert "striped" in out and "top_n=1" in out
+    out = ok("tune", "--method", "saeuron", "--kind", "object", "--concept", "star", "--search", "halving",
+             "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save")
+    assert "star" in out
+    out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1", "--images", 4, "--no-save")
+    assert "picked" in out
+
+
+def test_eval_shapes_smoke(tmp_path):
+    out = ok("eval", "shapes", "--quick", "--concepts-per-kind", 1, "--no-faithful", "--out", tmp_path / "r")
+    assert "SAeUron style (ours)" in out and "Concept Steerers remove colour" in out
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Style unlearning" in md and "UA" in md
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert 0 <= res["base"]["colour"] <= 1 and res["images_generated"] > 100
+
+
+def test_demo_writes_its_files(tmp_path):
+    out = ok("demo", "--out", tmp_path / "demo", "--seeds", 1)
+    for f in ("before_after.png", "strength_sweep.png", "report.md", "report.html", "results.json"):
+        assert (tmp_path / "demo" / f).exists(), f
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(res) >= {"remove_style", "unlearn_object", "add_style", "sweep"}
+    assert "Concept Steerers removes" in out
