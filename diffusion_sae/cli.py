@@ -449,29 +449,25 @@ def _strengths(text: str) -> list[float]:
         fail(f"--strengths must be comma-separated numbers, got {text!r}")
 
 
-def _label_grid(images, row_labels, col_labels, path: Path, scale: int = 4) -> None:
-    """Save an image grid with row / column labels (matplotlib)."""
-    import matplotlib
+def _save_image(img, path: Path) -> None:
+    """Save a [3, H, W] tensor in [0, 1] as PNG, atomically."""
+    from PIL import Image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = len(row_labels), len(col_labels)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols + 1.5, 1.4 * rows + 0.6), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(images[r * cols + c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(col_labels[c], fontsize=8)
-            if c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray(arr).save(tmp)
     os.replace(tmp, path)
+
+
+def _label_grid(images, row_labels, col_labels, path: Path) -> None:
+    """Save an image grid with row / column labels."""
+    from .eval.report import plot_image_grid, save_figure
+
+    arrays = [img.permute(1, 2, 0).clamp(0, 1).numpy() for img in images]
+    fig = plot_image_grid(arrays, len(row_labels), len(col_labels), row_labels=[r[:40] for r in row_labels],
+                          col_labels=col_labels)
+    save_figure(fig, path)
 
 
 @app.command("steer")
@@ -483,7 +479,10 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
               prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
               steps: int = 25, guidance: float = 5.0, seed: int = 0, no_negative_steering: bool = False,
-              out: Path = typer.Option(Path("steer.png"), help="Image grid PNG (rows: prompts, columns: strengths).")):
+              save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
+                                                         "the layout `eval nudity --images` reads)."),
+              out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
+                                                 "default steer.png unless --save-images is given.")):
     """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
     import torch
 
@@ -501,6 +500,10 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     sae_obj = _load_sae_arg(sae, None, bundle.load_text_sae)
     hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
     ps = _prompt_set(prompts, prompt, seed)
+    if save_images is not None and len(lams) != 1:
+        fail("--save-images needs a single --strength")
+    if save_images is None and out is None:
+        out = Path("steer.png")
     imgs = []
     try:
         base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0) for c in concept}
@@ -512,12 +515,21 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                             negative_steering=not no_negative_steering):
                         r = pipe(row.prompt, num_inference_steps=steps, guidance_scale=row.guidance or guidance,
                                  generator=torch.Generator().manual_seed(row.seed), output_type="pt")
-                    imgs.append(r.images[0].float().cpu())
+                    img = r.images[0].float().cpu()
+                    if save_images is not None:
+                        _save_image(img, save_images / f"{len(imgs)}.png")
+                    if out is not None:
+                        imgs.append(img)
+                    else:
+                        imgs.append(None)
                     p.advance(task)
     except (SteeringError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    _label_grid(imgs, [r.prompt for r in ps.rows], [f"λ={lam:g}" for lam in lams], out)
-    typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concept)!r}): {out}")
+    if out is not None:
+        _label_grid(imgs, [r.prompt for r in ps.rows], [f"λ={lam:g}" for lam in lams], out)
+        typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concept)!r}): {out}")
+    if save_images is not None:
+        typer.echo(f"saved {len(ps)} images to {save_images}/<row>.png")
 
 
 @app.command("unlearn")
