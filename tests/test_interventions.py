@@ -6,7 +6,8 @@ from diffusion_sae.concepts.dictionary import ConceptDictionary, DictionaryError
 from diffusion_sae.interventions.ablate import StepGridError, unlearn_concepts
 from diffusion_sae.interventions.steer import (SteeringError, concept_steering, feature_steering,
                                                steer_text_encoder)
-from diffusion_sae.models import build_tiny_pipeline, list_hookpoints, resolve_hookpoint
+from _tiny import tiny
+from diffusion_sae.models import list_hookpoints, resolve_hookpoint
 from diffusion_sae.sae import TopKSAE
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
@@ -18,7 +19,7 @@ def pipes():
 
     def get(fam):
         if fam not in cache:
-            p = build_tiny_pipeline(fam, seed=0)
+            p = tiny(fam)
             p.set_progress_bar_config(disable=True)
             cache[fam] = p
         return cache[fam]

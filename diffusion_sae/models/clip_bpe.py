@@ -29,7 +29,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSION_SAE_CACHE", Path.home() / ".cache" / "diffusion-sae")) / "clip-bpe"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP's reversible byte -> printable character table.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -75,7 +75,7 @@ def clip_tokenizer_files(cache_dir: str | Path | None = None) -> Path:
     raw = _fetch_bpe_gz(cache_dir)
     # Same slice as OpenAI's SimpleTokenizer: skip the version line, keep 49152 - 256 - 2 merges.
     merges = gzip.decompress(raw).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == VOCAB_SIZE, len(vocab)

@@ -11,22 +11,10 @@ import json
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from ..models.clip_bpe import bytes_to_unicode
 from .config import vocabulary_words
 
 MAX_LENGTH = 16
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[str]]:

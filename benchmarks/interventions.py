@@ -1,0 +1,133 @@
+"""Inference cost of the interventions, measured in one run (the papers' Table 4 in miniature).
+
+1. Bundled ShapesCanvas pipeline, 4 images x 25 steps: plain vs Concept Steerers (S built once per
+   concept; target <= 1.005x) vs SAeUron (target: report) — seconds per image and ratios.
+2. An SD 1.5-size UNet built from config (random weights, 64x64 latents, 2 DDIM steps, guidance on)
+   with a 20,480-latent SAE at up_blocks.1.attentions.1: ablated / plain (target <= 1.03x) and the
+   memory overhead.
+
+    python benchmarks/interventions.py [--skip-sd15] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from diffusion_sae.eval.cost import time_generation  # noqa: E402
+
+
+def bundled(repeats: int) -> None:
+    from diffusion_sae.interventions.ablate import unlearn_concepts
+    from diffusion_sae.interventions.steer import concept_steering, steer_text_encoder
+    from diffusion_sae.world import assets, bundle
+
+    pipe = assets.load_pipeline()
+    prompts = ["a red star in striped style", "a blue ring in dotted style", "a green heart in wavy style",
+               "an orange arrow in solid style"]
+
+    def gen():
+        return pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
+                    generator=[torch.Generator().manual_seed(i) for i in range(4)], output_type="pt")
+
+    st = concept_steering(bundle.load_text_sae(), pipe, bundle.TEXT_HOOKPOINT, "striped style", -1.0)
+    sae, d = bundle.load_block_sae(), bundle.load_dictionary("style")
+
+    def steered():
+        with steer_text_encoder(pipe, st):
+            return gen()
+
+    def unlearned():
+        with unlearn_concepts(pipe, sae, d, "striped", multiplier=-10.0, top_n=2):
+            return gen()
+
+    # Interleave the runs so that machine noise hits every variant alike.
+    times = {"plain": [], "steered": [], "unlearned": []}
+    fns = {"plain": gen, "steered": steered, "unlearned": unlearned}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(time_generation(f, repeats=1, warmup=0, images_per_call=4).per_image_s)
+    best = {k: min(v) for k, v in times.items()}
+    print("bundled ShapesCanvas pipeline, 4 images x 25 steps, CFG 5 (best of %d)" % repeats)
+    print(f"  {'generation':12s} {'s/image':>9s} {'ratio':>7s}")
+    for k, v in best.items():
+        print(f"  {k:12s} {v:9.4f} {v / best['plain']:7.3f}x")
+    print(f"  targets: steered <= 1.005x; 4 images in < 2 s (plain: {4 * best['plain']:.2f} s)")
+
+
+def sd15(repeats: int) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_sae.concepts.dictionary import ConceptDictionary
+    from diffusion_sae.interventions.ablate import unlearn_concepts
+    from diffusion_sae.sae import TopKSAE
+    from diffusion_sae.world.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.5 layout
+    tok = build_tokenizer(max_length=77)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=1024, num_hidden_layers=1,
+                                      num_attention_heads=12, max_position_embeddings=77,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    from diffusion_sae.world.model import PixelShuffleVAE
+    vae = PixelShuffleVAE(factor=8, in_channels=3, latent_channels=192, block_out_channels=(1, 1, 1, 1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    n_params = sum(p.numel() for p in unet.parameters())
+    hp = "unet.up_blocks.1.attentions.1"
+    sae = TopKSAE(1280, 20480, 32)
+    pipe.scheduler.set_timesteps(2)
+    steps = [float(t) for t in pipe.scheduler.timesteps]
+    means = torch.rand(2, 2, 20480) * 0.1
+    d = ConceptDictionary(hp, ["target", "other"], means, [1, 1], steps, {"scheduler": "DDIMScheduler"})
+
+    def gen():
+        return pipe("a photo", num_inference_steps=2, guidance_scale=7.5, height=512, width=512,
+                    generator=torch.Generator().manual_seed(0), output_type="latent")
+
+    def ablated():
+        with unlearn_concepts(pipe, sae, d, "target", multiplier=-1.0, top_n=3):
+            return gen()
+
+    gen()
+    ablated()
+    plain_t, abl_t = [], []
+    for _ in range(repeats):
+        plain_t.append(time_generation(gen, repeats=1, warmup=0))
+        abl_t.append(time_generation(ablated, repeats=1, warmup=0))
+    p = min(t.mean_s for t in plain_t)
+    a = min(t.mean_s for t in abl_t)
+    mem = max(t.peak_memory_bytes for t in abl_t) - max(t.peak_memory_bytes for t in plain_t)
+    sae_mb = sum(x.numel() * x.element_size() for x in sae.state_dict().values()) / 2**20
+    print(f"SD 1.5-size UNet ({n_params / 1e6:.0f} M params), 64x64 latents, 2 DDIM steps, CFG, "
+          f"SAE 1280 -> 20480 (k=32) at {hp} (best of {repeats})")
+    print(f"  plain    {p:8.2f} s")
+    print(f"  ablated  {a:8.2f} s   ratio {a / p:.3f}x (target <= 1.03x)")
+    print(f"  peak RSS overhead during generation: {mem / 2**20:+.0f} MiB; SAE weights {sae_mb:.0f} MiB, "
+          f"dictionary {means.numel() * 4 / 2**20:.1f} MiB")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-sd15", action="store_true")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bundled(a.repeats)
+    if not a.skip_sd15:
+        sd15(a.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
