@@ -751,7 +751,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
 
 
 @app.command("tune")
-def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept top-n and γ) or steer (λ per kind)."),
+def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept top-n and γ), steer (removal λ per kind) or steer-add (λ > 0 adding a style)."),
              kind: str = typer.Option("style", help="style, object or colour."),
              concept: Optional[list[str]] = typer.Option(None, help="Concepts to tune (default: all of the kind)."),
              search: str = typer.Option("halving", help="saeuron: grid (official, (UA+IRA)/2) or halving (mean of UA, IRA, CRA)."),
@@ -790,8 +790,19 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                            f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
             params["steer"][kind] = res.pick()
             typer.echo(f"picked λ={params['steer'][kind]:g} for {kind}")
+        elif method == "steer-add":
+            from .eval.tune import sweep_adding
+
+            res = sweep_adding(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, _strengths(strengths),
+                               progress=prog)
+            for lam, r in res.items():
+                typer.echo(f"λ={lam:g}: style found {100*r['found']:.1f} %, object/colour kept {100*r['kept']:.1f} %")
+            # The weakest λ that adds the style to ≥ 70 % of images while keeping the rest, else the best.
+            good = [lam for lam, r in res.items() if r["found"] >= 0.7 and r["kept"] >= 0.9]
+            params["steer"]["add_style"] = min(good) if good else max(res, key=lambda k: res[k]["found"] + res[k]["kept"])
+            typer.echo(f"picked λ={params['steer']['add_style']:g} for adding a style")
         else:
-            fail(f"--method must be saeuron or steer, not {method!r}")
+            fail(f"--method must be saeuron, steer or steer-add, not {method!r}")
     if save:
         bundle.save_params(params)
         typer.echo(f"saved {bundle.params_path()}")

@@ -111,3 +111,26 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
             j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
             res.rows[lam].append(removal_row(j, kind, c, bases[c]))
     return res
+
+
+def sweep_adding(pipe, classifier, text_sae, hookpoint: str, strengths, seeds: int = 1, steps: int = 25,
+                 guidance: float = 5.0, progress=None) -> dict[float, dict]:
+    """Concept Steerers addition: for each λ > 0, the share of style-free prompts that get each style."""
+    from ..interventions.steer import concept_steering, steer_text_encoder
+    from ..world.config import STYLES
+    from .shapes import prompts_without_style
+
+    bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
+    ps = prompts_without_style(seeds, base_seed=TUNING_SEED)
+    everything = torch.ones(len(ps.prompts), dtype=torch.bool)
+    units = {s: concept_steering(text_sae, pipe, hookpoint, concept_text("style", s), 1.0) for s in STYLES}
+    out = {}
+    for lam in strengths:
+        found, kept = [], []
+        for si, s in enumerate(STYLES):
+            st = units[s].scaled(lam)
+            j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
+            found.append(j.presence("style", si, everything))
+            kept.append(min(j.accuracy("object"), j.accuracy("colour")))
+        out[lam] = {"found": sum(found) / len(found), "kept": sum(kept) / len(kept)}
+    return out
