@@ -335,6 +335,16 @@ def world_prompts(out: Path = typer.Option(..., help="CSV file to write (prompt,
     typer.echo(f"wrote {n} prompts to {out}")
 
 
+def _print_recipe_result(sae, out: Path) -> None:
+    m = getattr(sae, "train_metrics", {})
+    typer.echo(f"saved {out / sae.cfg.hookpoint} (d={sae.cfg.d_in}, L={sae.cfg.num_latents}, k={sae.cfg.k}"
+               f"{', BatchTopK threshold %.4f' % sae.cfg.threshold if sae.cfg.batch_topk else ''})")
+    if m:
+        typer.echo(f"trained on {m.get('tokens', 0):,} tokens ({m.get('steps', 0)} steps): FVU {m.get('fvu', float('nan')):.4f}, "
+                   f"explained variance {m.get('explained_variance', float('nan')):.4f}, L0 {m.get('l0', float('nan')):.1f}, "
+                   f"dead fraction {m.get('dead_fraction', float('nan')):.4f}")
+
+
 @app.command("train-text-sae")
 def train_text_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id, tiny:<family> or shapescanvas."),
                        layer: int = typer.Option(9, help="Text-encoder layer index (SD 1.4: 9)."),
@@ -361,7 +371,7 @@ def train_text_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, 
                                  train_progress=sys.stdout.isatty())
     except (SAEError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    typer.echo(f"saved {out / sae.cfg.hookpoint} (d={sae.cfg.d_in}, L={sae.cfg.num_latents}, k={sae.cfg.k})")
+    _print_recipe_result(sae, out)
 
 
 @app.command("train-block-sae")
@@ -392,7 +402,7 @@ def train_block_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder,
                                   train_progress=sys.stdout.isatty())
     except (SAEError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    typer.echo(f"saved {out / sae.cfg.hookpoint} (d={sae.cfg.d_in}, L={sae.cfg.num_latents}, k={sae.cfg.k})")
+    _print_recipe_result(sae, out)
 
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries: which SAE features are which concept.")

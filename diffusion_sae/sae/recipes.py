@@ -20,7 +20,7 @@ from ..activations import ActivationStore
 from ..activations.collect import CollectConfig, collect, store_dirname
 from ..activations.prompts import PromptSet
 from .model import SAEConfig, SAEError
-from .train import TrainConfig, train_sae
+from .train import SAETrainer, TrainConfig
 
 
 @dataclass
@@ -74,8 +74,10 @@ def train_on_store(store: ActivationStore, hookpoint: str, out: str | Path, reci
                        batch_size=batch, seed=recipe.seed, max_tokens=max_tokens, log_every=50,
                        ckpt_every=max(1, max_tokens // batch // 4))
     out = Path(out)
-    sae = train_sae(scfg, _cycle_batches(store, batch, recipe.seed), tcfg, run_dir=out / "run", progress=progress)
+    trainer = SAETrainer(scfg, tcfg, run_dir=out / "run")
+    sae = trainer.fit(_cycle_batches(store, batch, recipe.seed), progress=progress)
     sae.save_pretrained(out / store_dirname(hookpoint))
+    sae.train_metrics = dict(trainer.metrics, tokens=trainer.tokens, steps=trainer.step)
     return sae
 
 
