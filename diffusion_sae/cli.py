@@ -793,7 +793,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                 params["saeuron"][c] = {"top_n": b["top_n"], "multiplier": b["multiplier"]}
         elif method == "steer":
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
-                                 n=images // 2 or 8, progress=prog)
+                                 n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"))
             for lam in res.strengths:
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
@@ -804,7 +804,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             from .eval.tune import sweep_adding
 
             res = sweep_adding(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, _strengths(strengths),
-                               progress=prog)
+                               progress=prog, baseline=params["steer"].get("baseline"))
             for lam, r in res.items():
                 typer.echo(f"λ={lam:g}: style found {100*r['found']:.1f} %, object/colour kept {100*r['kept']:.1f} %")
             # The weakest λ that adds the style to ≥ 70 % of images while keeping the rest, else the best.

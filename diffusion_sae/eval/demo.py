@@ -81,7 +81,8 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
 
     # 1. Concept Steerers: remove a style.
     lam = float(params.get("steer", {}).get("style", -1.0))
-    unit = concept_steering(text_sae, pipe, hp, concept_text("style", REMOVE_STYLE), 1.0)
+    baseline = params.get("steer", {}).get("baseline")
+    unit = concept_steering(text_sae, pipe, hp, concept_text("style", REMOVE_STYLE), 1.0, baseline=baseline)
     asked, rest = style_prompts(REMOVE_STYLE, seeds), other_prompts("style", REMOVE_STYLE)
     b_asked, b_rest = bench.run(asked), bench.run(rest)
     st = unit.scaled(lam)
@@ -116,7 +117,7 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     lam_add = float(params.get("steer", {}).get("add_style", 1.0))
     plain = plain_prompts(max(1, seeds // 2))
     a_before = bench.run(plain)
-    add = concept_steering(text_sae, pipe, hp, concept_text("style", ADD_STYLE), lam_add)
+    add = concept_steering(text_sae, pipe, hp, concept_text("style", ADD_STYLE), lam_add, baseline=baseline)
     a_after = bench.run(plain, lambda: steer_text_encoder(pipe, add))
     all_p = torch.ones(len(plain.prompts), dtype=torch.bool)
     res["add_style"] = {"concept": ADD_STYLE, "strength": lam_add, "images": len(plain.prompts),

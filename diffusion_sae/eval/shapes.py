@@ -224,7 +224,8 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     unit = {}
     for kind in cfg.steer_kinds:
         for c in cfg.concepts(kind):
-            unit[(kind, c)] = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, c), 1.0)
+            unit[(kind, c)] = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, c), 1.0,
+                                               baseline=cs_params.get("baseline"))
     out["steer"] = {}
     t_steer, n_steer = 0.0, 0
     for kind in cfg.steer_kinds:
@@ -247,7 +248,8 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     add_rows = []
     for s in cfg.concepts("style"):
         si = STYLES.index(s)
-        st = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text("style", s), lam_add)
+        st = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text("style", s), lam_add,
+                              baseline=cs_params.get("baseline"))
         j = bench.run(add_ps, lambda st=st: steer_text_encoder(pipe, st))
         everything = torch.ones(len(add_ps.prompts), dtype=torch.bool)
         add_rows.append({"target": s, "presence": j.presence("style", si, everything),

@@ -95,7 +95,7 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
-                   steps: int = 25, guidance: float = 5.0, progress=None) -> SweepResult:
+                   steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None) -> SweepResult:
     """Concept Steerers removal at each strength for every concept of a kind (tuning prompts)."""
     from ..interventions.steer import concept_steering, steer_text_encoder
 
@@ -103,7 +103,8 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
     res = SweepResult(list(strengths))
     sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
     bases = {c: bench.run(ps) for c, ps in sets.items()}
-    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0) for c in KINDS[kind]}
+    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0, baseline=baseline)
+             for c in KINDS[kind]}
     for lam in res.strengths:
         res.rows[lam] = []
         for c, ps in sets.items():
@@ -114,7 +115,7 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
 
 
 def sweep_adding(pipe, classifier, text_sae, hookpoint: str, strengths, seeds: int = 1, steps: int = 25,
-                 guidance: float = 5.0, progress=None) -> dict[float, dict]:
+                 guidance: float = 5.0, progress=None, baseline: str | None = None) -> dict[float, dict]:
     """Concept Steerers addition: for each λ > 0, the share of style-free prompts that get each style."""
     from ..interventions.steer import concept_steering, steer_text_encoder
     from ..world.config import STYLES
@@ -123,7 +124,8 @@ def sweep_adding(pipe, classifier, text_sae, hookpoint: str, strengths, seeds: i
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     ps = prompts_without_style(seeds, base_seed=TUNING_SEED)
     everything = torch.ones(len(ps.prompts), dtype=torch.bool)
-    units = {s: concept_steering(text_sae, pipe, hookpoint, concept_text("style", s), 1.0) for s in STYLES}
+    units = {s: concept_steering(text_sae, pipe, hookpoint, concept_text("style", s), 1.0, baseline=baseline)
+             for s in STYLES}
     out = {}
     for lam in strengths:
         found, kept = [], []

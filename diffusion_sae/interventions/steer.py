@@ -161,10 +161,13 @@ def _check_width(sae, width: int, hookpoint) -> None:
 
 @torch.no_grad()
 def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str | list[str],
-                     strength: float) -> Steering:
+                     strength: float, baseline: str | None = None) -> Steering:
     """S = λ · W_dec · ReLU(W_enc (H_c − b_dec) + b_enc) over the concept prompt's positions.
 
-    A list of prompts ("several example prompts") averages their matrices.
+    A list of prompts ("several example prompts") averages their matrices. `baseline` (e.g. "")
+    subtracts the same matrix of a neutral prompt, so that what every prompt shares — the BOS
+    position, the padding summary of "a prompt" — is not steered away with the concept (an option
+    of ours; None is the paper's formula).
     """
     strength = _check_strength(strength)
     prompts = [concept_prompt] if isinstance(concept_prompt, str) else list(concept_prompt)
@@ -176,9 +179,13 @@ def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str 
     sae_param = next(sae.parameters())
     z = sae.pre_acts(h.to(sae_param.device, sae_param.dtype))
     s = _bias_free_decode(sae, z, x=h.to(sae_param.device, sae_param.dtype)).mean(0).to(h.dtype).cpu()
+    if baseline is not None:
+        h0 = layer_activations(pipe, names, [baseline]).to(sae_param.device, sae_param.dtype)
+        s = s - _bias_free_decode(sae, sae.pre_acts(h0), x=h0)[0].to(s.dtype).cpu()
     widths = [resolve_hookpoint(pipe, n).width for n in names]
     label = prompts[0] if len(prompts) == 1 else f"{prompts[0]} (+{len(prompts) - 1})"
-    return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength})
+    return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength,
+                                                         "baseline": baseline})
 
 
 @torch.no_grad()

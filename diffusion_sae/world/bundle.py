@@ -71,7 +71,9 @@ def load_dictionary(kind: str, folder=None):
     return ConceptDictionary.load(folder or sae_dir() / BLOCK_HOOKPOINT, name=dictionary_name(kind))
 
 
-DEFAULT_PARAMS = {"steer": {"style": -1.0, "object": -1.0, "colour": -1.0, "add_style": 1.0}, "saeuron": {}}
+# "baseline": "" subtracts the empty prompt's steering matrix (our option; the paper has none).
+DEFAULT_PARAMS = {"steer": {"style": -1.0, "object": -1.0, "colour": -1.0, "add_style": 1.0, "baseline": ""},
+                  "saeuron": {}}
 
 
 def params_path():
