@@ -191,9 +191,22 @@ class ShapesConfig:
 
 
 def quick_grid(ps: PromptSet) -> PromptSet:
-    """Half of the object x style grid (pairs with even i + j): every style and object still appears."""
-    keep = [k for k in range(len(ps.prompts)) if (ps.objects[k] + ps.styles[k]) % 2 == 0]
-    return PromptSet(*[[getattr(ps, f)[k] for k in keep] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+    """Half of the object x style grid (pairs with even i + j): every style, object and colour still appears
+    (the colour cycle is re-laid over the kept pairs so that no colour drops out)."""
+    from ..world.config import eval_prompt
+
+    out = PromptSet([], [], [], [], [])
+    for k in range(len(ps.prompts)):
+        o, s = ps.objects[k], ps.styles[k]
+        if (o + s) % 2:
+            continue
+        c = (o + s // 2 + ps.seeds[k]) % len(COLOUR_NAMES)
+        out.prompts.append(eval_prompt(OBJECTS[o], STYLES[s], COLOUR_NAMES[c]))
+        out.seeds.append(ps.seeds[k])
+        out.objects.append(o)
+        out.styles.append(s)
+        out.colours.append(c)
+    return out
 
 
 def concept_text(kind: str, concept: str) -> str:
