@@ -27,7 +27,8 @@ def test_readme_commands_exist():
 
     root = get_command(app)
     for line in README.read_text().splitlines():
-        for m in re.finditer(r"diffusion-sae ((?:[a-z][a-z-]*)(?: [a-z][a-z-]*)?)", line):
+        # commands: in code blocks (line start) or inline code (after a backtick), not in prose
+        for m in re.finditer(r"(?:^\s*|`)diffusion-sae ((?:[a-z][a-z-]*)(?: [a-z][a-z-]*)?)", line):
             words = m.group(1).split()
             cmd = root.commands.get(words[0])
             assert cmd is not None, f"README names unknown command {words[0]!r}: {line}"
