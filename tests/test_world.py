@@ -75,16 +75,20 @@ def test_unet_training_lowers_the_loss_resumes_exactly_and_exports(tmp_path):
     t.run(until=30)
     last = [t.loss_on(s).item() for s in range(3)]
     assert sum(last) < sum(first)
-    # resume: a run stopped at 10 and resumed to 12 equals an uninterrupted run to 12
-    a = UNetTrainer(tmp_path / "a", cfg)
+    # resume: a run stopped at 10 and resumed to 12 equals an uninterrupted run to 12. One thread: multi-threaded
+    # conv backward reduces in a varying order, and Adam turns those last-bit differences into visible ones.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = UNetTrainer(tmp_path / "a", cfg, tokenizer=t.tokenizer)
     a.run(until=10)
-    a2 = UNetTrainer(tmp_path / "a")
-    assert a2.step == 10
+    a2 = UNetTrainer(tmp_path / "a")  # reloads the run's own tokenizer
+    assert a2.step == 10 and a2.tokenizer.get_vocab() == t.tokenizer.get_vocab()
     a2.run(until=12)
-    b = UNetTrainer(tmp_path / "b", cfg)
+    b = UNetTrainer(tmp_path / "b", cfg, tokenizer=t.tokenizer)
     b.run(until=12)
     for (n, p), (_, q) in zip(a2.unet.state_dict().items(), b.unet.state_dict().items()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), n  # float non-associativity in conv kernels
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
+    torch.set_num_threads(threads)
     out = export_pipeline(b, tmp_path / "pipe")
     assert json.loads((out / "training.json").read_text())["step"] == 12
     pipe = assets.load_pipeline(out)

@@ -59,7 +59,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 class UNetTrainer:
-    def __init__(self, run_dir: str | Path, cfg: UNetTrainConfig | None = None):
+    def __init__(self, run_dir: str | Path, cfg: UNetTrainConfig | None = None, tokenizer=None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_path = self.dir / "config.json"
@@ -76,6 +76,17 @@ class UNetTrainer:
         comps = build_components(cfg.model, seed=cfg.seed)
         self.unet, self.text_encoder = comps["unet"], comps["text_encoder"]
         self.tokenizer, self.vae, self.sched = comps["tokenizer"], comps["vae"], comps["noise_scheduler"]
+        # The BPE trainer breaks frequency ties differently from call to call, so a run keeps the
+        # tokenizer it started with: resumed steps and the export must map words to the same ids.
+        tok_dir = self.dir / "tokenizer"
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        elif (tok_dir / "tokenizer_config.json").exists():
+            from transformers import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        if not (tok_dir / "tokenizer_config.json").exists():
+            self.tokenizer.save_pretrained(tok_dir)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
