@@ -1,6 +1,8 @@
 """The static dashboard: opens offline (no external URL) and shows the explorer's feature content."""
 from __future__ import annotations
 
+from _cli import run_main
+
 import json
 import re
 from html.parser import HTMLParser
@@ -65,21 +67,7 @@ def test_export_is_offline_and_matches_explorer(engine, tmp_path):
 
 
 def _cli(args, capsys):
-    import sys
-
-    from diffusion_sae import cli
-
-    old, sys.argv = sys.argv, ["diffusion-sae", *map(str, args)]
-    try:
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip()
+    return run_main(args, capsys)
 
 
 def test_export_cli(tmp_path, capsys):

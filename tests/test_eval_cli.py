@@ -1,5 +1,6 @@
 """`diffusion-sae eval ...`: each subcommand on a folder of images (and nudity from a tiny model), writing a
 report; bad input is one line and exit code 2."""
+from _cli import run_main
 import json
 import sys
 
@@ -12,20 +13,7 @@ from diffusion_sae.eval.prompts import write_prompt_csv
 
 
 def _cli(args, capsys):
-    from diffusion_sae import cli
-
-    old = sys.argv
-    sys.argv = ["diffusion-sae", *map(str, args)]
-    try:
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip()
+    return run_main(args, capsys)
 
 
 def _benign_images(folder, n, seed=0, size=48):
