@@ -24,6 +24,8 @@ def _worker(rank, world, port, out_path):
         sae = train_sae(SAEConfig(**SCFG), _data(), TrainConfig(**TCFG), progress=False)
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in sae.state_dict().items()}, out_path)
+        # Both ranks leave together: a rank tearing gloo down while the other still talks aborts it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
