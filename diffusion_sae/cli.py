@@ -115,7 +115,6 @@ def world_eval(model: Path = typer.Option(None, help="Pipeline folder (default: 
                seeds: int = 3, steps: int = 25, guidance: float = 5.0,
                out: Path = typer.Option(Path("world-eval.png"), help="Objects x styles grid PNG.")):
     """Generate every object x style pair (colour cycle, N seeds) and print classifier agreement."""
-    import torch
 
     from .world import assets
     from .world.evaluate import agreement, generate, grid_prompts, image_grid, save_png
@@ -134,7 +133,6 @@ def world_eval(model: Path = typer.Option(None, help="Pipeline folder (default: 
     for k, v in acc.items():
         typer.echo(f"{k:7s} agreement {100 * v:6.2f} %  ({len(ps.prompts)} images)")
     typer.echo(f"grid: {out}")
-    _ = torch
 
 
 @app.command("collect")
@@ -440,16 +438,12 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
                                          progress=lambda i, n: p.update(task, completed=i))
     except DictionaryError as e:
         fail(str(e))
-    folder = out or (sae if sae else bundle_sae_folder(bundle))
+    from .world.assets import sae_dir
+
+    folder = out or sae or sae_dir() / bundle.BLOCK_HOOKPOINT
     stem = name or (bundle.dictionary_name(shapes) if shapes else "concept_dictionary")
     path = d.save(folder, name=stem)
     typer.echo(f"{len(d.concepts)} concepts x {len(d.timesteps)} steps x {d.means.shape[-1]} latents -> {path}")
-
-
-def bundle_sae_folder(bundle):
-    from .world.assets import sae_dir
-
-    return sae_dir() / bundle.BLOCK_HOOKPOINT
 
 
 def _strengths(text: str) -> list[float]:
