@@ -7,12 +7,17 @@ rescaled where they fire above the all-concept average ν_j(t):
     z'_j = z_j · γ_c · μ_c,j(t)    if j ∈ F_c(t) and z_j > ν_j(t),   else z'_j = z_j
 
 (the scale is γ·μ, an activation-scaled factor, exactly as the official code and the paper do it —
-shared/spec/algorithms.md §3.6; γ < 0 flips the feature). The block output becomes
+shared/spec/algorithms.md §3.6; γ < 0 flips the feature). `scaling="latent"` uses z'_j = γ_c · z_j
+instead: a dimensionless knob (γ = 0 deletes the feature, γ = −1 flips it) whose meaning does not
+depend on how large the concept's mean activation happens to be at step t. The block output becomes
 
     x_out = x + W_dec (z' − z)                       (ours: the SAE error is kept as is)
     x_out = W_dec z' + b_dec + (x̂ − x)               (faithful=True: the official sign, = x + Δ − 2e)
 
 so with nothing selected, ours returns x exactly while the faithful mode changes every patch.
+Several blocks at once: pass lists of SAEs and dictionaries (one per block); every block gets the
+same edits, each with its own per-step feature selection (a concept that a model spreads over
+several cross-attention blocks is only removed when all of them are edited).
 The step t is the pipeline's real step (read from the timestep the denoiser receives, via
 StepTracker), and the dictionary's step grid must equal the sampler's.
 
@@ -41,13 +46,16 @@ class ConceptEdit:
     multiplier: float = -1.0          # γ (ablate) or α (add)
     percentile: float | None = None
     top_n: int | None = None
+    scaling: str = "mean"             # "mean": z·γ·μ_c(t) (official); "latent": z·γ
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
             self.top_n = 1
+        if self.scaling not in ("mean", "latent"):
+            raise DictionaryError(f"scaling must be 'mean' (z·γ·μ, official) or 'latent' (z·γ), not {self.scaling!r}")
 
 
-def _as_edits(concepts, multiplier, percentile, top_n) -> list[ConceptEdit]:
+def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean") -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -55,7 +63,7 @@ def _as_edits(concepts, multiplier, percentile, top_n) -> list[ConceptEdit]:
         if isinstance(c, ConceptEdit):
             edits.append(c)
         else:
-            edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None))
+            edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
@@ -88,7 +96,7 @@ class SAeUronHook:
             mu = dictionary.means[c].float()
             for t, ids in enumerate(idx):
                 self.selected[t, ids] = True
-                self.scale[t, ids] = e.multiplier * mu[t, ids]
+                self.scale[t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
         dev, dt = sae.device, sae.dtype
         self.selected, self.scale, self.bar = self.selected.to(dev), self.scale.to(dev, dt), self.bar.to(dev, dt)
         self.tracker: StepTracker | None = None
@@ -127,7 +135,7 @@ class SAeUronHook:
             d = sae.decode(delta[rows], idx[rows], x=xs[rows]) - sae.decode(torch.zeros_like(delta[rows]), idx[rows], x=xs[rows])
             out[rows] = (xs[rows] + d).to(x.dtype)
             return out
-        # mode == "add": every patch gets α μ_c,j(t) of each selected latent, fired or not.
+        # mode == "add": every patch gets α μ_c,j(t) (or α, scaling="latent") of each selected latent.
         add = torch.where(self.selected[t], self.scale[t], torch.zeros_like(self.scale[t]))
         d = sae.decode_dense(add[None].expand(xs.shape[0], -1), add_bias=False, x=xs)
         return (xs + d).to(x.dtype)
@@ -148,26 +156,48 @@ class SAeUronHook:
         return replace_output(output, from_tokens(new, grid), module)
 
 
-@contextlib.contextmanager
-def unlearn_concepts(pipe, sae, dictionary: ConceptDictionary, concepts, multiplier: float = -1.0,
-                     percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
-                     mode: str = "ablate"):
-    """Within the block, `pipe(...)` generates with the concepts' features scaled at the block.
+def _pairs(sae, dictionary) -> list[tuple]:
+    saes = list(sae) if isinstance(sae, (list, tuple)) else [sae]
+    dicts = list(dictionary) if isinstance(dictionary, (list, tuple)) else [dictionary]
+    if len(saes) != len(dicts) or not saes:
+        raise DictionaryError(f"give one concept dictionary per SAE: got {len(saes)} SAEs and {len(dicts)} dictionaries")
+    hps = [d.hookpoint for d in dicts]
+    if len(set(hps)) != len(hps):
+        raise DictionaryError(f"two dictionaries for the same block {hps}: give each block once")
+    return list(zip(saes, dicts))
 
-    `concepts`: a name, a list of names (sharing multiplier / selection), or ConceptEdit objects
-    (each with its own γ and selection). Hooks are removed on exit, also when generation raises.
+
+@contextlib.contextmanager
+def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
+                     percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
+                     mode: str = "ablate", scaling: str = "mean"):
+    """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
+
+    `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
+    `concepts`: a name, a list of names (sharing multiplier / selection / scaling), or ConceptEdit
+    objects (each with its own γ and selection). Yields the hook (one block) or the list of hooks.
+    Hooks are removed on exit, also when generation raises.
     """
-    hp = resolve_hookpoint(pipe, dictionary.hookpoint)
-    if hp.kind != "denoiser":
-        raise DictionaryError(f"{dictionary.hookpoint!r} is not a denoiser block")
-    if hp.width is not None and hp.width != sae.cfg.d_in:
-        raise DictionaryError(f"SAE width {sae.cfg.d_in} != width {hp.width} of block {hp.name!r}")
-    hook = SAeUronHook(sae, dictionary, _as_edits(concepts, multiplier, percentile, top_n), mode, faithful)
+    pairs = _pairs(sae, dictionary)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling)
+    hooks, targets = [], []
+    for s_, d_ in pairs:
+        hp = resolve_hookpoint(pipe, d_.hookpoint)
+        if hp.kind != "denoiser":
+            raise DictionaryError(f"{d_.hookpoint!r} is not a denoiser block")
+        if hp.width is not None and hp.width != s_.cfg.d_in:
+            raise DictionaryError(f"SAE width {s_.cfg.d_in} != width {hp.width} of block {hp.name!r}")
+        hooks.append(SAeUronHook(s_, d_, edits, mode, faithful))
+        targets.append(hp.module)
     tracker = StepTracker(pipe)
-    hook.tracker = tracker
+    for h in hooks:
+        h.tracker = tracker
     with tracker:
-        handle = hp.module.register_forward_hook(hook)
+        handles = []
         try:
-            yield hook
+            for h, m in zip(hooks, targets):
+                handles.append(m.register_forward_hook(h))
+            yield hooks[0] if len(hooks) == 1 else hooks
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
