@@ -735,13 +735,13 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
 
     t0 = _time.perf_counter()
     pipe, clf = _load_model(SHAPES), assets.load_classifier()
-    text_sae, block_sae = bundle.load_text_sae(), bundle.load_block_sae()
-    dicts = {k: bundle.load_dictionary(k) for k in ("style", "object")}
+    text_sae = bundle.load_text_sae()
+    blocks = {k: bundle.load_blocks(k) for k in ("style", "object")}
     cfg = ShapesConfig(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful,
                        max_concepts=concepts_per_kind)
     with _progress() as p:
         task = p.add_task("eval shapes", total=None, info="images")
-        res = run_shapes_benchmark(pipe, clf, text_sae, block_sae, dicts, bundle.load_params(), cfg,
+        res = run_shapes_benchmark(pipe, clf, text_sae, blocks, bundle.load_params(), cfg,
                                    progress=lambda n: p.advance(task, n))
     res["wall_seconds"] = _time.perf_counter() - t0
     settings = {"judge": "bundled ShapesCanvas classifier (argmax per head)", "sampler": f"DDIM {steps} steps",
@@ -763,6 +763,9 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              strengths: str = typer.Option("-0.5,-1,-2,-3,-4", help="steer: strengths to sweep."),
              top_n: str = typer.Option("1,2,4,8", help="saeuron: features per step to try."),
              gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
+             scalings: str = typer.Option("mean", help="saeuron: 'mean' (z·γ·μ, official), 'latent' (z·γ) or both, comma-separated."),
+             positions: str = typer.Option("concept", help="steer: 'concept' (token-aligned rows, ours) or 'all' (the paper's position-aligned rows)."),
+             blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
     from .eval.tune import sweep_steering, tune_saeuron
@@ -778,22 +781,39 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         if method == "saeuron":
             if search not in ("grid", "halving"):
                 fail(f"--search must be grid or halving, not {search!r}")
-            best = tune_saeuron(pipe, clf, bundle.load_block_sae(), bundle.load_dictionary(kind), kind,
+            sets = [tuple(x.strip() for x in bs.split("+") if x.strip()) for bs in blocks.split(";") if bs.strip()]
+            names = sorted({b for bs in sets for b in bs})
+            unknown = [b for b in names if b not in bundle.BLOCK_HOOKPOINTS]
+            if unknown:
+                fail(f"--blocks: no shipped SAE for {unknown[0]!r}; shipped: {', '.join(bundle.BLOCK_HOOKPOINTS)}")
+            scs = [x.strip() for x in scalings.split(",") if x.strip()]
+            if not scs or any(x not in ("mean", "latent") for x in scs):
+                fail(f"--scalings must list 'mean' and/or 'latent', not {scalings!r}")
+            got = bundle.load_blocks(kind, names)
+            best = tune_saeuron(pipe, clf, [got[b][0] for b in names], [got[b][1] for b in names], kind,
                                 concepts=concept or None, search=search, images=images, progress=prog,
-                                top_n=[int(x) for x in _strengths(top_n)], gammas=_strengths(gammas))
+                                top_n=[int(x) for x in _strengths(top_n)], gammas=_strengths(gammas),
+                                scalings=scs, block_sets=sets)
             for c, b in best.items():
-                typer.echo(f"{c:10s} top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
+                typer.echo(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['scaling']} "
+                           f"top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
-                params["saeuron"][c] = {"top_n": b["top_n"], "multiplier": b["multiplier"]}
+                params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "blocks")}
         elif method == "steer":
+            if positions not in ("all", "concept"):
+                fail(f"--positions must be all (the paper) or concept (token-aligned), not {positions!r}")
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
-                                 n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"))
+                                 n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"),
+                                 positions=positions)
             for lam in res.strengths:
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
                            f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
-            params["steer"][kind] = res.pick()
-            typer.echo(f"picked λ={params['steer'][kind]:g} for {kind}")
+            if positions == params["steer"].get("positions", "all"):
+                params["steer"][kind] = res.pick()
+            else:  # the other variant's λ is kept beside ("paper": the position-aligned rows)
+                params["steer"].setdefault("paper", {})[kind] = res.pick()
+            typer.echo(f"picked λ={res.pick():g} for {kind} (positions={positions})")
         elif method == "steer-add":
             from .eval.tune import sweep_adding
 

@@ -183,6 +183,7 @@ class ShapesConfig:
     add_strength: float | None = None    # λ > 0 for adding a style (default: the tuned one)
     multi: tuple = ("striped", "dotted", "checkered")
     faithful: bool = True                # SAeUron's official error sign beside ours
+    paper_positions: bool = True         # Concept Steerers' position-aligned rows beside ours
     batch_size: int = 80
     max_concepts: int | None = None      # first N concepts of each kind (smoke tests)
 
@@ -209,15 +210,56 @@ def quick_grid(ps: PromptSet) -> PromptSet:
     return out
 
 
-def concept_text(kind: str, concept: str) -> str:
-    """The concept prompt used to build a steering matrix."""
-    return f"{concept} style" if kind == "style" else concept
-
-
-def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: dict, params: dict,
-                         cfg: ShapesConfig, progress=None) -> dict:
-    """All tables of the ShapesCanvas benchmark as plain dicts (see module docstring)."""
+@contextlib.contextmanager
+def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
+    """Unlearn every concept of `params` ({concept: {"top_n" | "percentile", "multiplier", "scaling",
+    "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
+    without "blocks" uses the first block (the paper's single hookpoint)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
+
+    per_block: dict[str, list] = {}
+    for c, p in params.items():
+        names = p.get("blocks") or [next(iter(blocks))]
+        missing = [b for b in names if b not in blocks]
+        if missing:
+            raise ValueError(f"SAeUron params for {c!r} name block {missing[0]!r}, which has no SAE / dictionary "
+                             f"here (have {', '.join(blocks)})")
+        edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
+                           p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"))
+        for b in names:
+            per_block.setdefault(b, []).append(edit)
+    with contextlib.ExitStack() as stack:
+        for b, edits in per_block.items():
+            sae, d = blocks[b]
+            stack.enter_context(unlearn_concepts(pipe, sae, d, edits, faithful=faithful))
+        yield
+
+
+DEFAULT_SAEURON = {"top_n": 1, "multiplier": -1.0}
+
+
+def concept_text(kind: str, concept: str, positions: str = "all") -> str:
+    """The concept prompt used to build a steering matrix (token-aligned steering matches the bare word)."""
+    return f"{concept} style" if kind == "style" and positions == "all" else concept
+
+
+def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, cs_params: dict, paper: bool = False):
+    """The Concept Steerers removal term for one concept under the tuned settings (or the paper's
+    position-aligned rows with their own tuned λ when paper=True)."""
+    from ..interventions.steer import concept_steering
+    from ..world.bundle import TEXT_HOOKPOINT
+
+    positions = "all" if paper else cs_params.get("positions", "all")
+    return concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, concept, positions), strength,
+                            baseline=cs_params.get("baseline"), positions=positions)
+
+
+def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
+                         cfg: ShapesConfig, progress=None) -> dict:
+    """All tables of the ShapesCanvas benchmark as plain dicts (see module docstring).
+
+    `blocks`: {kind: {hookpoint: (block SAE, concept dictionary of that kind)}} (world.bundle.load_blocks).
+    """
     from ..interventions.steer import concept_steering, steer_text_encoder
     from ..world.bundle import TEXT_HOOKPOINT
 
@@ -232,27 +274,28 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     out["seconds_per_image_plain"] = (time.perf_counter() - t0) / len(ps.prompts)
     out["base"] = {k: base.accuracy(k) for k in KINDS}
 
-    # Concept Steerers: remove every concept of every kind at the tuned λ.
+    # Concept Steerers: remove every concept of every kind at the tuned λ (ours, and the paper's
+    # position-aligned rows at their own tuned λ when params name them).
     cs_params = params.get("steer", {})
-    unit = {}
-    for kind in cfg.steer_kinds:
-        for c in cfg.concepts(kind):
-            unit[(kind, c)] = concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, c), 1.0,
-                                               baseline=cs_params.get("baseline"))
-    out["steer"] = {}
+    variants = [("steer", False)] + ([("steer_paper", True)] if cfg.paper_positions and cs_params.get("paper") else [])
     t_steer, n_steer = 0.0, 0
-    for kind in cfg.steer_kinds:
-        lam = float(cs_params.get(kind, -1.0))
-        rows, urows = [], []
-        for c in cfg.concepts(kind):
-            st = unit[(kind, c)].scaled(lam)
-            t1 = time.perf_counter()
-            j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
-            t_steer += time.perf_counter() - t1
-            n_steer += len(ps.prompts)
-            rows.append(removal_row(j, kind, c, base))
-            urows.append(unlearning_row(j, kind, c))
-        out["steer"][kind] = {"strength": lam, "removal": rows, "unlearning": urows}
+    for key, paper in variants:
+        out[key] = {}
+        lams = cs_params["paper"] if paper else cs_params
+        for kind in cfg.steer_kinds:
+            lam = float(lams.get(kind, -1.0))
+            rows, urows = [], []
+            for c in cfg.concepts(kind):
+                st = removal_steering(text_sae, pipe, kind, c, lam, cs_params, paper)
+                t1 = time.perf_counter()
+                j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
+                if not paper:
+                    t_steer += time.perf_counter() - t1
+                    n_steer += len(ps.prompts)
+                rows.append(removal_row(j, kind, c, base))
+                urows.append(unlearning_row(j, kind, c))
+            out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
+                              "positions": "all" if paper else cs_params.get("positions", "all")}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
 
     # Concept Steerers: add each style (λ > 0) to prompts that name no style.
@@ -274,14 +317,13 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
     out["saeuron"] = {}
     t_un, n_un = 0.0, 0
     for kind in cfg.unlearn_kinds:
-        d = dictionaries[kind]
+        kb = blocks[kind]
         for mode in (("ours", False), ("faithful", True)) if cfg.faithful else (("ours", False),):
             rows = []
             for c in cfg.concepts(kind):
-                p = sa_params.get(c, {"top_n": 1, "multiplier": -1.0})
-                edit = ConceptEdit(c, p["multiplier"], p.get("percentile"), p.get("top_n"))
+                pc = {c: sa_params.get(c, DEFAULT_SAEURON)}
                 t1 = time.perf_counter()
-                j = bench.run(ps, lambda e=edit, f=mode[1], d=d: unlearn_concepts(pipe, block_sae, d, [e], faithful=f))
+                j = bench.run(ps, lambda pc=pc, f=mode[1], kb=kb: saeuron_context(pipe, kb, pc, faithful=f))
                 if mode[0] == "ours":
                     t_un += time.perf_counter() - t1
                     n_un += len(ps.prompts)
@@ -291,9 +333,8 @@ def run_shapes_benchmark(pipe, classifier, text_sae, block_sae, dictionaries: di
 
     # SAeUron: several styles at once.
     if cfg.multi and "style" in cfg.unlearn_kinds and not cfg.max_concepts:
-        edits = [ConceptEdit(c, **{k: v for k, v in sa_params.get(c, {"top_n": 1, "multiplier": -1.0}).items()
-                                   if k in ("multiplier", "percentile", "top_n")}) for c in cfg.multi]
-        j = bench.run(ps, lambda: unlearn_concepts(pipe, block_sae, dictionaries["style"], edits))
+        pc = {c: sa_params.get(c, DEFAULT_SAEURON) for c in cfg.multi}
+        j = bench.run(ps, lambda: saeuron_context(pipe, blocks["style"], pc))
         idx = [STYLES.index(c) for c in cfg.multi]
         truth = j.truth("style")
         ua = [1 - j.accuracy("style", truth == i) for i in idx]
@@ -324,13 +365,14 @@ def shapes_report_sections(res: dict) -> list:
                                [[_pct(b["object"]), _pct(b["style"]), _pct(b["colour"])]])]))
     # Concept Steerers removal tables
     tables = []
-    for kind, r in res.get("steer", {}).items():
+    for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
+            [(k, r, " — paper's position-aligned rows") for k, r in res.get("steer_paper", {}).items()]:
         rows = [[x["target"], _pct(x["presence_before"]), _pct(x["presence_after"])]
                 + [_pct(x[f"{k}_drop"]) for k in KINDS if k != kind]
                 + [_pct(x["others_agreement_before"]), _pct(x["others_agreement"])] for x in r["removal"]]
         cols = ["concept", "present before", "present after"] + [f"{k} drop (pts)" for k in KINDS if k != kind] \
             + ["prompts without it: agreement before", "after"]
-        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}), %", cols, rows,
+        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}, positions = {r.get('positions', 'all')}){how}, %", cols, rows,
                             "present = the judge finds the concept in images whose prompt asks for it"))
     if tables:
         secs.append(Section("Concept Steerers: removing concepts", "", tables))
@@ -349,6 +391,8 @@ def shapes_report_sections(res: dict) -> list:
                 methods[f"SAeUron ({mode})"] = rows
         if kind in res.get("steer", {}):
             methods["Concept Steerers"] = res["steer"][kind]["unlearning"]
+        if kind in res.get("steer_paper", {}):
+            methods["Concept Steerers (paper positions)"] = res["steer_paper"][kind]["unlearning"]
         if not methods:
             continue
         concepts = [x["target"] for x in next(iter(methods.values()))]
@@ -382,9 +426,10 @@ def shapes_report_sections(res: dict) -> list:
 
 def summary_lines(res: dict) -> list[str]:
     lines = [f"base agreement: " + ", ".join(f"{k} {_pct(v)} %" for k, v in res["base"].items())]
-    for kind, r in res.get("steer", {}).items():
+    for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
+            [(k, r, " [paper positions]") for k, r in res.get("steer_paper", {}).items()]:
         m = mean_of(r["removal"], ["presence_before", "presence_after", "others_agreement"])
-        lines.append(f"Concept Steerers remove {kind} (λ={r['strength']:g}): present {_pct(m['presence_before'])} % -> "
+        lines.append(f"Concept Steerers{how} remove {kind} (λ={r['strength']:g}, positions={r.get('positions', 'all')}): present {_pct(m['presence_before'])} % -> "
                      f"{_pct(m['presence_after'])} %, prompts without it keep {_pct(m['others_agreement'])} %")
     if "add_style" in res:
         a = res["add_style"]["rows"]

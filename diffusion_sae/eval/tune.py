@@ -38,6 +38,8 @@ def tuning_set(kind: str, concept: str, n: int, seed: int = TUNING_SEED) -> Prom
 class Trial:
     top_n: int
     multiplier: float
+    scaling: str = "mean"
+    blocks: tuple = ()
     n_images: int = 0
     UA: float = 0.0
     IRA: float = 0.0
@@ -49,34 +51,49 @@ class Trial:
         return (self.UA + self.IRA + self.CRA) / 3
 
     def as_dict(self, objective: str) -> dict:
-        return {"top_n": self.top_n, "multiplier": self.multiplier, "UA": self.UA, "IRA": self.IRA, "CRA": self.CRA,
+        return {"top_n": self.top_n, "multiplier": self.multiplier, "scaling": self.scaling, "blocks": list(self.blocks),
+                "UA": self.UA, "IRA": self.IRA, "CRA": self.CRA,
                 "score": self.score(objective), "objective": objective, "images": self.n_images}
 
 
-def _score_trial(bench: ShapesBench, pipe, sae, dictionary, kind, concept, trial: Trial, ps: PromptSet) -> None:
+def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: Trial, ps: PromptSet) -> None:
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
-    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n)
-    j = bench.run(ps, lambda: unlearn_concepts(pipe, sae, dictionary, [edit]))
+    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n, trial.scaling)
+    saes = [blocks[b][0] for b in trial.blocks]
+    dicts = [blocks[b][1] for b in trial.blocks]
+    j = bench.run(ps, lambda: unlearn_concepts(pipe, saes, dicts, [edit]))
     row = unlearning_row(j, kind, concept)
     trial.UA, trial.IRA, trial.CRA, trial.n_images = row["UA"], row["IRA"], row["CRA"], len(ps.prompts)
 
 
 def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, search: str = "halving",
                  images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = 5.0,
-                 progress=None) -> dict:
-    """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size."""
+                 progress=None, scalings=("mean",), block_sets=None) -> dict:
+    """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size.
+
+    `sae` / `dictionary` may be lists (one per block); `block_sets` lists the combinations of their
+    hookpoints to try (default: all blocks together), e.g. [("unet.up_blocks.1.attentions.1",), (...)].
+    """
     if search not in ("grid", "halving"):
         raise ValueError(f"search must be 'grid' or 'halving', not {search!r}")
+    saes = list(sae) if isinstance(sae, (list, tuple)) else [sae]
+    dicts = list(dictionary) if isinstance(dictionary, (list, tuple)) else [dictionary]
+    blocks = {d.hookpoint: (s, d) for s, d in zip(saes, dicts)}
+    block_sets = [tuple(b) for b in (block_sets or [tuple(blocks)])]
+    for bs in block_sets:
+        for b in bs:
+            if b not in blocks:
+                raise ValueError(f"block {b!r} in block_sets has no SAE / dictionary; have {', '.join(blocks)}")
     objective = "official" if search == "grid" else "mean"
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     best = {}
     for concept in concepts or KINDS[kind]:
-        trials = [Trial(n, g) for n, g in itertools.product(top_n, gammas)]
+        trials = [Trial(n, g, sc, bs) for bs, sc, n, g in itertools.product(block_sets, scalings, top_n, gammas)]
         if search == "grid":
             ps = tuning_set(kind, concept, images)
             for t in trials:
-                _score_trial(bench, pipe, sae, dictionary, kind, concept, t, ps)
+                _score_trial(bench, pipe, blocks, kind, concept, t, ps)
         else:
             rounds = max(1, (len(trials) - 1).bit_length())
             n = max(8, images >> (rounds - 1))
@@ -84,7 +101,7 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
             while True:
                 ps = tuning_set(kind, concept, n)
                 for t in alive:
-                    _score_trial(bench, pipe, sae, dictionary, kind, concept, t, ps)
+                    _score_trial(bench, pipe, blocks, kind, concept, t, ps)
                 if len(alive) == 1:
                     break
                 alive = sorted(alive, key=lambda t: t.score(objective), reverse=True)[: max(1, len(alive) // 2)]
@@ -95,7 +112,8 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
-                   steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None) -> SweepResult:
+                   steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None,
+                   positions: str = "all") -> SweepResult:
     """Concept Steerers removal at each strength for every concept of a kind (tuning prompts)."""
     from ..interventions.steer import concept_steering, steer_text_encoder
 
@@ -103,8 +121,8 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
     res = SweepResult(list(strengths))
     sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
     bases = {c: bench.run(ps) for c, ps in sets.items()}
-    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0, baseline=baseline)
-             for c in KINDS[kind]}
+    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c, positions), 1.0, baseline=baseline,
+                                 positions=positions) for c in KINDS[kind]}
     for lam in res.strengths:
         res.rows[lam] = []
         for c, ps in sets.items():

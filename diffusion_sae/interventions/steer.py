@@ -49,13 +49,20 @@ class Steering:
     widths: list[int]
     label: str = ""
     meta: dict = field(default_factory=dict)
+    # positions="concept": the concept's token ids and the rows of `matrix` that belong to them
+    positions: str = "all"
+    tokens: list[int] | None = None
+    rows: list[int] | None = None
 
     def scaled(self, factor: float) -> "Steering":
-        return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta))
+        return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta),
+                        self.positions, self.tokens, self.rows)
 
     def __add__(self, other: "Steering") -> "Steering":
         if other.hookpoints != self.hookpoints:
             raise SteeringError(f"cannot add steerings at {self.hookpoints} and {other.hookpoints}")
+        if self.positions != "all" or other.positions != "all":
+            raise SteeringError("token-aligned steerings (positions='concept') cannot be summed: pass them as a list")
         return Steering(self.hookpoints, self.matrix + other.matrix, self.widths,
                         f"{self.label}+{other.label}", {})
 
@@ -135,6 +142,39 @@ def _encode_positive(pipe, prompts: list[str]):
     return pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)
 
 
+@contextlib.contextmanager
+def _capture_ids(pipe, components):
+    """Record the input_ids each text-encoder component receives during the block."""
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for c in dict.fromkeys(components):
+        def pre(mod, args, kwargs, c=c):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                got[c] = ids.detach().cpu()
+        handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _concept_tokens(pipe, hps, prompt: str) -> tuple[list[int], list[int]]:
+    """The concept prompt's content token ids and their rows (positions), in the first encoder's ids."""
+    comp = hps[0].component
+    with _capture_ids(pipe, [comp]) as ids, torch.no_grad():
+        _encode_positive(pipe, [prompt, ""])
+    if comp not in ids:
+        raise SteeringError(f"could not read the token ids of {comp}; positions='concept' needs them")
+    special = set(ids[comp][1].tolist())       # BOS / EOS / padding: everything the empty prompt has
+    row = ids[comp][0].tolist()
+    rows = [i for i, t in enumerate(row) if t not in special]
+    if not rows:
+        raise SteeringError(f"concept prompt {prompt!r} has no tokens of its own for positions='concept'")
+    return [row[i] for i in rows], rows
+
+
 @torch.no_grad()
 def layer_activations(pipe, hookpoint: str | list[str], prompts: list[str]) -> torch.Tensor:
     """[N, T, d] outputs of the named text-encoder layer(s) for prompts, as the pipeline tokenizes them."""
@@ -161,15 +201,18 @@ def _check_width(sae, width: int, hookpoint) -> None:
 
 @torch.no_grad()
 def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str | list[str],
-                     strength: float, baseline: str | None = None) -> Steering:
+                     strength: float, baseline: str | None = None, positions: str = "all") -> Steering:
     """S = λ · W_dec · ReLU(W_enc (H_c − b_dec) + b_enc) over the concept prompt's positions.
 
     A list of prompts ("several example prompts") averages their matrices. `baseline` (e.g. "")
     subtracts the same matrix of a neutral prompt, so that what every prompt shares — the BOS
     position, the padding summary of "a prompt" — is not steered away with the concept (an option
-    of ours; None is the paper's formula).
+    of ours; None is the paper's formula). `positions`: "all" (the paper: row i at position i) or
+    "concept" (the concept tokens' rows wherever those tokens occur; see the module docstring).
     """
     strength = _check_strength(strength)
+    if positions not in ("all", "concept"):
+        raise SteeringError(f"positions must be 'all' (the paper) or 'concept' (token-aligned), not {positions!r}")
     prompts = [concept_prompt] if isinstance(concept_prompt, str) else list(concept_prompt)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise SteeringError("concept prompt is empty: give a word or phrase such as 'striped' or 'nudity'")
@@ -179,13 +222,24 @@ def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str 
     sae_param = next(sae.parameters())
     z = sae.pre_acts(h.to(sae_param.device, sae_param.dtype))
     s = _bias_free_decode(sae, z, x=h.to(sae_param.device, sae_param.dtype)).mean(0).to(h.dtype).cpu()
+    s_word = s
     if baseline is not None:
         h0 = layer_activations(pipe, names, [baseline]).to(sae_param.device, sae_param.dtype)
         s = s - _bias_free_decode(sae, sae.pre_acts(h0), x=h0)[0].to(s.dtype).cpu()
     widths = [resolve_hookpoint(pipe, n).width for n in names]
     label = prompts[0] if len(prompts) == 1 else f"{prompts[0]} (+{len(prompts) - 1})"
+    tokens = rows = None
+    if positions == "concept":
+        if len(prompts) != 1:
+            raise SteeringError("positions='concept' takes one concept prompt (its tokens are matched in the prompt)")
+        tokens, rows = _concept_tokens(pipe, _text_hookpoints(pipe, names), prompts[0])
+        # Rows: the concept's own tokens (their full code), then one "tail" row: the mean of the rows
+        # after them (minus the baseline's), i.e. what causal attention has carried to later positions.
+        tail = s[rows[-1] + 1:].mean(0, keepdim=True)
+        s = torch.cat([s_word[rows], tail])
     return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength,
-                                                         "baseline": baseline})
+                                                         "baseline": baseline, "positions": positions},
+                    positions, tokens, rows)
 
 
 @torch.no_grad()
@@ -218,10 +272,17 @@ def feature_steering(sae, hookpoint: str | list[str], features, strength: float,
 # ---------------------------------------------------------------------------------------------
 # Applying them
 # ---------------------------------------------------------------------------------------------
+def _find(row: list[int], pattern: list[int]) -> list[int]:
+    """Start positions of every occurrence of pattern in row."""
+    n = len(pattern)
+    return [i for i in range(len(row) - n + 1) if row[i:i + n] == pattern]
+
+
 def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     """Register one forward hook per layer adding sign * S; sign_of_call(layer_name) -> float."""
-    by_layer: dict[str, list[tuple[torch.Tensor]]] = {}
-    modules = {}
+    dense: dict[str, list[torch.Tensor]] = {}
+    aligned: dict[str, list[tuple[torch.Tensor, list[int], list[int]]]] = {}
+    modules, components = {}, {}
     for st in steerings:
         hps = _text_hookpoints(pipe, st.hookpoints)
         widths = st.widths or [h.width for h in hps]
@@ -230,28 +291,58 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
                                 f"at {st.hookpoints}")
         off = 0
         for hp, w in zip(hps, widths):
-            by_layer.setdefault(hp.name, []).append(st.matrix[..., off:off + w])
+            part = st.matrix[..., off:off + w]
+            if st.positions == "concept":
+                aligned.setdefault(hp.name, []).append((part, st.tokens, st.rows))
+                components[hp.name] = hp.component
+            else:
+                dense.setdefault(hp.name, []).append(part)
             modules[hp.name] = hp.module
             off += w
-    handles = []
-    for name, mats in by_layer.items():
-        total = mats[0].clone()
-        for m in mats[1:]:
-            if m.shape != total.shape:
+    id_handles, ids = [], {}
+    if aligned:
+        # The layer hook needs the token ids: read them where the encoder receives them.
+        for c in dict.fromkeys(components.values()):
+            def pre(mod, args, kwargs, c=c):
+                x = kwargs.get("input_ids", args[0] if args else None)
+                ids[c] = x.detach().cpu() if isinstance(x, torch.Tensor) else None
+            id_handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
+    handles = list(id_handles)
+    for name in modules:
+        mats = dense.get(name, [])
+        total = None
+        for m in mats:
+            if total is not None and m.shape != total.shape:
                 raise SteeringError(f"steering matrices at {name} have shapes {tuple(total.shape)} and {tuple(m.shape)}")
-            total = total + m
+            total = m.clone() if total is None else total + m
+        terms = aligned.get(name, [])
 
-        def hook(mod, args, out, total=total, name=name):
+        def hook(mod, args, out, total=total, terms=terms, name=name):
             sign = sign_of_call(name)
             if sign == 0:
                 return None
             h = output_tensor(out)
-            s = total.to(h.device, h.dtype)
-            if s.dim() == 2:
-                if s.shape[0] != h.shape[-2]:
+            new = h
+            if total is not None:
+                s = total.to(h.device, h.dtype)
+                if s.dim() == 2 and s.shape[0] != h.shape[-2]:
                     raise SteeringError(f"steering matrix has {s.shape[0]} token rows but layer {name!r} "
                                         f"has {h.shape[-2]} tokens: build it with the same pipeline")
-            return replace_output(out, h + sign * s)
+                new = new + sign * s
+            if terms:
+                tok = ids.get(components[name])
+                if tok is None or tok.shape[0] != h.shape[0]:
+                    raise SteeringError(f"positions='concept' could not read the token ids of {components[name]}")
+                add = torch.zeros_like(h)
+                for rows_s, pattern, _ in terms:
+                    r = rows_s.to(h.device, h.dtype)
+                    n = len(pattern)
+                    for b, row in enumerate(tok.tolist()):
+                        for p in _find(row, pattern):
+                            add[b, p:p + n] += r[:n]
+                            add[b, p + n:] += r[n]      # the tail row after each occurrence
+                new = new + sign * add
+            return replace_output(out, new)
         handles.append(modules[name].register_forward_hook(hook))
     return handles
 

@@ -3,6 +3,8 @@
 Shipped layout (`diffusion_sae/world/assets/saes/`):
   text_encoder.text_model.encoder.layers.2/   Concept Steerers' k-SAE (cfg.json, sae.safetensors)
   unet.up_blocks.1.attentions.1/              SAeUron's block SAE + concept_dictionary_{style,object,colour}.*
+  unet.up_blocks.1.attentions.0/              the same for the block before it (ShapesCanvas spreads a
+                                              style over both; see the world README)
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from .data import make_captions, sample_concepts
 TEXT_LAYER = 2
 TEXT_HOOKPOINT = f"text_encoder.text_model.encoder.layers.{TEXT_LAYER}"
 BLOCK_HOOKPOINT = "unet.up_blocks.1.attentions.1"
+# Every block with a shipped SAE; per-concept params name the ones their edit uses.
+BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0")
 STEPS = 25
 GUIDANCE = 5.0
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
@@ -57,18 +61,23 @@ def load_text_sae(folder=None):
     return TopKSAE.from_pretrained(folder or sae_dir() / TEXT_HOOKPOINT)
 
 
-def load_block_sae(folder=None):
+def load_block_sae(folder=None, hookpoint: str = BLOCK_HOOKPOINT):
     from ..sae import TopKSAE
     from .assets import sae_dir
 
-    return TopKSAE.from_pretrained(folder or sae_dir() / BLOCK_HOOKPOINT)
+    return TopKSAE.from_pretrained(folder or sae_dir() / hookpoint)
 
 
-def load_dictionary(kind: str, folder=None):
+def load_dictionary(kind: str, folder=None, hookpoint: str = BLOCK_HOOKPOINT):
     from ..concepts.dictionary import ConceptDictionary
     from .assets import sae_dir
 
-    return ConceptDictionary.load(folder or sae_dir() / BLOCK_HOOKPOINT, name=dictionary_name(kind))
+    return ConceptDictionary.load(folder or sae_dir() / hookpoint, name=dictionary_name(kind))
+
+
+def load_blocks(kind: str, hookpoints=BLOCK_HOOKPOINTS) -> dict:
+    """{hookpoint: (block SAE, concept dictionary of `kind`)} for the shipped blocks."""
+    return {h: (load_block_sae(hookpoint=h), load_dictionary(kind, hookpoint=h)) for h in hookpoints}
 
 
 # "baseline": "" subtracts the empty prompt's steering matrix (our option; the paper has none).
