@@ -718,6 +718,49 @@ def eval_unlearncanvas_cmd(out: Path = typer.Option(..., help="Report folder."),
 
 
 
+@eval_app.command("attack")
+def eval_attack(kind: str = typer.Option("style", help="style or object."),
+                concept: Optional[list[str]] = typer.Option(None, help="Concepts to attack (default: all of the kind)."),
+                steps: int = typer.Option(40, help="Optimisation steps per concept."),
+                images: int = typer.Option(16, help="Images judged per concept and condition."),
+                tokens: int = typer.Option(5, help="Adversarial tokens prepended to the prompt."),
+                seed: int = 0,
+                out: Path = typer.Option(Path("eval-attack"), help="Report folder.")):
+    """UnlearnDiffAtk-style adversarial prompts on ShapesCanvas: concept presence before / after unlearning, both methods."""
+    import json as _json
+
+    from .eval.attack import AttackConfig, attack_report_section, run_attack_benchmark, saeuron_builder, steerers_builder
+    from .eval.report import write_report
+    from .world import assets, bundle
+
+    if kind not in ("style", "object"):
+        fail(f"--kind must be style or object, not {kind!r}")
+    pipe, clf = _load_model(SHAPES), assets.load_classifier()
+    params = bundle.load_params()
+    interventions = {"none": lambda c: None,
+                     "SAeUron": saeuron_builder(pipe, bundle.load_blocks(kind), params["saeuron"]),
+                     "Concept Steerers": steerers_builder(pipe, bundle.load_text_sae(), kind, params["steer"])}
+    if params["steer"].get("paper"):
+        interventions["Concept Steerers (paper positions)"] = steerers_builder(pipe, bundle.load_text_sae(), kind,
+                                                                               params["steer"], paper=True)
+    try:
+        cfg = AttackConfig(steps=steps, n_images=images, n_tokens=tokens, seed=seed)
+        cfg.check()
+        with _progress() as p:
+            task = p.add_task("attack", total=None, info="concepts")
+            res = run_attack_benchmark(pipe, clf, interventions, kind, concept or None, cfg,
+                                       progress=lambda *a: p.advance(task, 1))
+    except ValueError as e:
+        fail(str(e))
+    paths = write_report(out, "Adversarial prompts on ShapesCanvas", [attack_report_section(res)], res["settings"])
+    (out / "results.json").write_text(_json.dumps(res, indent=1, default=str))
+    for name, rows in res["rows"].items():
+        asr = sum(r["asr"] for r in rows) / len(rows)
+        under = sum(r["presence_intervened"] for r in rows) / len(rows)
+        typer.echo(f"{name:36s} present under intervention {100 * under:5.1f} %  attack success {100 * asr:5.1f} %")
+    typer.echo(f"report: {paths['md']}")
+
+
 @eval_app.command("shapes")
 def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 seed (≤ 10 min on 2 cores)."),
                 seeds: int = typer.Option(1, help="Images per object x style pair."),

@@ -27,7 +27,7 @@ def targets():
 @pytest.fixture(scope="module")
 def saeuron(pipe):
     params = bundle.load_params()["saeuron"]
-    return saeuron_builder(pipe, bundle.load_block_sae(), bundle.load_dictionary("style"), params)("striped")
+    return saeuron_builder(pipe, bundle.load_blocks("style"), params)("striped")
 
 
 def _small(**kw):
@@ -122,8 +122,7 @@ def test_benchmark_rows_and_report(pipe, classifier, tmp_path):
 
     st = bundle.load_params()["steer"]
     interventions = {"none": lambda c: None,
-                     "Concept Steerers": steerers_builder(pipe, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, "style",
-                                                          st["style"], st.get("baseline"))}
+                     "Concept Steerers": steerers_builder(pipe, bundle.load_text_sae(), "style", st)}
     res = run_attack_benchmark(pipe, classifier, interventions, "style", ["striped"], _small(steps=2))
     assert set(res["rows"]) == {"none", "Concept Steerers"}
     for rows in res["rows"].values():

@@ -97,6 +97,11 @@ def test_eval_shapes_smoke(tmp_path):
     assert "Style unlearning" in md and "UA" in md
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert 0 <= res["base"]["colour"] <= 1 and res["images_generated"] > 100
+    # collateral change as a Fréchet distance in the judge's feature space (named so: not FID), and cost
+    assert "NOT FID" in md and res["fd_base_vs_rendered"] > 0
+    assert all(r["fd_rest"] >= 0 for r in res["saeuron"]["style"]["ours"])
+    assert res["cost"]["SAeUron"]["per_image_s"] > 0 and res["cost"]["storage_bytes"]["SAeUron"] > 0
+    assert "steer_paper" in res and "positions = concept" in md
 
 
 def test_demo_writes_its_files(tmp_path):

@@ -241,3 +241,53 @@ def test_unlearning_on_sdxl_and_flux_blocks(pipes, fam, block):
     assert torch.equal(noop, base)
     assert (edited - base).abs().max() > 1e-4
     assert _no_hooks(pipe)
+
+
+# ------------------------------------------------------------------ token-aligned steering, several blocks
+@pytest.mark.parametrize("fam", ["sd", "sdxl"])
+def test_token_aligned_steering_leaves_other_prompts_untouched(pipes, fam):
+    pipe = pipes(fam)
+    names = list_hookpoints(pipe, "text")
+    name = names[1]
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    st = concept_steering(sae, pipe, name, "striped", -3.0, positions="concept")
+    assert st.tokens and st.rows and st.matrix.shape[0] == len(st.rows) + 1   # concept rows + the tail row
+    base_other, base_named = _gen(pipe, "a photo of a dog"), _gen(pipe, "a striped dog")
+    with steer_text_encoder(pipe, st):
+        other, named = _gen(pipe, "a photo of a dog"), _gen(pipe, "a striped dog")
+    assert torch.equal(other, base_other)                      # the concept's tokens are not in it
+    assert (named - base_named).abs().max() > 1e-3
+    # the same matrix applied at every position (the paper) changes the other prompt too
+    with steer_text_encoder(pipe, concept_steering(sae, pipe, name, "striped", -3.0)):
+        paper_other = _gen(pipe, "a photo of a dog")
+    assert (paper_other - base_other).abs().max() > 1e-3
+    assert _no_hooks(pipe)
+    with pytest.raises(SteeringError, match="positions"):
+        concept_steering(sae, pipe, name, "striped", -1.0, positions="some")
+    with pytest.raises(SteeringError, match="one concept prompt"):
+        concept_steering(sae, pipe, name, ["striped", "dotted"], -1.0, positions="concept")
+
+
+def test_latent_scaling_and_several_blocks(sd_dictionary):
+    from diffusion_sae.interventions.ablate import ConceptEdit
+
+    pipe, sae, d = sd_dictionary
+    name2 = "unet.up_blocks.1.attentions.0"
+    sae2 = _sae(resolve_hookpoint(pipe, name2).width, mult=8, k=4, seed=1)
+    d2 = build_concept_dictionary(pipe, sae2, name2, CONCEPTS, steps=3, guidance=5.0, height=32, width=32)
+    base = _gen(pipe, "a cat")
+    # scaling="latent" with γ = 1 keeps every latent: the block output is unchanged
+    with unlearn_concepts(pipe, [sae, sae2], [d, d2], [ConceptEdit("cat", 1.0, top_n=4, scaling="latent")]) as hooks:
+        same = _gen(pipe, "a cat")
+    assert len(hooks) == 2 and torch.allclose(same, base, atol=1e-5)
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-3.0, top_n=4, scaling="latent"):
+        one = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, [sae, sae2], [d, d2], "cat", multiplier=-3.0, top_n=4, scaling="latent"):
+        two = _gen(pipe, "a cat")
+    assert (one - base).abs().max() > 1e-4 and (two - one).abs().max() > 1e-4
+    assert _no_hooks(pipe)
+    with pytest.raises(DictionaryError, match="one concept dictionary per SAE"):
+        with unlearn_concepts(pipe, [sae, sae2], [d], "cat"):
+            pass
+    with pytest.raises(DictionaryError, match="scaling"):
+        ConceptEdit("cat", -1.0, scaling="huge")

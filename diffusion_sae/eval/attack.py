@@ -459,24 +459,32 @@ def run_attack_benchmark(pipe, classifier, interventions: dict, kind: str, conce
     return {"settings": settings, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
-def saeuron_builder(pipe, sae, dictionary, params: dict):
-    """builder(concept) -> factory of SAeUron's unlearn_concepts with the concept's tuned γ / selection."""
-    from ..interventions.ablate import ConceptEdit, unlearn_concepts
+def saeuron_builder(pipe, blocks, params: dict, dictionary=None):
+    """builder(concept) -> factory of SAeUron unlearning with the concept's tuned params.
+
+    `blocks`: {hookpoint: (sae, dictionary)} (world.bundle.load_blocks), or one SAE with `dictionary`.
+    """
+    from .shapes import DEFAULT_SAEURON, saeuron_context
+
+    if not isinstance(blocks, dict):
+        blocks = {dictionary.hookpoint: (blocks, dictionary)}
 
     def build(concept):
-        p = params.get(concept, {"top_n": 1, "multiplier": -1.0})
-        edit = ConceptEdit(concept, p["multiplier"], p.get("percentile"), p.get("top_n"))
-        return lambda: unlearn_concepts(pipe, sae, dictionary, [edit])
+        pc = {concept: params.get(concept, DEFAULT_SAEURON)}
+        return lambda: saeuron_context(pipe, blocks, pc)
     return build
 
 
-def steerers_builder(pipe, text_sae, hookpoint: str, kind: str, strength: float, baseline: str | None = ""):
-    """builder(concept) -> factory of Concept Steerers removal (concept text "<c> style" for styles)."""
-    from ..interventions.steer import concept_steering, steer_text_encoder
+def steerers_builder(pipe, text_sae, kind: str, cs_params: dict, paper: bool = False):
+    """builder(concept) -> factory of Concept Steerers removal with the tuned params (`paper`: the
+    position-aligned rows at their own λ)."""
+    from ..interventions.steer import steer_text_encoder
+    from .shapes import removal_steering
+
+    lam = float((cs_params["paper"] if paper else cs_params)[kind])
 
     def build(concept):
-        text = f"{concept} style" if kind == "style" else concept
-        st = concept_steering(text_sae, pipe, hookpoint, text, strength, baseline=baseline)
+        st = removal_steering(text_sae, pipe, kind, concept, lam, cs_params, paper)
         return lambda: steer_text_encoder(pipe, st)
     return build
 
@@ -519,43 +527,3 @@ def attack_report_section(res: dict):
     return Section("Adversarial prompts (UnlearnDiffAtk-style)", text,
                    [Table("Concept presence without and with the attack, %", cols, table,
                           f"nearest-token prompts: {note}")])
-
-
-def _main() -> None:  # pragma: no cover - a manual measurement
-    import argparse
-
-    from ..world.assets import load_classifier, load_pipeline
-    from ..world.bundle import TEXT_HOOKPOINT, load_block_sae, load_dictionary, load_params, load_text_sae
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", default="style")
-    ap.add_argument("--concepts", nargs="*", default=["striped"])
-    ap.add_argument("--steps", type=int, default=AttackConfig.steps)
-    ap.add_argument("--images", type=int, default=AttackConfig.n_images)
-    ap.add_argument("--gradient", default=AttackConfig.gradient, choices=GRADIENTS)
-    a = ap.parse_args()
-    pipe, clf = load_pipeline(), load_classifier()
-    params = load_params()
-    st = params["steer"]
-    interventions = {
-        "none": lambda c: None,
-        "SAeUron": saeuron_builder(pipe, load_block_sae(), load_dictionary(a.kind), params["saeuron"]),
-        "Concept Steerers": steerers_builder(pipe, load_text_sae(), TEXT_HOOKPOINT, a.kind, st[a.kind], st.get("baseline")),
-    }
-    cfg = AttackConfig(steps=a.steps, n_images=a.images, gradient=a.gradient)
-    res = run_attack_benchmark(pipe, clf, interventions, a.kind, a.concepts, cfg,
-                               progress=lambda n, c, r: print(f"{n:>16} {c:>10}: plain {_pct(r['presence_plain'])} "
-                                                              f"intervened {_pct(r['presence_intervened'])} "
-                                                              f"random-tokens {_pct(r['presence_random_tokens'])} "
-                                                              f"ASR {_pct(r['asr'])} proj {_pct(r.get('asr_projected', 0))} "
-                                                              f"loss {r['loss_before']:.4f}->{r['loss_after']:.4f} "
-                                                              f"attack {r['attack_seconds']:.1f}s total {r['seconds']:.1f}s "
-                                                              f"'{r['projected_text']}'", flush=True))
-    print(f"total {res['seconds']:.1f}s")
-    from .report import _md_table
-
-    print(_md_table(attack_report_section(res).tables[0]))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

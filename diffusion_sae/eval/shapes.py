@@ -34,6 +34,7 @@ class Judged:
     ps: PromptSet
     pred: dict[str, torch.Tensor]
     images: torch.Tensor | None = None
+    features: torch.Tensor | None = None     # the judge's penultimate features, for Fréchet distances
 
     def truth(self, kind: str) -> torch.Tensor:
         return torch.tensor(getattr(self.ps, _ATTR[kind]))
@@ -51,7 +52,8 @@ class Judged:
     def subset(self, mask: torch.Tensor) -> "Judged":
         idx = mask.nonzero().flatten().tolist()
         ps = PromptSet(*[[getattr(self.ps, f)[i] for i in idx] for f in ("prompts", "seeds", "objects", "styles", "colours")])
-        return Judged(ps, {k: v[mask] for k, v in self.pred.items()}, None if self.images is None else self.images[mask])
+        return Judged(ps, {k: v[mask] for k, v in self.pred.items()}, None if self.images is None else self.images[mask],
+                      None if self.features is None else self.features[mask])
 
 
 class ShapesBench:
@@ -81,7 +83,77 @@ class ShapesBench:
                 self.progress(len(p))
         self.seconds += time.perf_counter() - t0
         imgs = torch.cat(outs)
-        return Judged(ps, self.clf.predict(imgs), imgs if self.keep_images else None)
+        return Judged(ps, self.clf.predict(imgs), imgs if self.keep_images else None, judge_features(self.clf, imgs))
+
+
+@torch.no_grad()
+def judge_features(classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    was = classifier.training
+    classifier.eval()
+    f = torch.cat([classifier.features(images[i:i + batch_size].float()) for i in range(0, len(images), batch_size)])
+    classifier.train(was)
+    return f
+
+
+def rest_frechet(judged: Judged, base: Judged, kind: str, target: str) -> float:
+    """Fréchet distance in the judge's feature space between the intervened and the plain images of the
+    prompts that do not ask for the target (collateral change as a distribution shift; not FID)."""
+    from .metrics import classifier_frechet_distance
+
+    rest = judged.truth(kind) != KINDS[kind].index(target)
+    return classifier_frechet_distance(judged.features[rest].double().numpy(), base.features[rest].double().numpy()).value
+
+
+def method_costs(pipe, text_sae, blocks: dict, params: dict, cfg: "ShapesConfig", batch: int = 16) -> dict:
+    """Seconds per image, peak memory (RSS) and added storage for plain / steered / unlearned
+    generation, timed in one run on the same batch (the papers' Table 4 in miniature)."""
+    from ..interventions.steer import steer_text_encoder
+    from .cost import storage_bytes, time_generation
+
+    prompts = [f"a red star in {s} style" for s in STYLES] * (batch // len(STYLES) + 1)
+    prompts = prompts[:batch]
+    kind = "style"
+    c = "striped"
+    st = removal_steering(text_sae, pipe, kind, c, float(params.get("steer", {}).get(kind, -1.0)), params.get("steer", {}))
+    pc = {c: params.get("saeuron", {}).get(c, DEFAULT_SAEURON)}
+    used = pc[c].get("blocks") or [next(iter(blocks[kind]))]
+
+    def gen():
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, generator=gens,
+                    output_type="latent")
+
+    def under(ctx):
+        def f():
+            with ctx():
+                return gen()
+        return f
+    runs = {"plain": gen, "Concept Steerers": under(lambda: steer_text_encoder(pipe, st)),
+            "SAeUron": under(lambda: saeuron_context(pipe, blocks[kind], pc))}
+    out = {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            out[name] = time_generation(fn, repeats=2, warmup=1, images_per_call=len(prompts), device="cpu").to_dict()
+    out["storage_bytes"] = {
+        "Concept Steerers": storage_bytes(text_sae),
+        # the block SAEs used + their concept dictionaries of every kind benchmarked
+        "SAeUron": sum(storage_bytes(blocks[kind][b][0]) for b in used)
+        + sum(storage_bytes({"m": kb[b][1].means}) for kb in blocks.values() for b in used if b in kb),
+    }
+    out["saeuron_blocks"] = used
+    return out
+
+
+def _fd_to_rendered(classifier, judged: Judged, seed: int = 4242) -> float:
+    """Fréchet distance (judge features) between generated images and procedurally rendered ones with
+    the same labels: how far the model's images are from the world they were trained on."""
+    from ..world.data import render
+    from .metrics import classifier_frechet_distance
+
+    t = {k: judged.truth(k) for k in KINDS}
+    ref = render(t["object"], t["style"], t["colour"], torch.Generator().manual_seed(seed))
+    return classifier_frechet_distance(judged.features.double().numpy(),
+                                       judge_features(classifier, ref).double().numpy()).value
 
 
 def grid(seeds: int = 1, base_seed: int = 0) -> PromptSet:
@@ -273,6 +345,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
     base = bench.run(ps)
     out["seconds_per_image_plain"] = (time.perf_counter() - t0) / len(ps.prompts)
     out["base"] = {k: base.accuracy(k) for k in KINDS}
+    out["fd_base_vs_rendered"] = _fd_to_rendered(classifier, base)
 
     # Concept Steerers: remove every concept of every kind at the tuned λ (ours, and the paper's
     # position-aligned rows at their own tuned λ when params name them).
@@ -293,7 +366,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                     t_steer += time.perf_counter() - t1
                     n_steer += len(ps.prompts)
                 rows.append(removal_row(j, kind, c, base))
-                urows.append(unlearning_row(j, kind, c))
+                urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base, kind, c)))
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
                               "positions": "all" if paper else cs_params.get("positions", "all")}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
@@ -327,7 +400,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                 if mode[0] == "ours":
                     t_un += time.perf_counter() - t1
                     n_un += len(ps.prompts)
-                rows.append(unlearning_row(j, kind, c))
+                rows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base, kind, c)))
             out["saeuron"].setdefault(kind, {})[mode[0]] = rows
     out["seconds_per_image_unlearned"] = t_un / max(n_un, 1)
 
@@ -343,6 +416,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                "CRA": j.accuracy("object")}
         row["mean"] = (row["UA"] + row["IRA"] + row["CRA"]) / 3
         out["saeuron_multi"] = row
+    out["cost"] = method_costs(pipe, text_sae, blocks, params, cfg)
     out["images_generated"] = bench.images_generated
     return out
 
@@ -416,11 +490,44 @@ def shapes_report_sections(res: dict) -> list:
                             [[", ".join(m["targets"]), _pct(m["UA"]), _pct(m["IRA"]), _pct(m["CRA"]), _pct(m["mean"])]]))
     if tables:
         secs.append(Section("Unlearning: UA / IRA / CRA", "", tables, figs))
+    fd_rows = []
+    for kind in ("style", "object", "colour"):
+        cands = {}
+        for mode, rows in res.get("saeuron", {}).get(kind, {}).items():
+            cands[f"SAeUron ({mode})"] = rows
+        if kind in res.get("steer", {}):
+            cands["Concept Steerers"] = res["steer"][kind]["unlearning"]
+        if kind in res.get("steer_paper", {}):
+            cands["Concept Steerers (paper positions)"] = res["steer_paper"][kind]["unlearning"]
+        for m, rows in cands.items():
+            vals = [x["fd_rest"] for x in rows if "fd_rest" in x]
+            if vals:
+                fd_rows.append([kind, m, round(sum(vals) / len(vals), 3), round(max(vals), 3)])
+    if fd_rows or "fd_base_vs_rendered" in res:
+        text = ("Fréchet distance in the judge's 128-d penultimate feature space — the FID formula on our "
+                "classifier's features, NOT FID. Rows: intervened vs. plain images of the prompts that do not "
+                "ask for the removed concept (0 = untouched), mean and worst over the concepts.")
+        if "fd_base_vs_rendered" in res:
+            text += f" Plain generation vs. procedurally rendered images with the same labels: {res['fd_base_vs_rendered']:.3f}."
+        secs.append(Section("Collateral change: Fréchet distance in the classifier's feature space", text,
+                            [Table("Fréchet distance (judge features), prompts without the target",
+                                   ["kind", "method", "mean", "worst"], fd_rows)] if fd_rows else []))
     cost = [[k.replace("seconds_per_image_", ""), round(res[k], 4)] for k in
             ("seconds_per_image_plain", "seconds_per_image_steered", "seconds_per_image_unlearned") if k in res]
+    tables = []
     if cost:
-        secs.append(Section("Cost", "Wall-clock seconds per image within this run (batched generation).",
-                            [Table("Inference time", ["generation", "s / image"], cost)]))
+        tables.append(Table("Inference time over the whole benchmark", ["generation", "s / image"], cost))
+    if "cost" in res:
+        c = res["cost"]
+        plain = c["plain"]["per_image_s"]
+        rows = [[m, round(c[m]["per_image_s"], 4), round(c[m]["per_image_s"] / plain, 3),
+                 round(c[m]["peak_memory_bytes"] / 2**20, 1),
+                 round(c["storage_bytes"].get(m, 0) / 2**20, 3)] for m in ("plain", "Concept Steerers", "SAeUron")]
+        tables.append(Table("Timed in one run on the same 16-prompt batch", ["generation", "s / image", "× plain",
+                                                                             "peak RSS (MiB)", "storage added (MiB)"], rows,
+                            f"SAeUron storage: SAE + concept dictionaries of the blocks used ({', '.join(c['saeuron_blocks'])})"))
+    if tables:
+        secs.append(Section("Cost", "Wall-clock seconds per image (batched generation, CPU).", tables))
     return secs
 
 
