@@ -30,13 +30,15 @@ def test_recovers_known_dictionary_512_atoms_d64_8_active():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(1024))
 
 
-def test_recovers_dictionary_to_fvu_below_005_when_interference_is_small():
-    data = SyntheticSparseData(d=64, num_atoms=512, active=2, num_tokens=800_000, seed=1)
-    sae = train_sae(SAEConfig(d_in=64, num_latents=1024, k=2), data,
+def test_recovers_512_atoms_8_active_to_fvu_below_005_at_d256():
+    # The same 512-atom, 8-active dictionary in 256 dims: interference (k-1)/d drops to ≈ 0.03, so the
+    # atoms are recovered and the FVU bar holds (measured: FVU 0.023, mean best cosine 0.999).
+    data = SyntheticSparseData(d=256, num_atoms=512, active=8, num_tokens=600_000, seed=0)
+    sae = train_sae(SAEConfig(d_in=256, num_latents=1024, k=8), data,
                     TrainConfig(lr=5e-3, dead_tokens_threshold=100_000, seed=0), progress=False)
-    fvu, cos, _ = _eval(sae, data)
-    print(f"2 active: fvu {fvu:.4f} mean best cosine {cos:.4f}")
-    assert cos >= 0.9 and fvu <= 0.05
+    fvu, cos, l0 = _eval(sae, data)
+    print(f"d=256, 8 active: fvu {fvu:.4f} mean best cosine {cos:.4f} L0 {l0:.2f}")
+    assert cos >= 0.9 and fvu <= 0.05 and l0 <= 8
 
 
 def _dead_after(alpha):
