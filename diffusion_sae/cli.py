@@ -483,6 +483,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
               prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
               steps: int = 25, guidance: float = 5.0, seed: int = 0, no_negative_steering: bool = False,
+              positions: str = typer.Option("all", help="all: row i of S at position i (the paper); concept: the concept's "
+                                            "rows where its tokens occur in the prompt (prompts without it untouched)."),
+              baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S (positions=all)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -510,7 +513,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         out = Path("steer.png")
     imgs = []
     try:
-        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0) for c in concept}
+        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, positions=positions) for c in concept}
         with _progress() as p:
             task = p.add_task("steer", total=len(ps) * len(lams), info="")
             for row in ps.rows:
@@ -537,11 +540,12 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
 
 
 @app.command("unlearn")
-def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Block SAE folder (default: bundled)."),
+def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = typer.Option(None, help="Block SAE folder (default: bundled); repeat it to edit several blocks at once (each folder holds its dictionary)."),
                 dictionary: Optional[Path] = typer.Option(None, help="Concept dictionary folder (default: next to the SAE)."),
                 dictionary_name: Optional[str] = typer.Option(None, help="Dictionary file stem (ShapesCanvas: concept_dictionary_style|object|colour)."),
                 concept: list[str] = typer.Option(..., help="Concept to unlearn (repeatable: several at once)."),
-                multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t)."),
+                multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t) (--scaling mean) or γ (latent)."),
+                scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
@@ -556,13 +560,17 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.O
     from .world import bundle
 
     pipe = _load_model(model)
-    sae_obj = _load_sae_arg(sae, None, bundle.load_block_sae)
+    if scaling not in ("mean", "latent"):
+        fail(f"--scaling must be mean or latent, not {scaling!r}")
+    if sae and len(sae) > 1 and dictionary is not None:
+        fail("--dictionary names one folder: with several --sae, keep each dictionary next to its SAE")
+    saes = [_load_sae_arg(f, None, bundle.load_block_sae) for f in (sae or [None])]
     try:
-        if dictionary is None and sae is None:
+        if dictionary is None and not sae:
             kinds = [k for k, names in bundle.KINDS.items() if concept[0] in names]
-            d = bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))
+            dicts = [bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))]
         else:
-            d = ConceptDictionary.load(dictionary or sae, name=dictionary_name or "concept_dictionary")
+            dicts = [ConceptDictionary.load(dictionary or f, name=dictionary_name or "concept_dictionary") for f in sae]
     except DictionaryError as e:
         fail(str(e))
     ps = _prompt_set(prompts, prompt, seed)
@@ -573,8 +581,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.O
         for row in ps.rows:
             kw = dict(num_inference_steps=steps, guidance_scale=row.guidance or guidance, output_type="pt")
             imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
-            with unlearn_concepts(pipe, sae_obj, d, list(concept), multiplier=multiplier, percentile=percentile,
-                                  top_n=top_n, faithful=faithful, mode="add" if add else "ablate"):
+            with unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier, percentile=percentile,
+                                  top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling):
                 imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])

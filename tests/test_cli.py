@@ -77,6 +77,17 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert isinstance(r.exception, UserError) and "empty" in str(r.exception)
     ok("unlearn", "--concept", "striped", "--prompt", "a red star in striped style", "--out", tmp_path / "u.png")
     assert (tmp_path / "u.png").stat().st_size > 1000
+    # two bundled blocks at once, latent scaling; token-aligned steering
+    from diffusion_sae.world import assets, bundle
+    folders = [str(assets.sae_dir() / h) for h in bundle.BLOCK_HOOKPOINTS]
+    ok("unlearn", "--sae", folders[0], "--sae", folders[1], "--dictionary-name", "concept_dictionary_style",
+       "--concept", "striped", "--multiplier", -2, "--scaling", "latent", "--top-n", 2,
+       "--prompt", "a red star in striped style", "--out", tmp_path / "u3.png")
+    assert (tmp_path / "u3.png").stat().st_size > 1000
+    ok("steer", "--concept", "striped", "--strength", "-3", "--positions", "concept", "--prompt", "a red star in striped style",
+       "--steps", 5, "--out", tmp_path / "s2.png")
+    r = run("unlearn", "--concept", "striped", "--scaling", "big", "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "scaling" in str(r.exception)
 
 
 def test_tune_both_methods_small(tmp_path):
@@ -84,8 +95,9 @@ def test_tune_both_methods_small(tmp_path):
              "--images", 8, "--top-n", "1", "--gammas", "-5", "--no-save")
     assert "striped" in out and "top_n=1" in out
     out = ok("tune", "--method", "saeuron", "--kind", "object", "--concept", "star", "--search", "halving",
-             "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save")
-    assert "star" in out
+             "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save", "--scalings", "mean,latent",
+             "--blocks", "unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1")
+    assert "star" in out and "blocks=" in out
     out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1", "--images", 4, "--no-save")
     assert "picked" in out
 
