@@ -62,8 +62,8 @@ def _pct(x):
 
 
 def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
-    from ..interventions.ablate import ConceptEdit, unlearn_concepts
     from ..interventions.steer import concept_steering, steer_text_encoder
+    from .shapes import DEFAULT_SAEURON, removal_steering, saeuron_context
     from ..world import assets, bundle
     from .report import Figure, Section, Table, plot_image_grid, plot_strength_sweep, write_report
 
@@ -71,8 +71,8 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pipe = assets.load_pipeline()
     clf = assets.load_classifier()
-    text_sae, block_sae = bundle.load_text_sae(), bundle.load_block_sae()
-    objects_dict = bundle.load_dictionary("object")
+    text_sae = bundle.load_text_sae()
+    object_blocks = bundle.load_blocks("object")
     params = bundle.load_params()
     bench = ShapesBench(pipe, clf, bundle.STEPS, bundle.GUIDANCE, keep_images=True, progress=progress)
     hp = bundle.TEXT_HOOKPOINT
@@ -82,7 +82,8 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     # 1. Concept Steerers: remove a style.
     lam = float(params.get("steer", {}).get("style", -1.0))
     baseline = params.get("steer", {}).get("baseline")
-    unit = concept_steering(text_sae, pipe, hp, concept_text("style", REMOVE_STYLE), 1.0, baseline=baseline)
+    positions = params.get("steer", {}).get("positions", "all")
+    unit = removal_steering(text_sae, pipe, "style", REMOVE_STYLE, 1.0, params.get("steer", {}))
     asked, rest = style_prompts(REMOVE_STYLE, seeds), other_prompts("style", REMOVE_STYLE)
     b_asked, b_rest = bench.run(asked), bench.run(rest)
     st = unit.scaled(lam)
@@ -99,15 +100,14 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     }
 
     # 2. SAeUron: unlearn an object.
-    p = params.get("saeuron", {}).get(UNLEARN_OBJECT, {"top_n": 1, "multiplier": -1.0})
-    edit = ConceptEdit(UNLEARN_OBJECT, p["multiplier"], p.get("percentile"), p.get("top_n"))
+    p = params.get("saeuron", {}).get(UNLEARN_OBJECT, DEFAULT_SAEURON)
     o_asked, o_rest = object_prompts(UNLEARN_OBJECT, seeds), other_prompts("object", UNLEARN_OBJECT)
     ob_asked, ob_rest = bench.run(o_asked), bench.run(o_rest)
-    ctx = lambda: unlearn_concepts(pipe, block_sae, objects_dict, [edit])  # noqa: E731
+    ctx = lambda: saeuron_context(pipe, object_blocks, {UNLEARN_OBJECT: p})  # noqa: E731
     u_asked, u_rest = bench.run(o_asked, ctx), bench.run(o_rest, ctx)
     all_o = torch.ones(len(o_asked.prompts), dtype=torch.bool)
     res["unlearn_object"] = {
-        "concept": UNLEARN_OBJECT, "top_n": edit.top_n, "multiplier": edit.multiplier, "images": len(o_asked.prompts),
+        "concept": UNLEARN_OBJECT, "params": p, "images": len(o_asked.prompts),
         "present_before": ob_asked.presence("object", oi, all_o), "present_after": u_asked.presence("object", oi, all_o),
         "style_before": ob_asked.accuracy("style"), "style_after": u_asked.accuracy("style"),
         "others_before": ob_rest.accuracy("object"), "others_after": u_rest.accuracy("object"),
@@ -155,9 +155,10 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     r1, r2, r3 = res["remove_style"], res["unlearn_object"], res["add_style"]
     table = Table("Classifier-measured results (%)", ["experiment", "concept present before", "after",
                                                        "rest kept before", "after", "images"],
-                  [[f"Concept Steerers remove style '{REMOVE_STYLE}' (λ={lam:g})", _pct(r1["present_before"]),
+                  [[f"Concept Steerers remove style '{REMOVE_STYLE}' (λ={lam:g}, positions={positions})", _pct(r1["present_before"]),
                     _pct(r1["present_after"]), _pct(r1["others_before"]), _pct(r1["others_after"]), r1["images"]],
-                   [f"SAeUron unlearn object '{UNLEARN_OBJECT}' (top {edit.top_n}, γ={edit.multiplier:g})",
+                   [f"SAeUron unlearn object '{UNLEARN_OBJECT}' (top {p.get('top_n')}, γ={p.get('multiplier'):g}, "
+                    f"{p.get('scaling', 'mean')} scaling, {len(p.get('blocks') or [1])} block(s))",
                     _pct(r2["present_before"]), _pct(r2["present_after"]), _pct(r2["others_before"]),
                     _pct(r2["others_after"]), r2["images"]],
                    [f"Concept Steerers add style '{ADD_STYLE}' (λ={lam_add:g})", _pct(r3["present_before"]),
