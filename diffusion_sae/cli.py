@@ -483,9 +483,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
               prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
               steps: int = 25, guidance: float = 5.0, seed: int = 0, no_negative_steering: bool = False,
-              positions: str = typer.Option("all", help="all: row i of S at position i (the paper); concept: the concept's "
-                                            "rows where its tokens occur in the prompt (prompts without it untouched)."),
-              baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S (positions=all)."),
+              gate: Optional[str] = typer.Option(None, help="Steer only prompts containing this text's tokens (e.g. 'striped'); "
+                                                 "default: every prompt, as the paper does."),
+              baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -513,7 +513,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         out = Path("steer.png")
     imgs = []
     try:
-        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, positions=positions) for c in concept}
+        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, gate=gate) for c in concept}
         with _progress() as p:
             task = p.add_task("steer", total=len(ps) * len(lams), info="")
             for row in ps.rows:
@@ -749,7 +749,7 @@ def eval_attack(kind: str = typer.Option("style", help="style or object."),
                      "SAeUron": saeuron_builder(pipe, bundle.load_blocks(kind), params["saeuron"]),
                      "Concept Steerers": steerers_builder(pipe, bundle.load_text_sae(), kind, params["steer"])}
     if params["steer"].get("paper"):
-        interventions["Concept Steerers (paper positions)"] = steerers_builder(pipe, bundle.load_text_sae(), kind,
+        interventions["Concept Steerers (ungated, paper)"] = steerers_builder(pipe, bundle.load_text_sae(), kind,
                                                                                params["steer"], paper=True)
     try:
         cfg = AttackConfig(steps=steps, n_images=images, n_tokens=tokens, seed=seed)
@@ -815,7 +815,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              top_n: str = typer.Option("1,2,4,8", help="saeuron: features per step to try."),
              gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
              scalings: str = typer.Option("mean", help="saeuron: 'mean' (z·γ·μ, official), 'latent' (z·γ) or both, comma-separated."),
-             positions: str = typer.Option("concept", help="steer: 'concept' (token-aligned rows, ours) or 'all' (the paper's position-aligned rows)."),
+             gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
@@ -851,20 +851,18 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
                 params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "blocks")}
         elif method == "steer":
-            if positions not in ("all", "concept"):
-                fail(f"--positions must be all (the paper) or concept (token-aligned), not {positions!r}")
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
                                  n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"),
-                                 positions=positions)
+                                 gate=gated)
             for lam in res.strengths:
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
                            f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
-            if positions == params["steer"].get("positions", "all"):
+            if gated == bool(params["steer"].get("gate")):
                 params["steer"][kind] = res.pick()
-            else:  # the other variant's λ is kept beside ("paper": the position-aligned rows)
+            else:  # the other variant's λ is kept beside ("paper": every prompt steered)
                 params["steer"].setdefault("paper", {})[kind] = res.pick()
-            typer.echo(f"picked λ={res.pick():g} for {kind} (positions={positions})")
+            typer.echo(f"picked λ={res.pick():g} for {kind} ({'gated' if gated else 'ungated'})")
         elif method == "steer-add":
             from .eval.tune import sweep_adding
 

@@ -84,7 +84,7 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
        "--concept", "striped", "--multiplier", -2, "--scaling", "latent", "--top-n", 2,
        "--prompt", "a red star in striped style", "--out", tmp_path / "u3.png")
     assert (tmp_path / "u3.png").stat().st_size > 1000
-    ok("steer", "--concept", "striped", "--strength", "-3", "--positions", "concept", "--prompt", "a red star in striped style",
+    ok("steer", "--concept", "striped style", "--strength", "-1", "--gate", "striped", "--prompt", "a red star in striped style",
        "--steps", 5, "--out", tmp_path / "s2.png")
     r = run("unlearn", "--concept", "striped", "--scaling", "big", "--prompt", "a red star", "--out", tmp_path / "x.png")
     assert isinstance(r.exception, UserError) and "scaling" in str(r.exception)
@@ -113,7 +113,7 @@ def test_eval_shapes_smoke(tmp_path):
     assert "NOT FID" in md and res["fd_base_vs_rendered"] > 0
     assert all(r["fd_rest"] >= 0 for r in res["saeuron"]["style"]["ours"])
     assert res["cost"]["SAeUron"]["per_image_s"] > 0 and res["cost"]["storage_bytes"]["SAeUron"] > 0
-    assert "steer_paper" in res and "positions = concept" in md
+    assert "steer_paper" in res and "gated on the concept word" in md
 
 
 def test_demo_writes_its_files(tmp_path):

@@ -245,13 +245,13 @@ def test_unlearning_on_sdxl_and_flux_blocks(pipes, fam, block):
 
 # ------------------------------------------------------------------ token-aligned steering, several blocks
 @pytest.mark.parametrize("fam", ["sd", "sdxl"])
-def test_token_aligned_steering_leaves_other_prompts_untouched(pipes, fam):
+def test_gated_steering_leaves_other_prompts_untouched(pipes, fam):
     pipe = pipes(fam)
     names = list_hookpoints(pipe, "text")
     name = names[1]
     sae = _sae(resolve_hookpoint(pipe, name).width)
-    st = concept_steering(sae, pipe, name, "striped", -3.0, positions="concept")
-    assert st.tokens and st.rows and st.matrix.shape[0] == len(st.rows) + 1   # concept rows + the tail row
+    st = concept_steering(sae, pipe, name, "striped", -3.0, gate="striped")
+    assert st.gate and st.matrix.shape == concept_steering(sae, pipe, name, "striped", -3.0).matrix.shape
     base_other, base_named = _gen(pipe, "a photo of a dog"), _gen(pipe, "a striped dog")
     with steer_text_encoder(pipe, st):
         other, named = _gen(pipe, "a photo of a dog"), _gen(pipe, "a striped dog")
@@ -262,10 +262,14 @@ def test_token_aligned_steering_leaves_other_prompts_untouched(pipes, fam):
         paper_other = _gen(pipe, "a photo of a dog")
     assert (paper_other - base_other).abs().max() > 1e-3
     assert _no_hooks(pipe)
-    with pytest.raises(SteeringError, match="positions"):
-        concept_steering(sae, pipe, name, "striped", -1.0, positions="some")
-    with pytest.raises(SteeringError, match="one concept prompt"):
-        concept_steering(sae, pipe, name, ["striped", "dotted"], -1.0, positions="concept")
+    # a batch mixing both: only the row that names the concept changes (and its negative row)
+    with steer_text_encoder(pipe, st):
+        mixed = pipe(["a photo of a dog", "a striped dog"], num_inference_steps=3, guidance_scale=5.0,
+                     generator=[torch.Generator().manual_seed(0) for _ in range(2)], output_type="pt",
+                     height=32, width=32).images
+    assert torch.allclose(mixed[0], base_other[0], atol=1e-5) and torch.allclose(mixed[1], named[0], atol=1e-5)
+    with pytest.raises(SteeringError, match="gate text is empty"):
+        concept_steering(sae, pipe, name, "striped", -1.0, gate=" ")
 
 
 def test_latent_scaling_and_several_blocks(sd_dictionary):

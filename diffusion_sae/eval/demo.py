@@ -82,7 +82,7 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     # 1. Concept Steerers: remove a style.
     lam = float(params.get("steer", {}).get("style", -1.0))
     baseline = params.get("steer", {}).get("baseline")
-    positions = params.get("steer", {}).get("positions", "all")
+    gated = bool(params.get("steer", {}).get("gate"))
     unit = removal_steering(text_sae, pipe, "style", REMOVE_STYLE, 1.0, params.get("steer", {}))
     asked, rest = style_prompts(REMOVE_STYLE, seeds), other_prompts("style", REMOVE_STYLE)
     b_asked, b_rest = bench.run(asked), bench.run(rest)
@@ -155,7 +155,7 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     r1, r2, r3 = res["remove_style"], res["unlearn_object"], res["add_style"]
     table = Table("Classifier-measured results (%)", ["experiment", "concept present before", "after",
                                                        "rest kept before", "after", "images"],
-                  [[f"Concept Steerers remove style '{REMOVE_STYLE}' (λ={lam:g}, positions={positions})", _pct(r1["present_before"]),
+                  [[f"Concept Steerers remove style '{REMOVE_STYLE}' (λ={lam:g}{', gated' if gated else ''})", _pct(r1["present_before"]),
                     _pct(r1["present_after"]), _pct(r1["others_before"]), _pct(r1["others_after"]), r1["images"]],
                    [f"SAeUron unlearn object '{UNLEARN_OBJECT}' (top {p.get('top_n')}, γ={p.get('multiplier'):g}, "
                     f"{p.get('scaling', 'mean')} scaling, {len(p.get('blocks') or [1])} block(s))",

@@ -255,7 +255,7 @@ class ShapesConfig:
     add_strength: float | None = None    # λ > 0 for adding a style (default: the tuned one)
     multi: tuple = ("striped", "dotted", "checkered")
     faithful: bool = True                # SAeUron's official error sign beside ours
-    paper_positions: bool = True         # Concept Steerers' position-aligned rows beside ours
+    ungated: bool = True                 # Concept Steerers as in the paper (every prompt steered) beside ours
     batch_size: int = 80
     max_concepts: int | None = None      # first N concepts of each kind (smoke tests)
 
@@ -310,20 +310,20 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
 DEFAULT_SAEURON = {"top_n": 1, "multiplier": -1.0}
 
 
-def concept_text(kind: str, concept: str, positions: str = "all") -> str:
-    """The concept prompt used to build a steering matrix (token-aligned steering matches the bare word)."""
-    return f"{concept} style" if kind == "style" and positions == "all" else concept
+def concept_text(kind: str, concept: str) -> str:
+    """The concept prompt used to build a steering matrix."""
+    return f"{concept} style" if kind == "style" else concept
 
 
 def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, cs_params: dict, paper: bool = False):
-    """The Concept Steerers removal term for one concept under the tuned settings (or the paper's
-    position-aligned rows with their own tuned λ when paper=True)."""
+    """The Concept Steerers removal term for one concept under the tuned settings: gated on the concept's
+    word when params say "gate": true (ours), or every prompt steered (paper=True, with its own λ)."""
     from ..interventions.steer import concept_steering
     from ..world.bundle import TEXT_HOOKPOINT
 
-    positions = "all" if paper else cs_params.get("positions", "all")
-    return concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, concept, positions), strength,
-                            baseline=cs_params.get("baseline"), positions=positions)
+    gate = concept if cs_params.get("gate") and not paper else None
+    return concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, concept), strength,
+                            baseline=cs_params.get("baseline"), gate=gate)
 
 
 def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
@@ -350,7 +350,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
     # Concept Steerers: remove every concept of every kind at the tuned λ (ours, and the paper's
     # position-aligned rows at their own tuned λ when params name them).
     cs_params = params.get("steer", {})
-    variants = [("steer", False)] + ([("steer_paper", True)] if cfg.paper_positions and cs_params.get("paper") else [])
+    variants = [("steer", False)] + ([("steer_paper", True)] if cfg.ungated and cs_params.get("paper") else [])
     t_steer, n_steer = 0.0, 0
     for key, paper in variants:
         out[key] = {}
@@ -368,7 +368,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                 rows.append(removal_row(j, kind, c, base))
                 urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base, kind, c)))
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
-                              "positions": "all" if paper else cs_params.get("positions", "all")}
+                              "gated": bool(cs_params.get("gate")) and not paper}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
 
     # Concept Steerers: add each style (λ > 0) to prompts that name no style.
@@ -440,13 +440,13 @@ def shapes_report_sections(res: dict) -> list:
     # Concept Steerers removal tables
     tables = []
     for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
-            [(k, r, " — paper's position-aligned rows") for k, r in res.get("steer_paper", {}).items()]:
+            [(k, r, " — the paper: every prompt steered") for k, r in res.get("steer_paper", {}).items()]:
         rows = [[x["target"], _pct(x["presence_before"]), _pct(x["presence_after"])]
                 + [_pct(x[f"{k}_drop"]) for k in KINDS if k != kind]
                 + [_pct(x["others_agreement_before"]), _pct(x["others_agreement"])] for x in r["removal"]]
         cols = ["concept", "present before", "present after"] + [f"{k} drop (pts)" for k in KINDS if k != kind] \
             + ["prompts without it: agreement before", "after"]
-        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}, positions = {r.get('positions', 'all')}){how}, %", cols, rows,
+        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}{', gated on the concept word' if r.get('gated') else ''}){how}, %", cols, rows,
                             "present = the judge finds the concept in images whose prompt asks for it"))
     if tables:
         secs.append(Section("Concept Steerers: removing concepts", "", tables))
@@ -466,7 +466,7 @@ def shapes_report_sections(res: dict) -> list:
         if kind in res.get("steer", {}):
             methods["Concept Steerers"] = res["steer"][kind]["unlearning"]
         if kind in res.get("steer_paper", {}):
-            methods["Concept Steerers (paper positions)"] = res["steer_paper"][kind]["unlearning"]
+            methods["Concept Steerers (ungated, paper)"] = res["steer_paper"][kind]["unlearning"]
         if not methods:
             continue
         concepts = [x["target"] for x in next(iter(methods.values()))]
@@ -498,7 +498,7 @@ def shapes_report_sections(res: dict) -> list:
         if kind in res.get("steer", {}):
             cands["Concept Steerers"] = res["steer"][kind]["unlearning"]
         if kind in res.get("steer_paper", {}):
-            cands["Concept Steerers (paper positions)"] = res["steer_paper"][kind]["unlearning"]
+            cands["Concept Steerers (ungated, paper)"] = res["steer_paper"][kind]["unlearning"]
         for m, rows in cands.items():
             vals = [x["fd_rest"] for x in rows if "fd_rest" in x]
             if vals:
@@ -534,9 +534,9 @@ def shapes_report_sections(res: dict) -> list:
 def summary_lines(res: dict) -> list[str]:
     lines = [f"base agreement: " + ", ".join(f"{k} {_pct(v)} %" for k, v in res["base"].items())]
     for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
-            [(k, r, " [paper positions]") for k, r in res.get("steer_paper", {}).items()]:
+            [(k, r, " [ungated, paper]") for k, r in res.get("steer_paper", {}).items()]:
         m = mean_of(r["removal"], ["presence_before", "presence_after", "others_agreement"])
-        lines.append(f"Concept Steerers{how} remove {kind} (λ={r['strength']:g}, positions={r.get('positions', 'all')}): present {_pct(m['presence_before'])} % -> "
+        lines.append(f"Concept Steerers{how} remove {kind} (λ={r['strength']:g}{', gated' if r.get('gated') else ''}): present {_pct(m['presence_before'])} % -> "
                      f"{_pct(m['presence_after'])} %, prompts without it keep {_pct(m['others_agreement'])} %")
     if "add_style" in res:
         a = res["add_style"]["rows"]

@@ -113,7 +113,7 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
                    steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None,
-                   positions: str = "all") -> SweepResult:
+                   gate: bool = False) -> SweepResult:
     """Concept Steerers removal at each strength for every concept of a kind (tuning prompts)."""
     from ..interventions.steer import concept_steering, steer_text_encoder
 
@@ -121,8 +121,8 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
     res = SweepResult(list(strengths))
     sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
     bases = {c: bench.run(ps) for c, ps in sets.items()}
-    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c, positions), 1.0, baseline=baseline,
-                                 positions=positions) for c in KINDS[kind]}
+    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0, baseline=baseline,
+                                 gate=c if gate else None) for c in KINDS[kind]}
     for lam in res.strengths:
         res.rows[lam] = []
         for c, ps in sets.items():

@@ -9,6 +9,12 @@ Row i of S is added to token position i of the user's prompt at the same layer (
 subtracted from the negative / unconditional prompt's encoding (−S, "negative steering"), so
 that with λ < 0 classifier-free guidance pushes away from the concept on both branches.
 
+`gate="striped"` (our option, not the paper's): S is applied only to the prompts whose tokens contain
+the gate text's tokens (and to those prompts' negative-prompt rows), so a prompt that never names
+the concept is generated exactly as without steering — the paper's S shifts every prompt a little —
+at the price of robustness: a paraphrase that avoids those tokens is not steered (leave gate=None
+for adversarial settings).
+
 Which encoding is the prompt and which the negative prompt is decided by encoding them in two
 explicit calls (prompt first, then `prompt_embeds` handed back to the pipeline's own
 `encode_prompt` so that only the negative prompt is encoded under the −S hooks) — never by counting
@@ -49,20 +55,18 @@ class Steering:
     widths: list[int]
     label: str = ""
     meta: dict = field(default_factory=dict)
-    # positions="concept": the concept's token ids and the rows of `matrix` that belong to them
-    positions: str = "all"
-    tokens: list[int] | None = None
-    rows: list[int] | None = None
+    # gate: steer only the prompts containing these token ids (None: every prompt, the paper)
+    gate: list[int] | None = None
 
     def scaled(self, factor: float) -> "Steering":
         return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta),
-                        self.positions, self.tokens, self.rows)
+                        self.gate)
 
     def __add__(self, other: "Steering") -> "Steering":
         if other.hookpoints != self.hookpoints:
             raise SteeringError(f"cannot add steerings at {self.hookpoints} and {other.hookpoints}")
-        if self.positions != "all" or other.positions != "all":
-            raise SteeringError("token-aligned steerings (positions='concept') cannot be summed: pass them as a list")
+        if self.gate != other.gate:
+            raise SteeringError("steerings with different gates cannot be summed: pass them as a list")
         return Steering(self.hookpoints, self.matrix + other.matrix, self.widths,
                         f"{self.label}+{other.label}", {})
 
@@ -160,19 +164,20 @@ def _capture_ids(pipe, components):
             h.remove()
 
 
-def _concept_tokens(pipe, hps, prompt: str) -> tuple[list[int], list[int]]:
-    """The concept prompt's content token ids and their rows (positions), in the first encoder's ids."""
+def _gate_tokens(pipe, hps, text: str) -> list[int]:
+    """The gate text's own token ids (no BOS / EOS / padding), as the first encoder's tokenizer gives them."""
+    if not isinstance(text, str) or not text.strip():
+        raise SteeringError("gate text is empty: give the word(s) a prompt must contain to be steered, e.g. 'striped'")
     comp = hps[0].component
     with _capture_ids(pipe, [comp]) as ids, torch.no_grad():
-        _encode_positive(pipe, [prompt, ""])
+        _encode_positive(pipe, [text, ""])
     if comp not in ids:
-        raise SteeringError(f"could not read the token ids of {comp}; positions='concept' needs them")
+        raise SteeringError(f"could not read the token ids of {comp}; a gate needs them")
     special = set(ids[comp][1].tolist())       # BOS / EOS / padding: everything the empty prompt has
-    row = ids[comp][0].tolist()
-    rows = [i for i, t in enumerate(row) if t not in special]
-    if not rows:
-        raise SteeringError(f"concept prompt {prompt!r} has no tokens of its own for positions='concept'")
-    return [row[i] for i in rows], rows
+    toks = [t for t in ids[comp][0].tolist() if t not in special]
+    if not toks:
+        raise SteeringError(f"gate text {text!r} has no tokens of its own")
+    return toks
 
 
 @torch.no_grad()
@@ -201,18 +206,16 @@ def _check_width(sae, width: int, hookpoint) -> None:
 
 @torch.no_grad()
 def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str | list[str],
-                     strength: float, baseline: str | None = None, positions: str = "all") -> Steering:
+                     strength: float, baseline: str | None = None, gate: str | None = None) -> Steering:
     """S = λ · W_dec · ReLU(W_enc (H_c − b_dec) + b_enc) over the concept prompt's positions.
 
     A list of prompts ("several example prompts") averages their matrices. `baseline` (e.g. "")
     subtracts the same matrix of a neutral prompt, so that what every prompt shares — the BOS
     position, the padding summary of "a prompt" — is not steered away with the concept (an option
-    of ours; None is the paper's formula). `positions`: "all" (the paper: row i at position i) or
-    "concept" (the concept tokens' rows wherever those tokens occur; see the module docstring).
+    of ours; None is the paper's formula). `gate` (e.g. "striped"): steer only prompts that contain
+    its tokens (see the module docstring); None steers every prompt, as the paper does.
     """
     strength = _check_strength(strength)
-    if positions not in ("all", "concept"):
-        raise SteeringError(f"positions must be 'all' (the paper) or 'concept' (token-aligned), not {positions!r}")
     prompts = [concept_prompt] if isinstance(concept_prompt, str) else list(concept_prompt)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise SteeringError("concept prompt is empty: give a word or phrase such as 'striped' or 'nudity'")
@@ -222,24 +225,15 @@ def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str 
     sae_param = next(sae.parameters())
     z = sae.pre_acts(h.to(sae_param.device, sae_param.dtype))
     s = _bias_free_decode(sae, z, x=h.to(sae_param.device, sae_param.dtype)).mean(0).to(h.dtype).cpu()
-    s_word = s
     if baseline is not None:
         h0 = layer_activations(pipe, names, [baseline]).to(sae_param.device, sae_param.dtype)
         s = s - _bias_free_decode(sae, sae.pre_acts(h0), x=h0)[0].to(s.dtype).cpu()
     widths = [resolve_hookpoint(pipe, n).width for n in names]
     label = prompts[0] if len(prompts) == 1 else f"{prompts[0]} (+{len(prompts) - 1})"
-    tokens = rows = None
-    if positions == "concept":
-        if len(prompts) != 1:
-            raise SteeringError("positions='concept' takes one concept prompt (its tokens are matched in the prompt)")
-        tokens, rows = _concept_tokens(pipe, _text_hookpoints(pipe, names), prompts[0])
-        # Rows: the concept's own tokens (their full code), then one "tail" row: the mean of the rows
-        # after them (minus the baseline's), i.e. what causal attention has carried to later positions.
-        tail = s[rows[-1] + 1:].mean(0, keepdim=True)
-        s = torch.cat([s_word[rows], tail])
+    gate_ids = _gate_tokens(pipe, _text_hookpoints(pipe, names), gate) if gate is not None else None
     return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength,
-                                                         "baseline": baseline, "positions": positions},
-                    positions, tokens, rows)
+                                                         "baseline": baseline, "gate": gate},
+                    gate_ids)
 
 
 @torch.no_grad()
@@ -272,16 +266,13 @@ def feature_steering(sae, hookpoint: str | list[str], features, strength: float,
 # ---------------------------------------------------------------------------------------------
 # Applying them
 # ---------------------------------------------------------------------------------------------
-def _find(row: list[int], pattern: list[int]) -> list[int]:
-    """Start positions of every occurrence of pattern in row."""
-    n = len(pattern)
-    return [i for i in range(len(row) - n + 1) if row[i:i + n] == pattern]
-
-
 def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
-    """Register one forward hook per layer adding sign * S; sign_of_call(layer_name) -> float."""
-    dense: dict[str, list[torch.Tensor]] = {}
-    aligned: dict[str, list[tuple[torch.Tensor, list[int], list[int]]]] = {}
+    """Register one forward hook per layer adding sign * S; sign_of_call(layer_name) -> float.
+
+    Gated steerings add S only to the batch rows whose token ids contain the gate; the rows picked
+    on the prompt call (+S) are reused for the negative call (−S), expanded to its batch.
+    """
+    terms: dict[str, list[tuple[torch.Tensor, tuple | None]]] = {}
     modules, components = {}, {}
     for st in steerings:
         hps = _text_hookpoints(pipe, st.hookpoints)
@@ -291,57 +282,48 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
                                 f"at {st.hookpoints}")
         off = 0
         for hp, w in zip(hps, widths):
-            part = st.matrix[..., off:off + w]
-            if st.positions == "concept":
-                aligned.setdefault(hp.name, []).append((part, st.tokens, st.rows))
-                components[hp.name] = hp.component
-            else:
-                dense.setdefault(hp.name, []).append(part)
+            terms.setdefault(hp.name, []).append((st.matrix[..., off:off + w], tuple(st.gate) if st.gate else None))
             modules[hp.name] = hp.module
+            components[hp.name] = hp.component
             off += w
-    id_handles, ids = [], {}
-    if aligned:
+    ids, masks, handles = {}, {}, []
+    for c in {components[n] for n, ts in terms.items() if any(g for _, g in ts)}:
         # The layer hook needs the token ids: read them where the encoder receives them.
-        for c in dict.fromkeys(components.values()):
-            def pre(mod, args, kwargs, c=c):
-                x = kwargs.get("input_ids", args[0] if args else None)
-                ids[c] = x.detach().cpu() if isinstance(x, torch.Tensor) else None
-            id_handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
-    handles = list(id_handles)
-    for name in modules:
-        mats = dense.get(name, [])
-        total = None
-        for m in mats:
-            if total is not None and m.shape != total.shape:
-                raise SteeringError(f"steering matrices at {name} have shapes {tuple(total.shape)} and {tuple(m.shape)}")
-            total = m.clone() if total is None else total + m
-        terms = aligned.get(name, [])
+        def pre(mod, args, kwargs, c=c):
+            x = kwargs.get("input_ids", args[0] if args else None)
+            ids[c] = x.detach().cpu() if isinstance(x, torch.Tensor) else None
+        handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
 
-        def hook(mod, args, out, total=total, terms=terms, name=name):
+    def row_mask(name, gate, batch, sign):
+        key = (components[name], gate)
+        if sign < 0 and key in masks and batch % len(masks[key]) == 0:
+            return masks[key].repeat_interleave(batch // len(masks[key]))
+        tok = ids.get(components[name])
+        if tok is None or tok.shape[0] != batch:
+            raise SteeringError(f"a gated steering could not read the token ids of {components[name]}")
+        n = len(gate)
+        m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
+        if sign > 0:
+            masks[key] = m
+        return m
+
+    for name, ts in terms.items():
+        def hook(mod, args, out, ts=ts, name=name):
             sign = sign_of_call(name)
             if sign == 0:
                 return None
             h = output_tensor(out)
             new = h
-            if total is not None:
-                s = total.to(h.device, h.dtype)
+            for mat, gate in ts:
+                s = mat.to(h.device, h.dtype)
                 if s.dim() == 2 and s.shape[0] != h.shape[-2]:
                     raise SteeringError(f"steering matrix has {s.shape[0]} token rows but layer {name!r} "
                                         f"has {h.shape[-2]} tokens: build it with the same pipeline")
-                new = new + sign * s
-            if terms:
-                tok = ids.get(components[name])
-                if tok is None or tok.shape[0] != h.shape[0]:
-                    raise SteeringError(f"positions='concept' could not read the token ids of {components[name]}")
-                add = torch.zeros_like(h)
-                for rows_s, pattern, _ in terms:
-                    r = rows_s.to(h.device, h.dtype)
-                    n = len(pattern)
-                    for b, row in enumerate(tok.tolist()):
-                        for p in _find(row, pattern):
-                            add[b, p:p + n] += r[:n]
-                            add[b, p + n:] += r[n]      # the tail row after each occurrence
-                new = new + sign * add
+                if gate is None:
+                    new = new + sign * s
+                else:
+                    m = row_mask(name, gate, h.shape[0], sign).to(h.device, h.dtype)
+                    new = new + sign * m.view(-1, *([1] * (h.dim() - 1))) * s
             return replace_output(out, new)
         handles.append(modules[name].register_forward_hook(hook))
     return handles
