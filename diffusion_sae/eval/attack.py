@@ -426,7 +426,7 @@ def run_attack_benchmark(pipe, classifier, interventions: dict, kind: str, conce
 
     interventions: {name: builder}, builder(concept) -> a zero-argument context-manager factory
     (or None for the plain model), e.g. {"none": lambda c: None,
-    "SAeUron": saeuron_builder(pipe, sae, dictionary, params["saeuron"])}.
+    "SAeUron": saeuron_builder(pipe, bundle.load_blocks(kind), params["saeuron"])}.
     """
     cfg = cfg or AttackConfig()
     cfg.check()
@@ -459,15 +459,10 @@ def run_attack_benchmark(pipe, classifier, interventions: dict, kind: str, conce
     return {"settings": settings, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
-def saeuron_builder(pipe, blocks, params: dict, dictionary=None):
-    """builder(concept) -> factory of SAeUron unlearning with the concept's tuned params.
-
-    `blocks`: {hookpoint: (sae, dictionary)} (world.bundle.load_blocks), or one SAE with `dictionary`.
-    """
+def saeuron_builder(pipe, blocks: dict, params: dict):
+    """builder(concept) -> factory of SAeUron unlearning with the concept's tuned params;
+    `blocks`: {hookpoint: (sae, dictionary)} (world.bundle.load_blocks)."""
     from .shapes import DEFAULT_SAEURON, saeuron_context
-
-    if not isinstance(blocks, dict):
-        blocks = {dictionary.hookpoint: (blocks, dictionary)}
 
     def build(concept):
         pc = {concept: params.get(concept, DEFAULT_SAEURON)}

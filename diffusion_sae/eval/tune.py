@@ -77,9 +77,9 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
     """
     if search not in ("grid", "halving"):
         raise ValueError(f"search must be 'grid' or 'halving', not {search!r}")
-    saes = list(sae) if isinstance(sae, (list, tuple)) else [sae]
-    dicts = list(dictionary) if isinstance(dictionary, (list, tuple)) else [dictionary]
-    blocks = {d.hookpoint: (s, d) for s, d in zip(saes, dicts)}
+    from ..interventions.ablate import block_pairs
+
+    blocks = {d.hookpoint: (s, d) for s, d in block_pairs(sae, dictionary)}
     block_sets = [tuple(b) for b in (block_sets or [tuple(blocks)])]
     for bs in block_sets:
         for b in bs:

@@ -156,7 +156,8 @@ class SAeUronHook:
         return replace_output(output, from_tokens(new, grid), module)
 
 
-def _pairs(sae, dictionary) -> list[tuple]:
+def block_pairs(sae, dictionary) -> list[tuple]:
+    """[(sae, dictionary), ...] from one SAE and dictionary or from parallel lists (one per block)."""
     saes = list(sae) if isinstance(sae, (list, tuple)) else [sae]
     dicts = list(dictionary) if isinstance(dictionary, (list, tuple)) else [dictionary]
     if len(saes) != len(dicts) or not saes:
@@ -178,7 +179,7 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     objects (each with its own γ and selection). Yields the hook (one block) or the list of hooks.
     Hooks are removed on exit, also when generation raises.
     """
-    pairs = _pairs(sae, dictionary)
+    pairs = block_pairs(sae, dictionary)
     edits = _as_edits(concepts, multiplier, percentile, top_n, scaling)
     hooks, targets = [], []
     for s_, d_ in pairs:

@@ -146,17 +146,22 @@ def _encode_positive(pipe, prompts: list[str]):
     return pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)
 
 
-@contextlib.contextmanager
-def _capture_ids(pipe, components):
-    """Record the input_ids each text-encoder component receives during the block."""
-    got: dict[str, torch.Tensor] = {}
+def _id_hooks(pipe, components, got: dict) -> list:
+    """Pre-hooks recording into got[c] the input_ids each text-encoder component c receives."""
     handles = []
     for c in dict.fromkeys(components):
         def pre(mod, args, kwargs, c=c):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            if isinstance(ids, torch.Tensor):
-                got[c] = ids.detach().cpu()
+            got[c] = ids.detach().cpu() if isinstance(ids, torch.Tensor) else None
         handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+@contextlib.contextmanager
+def _capture_ids(pipe, components):
+    """Record the input_ids each text-encoder component receives during the block."""
+    got: dict[str, torch.Tensor] = {}
+    handles = _id_hooks(pipe, components, got)
     try:
         yield got
     finally:
@@ -171,7 +176,7 @@ def _gate_tokens(pipe, hps, text: str) -> list[int]:
     comp = hps[0].component
     with _capture_ids(pipe, [comp]) as ids, torch.no_grad():
         _encode_positive(pipe, [text, ""])
-    if comp not in ids:
+    if ids.get(comp) is None:
         raise SteeringError(f"could not read the token ids of {comp}; a gate needs them")
     special = set(ids[comp][1].tolist())       # BOS / EOS / padding: everything the empty prompt has
     toks = [t for t in ids[comp][0].tolist() if t not in special]
@@ -286,13 +291,9 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
             modules[hp.name] = hp.module
             components[hp.name] = hp.component
             off += w
-    ids, masks, handles = {}, {}, []
-    for c in {components[n] for n, ts in terms.items() if any(g for _, g in ts)}:
-        # The layer hook needs the token ids: read them where the encoder receives them.
-        def pre(mod, args, kwargs, c=c):
-            x = kwargs.get("input_ids", args[0] if args else None)
-            ids[c] = x.detach().cpu() if isinstance(x, torch.Tensor) else None
-        handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
+    ids, masks = {}, {}
+    # The layer hook of a gated steering needs the token ids: read them where the encoder receives them.
+    handles = _id_hooks(pipe, [components[n] for n, ts in terms.items() if any(g for _, g in ts)], ids)
 
     def row_mask(name, gate, batch, sign):
         key = (components[name], gate)
