@@ -816,6 +816,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
              scalings: str = typer.Option("mean", help="saeuron: 'mean' (z·γ·μ, official), 'latent' (z·γ) or both, comma-separated."),
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
+             per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
@@ -858,11 +859,21 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
                            f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
-            if gated == bool(params["steer"].get("gate")):
-                params["steer"][kind] = res.pick()
-            else:  # the other variant's λ is kept beside ("paper": every prompt steered)
-                params["steer"].setdefault("paper", {})[kind] = res.pick()
+            # the other variant's λ is kept beside ("paper": every prompt steered)
+            table = params["steer"] if gated == bool(params["steer"].get("gate")) else params["steer"].setdefault("paper", {})
+            table[kind] = res.pick()
             typer.echo(f"picked λ={res.pick():g} for {kind} ({'gated' if gated else 'ungated'})")
+            per = table.setdefault("concepts", {})
+            per.pop(kind, None)
+            if per_concept:
+                per[kind] = res.pick_per_concept()
+                for i, (c, lam) in enumerate(per[kind].items()):
+                    r = res.rows[lam][i]
+                    drop = max(v for k, v in r.items() if k.endswith("_drop"))
+                    typer.echo(f"  {c:10s} λ={lam:g}: present {100*r['presence_after']:.1f} %, worst other-attribute "
+                               f"drop {100*drop:.1f} pts, prompts without it {100*r['others_agreement']:.1f} %")
+            if not per:
+                table.pop("concepts")
         elif method == "steer-add":
             from .eval.tune import sweep_adding
 

@@ -98,8 +98,12 @@ def test_tune_both_methods_small(tmp_path):
              "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save", "--scalings", "mean,latent",
              "--blocks", "unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1")
     assert "star" in out and "blocks=" in out
-    out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1", "--images", 4, "--no-save")
+    out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5", "--images", 4, "--no-save",
+             "--per-concept")
     assert "picked" in out
+    # one line per colour with the λ chosen for it, from the swept strengths
+    per = [ln for ln in out.splitlines() if ln.strip().startswith(("red ", "green ", "blue "))]
+    assert len(per) == 3 and all("λ=-1:" in ln or "λ=-0.5:" in ln for ln in per)
 
 
 def test_eval_shapes_smoke(tmp_path):

@@ -183,3 +183,28 @@ def test_evaluate_folder_style_task_end_to_end(tmp_path, monkeypatch):
     r = UC.evaluate_folder(tmp_path, "style", "Monet", "style", "object")
     assert calls == [("style", 4), ("object", 2)]  # CRA on the 2 unstyled images (SAeUron)
     assert (r.ua, r.ira, r.cra) == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5))
+
+
+def _removal(target, present, drop, kept=1.0):
+    return {"target": target, "presence_before": 1.0, "presence_after": present, "style_drop": drop,
+            "object_drop": 0.0, "others_agreement_before": 1.0, "others_agreement": kept}
+
+
+def test_steering_strength_picked_per_concept_and_looked_up():
+    from diffusion_sae.eval.shapes import SweepResult, steer_strength
+
+    res = SweepResult([-0.5, -0.75, -1.0])
+    # red: removed already at -0.5 with no damage; green: needs -1.0; blue: never clean -> least
+    # presence + worst drop (-0.75: 0.10 + 0.10 beats -1.0: 0.0 + 0.30 and -0.5: 0.4 + 0.0);
+    # yellow: -1.0 removes but costs the prompts without it 10 points -> -0.75 (0.04 + 0.0) is clean.
+    res.rows = {
+        -0.5: [_removal("red", 0.0, 0.0), _removal("green", 0.5, 0.0), _removal("blue", 0.4, 0.0), _removal("yellow", 0.3, 0.0)],
+        -0.75: [_removal("red", 0.0, 0.2), _removal("green", 0.2, 0.0), _removal("blue", 0.1, 0.1), _removal("yellow", 0.04, 0.0)],
+        -1.0: [_removal("red", 0.0, 0.5), _removal("green", 0.0, 0.05), _removal("blue", 0.0, 0.3), _removal("yellow", 0.0, 0.0, kept=0.9)],
+    }
+    assert res.pick_per_concept() == {"red": -0.5, "green": -1.0, "blue": -0.75, "yellow": -0.75}
+    cs = {"colour": -0.75, "concepts": {"colour": {"red": -0.5}}, "paper": {"colour": -0.4}}
+    assert steer_strength(cs, "colour", "red") == -0.5
+    assert steer_strength(cs, "colour", "blue") == -0.75
+    assert steer_strength(cs, "colour", "red", paper=True) == -0.4
+    assert steer_strength({}, "style", "solid") == -1.0

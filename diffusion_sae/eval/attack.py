@@ -474,11 +474,10 @@ def steerers_builder(pipe, text_sae, kind: str, cs_params: dict, paper: bool = F
     """builder(concept) -> factory of Concept Steerers removal with the tuned params (`paper`: the
     position-aligned rows at their own λ)."""
     from ..interventions.steer import steer_text_encoder
-    from .shapes import removal_steering
-
-    lam = float((cs_params["paper"] if paper else cs_params)[kind])
+    from .shapes import removal_steering, steer_strength
 
     def build(concept):
+        lam = steer_strength(cs_params, kind, concept, paper)
         st = removal_steering(text_sae, pipe, kind, concept, lam, cs_params, paper)
         return lambda: steer_text_encoder(pipe, st)
     return build

@@ -63,7 +63,7 @@ def _pct(x):
 
 def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     from ..interventions.steer import concept_steering, steer_text_encoder
-    from .shapes import DEFAULT_SAEURON, removal_steering, saeuron_context
+    from .shapes import DEFAULT_SAEURON, removal_steering, saeuron_context, steer_strength
     from ..world import assets, bundle
     from .report import Figure, Section, Table, plot_image_grid, plot_strength_sweep, write_report
 
@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path, progress=None, seeds: int = 2) -> dict:
     res: dict = {}
 
     # 1. Concept Steerers: remove a style.
-    lam = float(params.get("steer", {}).get("style", -1.0))
+    lam = steer_strength(params.get("steer", {}), "style", REMOVE_STYLE)
     baseline = params.get("steer", {}).get("baseline")
     gated = bool(params.get("steer", {}).get("gate"))
     unit = removal_steering(text_sae, pipe, "style", REMOVE_STYLE, 1.0, params.get("steer", {}))

@@ -114,7 +114,7 @@ def method_costs(pipe, text_sae, blocks: dict, params: dict, cfg: "ShapesConfig"
     prompts = prompts[:batch]
     kind = "style"
     c = "striped"
-    st = removal_steering(text_sae, pipe, kind, c, float(params.get("steer", {}).get(kind, -1.0)), params.get("steer", {}))
+    st = removal_steering(text_sae, pipe, kind, c, steer_strength(params.get("steer", {}), kind, c), params.get("steer", {}))
     pc = {c: params.get("saeuron", {}).get(c, DEFAULT_SAEURON)}
     used = pc[c].get("blocks") or [next(iter(blocks[kind]))]
 
@@ -245,6 +245,23 @@ class SweepResult:
             return max(ok)  # strengths are negative: the weakest that works
         return max(self.strengths, key=lambda lam: (1 - score(lam)[0]) + score(lam)[1])
 
+    def pick_per_concept(self, max_presence: float = 0.05, max_drop: float = 0.05) -> dict[str, float]:
+        """{concept: λ}: per concept, the weakest strength that removes it (presence ≤ max_presence) while
+        no other attribute of its prompts drops more than max_drop and the prompts without it keep their
+        agreement; else the strength with the least presence + worst drop (ties: the weaker one).
+        A kind's single λ is a compromise: one concept (e.g. a colour whose direction carries style)
+        may need a weaker λ than the rest, another (a shape close to its neighbour) a stronger one."""
+        out = {}
+        for i, c in enumerate(r["target"] for r in self.rows[self.strengths[0]]):
+            def cost(lam, i=i):
+                r = self.rows[lam][i]
+                drop = max([v for k, v in r.items() if k.endswith("_drop")]
+                           + [r["others_agreement_before"] - r["others_agreement"]])
+                return r["presence_after"], drop
+            ok = [lam for lam in self.strengths if cost(lam)[0] <= max_presence and cost(lam)[1] <= max_drop]
+            out[c] = max(ok) if ok else min(self.strengths, key=lambda lam: (sum(cost(lam)), -lam))
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
@@ -321,6 +338,14 @@ def concept_text(kind: str, concept: str) -> str:
     return f"{concept} style" if kind == "style" else concept
 
 
+def steer_strength(cs_params: dict, kind: str, concept: str, paper: bool = False) -> float:
+    """The tuned removal λ for one concept: its own entry under "concepts" (per-concept tuning) when
+    params have one, else its kind's λ. paper=True reads the ungated (paper) table."""
+    table = cs_params.get("paper", {}) if paper else cs_params
+    per = table.get("concepts", {}).get(kind, {})
+    return float(per.get(concept, table.get(kind, -1.0)))
+
+
 def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, cs_params: dict, paper: bool = False):
     """The Concept Steerers removal term for one concept under the tuned settings: gated on the concept's
     word when params say "gate": true (ours), or every prompt steered (paper=True, with its own λ)."""
@@ -365,13 +390,14 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
             lam = float(lams.get(kind, -1.0))
             rows, urows = [], []
             for c in cfg.concepts(kind):
-                st = removal_steering(text_sae, pipe, kind, c, lam, cs_params, paper)
+                lam_c = steer_strength(cs_params, kind, c, paper)
+                st = removal_steering(text_sae, pipe, kind, c, lam_c, cs_params, paper)
                 t1 = time.perf_counter()
                 j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
                 if not paper:
                     t_steer += time.perf_counter() - t1
                     n_steer += len(ps.prompts)
-                rows.append(removal_row(j, kind, c, base))
+                rows.append(dict(removal_row(j, kind, c, base), strength=lam_c))
                 urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base, kind, c)))
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
                               "gated": bool(cs_params.get("gate")) and not paper}
@@ -447,12 +473,15 @@ def shapes_report_sections(res: dict) -> list:
     tables = []
     for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
             [(k, r, " — the paper: every prompt steered") for k, r in res.get("steer_paper", {}).items()]:
-        rows = [[x["target"], _pct(x["presence_before"]), _pct(x["presence_after"])]
+        per = any(x.get("strength", r["strength"]) != r["strength"] for x in r["removal"])
+        rows = [[x["target"]] + ([f"{x.get('strength', r['strength']):g}"] if per else [])
+                + [_pct(x["presence_before"]), _pct(x["presence_after"])]
                 + [_pct(x[f"{k}_drop"]) for k in KINDS if k != kind]
                 + [_pct(x["others_agreement_before"]), _pct(x["others_agreement"])] for x in r["removal"]]
-        cols = ["concept", "present before", "present after"] + [f"{k} drop (pts)" for k in KINDS if k != kind] \
-            + ["prompts without it: agreement before", "after"]
-        tables.append(Table(f"Remove each {kind} (λ = {r['strength']:g}{', gated on the concept word' if r.get('gated') else ''}){how}, %", cols, rows,
+        cols = ["concept"] + (["λ"] if per else []) + ["present before", "present after"] \
+            + [f"{k} drop (pts)" for k in KINDS if k != kind] + ["prompts without it: agreement before", "after"]
+        lam_txt = "λ per concept, default " if per else "λ = "
+        tables.append(Table(f"Remove each {kind} ({lam_txt}{r['strength']:g}{', gated on the concept word' if r.get('gated') else ''}){how}, %", cols, rows,
                             "present = the judge finds the concept in images whose prompt asks for it"))
     if tables:
         secs.append(Section("Concept Steerers: removing concepts", "", tables))
@@ -543,7 +572,9 @@ def summary_lines(res: dict) -> list[str]:
     for kind, r, how in [(k, r, "") for k, r in res.get("steer", {}).items()] + \
             [(k, r, " [ungated, paper]") for k, r in res.get("steer_paper", {}).items()]:
         m = mean_of(r["removal"], ["presence_before", "presence_after", "others_agreement"])
-        lines.append(f"Concept Steerers{how} remove {kind} (λ={r['strength']:g}{', gated' if r.get('gated') else ''}): present {_pct(m['presence_before'])} % -> "
+        lam = r["strength"]
+        lam = f"{lam:g}" if all(x.get("strength", lam) == lam for x in r["removal"]) else f"per concept, default {lam:g}"
+        lines.append(f"Concept Steerers{how} remove {kind} (λ {lam}{', gated' if r.get('gated') else ''}): present {_pct(m['presence_before'])} % -> "
                      f"{_pct(m['presence_after'])} %, prompts without it keep {_pct(m['others_agreement'])} %")
     if "add_style" in res:
         a = res["add_style"]["rows"]
