@@ -1,4 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# `make bench` also builds .bench-venv (benchmark peers; see below).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench bench-venv bench-sae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,8 +34,31 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+# Bench venv: the peers that benchmarks/sae_train.py compares against (SAELens, EleutherAI sparsify),
+# pinned in benchmarks/requirements-peers.txt and never project dependencies. One resolve of this
+# project + peers under benchmarks/constraints-bench.txt (torch held at the local CPU 2.13.0 wheel;
+# torchvision/timm/open-clip made unsatisfiable so nothing can pull them in).
+BENCH_VENV  := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt benchmarks/constraints-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints-bench.txt -e . -r benchmarks/requirements-peers.txt
+	@bad="$$($(BENCH_VENV)/bin/pip list 2>/dev/null | grep -i -E '^(nvidia|torchvision)')"; \
+	if [ -n "$$bad" ]; then echo "error: $(BENCH_VENV) has CUDA/torchvision packages:"; echo "$$bad"; exit 1; fi
+	$(BENCH_VENV)/bin/python -c "import sys, torch; sys.exit(None if torch.__version__.split('+')[0] == '2.13.0' else 'error: torch ' + torch.__version__ + ' in $(BENCH_VENV); expected 2.13.0')"
+	touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
+
+# All benchmarks with .venv's python, except sae_train.py, which run_all.py runs with BENCH_PYTHON.
+bench: $(STAMP) $(BENCH_STAMP)
+	BENCH_PYTHON=$(BENCH_VENV)/bin/python $(BIN)/python benchmarks/run_all.py
+
+bench-sae: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/sae_train.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build dist *.egg-info
