@@ -546,6 +546,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 concept: list[str] = typer.Option(..., help="Concept to unlearn (repeatable: several at once)."),
                 multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t) (--scaling mean) or γ (latent)."),
                 scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
+                selection: str = typer.Option("paper", help="paper: official scores, bar ν; specific: per-patch specificity (ours)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
@@ -562,6 +563,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     pipe = _load_model(model)
     if scaling not in ("mean", "latent"):
         fail(f"--scaling must be mean or latent, not {scaling!r}")
+    if selection not in ("paper", "specific"):
+        fail(f"--selection must be paper or specific, not {selection!r}")
     if sae and len(sae) > 1 and dictionary is not None:
         fail("--dictionary names one folder: with several --sae, keep each dictionary next to its SAE")
     saes = [_load_sae_arg(f, None, bundle.load_block_sae) for f in (sae or [None])]
@@ -582,7 +585,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
             kw = dict(num_inference_steps=steps, guidance_scale=row.guidance or guidance, output_type="pt")
             imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
             with unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier, percentile=percentile,
-                                  top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling):
+                                  top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling,
+                                  selection=selection):
                 imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])
@@ -815,6 +819,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              top_n: str = typer.Option("1,2,4,8", help="saeuron: features per step to try."),
              gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
              scalings: str = typer.Option("mean", help="saeuron: 'mean' (z·γ·μ, official), 'latent' (z·γ) or both, comma-separated."),
+             selections: str = typer.Option("paper", help="saeuron: 'paper' (official scores, bar ν), 'specific' (per-patch specificity) or both, comma-separated."),
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
              per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
@@ -841,16 +846,19 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             scs = [x.strip() for x in scalings.split(",") if x.strip()]
             if not scs or any(x not in ("mean", "latent") for x in scs):
                 fail(f"--scalings must list 'mean' and/or 'latent', not {scalings!r}")
+            sels = [x.strip() for x in selections.split(",") if x.strip()]
+            if not sels or any(x not in ("paper", "specific") for x in sels):
+                fail(f"--selections must list 'paper' and/or 'specific', not {selections!r}")
             got = bundle.load_blocks(kind, names)
             best = tune_saeuron(pipe, clf, [got[b][0] for b in names], [got[b][1] for b in names], kind,
                                 concepts=concept or None, search=search, images=images, progress=prog,
                                 top_n=[int(x) for x in _strengths(top_n)], gammas=_strengths(gammas),
-                                scalings=scs, block_sets=sets)
+                                scalings=scs, block_sets=sets, selections=sels)
             for c, b in best.items():
-                typer.echo(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['scaling']} "
+                typer.echo(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['selection']} {b['scaling']} "
                            f"top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
-                params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "blocks")}
+                params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "selection", "blocks")}
         elif method == "steer":
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
                                  n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"),

@@ -295,3 +295,52 @@ def test_latent_scaling_and_several_blocks(sd_dictionary):
             pass
     with pytest.raises(DictionaryError, match="scaling"):
         ConceptEdit("cat", -1.0, scaling="huge")
+
+
+def test_specificity_bars_and_excess_hand_computed():
+    from diffusion_sae.concepts.dictionary import HIST_EDGES, _specificity
+
+    B = len(HIST_EDGES) + 1
+    hist = torch.zeros(3, 1, 2, B)
+    e = HIST_EDGES
+
+    def put(c, j, value, n):
+        hist[c, 0, j, int(torch.bucketize(torch.tensor(value), e))] += n
+
+    # latent 0: concept 0 fires at 2.0 on half its patches; concepts 1 and 2 never fire -> bar 0
+    put(0, 0, 2.0, 50); put(0, 0, 0.0, 50); put(1, 0, 0.0, 100); put(2, 0, 0.0, 100)
+    # latent 1: everybody fires at 1.0 on 60 % of patches -> bar ≈ 1.0, excess ≈ 0 for everyone
+    for c in range(3):
+        put(c, 1, 1.0, 60); put(c, 1, 0.0, 40)
+    bars, excess = _specificity(hist, 0.95)
+    assert bars[0, 0, 0] == 0 and abs(float(excess[0, 0, 0]) - 1.0) < 0.12      # 0.5 x 2.0 above a bar of 0
+    assert abs(float(bars[0, 0, 1]) - 1.0) < 0.13 and float(excess[0, 0, 1]) < 0.01
+    # concept 1's bar on latent 0 sees concept 0's firing patches (25 % of the others' pool) -> high bar
+    assert float(bars[1, 0, 0]) >= 2.0 * 0.88 and float(excess[1, 0, 0]) == 0
+
+
+def test_specific_selection_uses_the_others_quantile_as_bar(sd_dictionary, tmp_path):
+    from diffusion_sae.interventions.ablate import ConceptEdit, SAeUronHook
+
+    pipe, sae, d = sd_dictionary
+    assert d.bars is not None and d.bars.shape == d.means.shape and (d.excess >= 0).all()
+    sel = d.select("cat", top_n=2, method="specific")
+    ex = d.specific_scores("cat")
+    assert all(set(i.tolist()) <= set(torch.topk(ex[t], 2).indices.tolist()) for t, i in enumerate(sel))
+    hook = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, top_n=2, selection="specific")])
+    bar = d.concept_bar("cat")
+    for t, ids in enumerate(sel):
+        if len(ids):
+            assert torch.allclose(hook.bar[t, ids], bar[t, ids])
+    d.save(tmp_path)
+    d2 = ConceptDictionary.load(tmp_path)
+    assert torch.allclose(d2.bars, d.bars, rtol=1e-3) and torch.allclose(d2.excess, d.excess, rtol=1e-3, atol=1e-4)
+    base = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, selection="specific"):
+        edited = _gen(pipe, "a cat")
+    assert (edited - base).abs().max() > 1e-4 and _no_hooks(pipe)
+    old = ConceptDictionary(d.hookpoint, d.concepts, d.means, d.counts, d.timesteps)
+    with pytest.raises(DictionaryError, match="rebuild"):
+        old.select("cat", top_n=1, method="specific")
+    with pytest.raises(DictionaryError, match="selection"):
+        ConceptEdit("cat", -1.0, selection="best")

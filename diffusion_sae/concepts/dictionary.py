@@ -12,6 +12,17 @@ concept: gigabytes; shared/spec/algorithms.md §3.5).
 
 Scores (§3.6): s_c(t) = μ_c(t)/Σ_j μ_c,j(t) − μ_¬c(t)/Σ_j μ_¬c,j(t), with μ_¬c the mean over the
 pooled prompts of all other concepts of the dictionary.
+
+Beyond the paper (`selection="specific"`): patch means hide where a latent fires. A latent that fires
+on half the patches of every style has a high mean for each of them, and the paper's firing bar (the
+all-concept patch mean ν) lets its edit touch most patches of the other concepts too. So the build also
+keeps, per concept, a histogram of every latent's per-patch values, and stores two tables:
+
+    bars[c, t, j]   = the q-quantile (default 0.95) of z_j on the other concepts' patches
+                      (each concept weighted equally): the edit's bar, so it touches ≤ 1 − q of them
+    excess[c, t, j] = E_patches of c [(z_j − bars[c, t, j])+]: how much of the latent stands above it
+
+and "specific" selection ranks latents by `excess` instead of s_c.
 """
 from __future__ import annotations
 
@@ -40,6 +51,8 @@ class ConceptDictionary:
     counts: list[int]              # prompts per concept
     timesteps: list[float]         # the sampler's timesteps, one per step (the step grid)
     meta: dict = field(default_factory=dict)
+    bars: torch.Tensor | None = None    # [C, S, L] others' per-patch q-quantile ("specific" selection)
+    excess: torch.Tensor | None = None  # [C, S, L] mean excess of c's patches over that bar
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, folder: str | Path, name: str = FILE) -> Path:
@@ -47,7 +60,11 @@ class ConceptDictionary:
         folder.mkdir(parents=True, exist_ok=True)
         t = folder / f"{name}.safetensors"
         j = folder / f"{name}.json"
-        save_file({"means": self.means.contiguous().float()}, str(t) + ".tmp")
+        tensors = {"means": self.means.contiguous().float()}
+        if self.bars is not None:
+            tensors["bars"] = self.bars.contiguous().half()
+            tensors["excess"] = self.excess.contiguous().half()
+        save_file(tensors, str(t) + ".tmp")
         os.replace(str(t) + ".tmp", t)
         doc = {"hookpoint": self.hookpoint, "concepts": self.concepts, "counts": self.counts,
                "timesteps": self.timesteps, "meta": self.meta}
@@ -63,11 +80,19 @@ class ConceptDictionary:
             raise DictionaryError(f"no concept dictionary at {folder} ({name}.json / {name}.safetensors missing): "
                                   "build one with `diffusion-sae concepts build`")
         doc = json.loads(j.read_text())
-        means = load_file(str(t))["means"]
-        if means.shape[0] != len(doc["concepts"]) or means.shape[1] != len(doc["timesteps"]):
-            raise DictionaryError(f"{t}: means {tuple(means.shape)} do not match {len(doc['concepts'])} concepts "
-                                  f"x {len(doc['timesteps'])} steps in {j}")
-        return cls(doc["hookpoint"], doc["concepts"], means, doc["counts"], doc["timesteps"], doc.get("meta", {}))
+        try:
+            tensors = load_file(str(t))
+        except Exception as e:  # truncated / not safetensors
+            raise DictionaryError(f"{t} is not a readable safetensors file ({e}): rebuild it with "
+                                  "`diffusion-sae concepts build`") from None
+        means = tensors["means"]
+        for name, x in tensors.items():
+            if x.shape[0] != len(doc["concepts"]) or x.shape[1] != len(doc["timesteps"]) or x.shape[2] != means.shape[2]:
+                raise DictionaryError(f"{t}: {name} {tuple(x.shape)} do not match {len(doc['concepts'])} concepts "
+                                      f"x {len(doc['timesteps'])} steps in {j}")
+        bars, excess = tensors.get("bars"), tensors.get("excess")
+        return cls(doc["hookpoint"], doc["concepts"], means, doc["counts"], doc["timesteps"], doc.get("meta", {}),
+                   None if bars is None else bars.float(), None if excess is None else excess.float())
 
     # --- scoring -----------------------------------------------------------------------------
     def index(self, concept: str) -> int:
@@ -97,11 +122,28 @@ class ConceptDictionary:
         """ν(t): the average over all concepts (each weighted equally), [S, L]: the firing mask's bar."""
         return self.means.float().mean(0)
 
-    def select(self, concept: str, percentile: float | None = None, top_n: int | None = None) -> list[torch.Tensor]:
-        """Selected latent indices per step: s > quantile(s, p/100), or the top_n scores."""
+    def specific_scores(self, concept: str) -> torch.Tensor:
+        """excess_c(t): the concept's mean per-patch excess over the others' q-quantile, [S, L]."""
+        if self.excess is None:
+            raise DictionaryError(f"the dictionary at {self.hookpoint} has no per-patch statistics for "
+                                  "selection='specific': rebuild it with `diffusion-sae concepts build`")
+        return self.excess[self.index(concept)].float()
+
+    def concept_bar(self, concept: str) -> torch.Tensor:
+        """The others' per-patch q-quantile for the concept, [S, L] (the 'specific' edit's bar)."""
+        self.specific_scores(concept)
+        return self.bars[self.index(concept)].float()
+
+    def select(self, concept: str, percentile: float | None = None, top_n: int | None = None,
+               method: str = "paper") -> list[torch.Tensor]:
+        """Selected latent indices per step: s > quantile(s, p/100), or the top_n scores.
+
+        method="paper": s = s_c (normalised mean difference); "specific": s = excess_c."""
         if (percentile is None) == (top_n is None):
             raise DictionaryError("give exactly one of percentile (e.g. 99.9) or top_n (e.g. 2)")
-        s = self.scores(concept)
+        if method not in ("paper", "specific"):
+            raise DictionaryError(f"selection must be 'paper' or 'specific', not {method!r}")
+        s = self.scores(concept) if method == "paper" else self.specific_scores(concept)
         out = []
         for t in range(s.shape[0]):
             if top_n is not None:
@@ -116,11 +158,38 @@ class ConceptDictionary:
         return out
 
 
+# Histogram bins for per-patch latent values: 0 exactly (a latent TopK dropped), then geometric bins
+# from 1e-3 to 100 (latents are non-negative; relative resolution ≈ 10 % is plenty for a bar).
+HIST_EDGES = torch.cat([torch.zeros(1), torch.logspace(-3, 2, 96)])
+
+
+def _specificity(hist: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """hist [C, S, L, B] counts -> (bars, excess), each [C, S, L]; see the module docstring."""
+    C = hist.shape[0]
+    p = hist / hist.sum(-1, keepdim=True).clamp_min(1)             # per-concept distributions
+    e = HIST_EDGES
+    upper = torch.cat([e, e[-1:]])                                  # bin b covers (e[b-1], e[b]]
+    centre = torch.cat([e[:1], (e[:-1].clamp_min(e[1] / 10) * e[1:]).sqrt(), e[-1:]])
+    bars = torch.zeros(hist.shape[:3])
+    excess = torch.zeros(hist.shape[:3])
+    for c in range(C):
+        others = (p.sum(0) - p[c]) / max(C - 1, 1)
+        cdf = others.cumsum(-1)
+        b = (cdf < q - 1e-6).sum(-1).clamp_max(len(upper) - 1)       # first bin reaching q
+        bars[c] = upper[b]
+        excess[c] = (p[c] * (centre - bars[c][..., None]).clamp_min(0)).sum(-1)
+    return bars, excess
+
+
 @torch.no_grad()
 def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict[str, list[str]],
                              seeds: list[int] | None = None, steps: int = 25, guidance: float = 5.0,
-                             batch_size: int = 32, progress=None, **call_kwargs) -> ConceptDictionary:
-    """Run the pipeline on every concept's prompts and average the SAE latents per concept and step."""
+                             batch_size: int = 32, progress=None, bar_quantile: float = 0.95,
+                             **call_kwargs) -> ConceptDictionary:
+    """Run the pipeline on every concept's prompts and average the SAE latents per concept and step
+    (plus the per-patch statistics of 'specific' selection, see the module docstring)."""
+    if not 0 < bar_quantile < 1:
+        raise DictionaryError(f"bar_quantile must be in (0, 1), got {bar_quantile}")
     if not prompts_by_concept:
         raise DictionaryError("no concepts given")
     hp = resolve_hookpoint(pipe, hookpoint)
@@ -130,6 +199,7 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
     L = sae.cfg.num_latents
     concepts = list(prompts_by_concept)
     sums = torch.zeros(len(concepts), steps, L)
+    hist = torch.zeros(len(concepts), steps, L, len(HIST_EDGES) + 1)
     counts = [len(prompts_by_concept[c]) for c in concepts]
     jobs = [(ci, p, i) for ci, c in enumerate(concepts) for i, p in enumerate(prompts_by_concept[c])]
     state = {"rows": None}
@@ -145,8 +215,10 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
             raise DictionaryError(f"denoiser step {t} outside the dictionary's {steps}-step grid")
         z = sae.dense_latents(rows.to(sae.dtype))           # [B, P, L]
         zmean = z.mean(1).float().cpu()                      # mean over patches
+        bins = torch.bucketize(z.float().cpu(), HIST_EDGES)  # [B, P, L]
         for r, ci in enumerate(state["rows"]):
             sums[ci, t] += zmean[r]
+            hist[ci, t].scatter_add_(1, bins[r].T.contiguous(), torch.ones(L, bins.shape[1]))
 
     handle = hp.module.register_forward_hook(hook)
     timesteps = None
@@ -167,5 +239,6 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
         handle.remove()
     means = sums / torch.tensor(counts, dtype=torch.float32)[:, None, None]
     meta = {"steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
-            "prompts": prompts_by_concept, "seeds": seeds, "k": sae.cfg.k}
-    return ConceptDictionary(hp.name, concepts, means, counts, timesteps, meta)
+            "prompts": prompts_by_concept, "seeds": seeds, "k": sae.cfg.k, "bar_quantile": bar_quantile}
+    bars, excess = _specificity(hist, bar_quantile) if len(concepts) > 1 else (None, None)
+    return ConceptDictionary(hp.name, concepts, means, counts, timesteps, meta, bars, excess)

@@ -308,7 +308,7 @@ def quick_grid(ps: PromptSet) -> PromptSet:
 @contextlib.contextmanager
 def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     """Unlearn every concept of `params` ({concept: {"top_n" | "percentile", "multiplier", "scaling",
-    "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
+    "selection", "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
     without "blocks" uses the first block (the paper's single hookpoint)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
@@ -320,7 +320,8 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
             raise ValueError(f"SAeUron params for {c!r} name block {missing[0]!r}, which has no SAE / dictionary "
                              f"here (have {', '.join(blocks)})")
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
-                           p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"))
+                           p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
+                           p.get("selection", "paper"))
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:

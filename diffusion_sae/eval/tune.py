@@ -40,6 +40,7 @@ class Trial:
     multiplier: float
     scaling: str = "mean"
     blocks: tuple = ()
+    selection: str = "paper"
     n_images: int = 0
     UA: float = 0.0
     IRA: float = 0.0
@@ -52,6 +53,7 @@ class Trial:
 
     def as_dict(self, objective: str) -> dict:
         return {"top_n": self.top_n, "multiplier": self.multiplier, "scaling": self.scaling, "blocks": list(self.blocks),
+                "selection": self.selection,
                 "UA": self.UA, "IRA": self.IRA, "CRA": self.CRA,
                 "score": self.score(objective), "objective": objective, "images": self.n_images}
 
@@ -59,7 +61,7 @@ class Trial:
 def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: Trial, ps: PromptSet) -> None:
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
-    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n, trial.scaling)
+    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n, trial.scaling, trial.selection)
     saes = [blocks[b][0] for b in trial.blocks]
     dicts = [blocks[b][1] for b in trial.blocks]
     j = bench.run(ps, lambda: unlearn_concepts(pipe, saes, dicts, [edit]))
@@ -69,7 +71,7 @@ def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: T
 
 def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, search: str = "halving",
                  images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = 5.0,
-                 progress=None, scalings=("mean",), block_sets=None) -> dict:
+                 progress=None, scalings=("mean",), block_sets=None, selections=("paper",)) -> dict:
     """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size.
 
     `sae` / `dictionary` may be lists (one per block); `block_sets` lists the combinations of their
@@ -89,7 +91,8 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     best = {}
     for concept in concepts or KINDS[kind]:
-        trials = [Trial(n, g, sc, bs) for bs, sc, n, g in itertools.product(block_sets, scalings, top_n, gammas)]
+        trials = [Trial(n, g, sc, bs, sel) for bs, sel, sc, n, g in
+                  itertools.product(block_sets, selections, scalings, top_n, gammas)]
         if search == "grid":
             ps = tuning_set(kind, concept, images)
             for t in trials:

@@ -18,6 +18,10 @@ so with nothing selected, ours returns x exactly while the faithful mode changes
 Several blocks at once: pass lists of SAEs and dictionaries (one per block); every block gets the
 same edits, each with its own per-step feature selection (a concept that a model spreads over
 several cross-attention blocks is only removed when all of them are edited).
+
+`selection="specific"` (ours, concepts/dictionary.py) ranks latents by how far the concept's patches
+rise above the other concepts' per-patch q-quantile and uses that quantile as the firing bar, so an
+edit touches at most 1 − q of the other concepts' patches; "paper" is the official s_c with bar ν.
 The step t is the pipeline's real step (read from the timestep the denoiser receives, via
 StepTracker), and the dictionary's step grid must equal the sampler's.
 
@@ -47,15 +51,19 @@ class ConceptEdit:
     percentile: float | None = None
     top_n: int | None = None
     scaling: str = "mean"             # "mean": z·γ·μ_c(t) (official); "latent": z·γ
+    selection: str = "paper"          # "paper": s_c and bar ν; "specific": excess_c and the others' quantile
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
             self.top_n = 1
         if self.scaling not in ("mean", "latent"):
             raise DictionaryError(f"scaling must be 'mean' (z·γ·μ, official) or 'latent' (z·γ), not {self.scaling!r}")
+        if self.selection not in ("paper", "specific"):
+            raise DictionaryError(f"selection must be 'paper' (official scores, bar ν) or 'specific' (per-patch "
+                                  f"specificity), not {self.selection!r}")
 
 
-def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean") -> list[ConceptEdit]:
+def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper") -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -63,7 +71,8 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean") -> list[C
         if isinstance(c, ConceptEdit):
             edits.append(c)
         else:
-            edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling))
+            edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling,
+                                     selection))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
@@ -91,12 +100,15 @@ class SAeUronHook:
         self.features: dict[str, list[list[int]]] = {}
         for e in edits:
             c = dictionary.index(e.concept)
-            idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n)
+            idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n, method=e.selection)
             self.features[e.concept] = [i.tolist() for i in idx]
             mu = dictionary.means[c].float()
+            bar = dictionary.concept_bar(e.concept) if e.selection == "specific" else None
             for t, ids in enumerate(idx):
                 self.selected[t, ids] = True
                 self.scale[t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
+                if bar is not None:
+                    self.bar[t, ids] = bar[t, ids]
         dev, dt = sae.device, sae.dtype
         self.selected, self.scale, self.bar = self.selected.to(dev), self.scale.to(dev, dt), self.bar.to(dev, dt)
         self.tracker: StepTracker | None = None
@@ -171,7 +183,7 @@ def block_pairs(sae, dictionary) -> list[tuple]:
 @contextlib.contextmanager
 def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
                      percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
-                     mode: str = "ablate", scaling: str = "mean"):
+                     mode: str = "ablate", scaling: str = "mean", selection: str = "paper"):
     """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
 
     `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
@@ -180,7 +192,7 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)
-    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection)
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)
