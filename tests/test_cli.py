@@ -81,7 +81,7 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     from diffusion_sae.world import assets, bundle
     folders = [str(assets.sae_dir() / h) for h in bundle.BLOCK_HOOKPOINTS]
     ok("unlearn", "--sae", folders[0], "--sae", folders[1], "--dictionary-name", "concept_dictionary_style",
-       "--concept", "striped", "--multiplier", -2, "--scaling", "latent", "--top-n", 2,
+       "--concept", "striped", "--multiplier", -2, "--scaling", "latent", "--top-n", 2, "--selection", "specific",
        "--prompt", "a red star in striped style", "--out", tmp_path / "u3.png")
     assert (tmp_path / "u3.png").stat().st_size > 1000
     ok("steer", "--concept", "striped style", "--strength", "-1", "--gate", "striped", "--prompt", "a red star in striped style",

@@ -202,7 +202,12 @@ def test_steering_strength_picked_per_concept_and_looked_up():
         -0.75: [_removal("red", 0.0, 0.2), _removal("green", 0.2, 0.0), _removal("blue", 0.1, 0.1), _removal("yellow", 0.04, 0.0)],
         -1.0: [_removal("red", 0.0, 0.5), _removal("green", 0.0, 0.05), _removal("blue", 0.0, 0.3), _removal("yellow", 0.0, 0.0, kept=0.9)],
     }
+    # red: only -0.5 is clean (least drop); green: only -1.0; blue: fallback; yellow: only -0.75
     assert res.pick_per_concept() == {"red": -0.5, "green": -1.0, "blue": -0.75, "yellow": -0.75}
+    # equally clean strengths: the one closest to the kind's λ wins
+    res.rows[-0.75][0]["style_drop"] = 0.0
+    assert res.pick_per_concept(default=-0.75)["red"] == -0.75
+    assert res.pick_per_concept(default=-0.5)["red"] == -0.5
     cs = {"colour": -0.75, "concepts": {"colour": {"red": -0.5}}, "paper": {"colour": -0.4}}
     assert steer_strength(cs, "colour", "red") == -0.5
     assert steer_strength(cs, "colour", "blue") == -0.75

@@ -245,10 +245,13 @@ class SweepResult:
             return max(ok)  # strengths are negative: the weakest that works
         return max(self.strengths, key=lambda lam: (1 - score(lam)[0]) + score(lam)[1])
 
-    def pick_per_concept(self, max_presence: float = 0.05, max_drop: float = 0.05) -> dict[str, float]:
-        """{concept: λ}: per concept, the weakest strength that removes it (presence ≤ max_presence) while
+    def pick_per_concept(self, max_presence: float = 0.05, max_drop: float = 0.05,
+                         default: float | None = None) -> dict[str, float]:
+        """{concept: λ}: per concept, among the strengths that remove it (presence ≤ max_presence) while
         no other attribute of its prompts drops more than max_drop and the prompts without it keep their
-        agreement; else the strength with the least presence + worst drop (ties: the weaker one).
+        agreement, the one with the least drop (ties: the closest to `default`, the kind's λ, so a
+        concept only leaves the kind's λ when it does measurably better); else the strength with the
+        least presence + worst drop (ties: the weaker one).
         A kind's single λ is a compromise: one concept (e.g. a colour whose direction carries style)
         may need a weaker λ than the rest, another (a shape close to its neighbour) a stronger one."""
         out = {}
@@ -259,7 +262,9 @@ class SweepResult:
                            + [r["others_agreement_before"] - r["others_agreement"]])
                 return r["presence_after"], drop
             ok = [lam for lam in self.strengths if cost(lam)[0] <= max_presence and cost(lam)[1] <= max_drop]
-            out[c] = max(ok) if ok else min(self.strengths, key=lambda lam: (sum(cost(lam)), -lam))
+            ref = self.pick(max_presence, max_drop) if default is None else default
+            out[c] = min(ok, key=lambda lam: (round(cost(lam)[1], 6), abs(lam - ref), -lam)) if ok else \
+                min(self.strengths, key=lambda lam: (round(sum(cost(lam)), 6), -lam))
         return out
 
 

@@ -17,7 +17,11 @@ TEXT_LAYER = 2
 TEXT_HOOKPOINT = f"text_encoder.text_model.encoder.layers.{TEXT_LAYER}"
 BLOCK_HOOKPOINT = "unet.up_blocks.1.attentions.1"
 # Every block with a shipped SAE; per-concept params name the ones their edit uses.
-BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0")
+# Every cross-attention block of the ShapesCanvas UNet, the paper's SD 1.x block first: this small
+# UNet spreads a style over all of them (benchmarks/block_swap.py), so each has a shipped SAE.
+BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_blocks.0.attentions.1",
+                    "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0",
+                    "unet.down_blocks.2.attentions.0", "unet.down_blocks.1.attentions.0")
 STEPS = 25
 GUIDANCE = 5.0
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
