@@ -825,6 +825,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
+    from .eval.shapes import other_attribute_drop
     from .eval.tune import sweep_steering, tune_saeuron
     from .world import assets, bundle
 
@@ -877,9 +878,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                 per[kind] = res.pick_per_concept()
                 for i, (c, lam) in enumerate(per[kind].items()):
                     r = res.rows[lam][i]
-                    drop = max(v for k, v in r.items() if k.endswith("_drop"))
                     typer.echo(f"  {c:10s} λ={lam:g}: present {100*r['presence_after']:.1f} %, worst other-attribute "
-                               f"drop {100*drop:.1f} pts, prompts without it {100*r['others_agreement']:.1f} %")
+                               f"drop {100*other_attribute_drop(r):.1f} pts, prompts without it {100*r['others_agreement']:.1f} %")
             if not per:
                 table.pop("concepts")
         elif method == "steer-add":

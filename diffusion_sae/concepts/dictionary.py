@@ -122,17 +122,19 @@ class ConceptDictionary:
         """ν(t): the average over all concepts (each weighted equally), [S, L]: the firing mask's bar."""
         return self.means.float().mean(0)
 
-    def specific_scores(self, concept: str) -> torch.Tensor:
-        """excess_c(t): the concept's mean per-patch excess over the others' q-quantile, [S, L]."""
+    def _specific(self, table: str, concept: str) -> torch.Tensor:
         if self.excess is None:
             raise DictionaryError(f"the dictionary at {self.hookpoint} has no per-patch statistics for "
                                   "selection='specific': rebuild it with `diffusion-sae concepts build`")
-        return self.excess[self.index(concept)].float()
+        return getattr(self, table)[self.index(concept)].float()
+
+    def specific_scores(self, concept: str) -> torch.Tensor:
+        """excess_c(t): the concept's mean per-patch excess over the others' q-quantile, [S, L]."""
+        return self._specific("excess", concept)
 
     def concept_bar(self, concept: str) -> torch.Tensor:
         """The others' per-patch q-quantile for the concept, [S, L] (the 'specific' edit's bar)."""
-        self.specific_scores(concept)
-        return self.bars[self.index(concept)].float()
+        return self._specific("bars", concept)
 
     def select(self, concept: str, percentile: float | None = None, top_n: int | None = None,
                method: str = "paper") -> list[torch.Tensor]:

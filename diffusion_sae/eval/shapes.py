@@ -226,6 +226,11 @@ def mean_of(rows: list[dict], keys: list[str]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
+def other_attribute_drop(row: dict) -> float:
+    """A removal row's worst agreement drop among the other attributes of the concept's own prompts."""
+    return max(v for k, v in row.items() if k.endswith("_drop"))
+
+
 @dataclass
 class SweepResult:
     strengths: list[float]
@@ -255,14 +260,12 @@ class SweepResult:
         A kind's single λ is a compromise: one concept (e.g. a colour whose direction carries style)
         may need a weaker λ than the rest, another (a shape close to its neighbour) a stronger one."""
         out = {}
+        ref = self.pick(max_presence, max_drop) if default is None else default
         for i, c in enumerate(r["target"] for r in self.rows[self.strengths[0]]):
             def cost(lam, i=i):
                 r = self.rows[lam][i]
-                drop = max([v for k, v in r.items() if k.endswith("_drop")]
-                           + [r["others_agreement_before"] - r["others_agreement"]])
-                return r["presence_after"], drop
+                return r["presence_after"], max(other_attribute_drop(r), r["others_agreement_before"] - r["others_agreement"])
             ok = [lam for lam in self.strengths if cost(lam)[0] <= max_presence and cost(lam)[1] <= max_drop]
-            ref = self.pick(max_presence, max_drop) if default is None else default
             out[c] = min(ok, key=lambda lam: (round(cost(lam)[1], 6), abs(lam - ref), -lam)) if ok else \
                 min(self.strengths, key=lambda lam: (round(sum(cost(lam)), 6), -lam))
         return out
