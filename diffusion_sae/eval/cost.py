@@ -25,8 +25,8 @@ class Timing:
     min_s: float
     per_image_s: float
     images_per_call: int
-    peak_memory_bytes: int          # CPU: peak RSS during the timed calls; CUDA: max allocated
-    memory_increase_bytes: int      # peak minus the value before the first timed call
+    peak_memory_bytes: int          # CPU: peak RSS from the warm-up on; CUDA: max allocated in the timed calls
+    memory_increase_bytes: int      # peak minus the value before the warm-up (CPU) / the first timed call (CUDA)
     device: str
     memory_method: str
     settings: dict = field(default_factory=dict)
@@ -77,16 +77,19 @@ def time_generation(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if not cuda:
+        # The RSS baseline is taken before the warm-up and sampled through it: an allocator that keeps
+        # the warm-up's freed memory (glibc does, below its mmap threshold) would otherwise hide the
+        # call's footprint from a baseline read after it.
+        sampler = _RssSampler()
+        base = sampler.peak
+        sampler.start()
     for _ in range(warmup):
         fn()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        sampler = _RssSampler()
-        base = sampler.peak
-        sampler.start()
     secs = []
     try:
         for _ in range(repeats):
