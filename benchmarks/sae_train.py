@@ -1,21 +1,34 @@
 """SAE training throughput and quality: ours vs SAELens (TopK) and EleutherAI sparsify, same activations.
 
-d_in = 768, L = 3072 and 12288, k = 32, batch 4096, fp32 Adam, synthetic sparse activations (768-d,
-2L unit-norm atoms, 32 active per token). For every implementation: tokens/s over timed steps (after
-warm-up) and the FVU on held-out tokens after the same number of training tokens. Ours is also reported as a fraction
-of the bound set by the encoder matrix product alone (x @ W_encᵀ + b, timed in the same run).
+d_in = 768, L = 3072 and 12288, k = 32, batch 4096, Adam, synthetic sparse activations (768-d, 2L
+unit-norm atoms, 32 active per token). For every implementation: tokens/s and the FVU on held-out
+tokens after the same number of training tokens. Ours is also reported as a fraction of the bound
+set by the encoder matrix product alone (x @ W_encᵀ + b in that precision, timed in the same run).
+
+Two precisions, each implementation in its own library's setting:
+- fp32: everything in fp32;
+- bf16: mixed precision under `torch.autocast("cpu", torch.bfloat16)` with fp32 weights and Adam —
+  ours `TrainConfig(autocast="bf16")` (only the dense encoder product in bf16), SAELens
+  `SAETrainerConfig(autocast=True)`, sparsify's step inside the autocast region (its own
+  `SparseCoder.forward` asks for bf16 autocast on CUDA only).
+tokens/s = batch / median step time over the timed steps (warm-up untimed): a shared 2-core host
+adds sporadic stalls (page reclaim) that a mean would charge to whichever run they hit; the mean
+is printed beside it.
 
 Peers are imported from the running interpreter: `make bench-venv` builds .bench-venv (torch 2.13.0
 CPU, this project, and the peers pinned in benchmarks/requirements-peers.txt; never project
 dependencies) and `make bench` runs this file with its python. Under another interpreter a missing
 peer's row says why. Each peer runs its own library's training step (see run_saelens /
 run_sparsify) with the benchmark's fixed settings: same synthetic batches, d, L, k, batch, Adam at a
-constant lr 4e-4, fp32, CPU, the same thread count, warm-up steps untimed.
-Env knobs: SAE_BENCH_STEPS (default 12), SAE_BENCH_SIZES (default 3072,12288).
+constant lr 4e-4, CPU, the same thread count, warm-up steps untimed.
+Env knobs: SAE_BENCH_STEPS (default 12), SAE_BENCH_SIZES (default 3072,12288),
+SAE_BENCH_PRECISIONS (default fp32,bf16).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +43,20 @@ D, K, BATCH = 768, 32, 4096
 STEPS = int(os.environ.get("SAE_BENCH_STEPS", "12"))
 WARMUP = 2
 SIZES = [int(s) for s in os.environ.get("SAE_BENCH_SIZES", "3072,12288").split(",")]
+PRECISIONS = os.environ.get("SAE_BENCH_PRECISIONS", "fp32,bf16").split(",")
+
+
+class Rate(float):
+    """tokens/s from the median step, carrying the mean-based figure for the printout."""
+
+    def __new__(cls, step_seconds):
+        r = super().__new__(cls, BATCH / statistics.median(step_seconds))
+        r.mean = BATCH * len(step_seconds) / sum(step_seconds)
+        return r
+
+
+def _autocast(precision):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def data_for(L):
@@ -44,29 +71,36 @@ def heldout_fvu(recon_fn, data):
     return float((x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def encoder_bound(L):
-    x, W, b = torch.randn(BATCH, D), torch.randn(L, D), torch.randn(L)
+def encoder_bound(L, precision):
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, W, b = torch.randn(BATCH, D, dtype=dt), torch.randn(L, D, dtype=dt), torch.randn(L, dtype=dt)
     for _ in range(2):
         torch.addmm(b, x, W.t())
-    t = time.perf_counter()
-    n = 5
-    for _ in range(n):
+    secs = []
+    for _ in range(7):
+        t = time.perf_counter()
         torch.addmm(b, x, W.t())
-    return BATCH * n / (time.perf_counter() - t)
+        secs.append(time.perf_counter() - t)
+    return Rate(secs)
 
 
-def run_ours(L):
+def run_ours(L, precision):
     data = data_for(L)
     batches = list(data)
-    tr = SAETrainer(SAEConfig(d_in=D, num_latents=L, k=K), TrainConfig(lr=4e-4, batch_size=BATCH, log_every=10 ** 9,
-                                                                        auxk_alpha=1 / 32))
-    tr.fit(batches[:WARMUP], progress=False)
-    tr2 = SAETrainer(tr.sae, TrainConfig(lr=4e-4, batch_size=BATCH, log_every=10 ** 9, auxk_alpha=1 / 32))
-    tr2.opt, tr2.initialized, tr2.tokens_since_fired = tr.opt, True, tr.tokens_since_fired
-    t = time.perf_counter()
-    sae = tr2.fit(batches[WARMUP:], progress=False)
-    tps = STEPS * BATCH / (time.perf_counter() - t)
-    return tps, heldout_fvu(lambda x: sae(x).sae_out, data)
+    cfg = TrainConfig(lr=4e-4, batch_size=BATCH, log_every=10 ** 9, auxk_alpha=1 / 32,
+                      autocast="bf16" if precision == "bf16" else "none")
+    tr = SAETrainer(SAEConfig(d_in=D, num_latents=L, k=K), cfg)
+    stamps = []
+
+    def stamped(xs):  # the trainer asks for batch i+1 when step i is done
+        for x in xs:
+            stamps.append(time.perf_counter())
+            yield x
+        stamps.append(time.perf_counter())
+
+    sae = tr.fit(stamped(batches), progress=False)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
+    return Rate(steps), heldout_fvu(lambda x: sae(x).sae_out, data)
 
 
 PEER_HINT = "run `make bench-venv` and this script with .bench-venv/bin/python (pins: benchmarks/requirements-peers.txt)"
@@ -80,13 +114,15 @@ def _timed(step, batches):
     """Warm-up steps untimed, then tokens/s over the timed ones."""
     for i, x in enumerate(batches[:WARMUP]):
         step(x, i)
-    t = time.perf_counter()
+    secs = []
     for i, x in enumerate(batches[WARMUP:]):
+        t = time.perf_counter()
         step(x, i + WARMUP)
-    return STEPS * BATCH / (time.perf_counter() - t)
+        secs.append(time.perf_counter() - t)
+    return Rate(secs)
 
 
-def run_saelens(L):
+def run_saelens(L, precision):
     """SAELens's own training step: `SAETrainer.step` (the seam its `fit` loop calls) on a TopKTrainingSAE.
 
     Everything not fixed by the benchmark (d, L, k, batch, constant Adam lr 4e-4, fp32, CPU) is
@@ -104,7 +140,8 @@ def run_saelens(L):
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=L, k=K, dtype="float32", device="cpu"))
     tcfg = SAETrainerConfig(total_training_samples=len(batches) * BATCH, train_batch_size_samples=BATCH,
-                            lr=4e-4, lr_end=4e-5, lr_scheduler_name="constant", device="cpu", autocast=False)
+                            lr=4e-4, lr_end=4e-5, lr_scheduler_name="constant", device="cpu",
+                            autocast=precision == "bf16")
     # lr_end: what SAELens's runner config fills in (lr / 10); unused by the constant schedule.
     trainer = LensTrainer(cfg=tcfg, sae=sae, data_provider=iter(batches))
 
@@ -118,7 +155,7 @@ def run_saelens(L):
     return tps, heldout_fvu(lambda x: sae(x), data)
 
 
-def run_sparsify(L):
+def run_sparsify(L, precision):
     """EleutherAI sparsify's training step as its `Trainer` does it for an autoencoder hookpoint
     (the Trainer itself only runs on a language model's hooks): b_dec = batch mean on the first
     step, decoder rows renormalised before each forward, loss = FVU + auxk_alpha·AuxK with the
@@ -144,7 +181,8 @@ def run_sparsify(L):
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > dead_threshold
         total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        with _autocast(precision):
+            out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
         did_fire = torch.zeros(L, dtype=torch.bool)
         did_fire[out.latent_indices.flatten()] = True
         (out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8).backward()
@@ -176,30 +214,42 @@ def main():
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     print(f"SAE training benchmark: d_in={D}, k={K}, batch={BATCH}, {STEPS} timed steps after {WARMUP} warm-up, "
-          f"torch {torch.__version__}, {threads} threads, fp32, load avg {os.getloadavg()[0]:.1f}; {_versions()} "
+          f"torch {torch.__version__}, {threads} threads, load avg {os.getloadavg()[0]:.1f}; {_versions()} "
           f"({sys.executable})")
-    rows, notes = [], []
+    rows, notes, best = [], [], {}
     for L in SIZES:
-        bound = encoder_bound(L)
-        ours = run_ours(L)
-        rows.append((L, "diffusion-sae (ours)", ours[0], ours[1], f"{ours[0] / bound:.2f} of encoder-matmul bound "
-                                                                   f"({bound:,.0f} tok/s)"))
-        for name, fn in (("SAELens TopK", run_saelens), ("EleutherAI sparsify", run_sparsify)):
-            torch.set_num_threads(threads)  # every implementation runs with the same thread count
-            try:
-                r = fn(L)
-            except Exception as e:  # a peer's API drifted: report, do not crash the table
-                r = f"failed: {_why(e)}"
-            if isinstance(r, str):
-                rows.append((L, name, None, None, ""))
-                notes.append(f"{name} (L={L}): {r}")
-            else:
-                rows.append((L, name, r[0], r[1], f"ours is {ours[0] / r[0]:.2f}x"))
-    print(f"\n{'L':>6}  {'implementation':<22} {'tokens/s':>10} {'FVU':>8}  note")
-    for L, name, tps, fvu, note in rows:
+        for prec in PRECISIONS:
+            torch.set_num_threads(threads)
+            bound = encoder_bound(L, prec)
+            ours = run_ours(L, prec)
+            b = best.setdefault(L, {"ours": (0.0, "", 0.0), "peers": []})
+            b["ours"] = max(b["ours"], (ours[0], prec, ours[1]))
+            rows.append((L, prec, "diffusion-sae (ours)", ours[0], ours[1],
+                         f"{ours[0] / bound:.2f} of encoder-matmul bound ({bound:,.0f} tok/s)"))
+            for name, fn in (("SAELens TopK", run_saelens), ("EleutherAI sparsify", run_sparsify)):
+                torch.set_num_threads(threads)  # every implementation runs with the same thread count
+                try:
+                    r = fn(L, prec)
+                except Exception as e:  # a peer's API drifted: report, do not crash the table
+                    r = f"failed: {_why(e)}"
+                if isinstance(r, str):
+                    rows.append((L, prec, name, None, None, ""))
+                    notes.append(f"{name} (L={L}, {prec}): {r}")
+                else:
+                    best[L]["peers"].append((r[0], f"{name} {prec}", r[1]))
+                    rows.append((L, prec, name, r[0], r[1], f"ours is {ours[0] / r[0]:.2f}x"))
+    print(f"\n{'L':>6}  {'prec':<5} {'implementation':<22} {'tokens/s':>10} {'(mean)':>8} {'FVU':>8}  note")
+    for L, prec, name, tps, fvu, note in rows:
         t = f"{tps:,.0f}" if tps is not None else "n/a"
+        m = f"{tps.mean:,.0f}" if tps is not None else ""
         f = f"{fvu:.4f}" if fvu is not None else "n/a"
-        print(f"{L:>6}  {name:<22} {t:>10} {f:>8}  {note}")
+        print(f"{L:>6}  {prec:<5} {name:<22} {t:>10} {m:>8} {f:>8}  {note}")
+    for L, b in best.items():
+        if b["peers"]:
+            tps, who, fvu = max(b["peers"])
+            o_tps, o_prec, o_fvu = b["ours"]
+            print(f"L={L}: ours at its fastest setting ({o_prec}, {o_tps:,.0f} tok/s, FVU {o_fvu:.4f}) is "
+                  f"{o_tps / tps:.2f}x the fastest peer setting ({who}, {tps:,.0f} tok/s, FVU {fvu:.4f})")
     for n in dict.fromkeys(notes):
         print("note:", n)
 

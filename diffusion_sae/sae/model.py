@@ -29,6 +29,12 @@ from torch import Tensor, nn
 from .kernels import sparse_decode, token_offsets, topk_encode
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The encoder product's dtype under an active autocast region on x's device (else None: W_enc's)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 class SAEError(ValueError):
     """A bad input (shape, config, file): its message is one line meant for the user."""
 
@@ -137,6 +143,9 @@ class TopKSAE(nn.Module):
         # Optional per-latent statistics shipped with some foreign checkpoints (sdxl-unbox mean.pt/std.pt).
         self.latent_mean: Tensor | None = None
         self.latent_std: Tensor | None = None
+        # Set to a dict by the trainer while it fits: the training forward keeps its [N, L]
+        # pre-activation buffer there between steps (see kernels.TopKEncoder); None frees it.
+        self.workspace: dict | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -199,7 +208,8 @@ class TopKSAE(nn.Module):
 
     def _encode_flat(self, xn: Tensor) -> EncoderOutput:
         w = self.cfg.encode_width
-        vals, cols, _, _, _ = topk_encode(xn - self.b_dec, self.W_enc, self.b_enc, w)
+        vals, cols, _, _, _ = topk_encode(xn, self.W_enc, self.b_enc, w, shift=self.b_dec,
+                                          compute_dtype=_autocast_dtype(xn))
         if self.cfg.batch_topk and self.cfg.threshold > 0:
             vals = vals * (vals > self.threshold)
         return EncoderOutput(vals, cols)
@@ -278,7 +288,8 @@ class TopKSAE(nn.Module):
         k = self.cfg.k if (batch_mode or not self.cfg.batch_topk or self.cfg.threshold <= 0) \
             else self.cfg.encode_width
         vals, cols, rows, aux_vals, aux_cols = topk_encode(
-            xn - self.b_dec, self.W_enc, self.b_enc, k, batch_mode, dead_mask if ka else None, ka)
+            xn, self.W_enc, self.b_enc, k, batch_mode, dead_mask if ka else None, ka, shift=self.b_dec,
+            compute_dtype=_autocast_dtype(xn), workspace=self.workspace)
         if not batch_mode and self.cfg.batch_topk and self.cfg.threshold > 0:
             vals = vals * (vals > self.threshold)
         offsets = token_offsets(rows, num_tokens) if batch_mode else None

@@ -58,7 +58,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 0                   # steps; 0 = only at the end (needs run_dir)
     max_tokens: int | None = None         # None: one pass over the iterator
-    autocast: str = "none"                # none | bf16 | fp16 (GPU; bf16 is slow on most CPUs)
+    autocast: str = "none"                # none | bf16 | fp16: mixed precision (fp16: GPU; bf16: GPUs and CPUs with AVX512-BF16/AMX)
     b_dec_init: str = "geometric_median"  # geometric_median | mean
     calibrate_tokens: int = 16384         # BatchTopK threshold calibration sample
     adam_eps: float = 6.25e-10
@@ -260,11 +260,14 @@ class SAETrainer:
         self.initialized = True
 
     def _global_total_variance(self, xn: Tensor) -> Tensor:
-        n = torch.tensor([float(xn.shape[0])], device=xn.device, dtype=torch.float64)
-        s = xn.detach().double().sum(0)
-        _all_reduce_sum_(n)
-        _all_reduce_sum_(s)
-        tv = (xn.detach().double() - s / n).pow(2).sum()
+        """Σ‖x − mean‖² over the global batch. The mean is reduced in fp64 across ranks; the centred sum of
+        squares is one fp32 norm per rank (no fp64 copy of the batch: that cost as much as the decoder)."""
+        xd = xn.detach()
+        stats = torch.cat([torch.tensor([float(xd.shape[0])], device=xd.device, dtype=torch.float64),
+                           xd.sum(0).double()])  # sum(dtype=f64) would copy the batch to fp64
+        _all_reduce_sum_(stats)
+        mean = (stats[1:] / stats[0]).to(xd.dtype)
+        tv = torch.linalg.vector_norm(xd - mean).double().pow(2)
         return _all_reduce_sum_(tv).to(xn.dtype)
 
     def _lr_factor(self, step: int, total_steps: int | None) -> float:
@@ -314,6 +317,7 @@ class SAETrainer:
                   "counts": torch.zeros(L, dtype=torch.long, device=self.device)}
         t0, start_step = time.perf_counter(), self.step
         sae.train()
+        sae.workspace = {}
         try:
             for i, gbatch in enumerate(rebatch(batches, c.batch_size, self.world)):
                 if gbatch.shape[-1] != d:
@@ -325,7 +329,9 @@ class SAETrainer:
                 if i < self.step:  # resuming: these batches were trained on before the interruption
                     keep_tail(x)
                     continue
-                if not torch.isfinite(x).all():
+                # One reduction instead of an elementwise mask: NaN/inf anywhere makes the sum non-finite
+                # (the full check only confirms it, so a finite batch whose sum overflows is not flagged).
+                if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
                     self._fail("the activation batch contains NaN or inf values")
                 if not self.initialized:
                     self._initialize(x)
@@ -391,6 +397,7 @@ class SAETrainer:
                 if self.rank == 0:
                     sae.save_pretrained(self.run_dir / (sae.cfg.hookpoint or "sae"))
         finally:
+            sae.workspace = None
             if bar is not None:
                 bar.stop()
             if writer is not None:
