@@ -486,6 +486,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               gate: Optional[str] = typer.Option(None, help="Steer only prompts containing this text's tokens (e.g. 'striped'); "
                                                  "default: every prompt, as the paper does."),
               baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S."),
+              keep: Optional[list[str]] = typer.Option(None, help="Concept to leave alone (repeatable, e.g. --keep circle "
+                                                       "--keep 'striped style'): S is made orthogonal to its rows (ours)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -513,7 +515,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         out = Path("steer.png")
     imgs = []
     try:
-        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, gate=gate) for c in concept}
+        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, gate=gate, keep=keep or None)
+                for c in concept}
         with _progress() as p:
             task = p.add_task("steer", total=len(ps) * len(lams), info="")
             for row in ps.rows:
@@ -547,6 +550,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t) (--scaling mean) or γ (latent)."),
                 scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
                 selection: str = typer.Option("paper", help="paper: official scores, bar ν; specific: per-patch specificity (ours)."),
+                min_fire: int = typer.Option(1, help="Edit a patch only where this many selected features fire together (ours; 1 = the paper)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
@@ -586,7 +590,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
             imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
             with unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier, percentile=percentile,
                                   top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling,
-                                  selection=selection):
+                                  selection=selection, min_fire=min_fire):
                 imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])
@@ -820,12 +824,14 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              gammas: str = typer.Option("-1,-5,-10,-20,-30", help="saeuron: multipliers γ to try."),
              scalings: str = typer.Option("mean", help="saeuron: 'mean' (z·γ·μ, official), 'latent' (z·γ) or both, comma-separated."),
              selections: str = typer.Option("paper", help="saeuron: 'paper' (official scores, bar ν), 'specific' (per-patch specificity) or both, comma-separated."),
+             min_fires: str = typer.Option("1", help="saeuron: evidence gates to try: edit a patch only where this many selected features fire together (1 = the paper)."),
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
              per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
+             orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
-    from .eval.shapes import other_attribute_drop
+    from .eval.shapes import orthogonal_kind, other_attribute_drop
     from .eval.tune import sweep_steering, tune_saeuron
     from .world import assets, bundle
 
@@ -854,16 +860,24 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             best = tune_saeuron(pipe, clf, [got[b][0] for b in names], [got[b][1] for b in names], kind,
                                 concepts=concept or None, search=search, images=images, progress=prog,
                                 top_n=[int(x) for x in _strengths(top_n)], gammas=_strengths(gammas),
-                                scalings=scs, block_sets=sets, selections=sels)
+                                scalings=scs, block_sets=sets, selections=sels,
+                                min_fires=[int(x) for x in _strengths(min_fires)])
             for c, b in best.items():
-                typer.echo(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['selection']} {b['scaling']} "
+                typer.echo(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['selection']} {b['scaling']} min_fire={b['min_fire']} "
                            f"top_n={b['top_n']} γ={b['multiplier']:g}  UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} "
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
-                params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "selection", "blocks")}
+                params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "selection", "min_fire", "blocks")}
         elif method == "steer":
+            if orthogonal is None:
+                orthogonal = orthogonal_kind(params["steer"], kind) and gated
+            if orthogonal and not gated:
+                fail("--orthogonal is an option of the gated (ours) steering; drop --no-gated or --orthogonal")
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
                                  n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"),
-                                 gate=gated)
+                                 gate=gated, orthogonal=orthogonal)
+            if gated:
+                kinds = [k for k in bundle.KINDS if orthogonal_kind(params["steer"], k) and k != kind]
+                params["steer"]["orthogonal"] = kinds + [kind] if orthogonal else kinds
             for lam in res.strengths:
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "

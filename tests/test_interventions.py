@@ -5,7 +5,7 @@ import torch
 from diffusion_sae.concepts.dictionary import ConceptDictionary, DictionaryError, build_concept_dictionary
 from diffusion_sae.interventions.ablate import StepGridError, unlearn_concepts
 from diffusion_sae.interventions.steer import (SteeringError, concept_steering, feature_steering,
-                                               steer_text_encoder)
+                                               orthogonalize_rows, steer_text_encoder)
 from _tiny import tiny
 from diffusion_sae.models import list_hookpoints, resolve_hookpoint
 from diffusion_sae.sae import TopKSAE
@@ -140,6 +140,37 @@ def test_several_concepts_and_feature_steering(pipes):
     with steer_text_encoder(pipe, f):
         feat = _gen(pipe)
     assert (feat - _gen(pipe)).abs().max() > 1e-4
+
+
+def test_orthogonalize_rows_hand_computed():
+    s = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    keep = torch.zeros(2, 2, 3)
+    keep[0, 0] = torch.tensor([2.0, 0.0, 0.0])   # position 0 keeps x
+    keep[1, 0] = torch.tensor([0.0, 0.0, 5.0])   # ... and z
+    keep[0, 1] = torch.tensor([0.0, 3.0, 0.0])   # position 1 keeps y; its other keep row is zero
+    out = orthogonalize_rows(s, keep)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 2.0, 0.0], [4.0, 0.0, 6.0]]))
+    # A zero keep set (e.g. a position every prompt shares once the baseline is subtracted) removes nothing.
+    torch.testing.assert_close(orthogonalize_rows(s, torch.zeros(3, 2, 3)), s)
+
+
+def test_keep_concepts_make_the_steering_orthogonal_to_them(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    keep = ["a dog", "blue"]
+    plain = concept_steering(sae, pipe, name, "red", -1.0, baseline="")
+    ortho = concept_steering(sae, pipe, name, "red", -1.0, baseline="", keep=keep)
+    assert ortho.meta["keep"] == keep and ortho.matrix.shape == plain.matrix.shape
+    kept = torch.stack([concept_steering(sae, pipe, name, k, 1.0, baseline="").matrix for k in keep])  # [K, T, d]
+    # every row is now orthogonal to the kept concepts' rows at its position, and it lost only that part
+    assert float(torch.einsum("ktd,td->kt", kept, ortho.matrix).abs().max()) < 1e-4 * float(plain.matrix.norm())
+    assert float((plain.matrix - ortho.matrix).norm()) > 1e-3 * float(plain.matrix.norm())
+    with steer_text_encoder(pipe, ortho):
+        img = _gen(pipe)
+    assert (img - _gen(pipe)).abs().max() > 1e-4
+    with pytest.raises(SteeringError, match="keep concept is empty"):
+        concept_steering(sae, pipe, name, "red", -1.0, keep=[" "])
 
 
 def test_hooks_removed_when_generation_raises(pipes):
@@ -331,7 +362,7 @@ def test_specific_selection_uses_the_others_quantile_as_bar(sd_dictionary, tmp_p
     bar = d.concept_bar("cat")
     for t, ids in enumerate(sel):
         if len(ids):
-            assert torch.allclose(hook.bar[t, ids], bar[t, ids])
+            assert torch.allclose(hook.bar[0, t, ids], bar[t, ids])
     d.save(tmp_path)
     d2 = ConceptDictionary.load(tmp_path)
     assert torch.allclose(d2.bars, d.bars, rtol=1e-3) and torch.allclose(d2.excess, d.excess, rtol=1e-3, atol=1e-4)
@@ -344,3 +375,34 @@ def test_specific_selection_uses_the_others_quantile_as_bar(sd_dictionary, tmp_p
         old.select("cat", top_n=1, method="specific")
     with pytest.raises(DictionaryError, match="selection"):
         ConceptEdit("cat", -1.0, selection="best")
+
+
+def test_min_fire_gates_patches_on_several_features_firing_together(sd_dictionary):
+    from diffusion_sae.interventions.ablate import ConceptEdit, SAeUronHook
+
+    pipe, sae, d = sd_dictionary
+    g = torch.Generator().manual_seed(0)
+    one = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, top_n=6, scaling="latent")])
+    two = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, top_n=6, scaling="latent", min_fire=2)])
+    never = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, top_n=6, scaling="latent", min_fire=7)])
+    seen = set()
+    for t in range(len(d.timesteps)):
+        # patches built from two, one or none of the selected features (tied init: encoder row ≈ decoder row)
+        ids = one.selected[0, t].nonzero().flatten()
+        w = sae.W_dec.detach()
+        x = torch.cat([4 * (w[ids[0]] + w[ids[1]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
+                       torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
+        acts, idx = sae.encode(x)
+        fire = one.selected[0, t][idx] & (acts > one.bar[0, t][idx])
+        n_fire = fire.sum(-1)
+        e1, e2 = one.edit_tokens(x, t), two.edit_tokens(x, t)
+        changed1 = (e1 - x).abs().amax(-1) > 1e-6
+        changed2 = (e2 - x).abs().amax(-1) > 1e-6
+        assert torch.equal(changed1, n_fire >= 1) and torch.equal(changed2, n_fire >= 2)
+        # where the gate opens, the edit is the ungated one
+        torch.testing.assert_close(e2[n_fire >= 2], e1[n_fire >= 2])
+        assert torch.equal(never.edit_tokens(x, t), x)  # 7 > top_n features can never fire together
+        seen |= {min(int(n), 2) for n in n_fire}
+    assert seen == {0, 1, 2}  # patches with none, one and several firing features were all exercised
+    with pytest.raises(DictionaryError, match="min_fire"):
+        ConceptEdit("cat", -1.0, min_fire=0)

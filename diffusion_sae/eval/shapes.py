@@ -316,7 +316,7 @@ def quick_grid(ps: PromptSet) -> PromptSet:
 @contextlib.contextmanager
 def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     """Unlearn every concept of `params` ({concept: {"top_n" | "percentile", "multiplier", "scaling",
-    "selection", "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
+    "selection", "min_fire", "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
     without "blocks" uses the first block (the paper's single hookpoint)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
@@ -329,7 +329,7 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
                              f"here (have {', '.join(blocks)})")
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
-                           p.get("selection", "paper"))
+                           p.get("selection", "paper"), p.get("min_fire", 1))
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:
@@ -357,13 +357,26 @@ def steer_strength(cs_params: dict, kind: str, concept: str, paper: bool = False
 
 def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, cs_params: dict, paper: bool = False):
     """The Concept Steerers removal term for one concept under the tuned settings: gated on the concept's
-    word when params say "gate": true (ours), or every prompt steered (paper=True, with its own λ)."""
+    word when params say "gate": true and orthogonal to the other kinds' concepts when "orthogonal"
+    lists the kind (ours), or every prompt steered as in the paper (paper=True, with its own λ)."""
     from ..interventions.steer import concept_steering
     from ..world.bundle import TEXT_HOOKPOINT
 
     gate = concept if cs_params.get("gate") and not paper else None
+    keep = keep_concepts(kind) if orthogonal_kind(cs_params, kind) and not paper else None
     return concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, concept), strength,
-                            baseline=cs_params.get("baseline"), gate=gate)
+                            baseline=cs_params.get("baseline"), gate=gate, keep=keep)
+
+
+def orthogonal_kind(cs_params: dict, kind: str) -> bool:
+    """Whether params make `kind`'s removal steerings orthogonal: "orthogonal" lists kinds (or is a bool)."""
+    orth = cs_params.get("orthogonal", False)
+    return kind in orth if isinstance(orth, (list, tuple)) else bool(orth)
+
+
+def keep_concepts(kind: str) -> list[str]:
+    """The concept prompts of the other kinds: what removing a concept of `kind` must leave alone."""
+    return [concept_text(k, c) for k in KINDS if k != kind for c in KINDS[k]]
 
 
 def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
@@ -447,7 +460,10 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
 
     # SAeUron: several styles at once.
     if cfg.multi and "style" in cfg.unlearn_kinds and not cfg.max_concepts:
-        pc = {c: sa_params.get(c, DEFAULT_SAEURON) for c in cfg.multi}
+        # Settings tuned for unlearning several concepts together (e.g. an evidence gate, min_fire) override
+        # each concept's own edit: one feature of any of three concepts crossing its bar is common.
+        together = params.get("saeuron_multi", {})
+        pc = {c: {**sa_params.get(c, DEFAULT_SAEURON), **together} for c in cfg.multi}
         j = bench.run(ps, lambda: saeuron_context(pipe, blocks["style"], pc))
         idx = [STYLES.index(c) for c in cfg.multi]
         truth = j.truth("style")
@@ -456,6 +472,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
         row = {"targets": list(cfg.multi), "UA": sum(ua) / len(ua), "IRA": sum(others) / len(others),
                "CRA": j.accuracy("object")}
         row["mean"] = (row["UA"] + row["IRA"] + row["CRA"]) / 3
+        row["together"] = together
         out["saeuron_multi"] = row
     out["cost"] = method_costs(pipe, text_sae, blocks, params, cfg)
     out["images_generated"] = bench.images_generated
@@ -531,7 +548,8 @@ def shapes_report_sections(res: dict) -> list:
     if "saeuron_multi" in res:
         m = res["saeuron_multi"]
         tables.append(Table("SAeUron: several styles at once, %", ["styles", "UA", "IRA", "CRA", "mean"],
-                            [[", ".join(m["targets"]), _pct(m["UA"]), _pct(m["IRA"]), _pct(m["CRA"]), _pct(m["mean"])]]))
+                            [[", ".join(m["targets"]) + "".join(f" ({k} {v})" for k, v in m.get("together", {}).items()),
+                              _pct(m["UA"]), _pct(m["IRA"]), _pct(m["CRA"]), _pct(m["mean"])]]))
     if tables:
         secs.append(Section("Unlearning: UA / IRA / CRA", "", tables, figs))
     fd_rows = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..world.evaluate import PromptSet, grid_prompts
-from .shapes import KINDS, ShapesBench, SweepResult, concept_text, removal_row, unlearning_row
+from .shapes import KINDS, ShapesBench, SweepResult, concept_text, keep_concepts, removal_row, unlearning_row
 
 TOP_N = (1, 2, 4, 8)
 GAMMAS = (-1.0, -5.0, -10.0, -20.0, -30.0)
@@ -41,6 +41,7 @@ class Trial:
     scaling: str = "mean"
     blocks: tuple = ()
     selection: str = "paper"
+    min_fire: int = 1
     n_images: int = 0
     UA: float = 0.0
     IRA: float = 0.0
@@ -53,7 +54,7 @@ class Trial:
 
     def as_dict(self, objective: str) -> dict:
         return {"top_n": self.top_n, "multiplier": self.multiplier, "scaling": self.scaling, "blocks": list(self.blocks),
-                "selection": self.selection,
+                "selection": self.selection, "min_fire": self.min_fire,
                 "UA": self.UA, "IRA": self.IRA, "CRA": self.CRA,
                 "score": self.score(objective), "objective": objective, "images": self.n_images}
 
@@ -61,7 +62,7 @@ class Trial:
 def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: Trial, ps: PromptSet) -> None:
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
-    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n, trial.scaling, trial.selection)
+    edit = ConceptEdit(concept, trial.multiplier, None, trial.top_n, trial.scaling, trial.selection, trial.min_fire)
     saes = [blocks[b][0] for b in trial.blocks]
     dicts = [blocks[b][1] for b in trial.blocks]
     j = bench.run(ps, lambda: unlearn_concepts(pipe, saes, dicts, [edit]))
@@ -71,7 +72,7 @@ def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: T
 
 def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, search: str = "halving",
                  images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = 5.0,
-                 progress=None, scalings=("mean",), block_sets=None, selections=("paper",)) -> dict:
+                 progress=None, scalings=("mean",), block_sets=None, selections=("paper",), min_fires=(1,)) -> dict:
     """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size.
 
     `sae` / `dictionary` may be lists (one per block); `block_sets` lists the combinations of their
@@ -91,8 +92,8 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     best = {}
     for concept in concepts or KINDS[kind]:
-        trials = [Trial(n, g, sc, bs, sel) for bs, sel, sc, n, g in
-                  itertools.product(block_sets, selections, scalings, top_n, gammas)]
+        trials = [Trial(n, g, sc, bs, sel, m) for bs, sel, sc, n, g, m in
+                  itertools.product(block_sets, selections, scalings, top_n, gammas, min_fires) if m <= n]
         if search == "grid":
             ps = tuning_set(kind, concept, images)
             for t in trials:
@@ -116,16 +117,18 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
                    steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None,
-                   gate: bool = False) -> SweepResult:
-    """Concept Steerers removal at each strength for every concept of a kind (tuning prompts)."""
+                   gate: bool = False, orthogonal: bool = False) -> SweepResult:
+    """Concept Steerers removal at each strength for every concept of a kind (tuning prompts); orthogonal:
+    each steering keeps the other kinds' concepts (see `concept_steering`'s `keep`)."""
     from ..interventions.steer import concept_steering, steer_text_encoder
 
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     res = SweepResult(list(strengths))
     sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
     bases = {c: bench.run(ps) for c, ps in sets.items()}
+    keep = keep_concepts(kind) if orthogonal else None
     units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0, baseline=baseline,
-                                 gate=c if gate else None) for c in KINDS[kind]}
+                                 gate=c if gate else None, keep=keep) for c in KINDS[kind]}
     for lam in res.strengths:
         res.rows[lam] = []
         for c, ps in sets.items():

@@ -25,9 +25,13 @@ edit touches at most 1 − q of the other concepts' patches; "paper" is the offi
 The step t is the pipeline's real step (read from the timestep the denoiser receives, via
 StepTracker), and the dictionary's step grid must equal the sampler's.
 
+`min_fire=m` (ours, default 1 = the paper) edits a patch for concept c only where at least m of c's
+selected features fire above their bars together: one feature of c crossing its bar on another
+concept's patch is common, several at once much rarer.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
-prompt).
+prompt); several concepts add up.
 """
 from __future__ import annotations
 
@@ -52,10 +56,15 @@ class ConceptEdit:
     top_n: int | None = None
     scaling: str = "mean"             # "mean": z·γ·μ_c(t) (official); "latent": z·γ
     selection: str = "paper"          # "paper": s_c and bar ν; "specific": excess_c and the others' quantile
+    # Evidence gate (ours): edit a patch only where at least this many of the concept's selected features
+    # fire above their bars together. 1 is the paper's rule (every firing feature is edited on its own).
+    min_fire: int = 1
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
             self.top_n = 1
+        if not isinstance(self.min_fire, int) or isinstance(self.min_fire, bool) or self.min_fire < 1:
+            raise DictionaryError(f"min_fire must be a positive integer (features firing together), not {self.min_fire!r}")
         if self.scaling not in ("mean", "latent"):
             raise DictionaryError(f"scaling must be 'mean' (z·γ·μ, official) or 'latent' (z·γ), not {self.scaling!r}")
         if self.selection not in ("paper", "specific"):
@@ -63,7 +72,8 @@ class ConceptEdit:
                                   f"specificity), not {self.selection!r}")
 
 
-def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper") -> list[ConceptEdit]:
+def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper",
+              min_fire=1) -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -72,7 +82,7 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection
             edits.append(c)
         else:
             edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling,
-                                     selection))
+                                     selection, min_fire))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
@@ -92,25 +102,28 @@ class SAeUronHook:
         self.sae, self.dictionary, self.edits, self.mode, self.faithful = sae, dictionary, edits, mode, faithful
         S = len(dictionary.timesteps)
         nu = dictionary.average()
-        # Several concepts: the union of their features, each scaled by its own γ·μ_c (a latent picked
-        # by two concepts keeps the later one's scale, deterministically).
-        self.selected = torch.zeros(S, L, dtype=torch.bool)
-        self.scale = torch.ones(S, L)
-        self.bar = nu.clone()
+        # One (selected, scale, bar) table per concept. Several concepts: the union of their edits, each
+        # feature scaled by its own concept's γ·μ_c where that concept's rule fires (a latent picked by two
+        # concepts that both fire keeps the later one's scale, deterministically).
         self.features: dict[str, list[list[int]]] = {}
+        tables = []
         for e in edits:
             c = dictionary.index(e.concept)
             idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n, method=e.selection)
             self.features[e.concept] = [i.tolist() for i in idx]
             mu = dictionary.means[c].float()
-            bar = dictionary.concept_bar(e.concept) if e.selection == "specific" else None
+            bar = dictionary.concept_bar(e.concept).float() if e.selection == "specific" else nu.float()
+            selected = torch.zeros(S, L, dtype=torch.bool)
+            scale = torch.ones(S, L)
             for t, ids in enumerate(idx):
-                self.selected[t, ids] = True
-                self.scale[t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
-                if bar is not None:
-                    self.bar[t, ids] = bar[t, ids]
+                selected[t, ids] = True
+                scale[t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
+            tables.append((selected, scale, bar))
         dev, dt = sae.device, sae.dtype
-        self.selected, self.scale, self.bar = self.selected.to(dev), self.scale.to(dev, dt), self.bar.to(dev, dt)
+        self.selected = torch.stack([t[0] for t in tables]).to(dev)            # [E, S, L]
+        self.scale = torch.stack([t[1] for t in tables]).to(dev, dt)
+        self.bar = torch.stack([t[2] for t in tables]).to(dev, dt)
+        self.min_fire = [e.min_fire for e in edits]
         self.tracker: StepTracker | None = None
         self.checked = False
 
@@ -130,10 +143,15 @@ class SAeUronHook:
         sae = self.sae
         xs = x.to(sae.dtype)
         acts, idx = sae.encode(xs)
-        sel = self.selected[t][idx]                               # [N, k]
         if self.mode == "ablate":
-            fire = sel & (acts > self.bar[t][idx])
-            new = torch.where(fire, acts * self.scale[t][idx], acts)
+            fire = torch.zeros_like(idx, dtype=torch.bool)
+            new = acts
+            for e in range(len(self.min_fire)):
+                f = self.selected[e, t][idx] & (acts > self.bar[e, t][idx])        # [N, k]
+                if self.min_fire[e] > 1:
+                    f &= (f.sum(-1, keepdim=True) >= self.min_fire[e])
+                new = torch.where(f, acts * self.scale[e, t][idx], new)
+                fire |= f
             if self.faithful:
                 recon_new = sae.decode(new, idx, x=xs)
                 recon_old = sae.decode(acts, idx, x=xs)
@@ -148,7 +166,7 @@ class SAeUronHook:
             out[rows] = (xs[rows] + d).to(x.dtype)
             return out
         # mode == "add": every patch gets α μ_c,j(t) (or α, scaling="latent") of each selected latent.
-        add = torch.where(self.selected[t], self.scale[t], torch.zeros_like(self.scale[t]))
+        add = torch.where(self.selected[:, t], self.scale[:, t], torch.zeros_like(self.scale[:, t])).sum(0)
         d = sae.decode_dense(add[None].expand(xs.shape[0], -1), add_bias=False, x=xs)
         return (xs + d).to(x.dtype)
 
@@ -183,7 +201,7 @@ def block_pairs(sae, dictionary) -> list[tuple]:
 @contextlib.contextmanager
 def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
                      percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
-                     mode: str = "ablate", scaling: str = "mean", selection: str = "paper"):
+                     mode: str = "ablate", scaling: str = "mean", selection: str = "paper", min_fire: int = 1):
     """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
 
     `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
@@ -192,7 +210,7 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)
-    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire)
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)
