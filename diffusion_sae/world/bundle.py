@@ -86,7 +86,7 @@ def load_blocks(kind: str, hookpoints=BLOCK_HOOKPOINTS) -> dict:
 
 # "baseline": "" subtracts the empty prompt's steering matrix (our option; the paper has none).
 DEFAULT_PARAMS = {"steer": {"style": -1.0, "object": -1.0, "colour": -1.0, "add_style": 1.0, "baseline": ""},
-                  "saeuron": {}}
+                  "saeuron": {}, "saeuron_multi": {}}
 
 
 def params_path():
@@ -96,7 +96,8 @@ def params_path():
 
 
 def load_params(path=None) -> dict:
-    """Tuned strengths: {"steer": {kind: λ, "add_style": λ}, "saeuron": {concept: {top_n, multiplier}}}."""
+    """Tuned strengths: {"steer": {kind: λ, "add_style": λ, …}, "saeuron": {concept: {top_n, multiplier, …}},
+    "saeuron_multi": {settings for several concepts at once}}."""
     import json
     from pathlib import Path
 
