@@ -245,8 +245,8 @@ def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str 
     `keep` (ours): concepts to leave alone, e.g. the shapes and styles when removing a colour. Each
     row of S is projected onto the orthogonal complement of the keep concepts' rows at the same
     position (their matrices built the same way), so the part of the concept's direction that the
-    SAE shares with them is not steered away: on the bundled model this cuts the style damage of
-    removing "red" from 29 to 4 points at equal removal. A stronger λ makes up for the removed norm.
+    SAE shares with them is not steered away: on the bundled model, removing "red" at λ = −0.75 cuts
+    the style damage from 29 to 8 points, both removing it fully. A stronger λ makes up for the removed norm.
     """
     strength = _check_strength(strength)
     prompts = [concept_prompt] if isinstance(concept_prompt, str) else list(concept_prompt)
