@@ -86,6 +86,16 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert (tmp_path / "u3.png").stat().st_size > 1000
     ok("steer", "--concept", "striped style", "--strength", "-1", "--gate", "striped", "--prompt", "a red star in striped style",
        "--steps", 5, "--out", tmp_path / "s2.png")
+    ok("steer", "--concept", "red", "--strength", "-1", "--keep", "star", "--keep", "striped style", "--baseline", "",
+       "--prompt", "a red star in striped style", "--steps", 5, "--out", tmp_path / "s3.png")
+    assert (tmp_path / "s3.png").stat().st_size > 1000
+    r = run("steer", "--concept", "red", "--strength", "-1", "--keep", " ", "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "keep concept is empty" in str(r.exception)
+    ok("unlearn", "--sae", folders[0], "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
+       "--multiplier", -2, "--scaling", "latent", "--top-n", 8, "--selection", "specific", "--min-fire", 2,
+       "--prompt", "a red star in striped style", "--out", tmp_path / "u4.png")
+    r = run("unlearn", "--concept", "striped", "--min-fire", 0, "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "min_fire" in str(r.exception)
     r = run("unlearn", "--concept", "striped", "--scaling", "big", "--prompt", "a red star", "--out", tmp_path / "x.png")
     assert isinstance(r.exception, UserError) and "scaling" in str(r.exception)
 
@@ -96,8 +106,11 @@ def test_tune_both_methods_small(tmp_path):
     assert "striped" in out and "top_n=1" in out
     out = ok("tune", "--method", "saeuron", "--kind", "object", "--concept", "star", "--search", "halving",
              "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save", "--scalings", "mean,latent",
-             "--blocks", "unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1")
-    assert "star" in out and "blocks=" in out
+             "--blocks", "unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1",
+             "--min-fires", "1,2")
+    assert "star" in out and "blocks=" in out and "min_fire=" in out
+    r = run("tune", "--method", "steer", "--kind", "colour", "--no-gated", "--orthogonal", "--no-save")
+    assert isinstance(r.exception, UserError) and "--orthogonal" in str(r.exception)
     out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5", "--images", 4, "--no-save",
              "--per-concept")
     assert "picked" in out
