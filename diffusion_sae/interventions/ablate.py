@@ -106,23 +106,22 @@ class SAeUronHook:
         # feature scaled by its own concept's γ·μ_c where that concept's rule fires (a latent picked by two
         # concepts that both fire keeps the later one's scale, deterministically).
         self.features: dict[str, list[list[int]]] = {}
-        tables = []
-        for e in edits:
+        E = len(edits)
+        selected = torch.zeros(E, S, L, dtype=torch.bool)
+        scale = torch.ones(E, S, L)
+        bar = nu.float().expand(E, S, L).clone()
+        for i, e in enumerate(edits):
             c = dictionary.index(e.concept)
             idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n, method=e.selection)
-            self.features[e.concept] = [i.tolist() for i in idx]
+            self.features[e.concept] = [ids.tolist() for ids in idx]
             mu = dictionary.means[c].float()
-            bar = dictionary.concept_bar(e.concept).float() if e.selection == "specific" else nu.float()
-            selected = torch.zeros(S, L, dtype=torch.bool)
-            scale = torch.ones(S, L)
+            if e.selection == "specific":
+                bar[i] = dictionary.concept_bar(e.concept).float()
             for t, ids in enumerate(idx):
-                selected[t, ids] = True
-                scale[t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
-            tables.append((selected, scale, bar))
+                selected[i, t, ids] = True
+                scale[i, t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
         dev, dt = sae.device, sae.dtype
-        self.selected = torch.stack([t[0] for t in tables]).to(dev)            # [E, S, L]
-        self.scale = torch.stack([t[1] for t in tables]).to(dev, dt)
-        self.bar = torch.stack([t[2] for t in tables]).to(dev, dt)
+        self.selected, self.scale, self.bar = selected.to(dev), scale.to(dev, dt), bar.to(dev, dt)  # [E, S, L]
         self.min_fire = [e.min_fire for e in edits]
         self.tracker: StepTracker | None = None
         self.checked = False

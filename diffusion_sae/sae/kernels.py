@@ -76,10 +76,7 @@ class TopKEncoder(torch.autograd.Function):
             pre = workspace.get("pre")
             if pre is None or pre.shape != (num_tokens, num_latents) or pre.dtype != cdt or pre.device != x.device:
                 pre = workspace["pre"] = torch.empty(num_tokens, num_latents, dtype=cdt, device=x.device)
-        if cdt == wdt:
-            pre = torch.addmm(b_enc, xs.to(wdt), W_enc.t(), out=pre)
-        else:
-            pre = torch.addmm(b_enc.to(cdt), xs.to(cdt), W_enc.to(cdt).t(), out=pre)
+        pre = torch.addmm(b_enc.to(cdt), xs.to(cdt), W_enc.to(cdt).t(), out=pre)  # .to: no copy when equal
         pre = pre.relu_()
         if batch_topk:
             m = min(k * num_tokens, pre.numel())
@@ -130,11 +127,11 @@ class TopKEncoder(torch.autograd.Function):
             all_rows = torch.cat([all_rows, aux_rows])
             all_g = torch.cat([all_g, g_a.reshape(-1)])
 
-        g_x = g_shift = g_W = g_b = None
+        g_x = g_shift = g_W = g_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            g_b = torch.zeros(num_latents, dtype=wdt, device=xs.device).index_add_(0, all_cols, all_g)
+            g_bias = torch.zeros(num_latents, dtype=wdt, device=xs.device).index_add_(0, all_cols, all_g)
         if ctx.needs_input_grad[1]:
-            g_shift = -(g_b @ W_enc).to(xs.dtype)  # Σ_i g_i·(−W_enc): every token's pre-activation moves alike
+            g_shift = -(g_bias @ W_enc).to(xs.dtype)  # Σ_i g_i·(−W_enc): every token's pre-activation moves alike
         if ctx.needs_input_grad[2]:
             # dL/dW_enc[j] = sum_i g_ij x_i over the selected (i, j): a sparse [L, N] times dense [N, d].
             G = torch.sparse_coo_tensor(torch.stack([all_cols, all_rows]), all_g, (num_latents, num_tokens),
@@ -145,8 +142,7 @@ class TopKEncoder(torch.autograd.Function):
             if have_aux:
                 g_x = g_x + sparse_decode(g_a, aux_cols, W_enc)
             g_x = g_x.to(xs.dtype)
-        if not ctx.needs_input_grad[3]:
-            g_b = None
+        g_b = g_bias if ctx.needs_input_grad[3] else None
         return g_x, g_shift, g_W, g_b, None, None, None, None, None, None
 
 
