@@ -406,3 +406,50 @@ def test_min_fire_gates_patches_on_several_features_firing_together(sd_dictionar
     assert seen == {0, 1, 2}  # patches with none, one and several firing features were all exercised
     with pytest.raises(DictionaryError, match="min_fire"):
         ConceptEdit("cat", -1.0, min_fire=0)
+
+
+def test_register_edit_replaces_what_each_read_mode_reads():
+    from diffusion_sae.models import Hookpoint, register_edit
+
+    class Residual(torch.nn.Module):      # out = x + A x: input, update (A x) and output differ
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3, bias=False)
+
+        def forward(self, hidden_states):
+            return hidden_states + self.lin(hidden_states)
+
+    torch.manual_seed(0)
+    m, x = Residual(), torch.randn(2, 4, 3)
+    ax = m.lin(x).detach()
+    want = {"output": 2 * (x + ax), "input": 2 * x + m.lin(2 * x), "update": x + 2 * ax}
+    for read, ref in want.items():
+        hp = Hookpoint("m", "m", m, "unet", "denoiser", read, 3)
+        handle = register_edit(hp, lambda t: 2 * t)
+        try:
+            got = m(x).detach()
+            assert torch.allclose(got, ref.detach(), atol=1e-6), read
+            assert torch.allclose(m(hidden_states=x).detach(), ref.detach(), atol=1e-6), read
+        finally:
+            handle.remove()
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert torch.allclose(m(x), x + ax, atol=1e-6)
+
+
+@pytest.mark.parametrize("read", ["update", "input"])
+def test_unlearning_at_update_and_input_hookpoints(pipes, read):
+    """An SAE trained on a block's update (or input) is applied to that tensor, not to the block output."""
+    pipe = pipes("sd")
+    name = f"unet.up_blocks.1.attentions.1:{read}"
+    sae = _sae(resolve_hookpoint(pipe, name).width, mult=8, k=4)
+    d = build_concept_dictionary(pipe, sae, name, CONCEPTS, steps=3, guidance=5.0, height=32, width=32)
+    d_out = build_concept_dictionary(pipe, sae, "unet.up_blocks.1.attentions.1", {"cat": CONCEPTS["cat"]},
+                                     steps=3, guidance=5.0, height=32, width=32)
+    assert not torch.allclose(d.means[0], d_out.means[0])       # the dictionary read the update / input
+    base = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-1.0, top_n=0):
+        assert torch.equal(_gen(pipe, "a cat"), base)
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, scaling="latent"):
+        edited = _gen(pipe, "a cat")
+    assert (edited - base).abs().max() > 1e-4
+    assert _no_hooks(pipe)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..models.hookpoints import Hookpoint, as_tokens, input_tensor, output_tensor, resolve_hookpoint
+from ..models.hookpoints import Hookpoint, as_tokens, read_tensor, resolve_hookpoint
 from ..models.step_tracker import StepTracker
 
 BRANCHES = ("cond", "uncond", "cond_skip", "unknown")
@@ -82,12 +82,7 @@ class Capture:
             if hp.kind == "denoiser" and self.steps is not None and tr.step_index not in self.steps:
                 return None
             with torch.no_grad():
-                if hp.read == "output":
-                    x = output_tensor(output, module)
-                elif hp.read == "input":
-                    x = input_tensor(args, kwargs)
-                else:
-                    x = output_tensor(output, module) - input_tensor(args, kwargs)
+                x = read_tensor(hp, module, args, kwargs, output)
                 tokens, grid = as_tokens(x.detach(), hp.name)
                 b = tokens.shape[0]
                 if hp.kind == "text":

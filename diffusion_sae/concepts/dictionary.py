@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import StepTracker, as_tokens, output_tensor, resolve_hookpoint
+from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
 
 FILE = "concept_dictionary"
 
@@ -207,8 +207,8 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
     state = {"rows": None}
     tracker = StepTracker(pipe)
 
-    def hook(mod, args, out):
-        x = output_tensor(out, hp.module)
+    def hook(mod, args, kwargs, out):
+        x = read_tensor(hp, mod, args, kwargs, out)
         tok, _ = as_tokens(x, hookpoint)
         br = tracker.branches(tok.shape[0])
         rows = tok[br["cond"]]
@@ -222,7 +222,7 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
             sums[ci, t] += zmean[r]
             hist[ci, t].scatter_add_(1, bins[r].T.contiguous(), torch.ones(L, bins.shape[1]))
 
-    handle = hp.module.register_forward_hook(hook)
+    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
     timesteps = None
     try:
         with tracker:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import StepTracker, as_tokens, output_tensor, resolve_hookpoint
+from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
 
 
 class FeatureError(ValueError):
@@ -132,9 +132,9 @@ def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list
     state: dict = {"rows": None, "grid": None}
     tracker = StepTracker(pipe)
 
-    def hook(mod, args, out):
+    def hook(mod, args, kwargs, out):
         nonlocal patch_sum
-        tok, grid = as_tokens(output_tensor(out, hp.module), hookpoint)
+        tok, grid = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
         t = tracker.step_index
         if t is None or t >= steps:
             raise FeatureError(f"denoiser step {t} is outside the {steps}-step schedule")
@@ -148,7 +148,7 @@ def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list
         patch_sum[r] += z
 
     images = []
-    handle = hp.module.register_forward_hook(hook)
+    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
     timesteps: list[float] = []
     try:
         with tracker:

@@ -123,7 +123,9 @@ def render_targets(obj: str, style: str, colour: str, n: int, seed: int) -> torc
 def _new_hooks(modules, before: dict[int, set]):
     for m in modules:
         for k in set(m._forward_hooks) - before.get(id(m), set()):
-            yield m, m._forward_hooks[k]
+            hook = m._forward_hooks[k]
+            # register_edit wraps the edit object (e.g. SAeUronHook) in a closure that carries it as `.edit`
+            yield m, getattr(hook, "edit", hook)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..concepts.dictionary import ConceptDictionary, DictionaryError
-from ..models import StepTracker, as_tokens, from_tokens, output_tensor, replace_output, resolve_hookpoint
+from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve_hookpoint
 
 
 class StepGridError(ValueError):
@@ -169,7 +169,8 @@ class SAeUronHook:
         d = sae.decode_dense(add[None].expand(xs.shape[0], -1), add_bias=False, x=xs)
         return (xs + d).to(x.dtype)
 
-    def __call__(self, module, args, output):
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Edit the tensor the block's hookpoint reads ([B,C,H,W] or [B,T,d]) at the current step."""
         tr = self.tracker
         t = tr.step_index if tr is not None else None
         if t is None:
@@ -178,11 +179,11 @@ class SAeUronHook:
         if not self.checked:
             self.check_grid(tr.pipe)
             self.checked = True
-        h = output_tensor(output, module)
         tok, grid = as_tokens(h)
         b, n, d = tok.shape
-        new = self.edit_tokens(tok.reshape(b * n, d), t).reshape(b, n, d)
-        return replace_output(output, from_tokens(new, grid), module)
+        flat = tok.reshape(b * n, d)
+        new = self.edit_tokens(flat, t)
+        return h if new is flat else from_tokens(new.reshape(b, n, d), grid)
 
 
 def block_pairs(sae, dictionary) -> list[tuple]:
@@ -218,15 +219,16 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
         if hp.width is not None and hp.width != s_.cfg.d_in:
             raise DictionaryError(f"SAE width {s_.cfg.d_in} != width {hp.width} of block {hp.name!r}")
         hooks.append(SAeUronHook(s_, d_, edits, mode, faithful))
-        targets.append(hp.module)
+        targets.append(hp)
     tracker = StepTracker(pipe)
     for h in hooks:
         h.tracker = tracker
     with tracker:
         handles = []
         try:
-            for h, m in zip(hooks, targets):
-                handles.append(m.register_forward_hook(h))
+            # The SAE edits what it was trained on: the block's output, input or update (":input" / ":update").
+            for h, hp in zip(hooks, targets):
+                handles.append(register_edit(hp, h))
             yield hooks[0] if len(hooks) == 1 else hooks
         finally:
             for handle in handles:

@@ -192,3 +192,45 @@ def from_tokens(tokens: torch.Tensor, grid: tuple[int, int] | None) -> torch.Ten
         return tokens
     b, n, c = tokens.shape
     return tokens.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+
+
+def read_tensor(hp: Hookpoint, module, args: tuple, kwargs: dict, output) -> torch.Tensor:
+    """What a hookpoint reads, from a forward hook registered with `with_kwargs=True`: the module's output,
+    its hidden-state input, or their difference (":update", the block's contribution to the residual)."""
+    if hp.read == "output":
+        return output_tensor(output, module)
+    if hp.read == "input":
+        return input_tensor(args, kwargs)
+    return output_tensor(output, module) - input_tensor(args, kwargs)
+
+
+def register_edit(hp: Hookpoint, edit) -> torch.utils.hooks.RemovableHandle:
+    """Hook `hp.module` so that the tensor the hookpoint reads is replaced by `edit(tensor)`.
+
+    ":input" edits the hidden-state input before the module runs; ":update" keeps the input and replaces
+    the module's contribution (output = input + edit(output - input)); otherwise the output is replaced.
+    `edit` may return its argument unchanged. Returns the handle that removes the hook.
+    """
+    if hp.read == "input":
+        def pre_hook(module, args, kwargs):
+            x = input_tensor(args, kwargs)
+            new = edit(x)
+            if new is x:
+                return None
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": new}
+            return (new, *args[1:]), kwargs
+        pre_hook.edit = edit
+        return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, kwargs, output):
+        h = output_tensor(output, module)
+        if hp.read == "output":
+            new = edit(h)
+            return None if new is h else replace_output(output, new, module)
+        x_in = input_tensor(args, kwargs)
+        update = h - x_in
+        new = edit(update)
+        return None if new is update else replace_output(output, x_in + new, module)
+    hook.edit = edit        # the edit object stays reachable from the module's hook table (eval/attack.py)
+    return hp.module.register_forward_hook(hook, with_kwargs=True)
