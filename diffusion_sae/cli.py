@@ -551,6 +551,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
                 selection: str = typer.Option("paper", help="paper: official scores, bar ν; specific: per-patch specificity (ours)."),
                 min_fire: int = typer.Option(1, help="Edit a patch only where this many selected features fire together (ours; 1 = the paper)."),
+                exclusive: bool = typer.Option(False, help="Several concepts: on each patch apply only the concept with the most firing features (ours; the paper applies every one)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
@@ -590,7 +591,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
             imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
             with unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier, percentile=percentile,
                                   top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling,
-                                  selection=selection, min_fire=min_fire):
+                                  selection=selection, min_fire=min_fire, exclusive=exclusive):
                 imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])

@@ -453,3 +453,35 @@ def test_unlearning_at_update_and_input_hookpoints(pipes, read):
         edited = _gen(pipe, "a cat")
     assert (edited - base).abs().max() > 1e-4
     assert _no_hooks(pipe)
+
+
+def test_exclusive_edits_apply_only_the_concept_with_most_firing_features(sd_dictionary):
+    from diffusion_sae.interventions.ablate import ConceptEdit, SAeUronHook
+
+    pipe, sae, d = sd_dictionary
+    g = torch.Generator().manual_seed(1)
+    kw = dict(top_n=6, scaling="latent")
+    cat, dog = (SAeUronHook(sae, d, [ConceptEdit(c, -2.0, **kw)]) for c in ("cat", "dog"))
+    union = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, **kw), ConceptEdit("dog", -2.0, **kw)])
+    excl = SAeUronHook(sae, d, [ConceptEdit("cat", -2.0, exclusive=True, **kw),
+                                ConceptEdit("dog", -2.0, exclusive=True, **kw)])
+    w = sae.W_dec.detach()
+    both_seen = 0
+    for t in range(len(d.timesteps)):
+        ic, idg = cat.selected[0, t].nonzero().flatten(), dog.selected[0, t].nonzero().flatten()
+        x = torch.cat([4 * (w[ic[0]] + w[ic[1]]).expand(20, -1), 4 * w[idg[0]].expand(20, -1),
+                       4 * (w[ic[0]] + w[idg[0]] + w[idg[1]]).expand(20, -1),
+                       torch.randn(40, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(100, sae.cfg.d_in, generator=g)
+        acts, idx = sae.encode(x)
+        nc = (cat.selected[0, t][idx] & (acts > cat.bar[0, t][idx])).sum(-1)
+        nd = (dog.selected[0, t][idx] & (acts > dog.bar[0, t][idx])).sum(-1)
+        got, e_cat, e_dog = excl.edit_tokens(x, t), cat.edit_tokens(x, t), dog.edit_tokens(x, t)
+        to_cat, to_dog, none = (nc >= nd) & (nc > 0), nd > nc, (nc == 0) & (nd == 0)
+        torch.testing.assert_close(got[to_cat], e_cat[to_cat])
+        torch.testing.assert_close(got[to_dog], e_dog[to_dog])
+        assert torch.equal(got[none], x[none])
+        # where only one concept fires, exclusive and the paper's union agree
+        one = (nc == 0) ^ (nd == 0)
+        torch.testing.assert_close(got[one], union.edit_tokens(x, t)[one])
+        both_seen += int(((nc > 0) & (nd > 0)).sum())
+    assert both_seen > 0   # patches where both concepts fire were exercised

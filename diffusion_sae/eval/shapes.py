@@ -329,7 +329,7 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
                              f"here (have {', '.join(blocks)})")
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
-                           p.get("selection", "paper"), p.get("min_fire", 1))
+                           p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)))
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:
@@ -460,8 +460,8 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
 
     # SAeUron: several styles at once.
     if cfg.multi and "style" in cfg.unlearn_kinds and not cfg.max_concepts:
-        # Settings tuned for unlearning several concepts together (e.g. an evidence gate, min_fire) override
-        # each concept's own edit: one feature of any of three concepts crossing its bar is common.
+        # Settings tuned for unlearning several concepts together (exclusive edits, an evidence gate min_fire)
+        # override each concept's own edit: several concepts' flips summed on one patch break a fourth one.
         together = params.get("saeuron_multi", {})
         pc = {c: {**sa_params.get(c, DEFAULT_SAEURON), **together} for c in cfg.multi}
         j = bench.run(ps, lambda: saeuron_context(pipe, blocks["style"], pc))

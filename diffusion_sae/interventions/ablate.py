@@ -29,6 +29,14 @@ StepTracker), and the dictionary's step grid must equal the sampler's.
 selected features fire above their bars together: one feature of c crossing its bar on another
 concept's patch is common, several at once much rarer.
 
+`exclusive=True` (ours) is for several concepts at once: on a patch where several concepts' features
+fire, only the concept with the most firing features is edited. On ShapesCanvas, unlearning dotted and
+checkered together broke wavy (each edit alone left it intact; their flips summed on wavy patches did not).
+
+Any read mode works: an SAE trained on a block's `:update` (or `:input`) edits that tensor, so an SAE on
+a cross-attention layer's own output (`…transformer_blocks.0.attn2`, what the text writes into the
+image tokens) edits only the text-injected part of the block.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
 prompt); several concepts add up.
@@ -59,6 +67,10 @@ class ConceptEdit:
     # Evidence gate (ours): edit a patch only where at least this many of the concept's selected features
     # fire above their bars together. 1 is the paper's rule (every firing feature is edited on its own).
     min_fire: int = 1
+    # Several concepts at once (ours): on a patch where several exclusive edits fire, only the one with
+    # the most firing features is applied (a patch shows one style; two concepts' flips summed on it break
+    # a third concept that each alone leaves intact).
+    exclusive: bool = False
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
@@ -73,7 +85,7 @@ class ConceptEdit:
 
 
 def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper",
-              min_fire=1) -> list[ConceptEdit]:
+              min_fire=1, exclusive=False) -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -82,7 +94,7 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection
             edits.append(c)
         else:
             edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling,
-                                     selection, min_fire))
+                                     selection, min_fire, exclusive))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
@@ -123,6 +135,7 @@ class SAeUronHook:
         dev, dt = sae.device, sae.dtype
         self.selected, self.scale, self.bar = selected.to(dev), scale.to(dev, dt), bar.to(dev, dt)  # [E, S, L]
         self.min_fire = [e.min_fire for e in edits]
+        self.exclusive = torch.tensor([e.exclusive for e in edits], device=dev)
         self.tracker: StepTracker | None = None
         self.checked = False
 
@@ -143,12 +156,19 @@ class SAeUronHook:
         xs = x.to(sae.dtype)
         acts, idx = sae.encode(xs)
         if self.mode == "ablate":
-            fire = torch.zeros_like(idx, dtype=torch.bool)
-            new = acts
+            fires = []
             for e in range(len(self.min_fire)):
                 f = self.selected[e, t][idx] & (acts > self.bar[e, t][idx])        # [N, k]
                 if self.min_fire[e] > 1:
                     f &= (f.sum(-1, keepdim=True) >= self.min_fire[e])
+                fires.append(f)
+            if len(fires) > 1 and bool(self.exclusive.any()):
+                counts = torch.stack([f.sum(-1) for f in fires])                    # [E, N]
+                winner = counts.masked_fill(~self.exclusive[:, None], -1).argmax(0)  # first on ties
+                fires = [f & (winner == e)[:, None] if self.exclusive[e] else f for e, f in enumerate(fires)]
+            fire = torch.zeros_like(idx, dtype=torch.bool)
+            new = acts
+            for e, f in enumerate(fires):
                 new = torch.where(f, acts * self.scale[e, t][idx], new)
                 fire |= f
             if self.faithful:
@@ -201,7 +221,8 @@ def block_pairs(sae, dictionary) -> list[tuple]:
 @contextlib.contextmanager
 def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
                      percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
-                     mode: str = "ablate", scaling: str = "mean", selection: str = "paper", min_fire: int = 1):
+                     mode: str = "ablate", scaling: str = "mean", selection: str = "paper", min_fire: int = 1,
+                     exclusive: bool = False):
     """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
 
     `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
@@ -210,7 +231,7 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)
-    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive)
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)

@@ -19,9 +19,12 @@ BLOCK_HOOKPOINT = "unet.up_blocks.1.attentions.1"
 # Every block with a shipped SAE; per-concept params name the ones their edit uses.
 # Every cross-attention block of the ShapesCanvas UNet, the paper's SD 1.x block first: this small
 # UNet spreads a style over all of them (benchmarks/block_swap.py), so each has a shipped SAE.
+CROSS_ATTN = "{}.transformer_blocks.0.attn2"
 BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_blocks.0.attentions.1",
                     "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0",
-                    "unet.down_blocks.2.attentions.0", "unet.down_blocks.1.attentions.0")
+                    "unet.down_blocks.2.attentions.0", "unet.down_blocks.1.attentions.0",
+                    # the cross-attention layers themselves (what the text writes into the two full-resolution blocks)
+                    CROSS_ATTN.format("unet.up_blocks.1.attentions.0"), CROSS_ATTN.format(BLOCK_HOOKPOINT))
 STEPS = 25
 GUIDANCE = 5.0
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
