@@ -5,15 +5,21 @@ of classifier-free guidance) is replaced by the encoding of the same prompt with
 share of images the judge then labels with the swapped-in style tells how much of the style those
 blocks decide. Motivates SAeUron on several blocks (diffusion_sae/world/README.md).
 
-    python benchmarks/block_swap.py
+    python benchmarks/block_swap.py            # swap the style
+    python benchmarks/block_swap.py object     # swap the object instead
 """
+import sys
+
 import torch
 
 from diffusion_sae.world.assets import load_classifier, load_pipeline
 from diffusion_sae.world.config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
 
 
-def main() -> None:
+def main(kind: str = "style") -> None:
+    if kind not in ("style", "object"):
+        raise SystemExit(f"block_swap.py: kind must be 'style' or 'object', not {kind!r}")
+    other_kind = "object" if kind == "style" else "style"
     pipe, clf = load_pipeline(), load_classifier()
     pipe.set_progress_bar_config(disable=True)
     modules = dict(pipe.unet.named_modules())
@@ -22,10 +28,16 @@ def main() -> None:
     for i in range(40):
         o, s, c = i % 10, (i * 3) % 8, i % 6
         s2 = (s + 1 + i % 7) % 8
+        o2 = (o + 1 + i % 9) % 10
         prompts.append(eval_prompt(OBJECTS[o], STYLES[s], COLOUR_NAMES[c]))
-        swapped.append(eval_prompt(OBJECTS[o], STYLES[s2], COLOUR_NAMES[c]))
-        target.append(s2)
-        objects.append(o)
+        if kind == "style":
+            swapped.append(eval_prompt(OBJECTS[o], STYLES[s2], COLOUR_NAMES[c]))
+            target.append(s2)
+            objects.append(o)
+        else:
+            swapped.append(eval_prompt(OBJECTS[o2], STYLES[s], COLOUR_NAMES[c]))
+            target.append(o2)
+            objects.append(s)     # the attribute that must stay: here the style
     with torch.no_grad():
         other, _ = pipe.encode_prompt(swapped, "cpu", 1, False)
     active: set[str] = set()
@@ -48,9 +60,10 @@ def main() -> None:
             with torch.no_grad():
                 img = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, output_type="pt").images
             pred = clf.predict(img)
-            moved = (pred["style"] == torch.tensor(target)).float().mean().item()
-            kept = (pred["object"] == torch.tensor(objects)).float().mean().item()
-            print(f"{label(names):55s} style moved {100 * moved:5.1f} %   object kept {100 * kept:5.1f} %", flush=True)
+            moved = (pred[kind] == torch.tensor(target)).float().mean().item()
+            kept = (pred[other_kind] == torch.tensor(objects)).float().mean().item()
+            print(f"{label(names):55s} {kind} moved {100 * moved:5.1f} %   {other_kind} kept {100 * kept:5.1f} %",
+                  flush=True)
 
         def label(names):
             return "none" if not names else "all" if len(names) == len(blocks) else \
@@ -67,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])
