@@ -23,8 +23,11 @@ CROSS_ATTN = "{}.transformer_blocks.0.attn2"
 BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_blocks.0.attentions.1",
                     "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0",
                     "unet.down_blocks.2.attentions.0", "unet.down_blocks.1.attentions.0",
-                    # the cross-attention layers themselves (what the text writes into the two full-resolution blocks)
-                    CROSS_ATTN.format("unet.up_blocks.1.attentions.0"), CROSS_ATTN.format(BLOCK_HOOKPOINT))
+                    # the cross-attention layers themselves (what the text writes into the image tokens): the
+                    # up_blocks carry the style, the two lowest-resolution blocks the object
+                    CROSS_ATTN.format("unet.up_blocks.1.attentions.0"), CROSS_ATTN.format(BLOCK_HOOKPOINT),
+                    CROSS_ATTN.format("unet.up_blocks.0.attentions.1"),
+                    CROSS_ATTN.format("unet.mid_block.attentions.0"), CROSS_ATTN.format("unet.down_blocks.2.attentions.0"))
 STEPS = 25
 GUIDANCE = 5.0
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
