@@ -477,7 +477,7 @@ def _label_grid(images, row_labels, col_labels, path: Path) -> None:
 @app.command("steer")
 def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Text SAE folder (default: bundled)."),
               hookpoint: Optional[str] = typer.Option(None, help="Text-encoder layer (default: the SAE's)."),
-              concept: list[str] = typer.Option(..., help="Concept prompt (repeatable; each gets the same strength)."),
+              concept: Optional[list[str]] = typer.Option(None, help="Concept prompt (repeatable; each gets the same strength)."),
               strength: Optional[str] = typer.Option(None, help="One strength λ (λ<0 removes, λ>0 adds)."),
               strengths: str = typer.Option("-1,-0.5,0,0.5", help="Strengths for the grid's columns."),
               prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
@@ -486,6 +486,10 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               gate: Optional[str] = typer.Option(None, help="Steer only prompts containing this text's tokens (e.g. 'striped'); "
                                                  "default: every prompt, as the paper does."),
               baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S."),
+              concept_file: Optional[Path] = typer.Option(None, help="Example prompts naming the concept, one per line: their "
+                                                          "matrices are averaged into one concept (instead of --concept)."),
+              baseline_file: Optional[Path] = typer.Option(None, help="The same prompts without the concept, one per line: their "
+                                                           "mean is subtracted (contrastive pairs, ours; instead of --baseline)."),
               keep: Optional[list[str]] = typer.Option(None, help="Concept to leave alone (repeatable, e.g. --keep circle "
                                                        "--keep 'striped style'): S is made orthogonal to its rows (ours)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
@@ -505,6 +509,16 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
             fail(f"strength must be a number, got {strength!r}")
     else:
         lams = _strengths(strengths)
+    if not concept and concept_file is None:
+        fail("no concept: give --concept 'striped' (repeatable) or --concept-file with example prompts")
+    if concept and concept_file is not None:
+        fail("give either --concept or --concept-file, not both")
+    if baseline is not None and baseline_file is not None:
+        fail("give either --baseline or --baseline-file, not both")
+    concepts = {c: c for c in concept or []}
+    if concept_file is not None:
+        concepts = {f"{concept_file.name}": _prompt_lines(concept_file, "--concept-file")}
+    base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
     pipe = _load_model(model)
     sae_obj = _load_sae_arg(sae, None, bundle.load_text_sae)
     hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
@@ -515,8 +529,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         out = Path("steer.png")
     imgs = []
     try:
-        base = {c: concept_steering(sae_obj, pipe, hp, c, 1.0, baseline=baseline, gate=gate, keep=keep or None)
-                for c in concept}
+        base = {c: concept_steering(sae_obj, pipe, hp, text, 1.0, baseline=base_prompts, gate=gate, keep=keep or None)
+                for c, text in concepts.items()}
         with _progress() as p:
             task = p.add_task("steer", total=len(ps) * len(lams), info="")
             for row in ps.rows:
@@ -537,9 +551,19 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail(str(e).splitlines()[0])
     if out is not None:
         _label_grid(imgs, [r.prompt for r in ps.rows], [f"λ={lam:g}" for lam in lams], out)
-        typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concept)!r}): {out}")
+        typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concepts)!r}): {out}")
     if save_images is not None:
         typer.echo(f"saved {len(ps)} images to {save_images}/<row>.png")
+
+
+def _prompt_lines(path: Path, option: str) -> list[str]:
+    """The non-empty lines of a prompt file (for example-prompt options)."""
+    if not path.is_file():
+        fail(f"{option}: no file {path}; give a text file with one prompt per line")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        fail(f"{option}: {path} has no prompts; write one prompt per line")
+    return lines
 
 
 @app.command("unlearn")
@@ -829,10 +853,11 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
              per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
+             contrast: Optional[bool] = typer.Option(None, help="steer (gated): build each steering from matched example prompts, the concept against its rivals (ours; the kind is listed under \"contrast\" in params.json); default: as params.json says."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
     """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
-    from .eval.shapes import orthogonal_kind, other_attribute_drop
+    from .eval.shapes import contrast_kind, orthogonal_kind, other_attribute_drop
     from .eval.tune import sweep_steering, tune_saeuron
     from .world import assets, bundle
 
@@ -869,16 +894,23 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                            f"CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
                 params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "selection", "min_fire", "blocks")}
         elif method == "steer":
+            if contrast is None:
+                contrast = contrast_kind(params["steer"], kind) and gated and not orthogonal
+            if contrast and orthogonal:
+                fail("--contrast replaces --orthogonal (matched prompts already cancel the other kinds); give one of them")
             if orthogonal is None:
-                orthogonal = orthogonal_kind(params["steer"], kind) and gated
+                orthogonal = orthogonal_kind(params["steer"], kind) and gated and not contrast
             if orthogonal and not gated:
                 fail("--orthogonal is an option of the gated (ours) steering; drop --no-gated or --orthogonal")
+            if contrast and not gated:
+                fail("--contrast is an option of the gated (ours) steering; drop --no-gated or --contrast")
             res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, _strengths(strengths),
                                  n=images // 2 or 8, progress=prog, baseline=params["steer"].get("baseline"),
-                                 gate=gated, orthogonal=orthogonal)
+                                 gate=gated, orthogonal=orthogonal, contrast=contrast)
             if gated:
-                kinds = [k for k in bundle.KINDS if orthogonal_kind(params["steer"], k) and k != kind]
-                params["steer"]["orthogonal"] = kinds + [kind] if orthogonal else kinds
+                for key, on, listed in (("orthogonal", orthogonal, orthogonal_kind), ("contrast", contrast, contrast_kind)):
+                    kinds = [k for k in bundle.KINDS if listed(params["steer"], k) and k != kind]
+                    params["steer"][key] = kinds + [kind] if on else kinds
             for lam in res.strengths:
                 r = res.rows[lam]
                 typer.echo(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "

@@ -91,6 +91,16 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert (tmp_path / "s3.png").stat().st_size > 1000
     r = run("steer", "--concept", "red", "--strength", "-1", "--keep", " ", "--prompt", "a red star", "--out", tmp_path / "x.png")
     assert isinstance(r.exception, UserError) and "keep concept is empty" in str(r.exception)
+    # contrastive pairs from files: example prompts with the concept against the same prompts without it
+    (tmp_path / "with.txt").write_text("a red ring in striped style\n\na blue ring in dotted style\n")
+    (tmp_path / "without.txt").write_text("a red circle in striped style\na blue circle in dotted style\n")
+    out = ok("steer", "--concept-file", tmp_path / "with.txt", "--baseline-file", tmp_path / "without.txt", "--strength", "-1",
+             "--gate", "ring", "--prompt", "a red ring in striped style", "--steps", 5, "--out", tmp_path / "s4.png")
+    assert "with.txt" in out and (tmp_path / "s4.png").stat().st_size > 1000
+    r = run("steer", "--concept-file", tmp_path / "nope.txt", "--strength", "-1", "--prompt", "a red ring", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "--concept-file" in str(r.exception)
+    r = run("steer", "--strength", "-1", "--prompt", "a red ring", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "no concept" in str(r.exception)
     ok("unlearn", "--sae", folders[0], "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
        "--multiplier", -2, "--scaling", "latent", "--top-n", 8, "--selection", "specific", "--min-fire", 2,
        "--prompt", "a red star in striped style", "--out", tmp_path / "u4.png")
@@ -117,6 +127,8 @@ def test_tune_both_methods_small(tmp_path):
     assert "star" in out and "blocks=" in out and "min_fire=" in out
     r = run("tune", "--method", "steer", "--kind", "colour", "--no-gated", "--orthogonal", "--no-save")
     assert isinstance(r.exception, UserError) and "--orthogonal" in str(r.exception)
+    r = run("tune", "--method", "steer", "--kind", "colour", "--contrast", "--orthogonal", "--no-save")
+    assert isinstance(r.exception, UserError) and "--contrast replaces" in str(r.exception)
     out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5", "--images", 4, "--no-save",
              "--per-concept")
     assert "picked" in out

@@ -173,6 +173,25 @@ def test_keep_concepts_make_the_steering_orthogonal_to_them(pipes):
         concept_steering(sae, pipe, name, "red", -1.0, keep=[" "])
 
 
+def test_baseline_prompts_are_averaged_and_matched_pairs_cancel_what_they_share(pipes):
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    pos, neg = ["a red car", "a red dog"], ["a blue car", "a blue dog", "a green car"]
+    st = concept_steering(sae, pipe, name, pos, -1.0, baseline=neg, gate="red")
+    a = concept_steering(sae, pipe, name, pos, 1.0).matrix
+    b = torch.stack([concept_steering(sae, pipe, name, p, 1.0).matrix for p in neg]).mean(0)
+    torch.testing.assert_close(st.matrix, -(a - b))
+    assert st.meta["baseline"] == neg
+    # the text encoder is causal: BOS and "a" read the same tokens in every pair, so their rows are zero
+    assert float(st.matrix[:2].abs().max()) < 1e-5 < float(st.matrix[2:].abs().max())
+    with steer_text_encoder(pipe, st):
+        img = _gen(pipe, "a red dog")
+    assert (img - _gen(pipe, "a red dog")).abs().max() > 1e-4
+    with pytest.raises(SteeringError, match="baseline"):
+        concept_steering(sae, pipe, name, pos, -1.0, baseline=[])
+
+
 def test_hooks_removed_when_generation_raises(pipes):
     pipe = pipes("sd")
     name = "text_encoder.text_model.encoder.layers.9"

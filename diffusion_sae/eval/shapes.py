@@ -356,22 +356,68 @@ def steer_strength(cs_params: dict, kind: str, concept: str, paper: bool = False
 
 
 def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, cs_params: dict, paper: bool = False):
-    """The Concept Steerers removal term for one concept under the tuned settings: gated on the concept's
-    word when params say "gate": true and orthogonal to the other kinds' concepts when "orthogonal"
-    lists the kind (ours), or every prompt steered as in the paper (paper=True, with its own λ)."""
+    """The Concept Steerers removal term for one concept under the tuned settings (ours): gated on the
+    concept's word when params say "gate": true, built from contrastive example prompts when "contrast"
+    lists the kind, else orthogonal to the other kinds' concepts when "orthogonal" lists it; or every
+    prompt steered with the concept's word alone, as in the paper (paper=True, with its own λ)."""
+    if paper:
+        return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"))
+    return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
+                         gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
+                         contrast=contrast_kind(cs_params, kind))
+
+
+def steering_unit(text_sae, pipe, kind: str, concept: str, strength: float = 1.0, baseline: str | None = None,
+                  gate: bool = False, orthogonal: bool = False, contrast: bool = False, hookpoint: str | None = None):
+    """One concept's steering for the bundled model. contrast: S from `concept_contexts` — the concept in
+    CONTEXTS caption-template prompts against the same prompts with each rival concept of its kind
+    (averaged), so what the contexts share cancels; this replaces `baseline` and `orthogonal`.
+    orthogonal: S loses its projection on the other kinds' concept words (`keep`)."""
     from ..interventions.steer import concept_steering
     from ..world.bundle import TEXT_HOOKPOINT
 
-    gate = concept if cs_params.get("gate") and not paper else None
-    keep = keep_concepts(kind) if orthogonal_kind(cs_params, kind) and not paper else None
-    return concept_steering(text_sae, pipe, TEXT_HOOKPOINT, concept_text(kind, concept), strength,
-                            baseline=cs_params.get("baseline"), gate=gate, keep=keep)
+    hp = hookpoint or TEXT_HOOKPOINT
+    g = concept if gate else None
+    if contrast:
+        rivals = [p for c in KINDS[kind] if c != concept for p in concept_contexts(kind, c)]
+        return concept_steering(text_sae, pipe, hp, concept_contexts(kind, concept), strength,
+                                baseline=rivals, gate=g)
+    return concept_steering(text_sae, pipe, hp, concept_text(kind, concept), strength,
+                            baseline=baseline, gate=g, keep=keep_concepts(kind) if orthogonal else None)
+
+
+CONTEXTS = 40
+
+
+def concept_contexts(kind: str, concept: str, n: int = CONTEXTS, seed: int = 7) -> list[str]:
+    """n training-caption prompts naming `concept`, the other attributes and the template drawn at random
+    with a fixed seed — the same draws for every concept of a kind, so the prompts of two concepts are
+    matched pairs that differ only in that word."""
+    from ..world.config import FULL_TEMPLATES
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        attrs = {k: v[int(torch.randint(len(v), (1,), generator=g))] for k, v in
+                 (("object", OBJECTS), ("style", STYLES), ("colour", COLOUR_NAMES))}
+        template = FULL_TEMPLATES[int(torch.randint(len(FULL_TEMPLATES), (1,), generator=g))]
+        attrs[kind] = concept
+        out.append(caption(attrs["object"], attrs["style"], attrs["colour"], template))
+    return out
+
+
+def _listed(value, kind: str) -> bool:
+    return kind in value if isinstance(value, (list, tuple)) else bool(value)
 
 
 def orthogonal_kind(cs_params: dict, kind: str) -> bool:
     """Whether params make `kind`'s removal steerings orthogonal: "orthogonal" lists kinds (or is a bool)."""
-    orth = cs_params.get("orthogonal", False)
-    return kind in orth if isinstance(orth, (list, tuple)) else bool(orth)
+    return _listed(cs_params.get("orthogonal", False), kind)
+
+
+def contrast_kind(cs_params: dict, kind: str) -> bool:
+    """Whether params build `kind`'s removal steerings from contrastive contexts: "contrast" lists kinds (or is a bool)."""
+    return _listed(cs_params.get("contrast", False), kind)
 
 
 def keep_concepts(kind: str) -> list[str]:

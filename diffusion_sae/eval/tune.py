@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..world.evaluate import PromptSet, grid_prompts
-from .shapes import KINDS, ShapesBench, SweepResult, concept_text, keep_concepts, removal_row, unlearning_row
+from .shapes import KINDS, ShapesBench, SweepResult, concept_text, removal_row, unlearning_row
 
 TOP_N = (1, 2, 4, 8)
 GAMMAS = (-1.0, -5.0, -10.0, -20.0, -30.0)
@@ -117,18 +117,19 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
                    steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None,
-                   gate: bool = False, orthogonal: bool = False) -> SweepResult:
+                   gate: bool = False, orthogonal: bool = False, contrast: bool = False) -> SweepResult:
     """Concept Steerers removal at each strength for every concept of a kind (tuning prompts); orthogonal:
-    each steering keeps the other kinds' concepts (see `concept_steering`'s `keep`)."""
-    from ..interventions.steer import concept_steering, steer_text_encoder
+    each steering keeps the other kinds' concepts (see `concept_steering`'s `keep`); contrast: built from
+    matched example prompts (see `steering_unit`)."""
+    from ..interventions.steer import steer_text_encoder
+    from .shapes import steering_unit
 
     bench = ShapesBench(pipe, classifier, steps, guidance, progress=progress)
     res = SweepResult(list(strengths))
     sets = {c: tuning_set(kind, c, n) for c in KINDS[kind]}
     bases = {c: bench.run(ps) for c, ps in sets.items()}
-    keep = keep_concepts(kind) if orthogonal else None
-    units = {c: concept_steering(text_sae, pipe, hookpoint, concept_text(kind, c), 1.0, baseline=baseline,
-                                 gate=c if gate else None, keep=keep) for c in KINDS[kind]}
+    units = {c: steering_unit(text_sae, pipe, kind, c, 1.0, baseline=baseline, gate=gate, orthogonal=orthogonal,
+                              contrast=contrast, hookpoint=hookpoint) for c in KINDS[kind]}
     for lam in res.strengths:
         res.rows[lam] = []
         for c, ps in sets.items():
