@@ -1,7 +1,8 @@
 """Inference cost of the interventions, measured in one run (the papers' Table 4 in miniature).
 
 1. Bundled ShapesCanvas pipeline, 4 images x 25 steps: plain vs Concept Steerers (S built once per
-   concept; target <= 1.005x) vs SAeUron (target: report) — seconds per image and ratios.
+   concept; the paper's ungated S and the shipped gated contrastive one; target <= 1.005x) vs SAeUron
+   (the shipped edit of one style; target: report) — seconds per image and ratios.
 2. An SD 1.5-size UNet built from config (random weights, 64x64 latents, 2 DDIM steps, guidance on)
    with a 20,480-latent SAE at up_blocks.1.attentions.1: ablated / plain (target <= 1.03x) and the
    memory overhead.
@@ -22,7 +23,7 @@ from diffusion_sae.eval.cost import time_generation  # noqa: E402
 
 
 def bundled(repeats: int) -> None:
-    from diffusion_sae.interventions.ablate import unlearn_concepts
+    from diffusion_sae.eval.shapes import removal_steering, saeuron_context, steer_strength
     from diffusion_sae.interventions.steer import concept_steering, steer_text_encoder
     from diffusion_sae.world import assets, bundle
 
@@ -34,20 +35,30 @@ def bundled(repeats: int) -> None:
         return pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
                     generator=[torch.Generator().manual_seed(i) for i in range(4)], output_type="pt")
 
-    st = concept_steering(bundle.load_text_sae(), pipe, bundle.TEXT_HOOKPOINT, "striped style", -1.0)
-    sae, d = bundle.load_block_sae(), bundle.load_dictionary("style")
+    params = bundle.load_params()
+    text_sae = bundle.load_text_sae()
+    st = concept_steering(text_sae, pipe, bundle.TEXT_HOOKPOINT, "striped style", -1.0)
+    # the shipped removal: gated on the word, S from contrastive example prompts (built once, here)
+    st_shipped = removal_steering(text_sae, pipe, "style", "striped", steer_strength(params["steer"], "style", "striped"),
+                                  params["steer"])
+    blocks = bundle.load_blocks("style")
+    shipped = {"dotted": params["saeuron"]["dotted"]}
 
     def steered():
         with steer_text_encoder(pipe, st):
             return gen()
 
-    def unlearned():
-        with unlearn_concepts(pipe, sae, d, "striped", multiplier=-10.0, top_n=2):
+    def steered_shipped():
+        with steer_text_encoder(pipe, st_shipped):
+            return gen()
+
+    def unlearned():  # the shipped SAeUron edit of one style (its cross-attention SAEs)
+        with saeuron_context(pipe, blocks, shipped):
             return gen()
 
     # Interleave the runs so that machine noise hits every variant alike.
-    times = {"plain": [], "steered": [], "unlearned": []}
-    fns = {"plain": gen, "steered": steered, "unlearned": unlearned}
+    fns = {"plain": gen, "steered": steered, "steered-gated": steered_shipped, "unlearned": unlearned}
+    times = {k: [] for k in fns}
     for f in fns.values():
         f()
     for _ in range(repeats):

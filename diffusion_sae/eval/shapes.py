@@ -222,6 +222,31 @@ def removal_row(judged: Judged, kind: str, target: str, base: Judged) -> dict:
     return row
 
 
+def extra_seeds(ps: PromptSet, kind: str, concept: str, total: int, have: int) -> PromptSet:
+    """The prompts of `ps` that name `concept` again at seeds have .. total-1 past each one's own seed, so
+    that a removal is judged on `total` images per prompt (seeds never used by the grid's other rows)."""
+    ci = KINDS[kind].index(concept)
+    attr = getattr(ps, _ATTR[kind])
+    out = PromptSet([], [], [], [], [])
+    for extra in range(max(0, total - have)):
+        for i in range(len(ps.prompts)):
+            if attr[i] == ci:
+                for f in ("prompts", "objects", "styles", "colours"):
+                    getattr(out, f).append(getattr(ps, f)[i])
+                out.seeds.append(ps.seeds[i] + 1000 * (extra + 1))
+    return out
+
+
+def concat_sets(a: PromptSet, b: PromptSet) -> PromptSet:
+    return PromptSet(*[getattr(a, f) + getattr(b, f) for f in ("prompts", "seeds", "objects", "styles", "colours")])
+
+
+def concat_judged(ps: PromptSet, a: Judged, b: Judged) -> Judged:
+    cat = (lambda x, y: None if x is None or y is None else torch.cat([x, y]))
+    return Judged(ps, {k: torch.cat([a.pred[k], b.pred[k]]) for k in a.pred}, cat(a.images, b.images),
+                  cat(a.features, b.features))
+
+
 def mean_of(rows: list[dict], keys: list[str]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
@@ -289,6 +314,9 @@ class ShapesConfig:
     ungated: bool = True                 # Concept Steerers as in the paper (every prompt steered) beside ours
     batch_size: int = 80
     max_concepts: int | None = None      # first N concepts of each kind (smoke tests)
+    # Concept Steerers removal: the grid's prompts that name the concept at this many seeds (the rest at
+    # `seeds`): a colour has 13 of the 80 grid prompts, so one image would be an 8-point drop.
+    steer_seeds: int = 4
 
     def concepts(self, kind: str) -> tuple:
         return KINDS[kind][: self.max_concepts] if self.max_concepts else KINDS[kind]
@@ -451,6 +479,15 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
     cs_params = params.get("steer", {})
     variants = [("steer", False)] + ([("steer_paper", True)] if cfg.ungated and cs_params.get("paper") else [])
     t_steer, n_steer = 0.0, 0
+    with_extra: dict = {}   # (kind, concept) -> (prompt set with the extra seeds, its plain judgement)
+
+    def removal_set(kind, c):
+        if (kind, c) not in with_extra:
+            extra = extra_seeds(ps, kind, c, cfg.steer_seeds, cfg.seeds)
+            both = concat_sets(ps, extra)
+            with_extra[kind, c] = (both, concat_judged(both, base, bench.run(extra)) if extra.prompts else base)
+        return with_extra[kind, c]
+
     for key, paper in variants:
         out[key] = {}
         lams = cs_params["paper"] if paper else cs_params
@@ -460,13 +497,15 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
             for c in cfg.concepts(kind):
                 lam_c = steer_strength(cs_params, kind, c, paper)
                 st = removal_steering(text_sae, pipe, kind, c, lam_c, cs_params, paper)
+                ps_c, base_c = removal_set(kind, c)
                 t1 = time.perf_counter()
-                j = bench.run(ps, lambda st=st: steer_text_encoder(pipe, st))
+                j = bench.run(ps_c, lambda st=st: steer_text_encoder(pipe, st))
                 if not paper:
                     t_steer += time.perf_counter() - t1
-                    n_steer += len(ps.prompts)
-                rows.append(dict(removal_row(j, kind, c, base), strength=lam_c))
-                urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base, kind, c)))
+                    n_steer += len(ps_c.prompts)
+                asked = int((j.truth(kind) == KINDS[kind].index(c)).sum())
+                rows.append(dict(removal_row(j, kind, c, base_c), strength=lam_c, images_asked=asked))
+                urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base_c, kind, c)))
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
                               "gated": bool(cs_params.get("gate")) and not paper}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
@@ -547,14 +586,15 @@ def shapes_report_sections(res: dict) -> list:
             [(k, r, " — the paper: every prompt steered") for k, r in res.get("steer_paper", {}).items()]:
         per = any(x.get("strength", r["strength"]) != r["strength"] for x in r["removal"])
         rows = [[x["target"]] + ([f"{x.get('strength', r['strength']):g}"] if per else [])
-                + [_pct(x["presence_before"]), _pct(x["presence_after"])]
+                + [x.get("images_asked", "")] + [_pct(x["presence_before"]), _pct(x["presence_after"])]
                 + [_pct(x[f"{k}_drop"]) for k in KINDS if k != kind]
                 + [_pct(x["others_agreement_before"]), _pct(x["others_agreement"])] for x in r["removal"]]
-        cols = ["concept"] + (["λ"] if per else []) + ["present before", "present after"] \
+        cols = ["concept"] + (["λ"] if per else []) + ["images", "present before", "present after"] \
             + [f"{k} drop (pts)" for k in KINDS if k != kind] + ["prompts without it: agreement before", "after"]
         lam_txt = "λ per concept, default " if per else "λ = "
         tables.append(Table(f"Remove each {kind} ({lam_txt}{r['strength']:g}{', gated on the concept word' if r.get('gated') else ''}){how}, %", cols, rows,
-                            "present = the judge finds the concept in images whose prompt asks for it"))
+                            "present = the judge finds the concept in images whose prompt asks for it (images: how "
+                            "many; drops are measured on them)"))
     if tables:
         secs.append(Section("Concept Steerers: removing concepts", "", tables))
     if "add_style" in res:
@@ -648,7 +688,9 @@ def summary_lines(res: dict) -> list[str]:
         lam = r["strength"]
         lam = f"{lam:g}" if all(x.get("strength", lam) == lam for x in r["removal"]) else f"per concept, default {lam:g}"
         lines.append(f"Concept Steerers{how} remove {kind} (λ {lam}{', gated' if r.get('gated') else ''}): present {_pct(m['presence_before'])} % -> "
-                     f"{_pct(m['presence_after'])} %, prompts without it keep {_pct(m['others_agreement'])} %")
+                     f"{_pct(m['presence_after'])} % (worst {_pct(max(x['presence_after'] for x in r['removal']))}), "
+                     f"worst other-attribute drop {_pct(max(other_attribute_drop(x) for x in r['removal']))} pts, "
+                     f"prompts without it keep {_pct(m['others_agreement'])} %")
     if "add_style" in res:
         a = res["add_style"]["rows"]
         lines.append(f"Concept Steerers add style (λ={res['add_style']['strength']:g}): found in "
