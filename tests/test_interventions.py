@@ -192,9 +192,10 @@ def test_baseline_prompts_are_averaged_and_matched_pairs_cancel_what_they_share(
         concept_steering(sae, pipe, name, pos, -1.0, baseline=[])
 
 
-def test_hooks_removed_when_generation_raises(pipes):
-    pipe = pipes("sd")
-    name = "text_encoder.text_model.encoder.layers.9"
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_hooks_removed_when_generation_raises(pipes, fam):
+    pipe = pipes(fam)
+    name = list_hookpoints(pipe, "text")[-2]
     st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "striped", -1.0)
 
     def boom(*a, **k):
