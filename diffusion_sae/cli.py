@@ -808,8 +808,9 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 out: Path = typer.Option(Path("eval-shapes"), help="Report folder."),
                 no_faithful: bool = typer.Option(False, help="Skip SAeUron's faithful-mode table."),
                 concepts_per_kind: Optional[int] = typer.Option(None, help="Only the first N concepts of each kind (smoke runs)."),
-                steer_seeds: int = typer.Option(4, help="Concept Steerers removal: images per grid prompt that names the "
-                                                "removed concept (the other prompts get --seeds)."),
+                steer_seeds: Optional[int] = typer.Option(None, help="Concept Steerers removal: images per grid prompt that "
+                                                          "names the removed concept (the other prompts get --seeds); "
+                                                          "default 8, 4 with --quick."),
                 steps: int = 25, guidance: float = 5.0):
     """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
     import json as _json
@@ -824,7 +825,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
     text_sae = bundle.load_text_sae()
     blocks = {k: bundle.load_blocks(k) for k in ("style", "object")}
     cfg = ShapesConfig(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful,
-                       max_concepts=concepts_per_kind, steer_seeds=steer_seeds)
+                       max_concepts=concepts_per_kind, steer_seeds=steer_seeds or (4 if quick else 8))
     with _progress() as p:
         task = p.add_task("eval shapes", total=None, info="images")
         res = run_shapes_benchmark(pipe, clf, text_sae, blocks, bundle.load_params(), cfg,
