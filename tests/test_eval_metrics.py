@@ -213,3 +213,17 @@ def test_steering_strength_picked_per_concept_and_looked_up():
     assert steer_strength(cs, "colour", "blue") == -0.75
     assert steer_strength(cs, "colour", "red", paper=True) == -0.4
     assert steer_strength({}, "style", "solid") == -1.0
+
+
+def test_extra_seeds_add_images_of_the_concepts_prompts_only():
+    from diffusion_sae.eval.shapes import concat_sets, extra_seeds, grid
+    from diffusion_sae.world.config import OBJECTS, STYLES
+
+    ps = grid(2)                                   # every object x style pair at seeds 0 and 1
+    ex = extra_seeds(ps, "object", "ring", total=4, have=2)
+    assert len(ex.prompts) == 2 * len(STYLES)      # two more images of each of ring's 8 prompts
+    assert set(ex.objects) == {OBJECTS.index("ring")} and sorted(set(ex.seeds)) == [1000, 2000]
+    both = concat_sets(ps, ex)
+    pairs = list(zip(both.prompts, both.seeds))
+    assert len(set(pairs)) == len(pairs)           # no image generated twice
+    assert len(extra_seeds(ps, "object", "ring", total=2, have=2).prompts) == 0

@@ -223,14 +223,17 @@ def removal_row(judged: Judged, kind: str, target: str, base: Judged) -> dict:
 
 
 def extra_seeds(ps: PromptSet, kind: str, concept: str, total: int, have: int) -> PromptSet:
-    """The prompts of `ps` that name `concept` again at seeds have .. total-1 past each one's own seed, so
-    that a removal is judged on `total` images per prompt (seeds never used by the grid's other rows)."""
+    """Grid prompts that name `concept` again at total − have more seeds (1000, 2000, … past the grid's
+    first seed; the grid's own rows never use them), so that a removal is judged on `total` images per
+    object x style pair; `have` = images per pair already in `ps` (the extra rows repeat each pair's
+    first-seed prompt)."""
     ci = KINDS[kind].index(concept)
     attr = getattr(ps, _ATTR[kind])
+    first = min(ps.seeds) if ps.seeds else 0
     out = PromptSet([], [], [], [], [])
     for extra in range(max(0, total - have)):
         for i in range(len(ps.prompts)):
-            if attr[i] == ci:
+            if attr[i] == ci and ps.seeds[i] == first:   # one row per pair
                 for f in ("prompts", "objects", "styles", "colours"):
                     getattr(out, f).append(getattr(ps, f)[i])
                 out.seeds.append(ps.seeds[i] + 1000 * (extra + 1))
