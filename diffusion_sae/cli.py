@@ -517,7 +517,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail("give either --baseline or --baseline-file, not both")
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
-        concepts = {f"{concept_file.name}": _prompt_lines(concept_file, "--concept-file")}
+        concepts = {concept_file.name: _prompt_lines(concept_file, "--concept-file")}
     base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
     pipe = _load_model(model)
     sae_obj = _load_sae_arg(sae, None, bundle.load_text_sae)

@@ -208,7 +208,7 @@ def removal_row(judged: Judged, kind: str, target: str, base: Judged) -> dict:
     ci = KINDS[kind].index(target)
     asked = judged.truth(kind) == ci
     others = [k for k in KINDS if k != kind]
-    row = {"target": target,
+    row = {"target": target, "images_asked": int(asked.sum()),
            "presence_before": base.presence(kind, ci, asked),
            "presence_after": judged.presence(kind, ci, asked)}
     for k in others:
@@ -507,8 +507,7 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                 if not paper:
                     t_steer += time.perf_counter() - t1
                     n_steer += len(ps_c.prompts)
-                asked = int((j.truth(kind) == KINDS[kind].index(c)).sum())
-                rows.append(dict(removal_row(j, kind, c, base_c), strength=lam_c, images_asked=asked))
+                rows.append(dict(removal_row(j, kind, c, base_c), strength=lam_c))
                 urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base_c, kind, c)))
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
                               "gated": bool(cs_params.get("gate")) and not paper}

@@ -275,7 +275,7 @@ def concept_steering(sae, pipe, hookpoint: str | list[str], concept_prompt: str 
     label = prompts[0] if len(prompts) == 1 else f"{prompts[0]} (+{len(prompts) - 1})"
     gate_ids = _gate_tokens(pipe, _text_hookpoints(pipe, names), gate) if gate is not None else None
     return Steering(names, strength * s, widths, label, {"concept": prompts, "strength": strength,
-                                                         "baseline": bases if bases is None or len(bases) > 1 else bases[0],
+                                                         "baseline": baseline if baseline is None or isinstance(baseline, str) else bases,
                                                          "gate": gate, "keep": keep},
                     gate_ids)
 
