@@ -21,6 +21,8 @@ dependencies) and `make bench` runs this file with its python. Under another int
 peer's row says why. Each peer runs its own library's training step (see run_saelens /
 run_sparsify) with the benchmark's fixed settings: same synthetic batches, d, L, k, batch, Adam at a
 constant lr 4e-4, CPU, the same thread count, warm-up steps untimed.
+Ours runs twice: with the compiled CPU kernels (diffusion_sae/sae/native.py, the default when a C
+compiler is present) and on the pure-torch path, so both figures come from the same run.
 Env knobs: SAE_BENCH_STEPS (default 12), SAE_BENCH_SIZES (default 3072,12288),
 SAE_BENCH_PRECISIONS (default fp32,bf16).
 """
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TrainConfig  # noqa: E402
+from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TrainConfig, native  # noqa: E402
 
 D, K, BATCH = 768, 32, 4096
 STEPS = int(os.environ.get("SAE_BENCH_STEPS", "12"))
@@ -84,7 +86,16 @@ def encoder_bound(L, precision):
     return Rate(secs)
 
 
-def run_ours(L, precision):
+def run_ours(L, precision, compiled=True):
+    """Our trainer; compiled=False forces the pure-torch path (kernels.py) instead of native.py's C kernels."""
+    old = native.set_enabled(compiled)
+    try:
+        return _run_ours(L, precision)
+    finally:
+        native.set_enabled(old)
+
+
+def _run_ours(L, precision):
     data = data_for(L)
     batches = list(data)
     cfg = TrainConfig(lr=4e-4, batch_size=BATCH, log_every=10 ** 9, auxk_alpha=1 / 32,
@@ -215,7 +226,8 @@ def main():
     threads = torch.get_num_threads()
     print(f"SAE training benchmark: d_in={D}, k={K}, batch={BATCH}, {STEPS} timed steps after {WARMUP} warm-up, "
           f"torch {torch.__version__}, {threads} threads, load avg {os.getloadavg()[0]:.1f}; {_versions()} "
-          f"({sys.executable})")
+          f"({sys.executable}); compiled kernels: "
+          f"{'yes' if native.available() else 'no (' + str(native.why_unavailable()) + ')'}")
     rows, notes, best = [], [], {}
     for L in SIZES:
         for prec in PRECISIONS:
@@ -226,6 +238,11 @@ def main():
             b["ours"] = max(b["ours"], (ours[0], prec, ours[1]))
             rows.append((L, prec, "diffusion-sae (ours)", ours[0], ours[1],
                          f"{ours[0] / bound:.2f} of encoder-matmul bound ({bound:,.0f} tok/s)"))
+            if native.available():
+                torch.set_num_threads(threads)
+                plain = run_ours(L, prec, compiled=False)
+                rows.append((L, prec, "ours, torch path", plain[0], plain[1],
+                             f"compiled kernels are {ours[0] / plain[0]:.2f}x this"))
             for name, fn in (("SAELens TopK", run_saelens), ("EleutherAI sparsify", run_sparsify)):
                 torch.set_num_threads(threads)  # every implementation runs with the same thread count
                 try:

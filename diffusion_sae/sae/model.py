@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .kernels import sparse_decode, token_offsets, topk_encode
 
 
@@ -287,6 +288,10 @@ class TopKSAE(nn.Module):
                 scale = min(n_dead / k_req, 1.0)
         k = self.cfg.k if (batch_mode or not self.cfg.batch_topk or self.cfg.threshold <= 0) \
             else self.cfg.encode_width
+        if total_variance is None:
+            total_variance = (xn - xn.mean(0)).pow(2).sum()
+        if self._use_native(xn, batch_mode):
+            return self._forward_native(x, xn, stats, k, dead_mask if ka else None, ka, scale, total_variance)
         vals, cols, rows, aux_vals, aux_cols = topk_encode(
             xn, self.W_enc, self.b_enc, k, batch_mode, dead_mask if ka else None, ka, shift=self.b_dec,
             compute_dtype=_autocast_dtype(xn), workspace=self.workspace)
@@ -296,8 +301,6 @@ class TopKSAE(nn.Module):
         recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
 
         resid = xn - recon
-        if total_variance is None:
-            total_variance = (xn - xn.mean(0)).pow(2).sum()
         fvu = resid.pow(2).sum() / total_variance
         if ka:
             aux_recon = sparse_decode(aux_vals, aux_cols, self.W_dec)
@@ -308,6 +311,49 @@ class TopKSAE(nn.Module):
         lead = x.shape[:-1]
         if batch_mode:
             return ForwardOutput(out, vals, cols, fvu, auxk, rows)
+        return ForwardOutput(out, vals.reshape(*lead, -1), cols.reshape(*lead, -1), fvu, auxk, None)
+
+    def _use_native(self, xn: Tensor, batch_mode: bool) -> bool:
+        """The compiled CPU path (native.py) is the trainer's: it runs while a trainer fits (`workspace`
+        set), for per-token TopK with fp32 weights and no input gradient. Other calls use the torch path,
+        whose reconstruction is differentiable."""
+        if self.workspace is None or batch_mode or (self.cfg.batch_topk and self.cfg.threshold > 0):
+            return False
+        if xn.requires_grad:
+            return False
+        if self.dtype != torch.float32 or xn.dtype != torch.float32:
+            return False
+        return native.usable(xn, self.W_enc, self.W_dec)
+
+    def _forward_native(self, x, xn, stats, k, dead_mask, ka, scale, total_variance) -> ForwardOutput:
+        # Every per-step tensor lives in the trainer's workspace (native.buffer explains why).
+        ws = self.workspace
+        n, L = xn.shape[0], self.cfg.num_latents
+        cdt = _autocast_dtype(xn) or self.dtype
+        if cdt not in (torch.float32, torch.bfloat16):
+            cdt = torch.float32  # fp16 products on CPU are slow and not what the kernels read
+        native.recycle_grads(ws, W_enc=self.W_enc, W_dec=self.W_dec)
+        with torch.no_grad():
+            xs = torch.sub(xn, self.b_dec, out=native.buffer(ws, "xs", xn.shape))
+            if cdt != torch.float32:
+                xs_c = native.buffer(ws, "xs_c", xn.shape, cdt).copy_(xs)
+                W_c = native.buffer(ws, "W_enc_c", self.W_enc.shape, cdt).copy_(self.W_enc)
+            else:
+                xs_c, W_c = xs, self.W_enc
+            # The bias is added inside the selection (in fp32): addmm would first broadcast it into
+            # the whole [N, L] buffer, a pass as long as the selection itself.
+            pre = torch.mm(xs_c, W_c.t(), out=native.buffer(ws, "pre", (n, L), cdt))
+            b_enc = self.b_enc.detach()
+            vals, cols = native.topk_rows(pre, k, bias=b_enc)
+            if ka:
+                aux_vals, aux_cols = native.topk_rows(pre, ka, dead_mask, bias=b_enc)
+            else:
+                aux_vals, aux_cols = vals.new_empty(n, 0), cols.new_empty(n, 0)
+        recon, fvu, auxk = native.FusedDecodeLoss.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xn, xs,
+                                                        vals, cols, aux_vals, aux_cols,
+                                                        total_variance.detach().float(), scale, ws)
+        out = self.denormalize(recon, stats).reshape(x.shape).to(x.dtype)
+        lead = x.shape[:-1]
         return ForwardOutput(out, vals.reshape(*lead, -1), cols.reshape(*lead, -1), fvu, auxk, None)
 
     # ------------------------------------------------------------------ decoder constraint
@@ -321,8 +367,11 @@ class TopKSAE(nn.Module):
         """g_j ← g_j − (g_j·w_j) w_j: the step cannot change a decoder row's norm to first order."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        if self.workspace is not None and self.workspace.pop("decoder_grad_projected", False):
+            return  # the fused backward (native.FusedDecodeLoss) already did it, row by row
+        # vecdot + addcmul_: no [L, d] temporaries (at L = 12288 they cost more than the arithmetic)
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)
+        self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()

@@ -1,0 +1,307 @@
+/* CPU kernels for training TopK SAEs: per-token top-k selection and the fused sparse decoder + loss.
+ *
+ * Plain C with raw pointers (no torch headers): compiled in about a second by the system C compiler
+ * and called through ctypes (see ../native.py). Every function is fp32 except the selection's input,
+ * which may be the bf16 encoder product (the bit pattern as uint16). OpenMP splits work by token or by
+ * latent; no two threads write the same output, so results do not depend on the thread count.
+ *
+ * Layouts (row-major, contiguous):
+ *   pre [N, L] (ld = row stride), xn / xs / recon / r / e [N, d], W_dec / W_enc / gradients [L, d],
+ *   vals / q [N, k] f32, cols [N, k] int64, aux_* [N, ka].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* k-th largest of a small array (destroys it): quickselect. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float piv = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > piv) i++;
+            while (a[j] < piv) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return a[want];
+}
+
+/* Top k of the candidates (values cv, ids ci; n >= k), into hv/hi: the k-th largest value by
+ * quickselect on a copy, then everything above it, then ties up to k. */
+static void select_topk(const float *cv, const int64_t *ci, int64_t n, int64_t k, float *scratch,
+                        float *hv, int64_t *hi) {
+    memcpy(scratch, cv, sizeof(float) * (size_t)n);
+    float tau = kth_largest(scratch, n, k);
+    int64_t m = 0;
+    for (int64_t t = 0; t < n && m < k; t++)
+        if (cv[t] > tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
+    for (int64_t t = 0; t < n && m < k; t++)
+        if (cv[t] == tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
+}
+
+#define CHUNK 32
+
+/* One row, already in fp32 (bias added) in `row`: exact top-k in three steps, all in cache:
+ *   1. the maxima of chunks of 32 columns;
+ *   2. t = the k-th largest chunk maximum: k distinct elements are >= t, so every element of the
+ *      row's top k is >= t too;
+ *   3. the elements >= t (for k = 32 of 3072, about 40) are gathered and the top k picked. */
+static void row_topk(const float *row, int64_t L, int64_t k, float *cmax, float *cv, int64_t *ci,
+                     float *scratch, float *hv, int64_t *hi) {
+    int64_t nch = L / CHUNK, n = 0, j = 0;
+    if (nch < k) {  /* short rows: every element is a candidate */
+        for (j = 0; j < L; j++) { cv[j] = row[j]; ci[j] = j; }
+        select_topk(cv, ci, L, k, scratch, hv, hi);
+        return;
+    }
+    for (int64_t c = 0; c < nch; c++) {
+#if defined(__AVX512F__)
+        cmax[c] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_loadu_ps(row + c * CHUNK), _mm512_loadu_ps(row + c * CHUNK + 16)));
+#else
+        float m = row[c * CHUNK];
+        for (int64_t u = 1; u < CHUNK; u++) m = row[c * CHUNK + u] > m ? row[c * CHUNK + u] : m;
+        cmax[c] = m;
+#endif
+    }
+    float t = kth_largest(cmax, nch, k);
+#if defined(__AVX512F__)
+    /* compress in registers, then full-width stores (the buffers have 16 slots of slack): the
+       memory-destination compress-store is microcoded and slow on some CPUs (Zen 4) */
+    __m512 vt = _mm512_set1_ps(t);
+    __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+    for (; j + 16 <= L; j += 16) {
+        __m512 v = _mm512_loadu_ps(row + j);
+        __mmask16 m = _mm512_cmp_ps_mask(v, vt, _CMP_GE_OQ);
+        if (!m) continue;
+        _mm512_storeu_ps(cv + n, _mm512_maskz_compress_ps(m, v));
+        __m512i base = _mm512_add_epi64(_mm512_set1_epi64(j), iota);
+        _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi64((__mmask8)(m & 0xff), base));
+        int lo = __builtin_popcount(m & 0xff);
+        _mm512_storeu_si512(ci + n + lo, _mm512_maskz_compress_epi64((__mmask8)(m >> 8), _mm512_add_epi64(base, eight)));
+        n += __builtin_popcount(m);
+    }
+#endif
+    for (; j < L; j++) { cv[n] = row[j]; ci[n] = j; n += (row[j] >= t); }
+    select_topk(cv, ci, n, k, scratch, hv, hi);
+}
+
+/* row[j] = float(src[off + j]) + bias[j] (bias may be NULL): the row, in fp32, in cache. */
+static void load_row(const void *pre, int is_bf16, int64_t off, int64_t L, const float *bias, float *row) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= L; j += 16) {
+        __m512 v;
+        if (is_bf16) {
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pre + off + j)));
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        } else {
+            v = _mm512_loadu_ps((const float *)pre + off + j);
+        }
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+        _mm512_storeu_ps(row + j, v);
+    }
+#endif
+    for (; j < L; j++) {
+        float v = is_bf16 ? bf16_to_f32(((const uint16_t *)pre)[off + j]) : ((const float *)pre)[off + j];
+        row[j] = bias ? v + bias[j] : v;
+    }
+}
+
+/* Top-k of every row of ReLU(pre + bias) for a [N, L] matrix (fp32, or bf16 given as its uint16
+ * bits; row stride ld). bias [L] may be NULL. col_mask [L] (may be NULL): only columns with a
+ * non-zero byte may be picked (AuxK's dead latents; the caller ensures at least k). Values are
+ * clamped at 0 after the selection (ReLU first, as in the torch path: the same values). Output order
+ * within a row is unspecified (like torch.topk(sorted=False)); ties are broken arbitrarily. */
+static void topk_rows(const void *pre, int is_bf16, int64_t N, int64_t L, int64_t ld, int64_t k,
+                      const uint8_t *col_mask, const float *bias, float *vals, int64_t *idx, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *row = (float *)malloc(sizeof(float) * (size_t)L);
+        float *cmax = (float *)malloc(sizeof(float) * (size_t)(L / CHUNK + 1));
+        float *cv = (float *)malloc(sizeof(float) * (size_t)(L + 16));
+        int64_t *ci = (int64_t *)malloc(sizeof(int64_t) * (size_t)(L + 16));
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(L + 16));
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            load_row(pre, is_bf16, i * ld, L, bias, row);
+            float *hv = vals + i * k;
+            int64_t *hi = idx + i * k;
+            if (col_mask) {
+                int64_t n = 0;
+                for (int64_t j = 0; j < L; j++)
+                    if (col_mask[j]) { cv[n] = row[j]; ci[n] = j; n++; }
+                select_topk(cv, ci, n, k, scratch, hv, hi);
+            } else {
+                row_topk(row, L, k, cmax, cv, ci, scratch, hv, hi);
+            }
+            for (int64_t s = 0; s < k; s++) hv[s] = hv[s] > 0.f ? hv[s] : 0.f;
+        }
+        free(row); free(cmax); free(cv); free(ci); free(scratch);
+    }
+}
+
+void topk_rows_f32(const float *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
+                   const float *bias, float *vals, int64_t *idx, int nthreads) {
+    topk_rows(pre, 0, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
+}
+
+void topk_rows_bf16(const uint16_t *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
+                    const float *bias, float *vals, int64_t *idx, int nthreads) {
+    topk_rows(pre, 1, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
+}
+
+/* Forward of the sparse decoder and the losses, one token per iteration:
+ *   recon_i = b_dec + sum_s vals_is W_dec[cols_is]          r_i = xn_i - recon_i
+ *   sse_i   = |r_i|^2                                       q_is = r_i . W_dec[cols_is]
+ * with AuxK (ka > 0):
+ *   e_i = sum_s aux_vals_is W_dec[aux_cols_is] - r_i        aux_sse_i = |e_i|^2
+ *   qa_is = e_i . W_dec[aux_cols_is]
+ * q and qa are what the backward needs for the gradients of vals and aux_vals; computing them here
+ * reuses the decoder rows while they are still in cache. (Blocking the feature axis so that the
+ * gathers hit L2 was measured slower: 64-float pieces leave too little work per gathered row.) */
+void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, const float *aux_vals,
+                    const int64_t *aux_cols, const float *W_dec, const float *b_dec, int64_t N, int64_t d,
+                    int64_t k, int64_t ka, float *recon, float *r, float *q, double *sse, float *e,
+                    float *qa, double *aux_sse, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        float *ri = recon + i * d, *res = r + i * d;
+        const float *xi = xn + i * d;
+        memcpy(ri, b_dec, d * sizeof(float));
+        for (int64_t s = 0; s < k; s++) {
+            float v = vals[i * k + s];
+            if (v == 0.f) continue;
+            const float *w = W_dec + cols[i * k + s] * d;
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) ri[c] += v * w[c];
+        }
+        /* `omp simd reduction`: lets the compiler split a sum into vector lanes (plain C forbids
+           reassociating a float sum, which leaves a serial chain of dependent adds) */
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int64_t c = 0; c < d; c++) {
+            float t = xi[c] - ri[c];
+            res[c] = t;
+            acc += t * t;
+        }
+        sse[i] = acc;
+        for (int64_t s = 0; s < k; s++) {
+            const float *w = W_dec + cols[i * k + s] * d;
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t c = 0; c < d; c++) dot += res[c] * w[c];
+            q[i * k + s] = dot;
+        }
+        if (ka > 0) {
+            float *ei = e + i * d;
+            for (int64_t c = 0; c < d; c++) ei[c] = -res[c];
+            for (int64_t s = 0; s < ka; s++) {
+                float v = aux_vals[i * ka + s];
+                if (v == 0.f) continue;
+                const float *w = W_dec + aux_cols[i * ka + s] * d;
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) ei[c] += v * w[c];
+            }
+            float a2 = 0.f;
+            #pragma omp simd reduction(+:a2)
+            for (int64_t c = 0; c < d; c++) a2 += ei[c] * ei[c];
+            aux_sse[i] = a2;
+            for (int64_t s = 0; s < ka; s++) {
+                const float *w = W_dec + aux_cols[i * ka + s] * d;
+                float dot = 0.f;
+                #pragma omp simd reduction(+:dot)
+                for (int64_t c = 0; c < d; c++) dot += ei[c] * w[c];
+                qa[i * ka + s] = dot;
+            }
+        }
+    }
+}
+
+/* Weight gradients, one latent per iteration (entries regrouped by latent with a counting sort, so
+ * every output row is written by one thread, once, in a fixed order):
+ *   dW_dec[j] = sum_{(i,s): cols_is = j} c_dec * src_i,  c_dec = s_main vals_is (src = r) or s_aux aux_vals_is (src = e)
+ *   dW_enc[j] = sum c_enc * xs_i,                         c_enc = s_main q_is [vals_is > 0]  or  s_aux qa_is [aux_vals_is > 0]
+ *   db_enc[j] = sum c_enc
+ * If W_dec is given, the component of dW_dec[j] along the unit-norm row W_dec[j] is removed as the
+ * row is finished (the trainer's decoder constraint; linear, so it commutes with summing gradients
+ * across processes). Latents with no entry get zero rows (no separate zero fill). */
+void sae_sparse_bwd(const float *xs, const float *r, const float *e, const float *vals, const int64_t *cols,
+                    const float *q, const float *aux_vals, const int64_t *aux_cols, const float *qa,
+                    const float *W_dec, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ka, float s_main,
+                    float s_aux, float *dW_dec, float *dW_enc, float *db_enc, int nthreads) {
+    int64_t M = N * k, MA = N * ka, T = M + MA;
+    int64_t *start = (int64_t *)calloc((size_t)L + 1, sizeof(int64_t));
+    int64_t *fill = (int64_t *)malloc(((size_t)L + 1) * sizeof(int64_t));
+    int64_t *ent = (int64_t *)malloc((size_t)(T > 0 ? T : 1) * sizeof(int64_t));
+    for (int64_t t = 0; t < M; t++) start[cols[t] + 1]++;
+    for (int64_t t = 0; t < MA; t++) start[aux_cols[t] + 1]++;
+    for (int64_t j = 0; j < L; j++) start[j + 1] += start[j];
+    memcpy(fill, start, ((size_t)L + 1) * sizeof(int64_t));
+    for (int64_t t = 0; t < M; t++) ent[fill[cols[t]]++] = t;
+    for (int64_t t = 0; t < MA; t++) ent[fill[aux_cols[t]]++] = M + t;
+
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int64_t j = 0; j < L; j++) {
+        float *gd = dW_dec + j * d, *ge = dW_enc + j * d;
+        memset(gd, 0, d * sizeof(float));
+        memset(ge, 0, d * sizeof(float));
+        double gb = 0.0;
+        for (int64_t p = start[j]; p < start[j + 1]; p++) {
+            int64_t t = ent[p], i;
+            float cd, ce;
+            const float *src;
+            if (t < M) {
+                i = t / k;
+                float v = vals[t];
+                cd = s_main * v;
+                ce = v > 0.f ? s_main * q[t] : 0.f;
+                src = r + i * d;
+            } else {
+                t -= M;
+                i = t / ka;
+                float v = aux_vals[t];
+                cd = s_aux * v;
+                ce = v > 0.f ? s_aux * qa[t] : 0.f;
+                src = e + i * d;
+            }
+            const float *xi = xs + i * d;
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) {
+                gd[c] += cd * src[c];
+                ge[c] += ce * xi[c];
+            }
+            gb += ce;
+        }
+        db_enc[j] = (float)gb;
+        if (W_dec) {
+            const float *w = W_dec + j * d;
+            float par = 0.f;
+            #pragma omp simd reduction(+:par)
+            for (int64_t c = 0; c < d; c++) par += gd[c] * w[c];
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) gd[c] -= par * w[c];
+        }
+    }
+    free(start);
+    free(fill);
+    free(ent);
+}

@@ -1,0 +1,300 @@
+"""Optional compiled CPU kernels for SAE training (`csrc/topk_sae_cpu.c`), loaded through ctypes.
+
+Why: on a CPU, torch's row-wise `topk`, `embedding_bag` and the sparse weight gradients run as
+separate memory-bound passes, and together they cost more than the encoder's matrix product. The C
+file does the selection with a block-skipping heap, and the decoder + losses + every gradient in two
+passes (one per token, one per latent). It has no torch headers, so the system C compiler builds it
+in about a second on first use; the library is cached under `$XDG_CACHE_HOME/diffusion_sae/`
+(keyed by the source, the compiler and this CPU's flags, since it is built with -march=native).
+
+Nothing depends on it: without a C compiler, off x86/ARM Linux/macOS, on GPU tensors, or with
+`DIFFUSION_SAE_NATIVE=0`, `available()` is False and callers use the pure-torch path (same maths;
+tests compare the two).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SRC = Path(__file__).with_name("csrc") / "topk_sae_cpu.c"
+_lock = threading.Lock()
+_lib = None
+_tried = False
+_error: str | None = None
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffusion_sae" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
+    src = _SRC.read_bytes()
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+    if platform.system() == "Darwin":  # Apple clang has no -fopenmp without libomp: build single-threaded
+        flags.remove("-fopenmp")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"topk_sae_cpu-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            proc = subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            os.replace(tmp_out, out)  # atomic: a concurrent process sees the old state or the whole file
+    lib = ctypes.CDLL(str(out))
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    for name in ("topk_rows_f32", "topk_rows_bf16"):
+        getattr(lib, name).argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
+        getattr(lib, name).restype = None
+    lib.sae_decode_fwd.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, i32]
+    lib.sae_decode_fwd.restype = None
+    lib.sae_sparse_bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, f32, p, p, p, i32]
+    lib.sae_sparse_bwd.restype = None
+    return lib
+
+
+def load():
+    """The compiled library, building it on first use; None (with one warning) if that fails or is disabled."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("DIFFUSION_SAE_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+            _error = "disabled by DIFFUSION_SAE_NATIVE=0"
+        else:
+            try:
+                _lib = _build()
+            except Exception as e:  # no compiler, read-only cache, exotic platform: fall back to torch
+                _error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"diffusion_sae: compiled SAE kernels unavailable ({_error}); using the torch "
+                              "implementation (slower on CPU). Set DIFFUSION_SAE_NATIVE=0 to silence this.",
+                              stacklevel=3)
+        _tried = True
+    return _lib
+
+
+_enabled = True
+
+
+def set_enabled(flag: bool) -> bool:
+    """Switch the compiled path on or off at run time (benchmarks and tests compare both); returns the old setting."""
+    global _enabled
+    old, _enabled = _enabled, bool(flag)
+    return old
+
+
+@contextlib.contextmanager
+def disabled():
+    """`with native.disabled():` runs the block on the pure-torch path."""
+    old = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(old)
+
+
+def available() -> bool:
+    return _enabled and load() is not None
+
+
+def why_unavailable() -> str | None:
+    load()
+    return _error
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when the kernels are built and every tensor is a contiguous CPU tensor they accept."""
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return False
+    return available()
+
+
+def buffer(state: dict | None, key: str, shape, dtype=torch.float32, device="cpu") -> Tensor:
+    """An uninitialised tensor, kept in `state` (a workspace dict) and reused while shape, dtype and device hold.
+
+    Why: a freshly allocated buffer is page-faulted in on first write; above glibc's mmap threshold
+    (32 MiB at most) that happens on every allocation: 30 of the 60 ms of the weight-gradient pass
+    at L = 12288 (measured)."""
+    shape, device = tuple(shape), torch.device(device)
+    if state is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    t = state.get(key)
+    if t is None or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        t = state[key] = torch.empty(shape, dtype=dtype, device=device)
+    return t
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def topk_rows(pre: Tensor, k: int, col_mask: Tensor | None = None, bias: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """Per-row top-k of ReLU(pre + bias) for an [N, L] fp32 or bf16 CPU tensor (rows contiguous).
+
+    Returns (vals f32 [N,k], cols int64 [N,k]). bias [L] (optional) is added in fp32 as each value is
+    read. col_mask [L] bool (optional): only these columns may be selected (AuxK's dead latents); it
+    must admit at least k columns. Order within a row is unspecified; ties are broken arbitrarily.
+    """
+    lib = load()
+    if pre.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"topk_rows takes fp32 or bf16, got {pre.dtype}")
+    if pre.ndim != 2 or pre.stride(1) != 1:
+        raise ValueError("topk_rows needs a 2-d tensor with contiguous rows")
+    n, L = pre.shape
+    if not 0 < k <= L:
+        raise ValueError(f"k={k} must lie in [1, {L}]")
+    mask = None
+    if col_mask is not None:
+        mask = col_mask.to(torch.uint8).contiguous()
+        if int(mask.sum()) < k:
+            raise ValueError(f"col_mask admits {int(mask.sum())} columns, fewer than k={k}")
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    vals = torch.empty(n, k, dtype=torch.float32)
+    cols = torch.empty(n, k, dtype=torch.int64)
+    fn = lib.topk_rows_bf16 if pre.dtype == torch.bfloat16 else lib.topk_rows_f32
+    fn(_ptr(pre), n, L, pre.stride(0), k, _ptr(mask), _ptr(bias), _ptr(vals), _ptr(cols), torch.get_num_threads())
+    return vals, cols
+
+
+def recycle_grads(state: dict | None, **params: Tensor) -> None:
+    """Offer each parameter's current gradient tensor as the next backward's output buffer.
+
+    Called by the model before a fused forward while a trainer fits: the trainer then sets the
+    gradients to None, and the backward writes the new gradient into the old tensor and makes it
+    the new `.grad` (no fresh [L, d] allocation, see `buffer`)."""
+    if state is None:
+        return
+    for name, p in params.items():
+        g = p.grad
+        if g is not None and g.shape == p.shape and g.dtype == torch.float32 and g.is_contiguous() \
+                and g.device.type == "cpu" and not g.is_sparse:
+            state["grad_" + name] = g
+
+
+def _grad_buffer(state: dict | None, key: str, param: Tensor) -> Tensor:
+    g = state.pop(key, None) if state is not None else None
+    # Only if the parameter no longer holds it: writing into a live .grad would double-count, since
+    # autograd then adds the returned tensor to it.
+    if g is None or param.grad is not None or g.shape != param.shape:
+        return torch.empty(param.shape, dtype=torch.float32)
+    return g
+
+
+class FusedDecodeLoss(torch.autograd.Function):
+    """Sparse decoder, FVU and AuxK losses and all their gradients in two compiled passes.
+
+    forward(W_enc, b_enc, W_dec, b_dec, xn, xs, vals, cols, aux_vals, aux_cols, total_variance, aux_scale,
+            state) -> (recon [N,d] incl. b_dec, fvu, auxk)
+    The selection (vals, cols, aux_*) comes from the encoder product outside; W_enc / b_enc get their
+    gradients here through the selected values (the sparse encoder backward of kernels.TopKEncoder),
+    b_dec through the decoder and through the encoder's input shift xs = xn − b_dec.
+
+    recon is not differentiable (the trainer's loss is fvu + α·auxk; a loss on the reconstruction
+    itself needs the torch path). `state` (a dict, or None): when given, the backward also removes
+    the component of W_dec's gradient along each unit-norm decoder row (the decoder constraint, as
+    `TopKSAE.remove_gradient_parallel_to_decoder_directions` would) and sets
+    state["decoder_grad_projected"] so that the trainer's own call skips the repeat pass.
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, xn, xs, vals, cols, aux_vals, aux_cols, total_variance, aux_scale,
+                state=None):
+        lib = load()
+        n, d = xn.shape
+        k, ka = vals.shape[1], aux_vals.shape[1]
+        # With a workspace these buffers are reused between steps: recon (returned) and the saved r, e,
+        # q, qa are overwritten by the next forward, which the trainer runs only after this backward.
+        recon = buffer(state, "recon", (n, d))
+        r = buffer(state, "r", (n, d))
+        q = buffer(state, "q", (n, k))
+        sse = buffer(state, "sse", (n,), torch.float64)
+        e = buffer(state, "e", (n, d)) if ka else None
+        qa = buffer(state, "qa", (n, ka)) if ka else None
+        aux_sse = buffer(state, "aux_sse", (n,), torch.float64) if ka else None
+        lib.sae_decode_fwd(_ptr(xn), _ptr(vals), _ptr(cols), _ptr(aux_vals) if ka else None,
+                           _ptr(aux_cols) if ka else None, _ptr(W_dec.detach()), _ptr(b_dec.detach()), n, d, k, ka,
+                           _ptr(recon), _ptr(r), _ptr(q), _ptr(sse), _ptr(e), _ptr(qa), _ptr(aux_sse),
+                           torch.get_num_threads())
+        tv = total_variance.detach().double()
+        fvu = (sse.sum() / tv).float()
+        auxk = (aux_scale * aux_sse.sum() / tv).float() if ka else fvu.new_zeros(())
+        ctx.save_for_backward(W_enc, W_dec, xs, r, e if ka else r, vals, cols, q, aux_vals, aux_cols,
+                              qa if ka else q, total_variance)
+        ctx.aux_scale, ctx.ka, ctx.state = aux_scale, ka, state
+        ctx.mark_non_differentiable(recon)
+        return recon, fvu, auxk
+
+    @staticmethod
+    def backward(ctx, _g_recon, g_fvu, g_auxk):
+        lib = load()
+        W_enc, W_dec, xs, r, e, vals, cols, q, aux_vals, aux_cols, qa, tv = ctx.saved_tensors
+        ka = ctx.ka
+        n, d = xs.shape
+        L, k = W_dec.shape[0], vals.shape[1]
+        tv = float(tv)
+        s_main = -2.0 * float(g_fvu if g_fvu is not None else 0.0) / tv
+        s_aux = 2.0 * ctx.aux_scale * float(g_auxk if g_auxk is not None else 0.0) / tv
+        dW_dec = _grad_buffer(ctx.state, "grad_W_dec", W_dec)
+        dW_enc = _grad_buffer(ctx.state, "grad_W_enc", W_enc)
+        db_enc = torch.empty(L)
+        project = ctx.state is not None
+        lib.sae_sparse_bwd(_ptr(xs), _ptr(r), _ptr(e) if ka else None, _ptr(vals), _ptr(cols), _ptr(q),
+                           _ptr(aux_vals) if ka else None, _ptr(aux_cols) if ka else None, _ptr(qa) if ka else None,
+                           _ptr(W_dec.detach()) if project else None, n, L, d, k, ka, s_main, s_aux,
+                           _ptr(dW_dec), _ptr(dW_enc), _ptr(db_enc), torch.get_num_threads())
+        if project:
+            ctx.state["decoder_grad_projected"] = True
+        # b_dec: the decoder adds it to every token (Σ of ∂L/∂recon) and the encoder subtracts it from
+        # every input (−∂L/∂b_enc · W_enc).
+        db_dec = s_main * r.sum(0) - db_enc @ W_enc.detach()
+        if ctx.state is not None and W_enc.is_leaf and W_dec.is_leaf:
+            # Trainer mode: the [L, d] gradients go into .grad directly (autograd would copy a tensor
+            # it does not own outright, undoing the buffer reuse of `recycle_grads`).
+            for p, g in ((W_enc, dW_enc), (W_dec, dW_dec)):
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+            dW_enc = dW_dec = None
+        return dW_enc, db_enc, dW_dec, db_dec, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,133 @@
+"""Compiled CPU kernels (diffusion_sae/sae/native.py): same selection, losses and gradients as the torch path."""
+import pytest
+import torch
+
+from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TopKSAE, TrainConfig, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels unavailable: {native.why_unavailable()}")
+
+
+def _check_topk(pre, k, bias=None, mask=None):
+    vals, cols = native.topk_rows(pre, k, col_mask=mask, bias=bias)
+    ref = pre.float() + (bias if bias is not None else 0)
+    if mask is not None:
+        ref = ref.masked_fill(~mask, float("-inf"))
+    want = ref.topk(k, dim=-1).values.relu()
+    assert torch.equal(vals.sort(-1).values, want.sort(-1).values)
+    # the indices point at the values they report, are distinct, and respect the mask
+    got = torch.gather(pre.float() + (bias if bias is not None else 0), 1, cols).relu()
+    assert torch.equal(got, vals)
+    assert all(len(set(r.tolist())) == k for r in cols)
+    if mask is not None:
+        assert bool(mask[cols].all())
+
+
+@pytest.mark.parametrize("L,k", [(40, 7), (1000, 1), (1000, 32), (3072, 32), (97, 97)])
+def test_topk_rows_equals_torch_topk(L, k):
+    g = torch.Generator().manual_seed(L + k)
+    pre = torch.randn(64, L, generator=g)
+    bias = torch.randn(L, generator=g) * 0.1
+    _check_topk(pre, k)
+    _check_topk(pre, k, bias=bias)
+    _check_topk(pre.bfloat16(), k, bias=bias)  # the bf16 product: values read exactly, bias added in fp32
+    mask = torch.rand(L, generator=g) < 0.5
+    mask[:k] = True
+    _check_topk(pre, k, bias=bias, mask=mask)
+
+
+def test_topk_rows_ties_and_all_negative_rows():
+    pre = torch.cat([torch.zeros(3, 200), -torch.rand(3, 200)])
+    vals, cols = native.topk_rows(pre, 16)
+    assert torch.equal(vals, torch.zeros(6, 16))  # ReLU: nothing positive, zeros at distinct latents
+    assert all(len(set(r.tolist())) == 16 for r in cols)
+    with pytest.raises(ValueError, match="fewer than k"):
+        native.topk_rows(pre, 4, col_mask=torch.zeros(200, dtype=torch.bool))
+
+
+def _loss_and_grads(sae, x, dead, k_aux, workspace):
+    sae.zero_grad(set_to_none=True)
+    sae.workspace = workspace
+    try:
+        out = sae(x, dead_mask=dead, k_aux=k_aux)
+        (out.fvu + 0.25 * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+    finally:
+        sae.workspace = None
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    return out, grads
+
+
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_fused_loss_and_gradients_equal_torch_path(with_aux):
+    torch.manual_seed(0)
+    sae = TopKSAE(48, 200, 6, seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+        sae.b_enc.normal_(0, 0.05)
+    x = torch.randn(300, 48)
+    dead = (torch.arange(200) % 3 == 0) if with_aux else None
+    ref, g_ref = _loss_and_grads(sae, x, dead, 10, None)           # torch path (no workspace)
+    got, g_got = _loss_and_grads(sae, x, dead, 10, {})             # compiled path, trainer mode
+    assert torch.equal(got.latent_indices.sort(-1).values, ref.latent_indices.sort(-1).values)
+    torch.testing.assert_close(got.fvu, ref.fvu, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.auxk_loss, ref.auxk_loss, rtol=1e-5, atol=1e-7)
+    if with_aux:
+        assert float(got.auxk_loss.detach()) > 0
+    torch.testing.assert_close(got.sae_out, ref.sae_out, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_backward_accumulates_into_existing_gradients():
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 96, 4, seed=2)
+    x = torch.randn(128, 32)
+    _, once = _loss_and_grads(sae, x, None, None, {})
+    sae.zero_grad(set_to_none=True)
+    sae.workspace = {}
+    for _ in range(2):  # no zero_grad in between: the second backward must add, not overwrite or double
+        out = sae(x)
+        out.fvu.backward()
+    sae.workspace = None
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _train(steps, native_on, threads=None, autocast="none"):
+    data = SyntheticSparseData(d=64, num_atoms=24, active=4, num_tokens=steps * 512, batch_size=512, seed=3)
+    tr = SAETrainer(SAEConfig(d_in=64, num_latents=192, k=8),
+                    TrainConfig(batch_size=512, log_every=10 ** 9, seed=0, autocast=autocast, auxk_alpha=1 / 32,
+                                dead_tokens_threshold=1024))
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    old = native.set_enabled(native_on)
+    try:
+        sae = tr.fit(list(data), progress=False)
+    finally:
+        native.set_enabled(old)
+        torch.set_num_threads(old_threads)
+    return sae, tr
+
+
+def test_trainer_on_compiled_path_matches_torch_path():
+    a, tr_a = _train(8, True)
+    b, tr_b = _train(8, False)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 1e-5
+    # AuxK was active (latents went dead within 1024 tokens) on both paths
+    assert tr_a.history[-1]["auxk"] > 0 and tr_b.history[-1]["auxk"] > 0
+
+
+def test_compiled_path_is_deterministic_across_thread_counts():
+    a, _ = _train(3, True, threads=1)
+    b, _ = _train(3, True, threads=2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_compiled_path_bf16_product_tracks_fp32():
+    a, tr_a = _train(6, True, autocast="bf16")
+    b, tr_b = _train(6, True)
+    assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 0.02 * tr_b.history[-1]["fvu"] + 1e-3
