@@ -131,3 +131,28 @@ def test_compiled_path_bf16_product_tracks_fp32():
     a, tr_a = _train(6, True, autocast="bf16")
     b, tr_b = _train(6, True)
     assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 0.02 * tr_b.history[-1]["fvu"] + 1e-3
+
+
+def test_bf16_sources_change_gradients_by_bf16_rounding_only():
+    # Mixed precision: the weight-gradient pass may read bf16 copies of xs and of the residual (fp32
+    # sums). Same selection both times, so the difference is that rounding alone.
+    torch.manual_seed(0)
+    sae = TopKSAE(64, 256, 8, seed=4)
+    xn = torch.randn(512, 64)
+    xs = xn - sae.b_dec.detach()
+    vals, cols = native.topk_rows(xs @ sae.W_enc.detach().t(), 8, bias=sae.b_enc)
+    tv = (xn - xn.mean(0)).pow(2).sum()
+    none_v, none_c = vals.new_empty(512, 0), cols.new_empty(512, 0)
+    grads = []
+    for low in (None, xs.bfloat16()):
+        sae.zero_grad(set_to_none=True)
+        _, fvu, _ = native.FusedDecodeLoss.apply(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, xn, xs, vals, cols,
+                                                 none_v, none_c, tv, 1.0, None, low)
+        fvu.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name in grads[0]:
+        err = float((grads[1][name] - grads[0][name]).norm() / grads[0][name].norm())
+        if name.startswith("W"):
+            assert 0 < err < 0.01, (name, err)
+        else:  # bias gradients come from the fp32 dot products and residual sums
+            assert err == 0, (name, err)

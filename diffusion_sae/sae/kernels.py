@@ -14,6 +14,10 @@ Selections come in two layouts:
 
 The auxiliary (AuxK) selection over dead latents reuses the same pre-activations, so the whole
 encoder costs one matmul per step.
+
+This is the portable path (any device, any dtype, differentiable everywhere). While a trainer fits
+on CPU, `native.py` replaces the selection, decoder, losses and gradients with compiled C kernels
+that do the same maths in fewer passes (tests compare the two).
 """
 from __future__ import annotations
 

@@ -351,7 +351,8 @@ class TopKSAE(nn.Module):
                 aux_vals, aux_cols = vals.new_empty(n, 0), cols.new_empty(n, 0)
         recon, fvu, auxk = native.FusedDecodeLoss.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xn, xs,
                                                         vals, cols, aux_vals, aux_cols,
-                                                        total_variance.detach().float(), scale, ws)
+                                                        total_variance.detach().float(), scale, ws,
+                                                        xs_c if cdt == torch.bfloat16 else None)
         out = self.denormalize(recon, stats).reshape(x.shape).to(x.dtype)
         lead = x.shape[:-1]
         return ForwardOutput(out, vals.reshape(*lead, -1), cols.reshape(*lead, -1), fvu, auxk, None)

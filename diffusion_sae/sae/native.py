@@ -82,9 +82,9 @@ def _build() -> ctypes.CDLL:
     for name in ("topk_rows_f32", "topk_rows_bf16"):
         getattr(lib, name).argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
         getattr(lib, name).restype = None
-    lib.sae_decode_fwd.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, i32]
+    lib.sae_decode_fwd.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
     lib.sae_decode_fwd.restype = None
-    lib.sae_sparse_bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, f32, p, p, p, i32]
+    lib.sae_sparse_bwd.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, f32, p, p, p, i32]
     lib.sae_sparse_bwd.restype = None
     return lib
 
@@ -224,7 +224,7 @@ class FusedDecodeLoss(torch.autograd.Function):
     """Sparse decoder, FVU and AuxK losses and all their gradients in two compiled passes.
 
     forward(W_enc, b_enc, W_dec, b_dec, xn, xs, vals, cols, aux_vals, aux_cols, total_variance, aux_scale,
-            state) -> (recon [N,d] incl. b_dec, fvu, auxk)
+            state, xs_bf16) -> (recon [N,d] incl. b_dec, fvu, auxk)
     The selection (vals, cols, aux_*) comes from the encoder product outside; W_enc / b_enc get their
     gradients here through the selected values (the sparse encoder backward of kernels.TopKEncoder),
     b_dec through the decoder and through the encoder's input shift xs = xn − b_dec.
@@ -234,11 +234,14 @@ class FusedDecodeLoss(torch.autograd.Function):
     the component of W_dec's gradient along each unit-norm decoder row (the decoder constraint, as
     `TopKSAE.remove_gradient_parallel_to_decoder_directions` would) and sets
     state["decoder_grad_projected"] so that the trainer's own call skips the repeat pass.
+    `xs_bf16` (the bf16 copy of xs that a bf16 encoder product already made, or None): mixed precision,
+    the weight-gradient pass then reads bf16 copies of xs and of the residuals (fp32 accumulation),
+    which halves the bytes of its row gathers.
     """
 
     @staticmethod
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, xn, xs, vals, cols, aux_vals, aux_cols, total_variance, aux_scale,
-                state=None):
+                state=None, xs_bf16=None):
         lib = load()
         n, d = xn.shape
         k, ka = vals.shape[1], aux_vals.shape[1]
@@ -251,15 +254,21 @@ class FusedDecodeLoss(torch.autograd.Function):
         e = buffer(state, "e", (n, d)) if ka else None
         qa = buffer(state, "qa", (n, ka)) if ka else None
         aux_sse = buffer(state, "aux_sse", (n,), torch.float64) if ka else None
+        low = xs_bf16 is not None
+        if low and (xs_bf16.dtype != torch.bfloat16 or xs_bf16.shape != xs.shape or not xs_bf16.is_contiguous()):
+            raise ValueError("xs_bf16 must be a contiguous bf16 tensor shaped like xs")
+        r_h = buffer(state, "r_h", (n, d), torch.bfloat16) if low else None
+        e_h = buffer(state, "e_h", (n, d), torch.bfloat16) if low and ka else None
         lib.sae_decode_fwd(_ptr(xn), _ptr(vals), _ptr(cols), _ptr(aux_vals) if ka else None,
                            _ptr(aux_cols) if ka else None, _ptr(W_dec.detach()), _ptr(b_dec.detach()), n, d, k, ka,
                            _ptr(recon), _ptr(r), _ptr(q), _ptr(sse), _ptr(e), _ptr(qa), _ptr(aux_sse),
-                           torch.get_num_threads())
+                           _ptr(r_h), _ptr(e_h), torch.get_num_threads())
         tv = total_variance.detach().double()
         fvu = (sse.sum() / tv).float()
         auxk = (aux_scale * aux_sse.sum() / tv).float() if ka else fvu.new_zeros(())
         ctx.save_for_backward(W_enc, W_dec, xs, r, e if ka else r, vals, cols, q, aux_vals, aux_cols,
-                              qa if ka else q, total_variance)
+                              qa if ka else q, total_variance, *((xs_bf16, r_h, e_h if ka else r_h) if low else ()))
+        ctx.low = low
         ctx.aux_scale, ctx.ka, ctx.state = aux_scale, ka, state
         ctx.mark_non_differentiable(recon)
         return recon, fvu, auxk
@@ -267,7 +276,9 @@ class FusedDecodeLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_recon, g_fvu, g_auxk):
         lib = load()
-        W_enc, W_dec, xs, r, e, vals, cols, q, aux_vals, aux_cols, qa, tv = ctx.saved_tensors
+        W_enc, W_dec, xs, r, e, vals, cols, q, aux_vals, aux_cols, qa, tv, *low = ctx.saved_tensors
+        # the weight-gradient pass reads these (bf16 copies in mixed precision); r stays fp32 for db_dec
+        src_x, src_r, src_e = low if ctx.low else (xs, r, e)
         ka = ctx.ka
         n, d = xs.shape
         L, k = W_dec.shape[0], vals.shape[1]
@@ -278,7 +289,8 @@ class FusedDecodeLoss(torch.autograd.Function):
         dW_enc = _grad_buffer(ctx.state, "grad_W_enc", W_enc)
         db_enc = torch.empty(L)
         project = ctx.state is not None
-        lib.sae_sparse_bwd(_ptr(xs), _ptr(r), _ptr(e) if ka else None, _ptr(vals), _ptr(cols), _ptr(q),
+        lib.sae_sparse_bwd(_ptr(src_x), _ptr(src_r), _ptr(src_e) if ka else None, int(ctx.low), _ptr(vals),
+                           _ptr(cols), _ptr(q),
                            _ptr(aux_vals) if ka else None, _ptr(aux_cols) if ka else None, _ptr(qa) if ka else None,
                            _ptr(W_dec.detach()) if project else None, n, L, d, k, ka, s_main, s_aux,
                            _ptr(dW_dec), _ptr(dW_enc), _ptr(db_enc), torch.get_num_threads())
@@ -297,4 +309,4 @@ class FusedDecodeLoss(torch.autograd.Function):
                     else:
                         p.grad.add_(g)
             dW_enc = dW_dec = None
-        return dW_enc, db_enc, dW_dec, db_dec, None, None, None, None, None, None, None, None, None
+        return dW_enc, db_enc, dW_dec, db_dec, None, None, None, None, None, None, None, None, None, None

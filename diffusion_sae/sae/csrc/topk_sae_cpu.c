@@ -27,6 +27,14 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* fp32 -> bf16 bits, round to nearest even (inputs here are finite). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 /* k-th largest of a small array (destroys it): quickselect. */
 static float kth_largest(float *a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n - 1, want = k - 1;
@@ -176,12 +184,13 @@ void topk_rows_bf16(const uint16_t *pre, int64_t N, int64_t L, int64_t ld, int64
  *   e_i = sum_s aux_vals_is W_dec[aux_cols_is] - r_i        aux_sse_i = |e_i|^2
  *   qa_is = e_i . W_dec[aux_cols_is]
  * q and qa are what the backward needs for the gradients of vals and aux_vals; computing them here
- * reuses the decoder rows while they are still in cache. (Blocking the feature axis so that the
+ * reuses the decoder rows while they are still in cache. r_h / e_h (may be NULL) receive bf16 copies
+ * of r and e for the mixed-precision backward. (Blocking the feature axis so that the
  * gathers hit L2 was measured slower: 64-float pieces leave too little work per gathered row.) */
 void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, const float *aux_vals,
                     const int64_t *aux_cols, const float *W_dec, const float *b_dec, int64_t N, int64_t d,
                     int64_t k, int64_t ka, float *recon, float *r, float *q, double *sse, float *e,
-                    float *qa, double *aux_sse, int nthreads) {
+                    float *qa, double *aux_sse, uint16_t *r_h, uint16_t *e_h, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *ri = recon + i * d, *res = r + i * d;
@@ -204,6 +213,10 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
             acc += t * t;
         }
         sse[i] = acc;
+        if (r_h) {
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) r_h[i * d + c] = f32_to_bf16(res[c]);
+        }
         for (int64_t s = 0; s < k; s++) {
             const float *w = W_dec + cols[i * k + s] * d;
             float dot = 0.f;
@@ -225,6 +238,10 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
             #pragma omp simd reduction(+:a2)
             for (int64_t c = 0; c < d; c++) a2 += ei[c] * ei[c];
             aux_sse[i] = a2;
+            if (e_h) {
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) e_h[i * d + c] = f32_to_bf16(ei[c]);
+            }
             for (int64_t s = 0; s < ka; s++) {
                 const float *w = W_dec + aux_cols[i * ka + s] * d;
                 float dot = 0.f;
@@ -243,11 +260,13 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
  *   db_enc[j] = sum c_enc
  * If W_dec is given, the component of dW_dec[j] along the unit-norm row W_dec[j] is removed as the
  * row is finished (the trainer's decoder constraint; linear, so it commutes with summing gradients
- * across processes). Latents with no entry get zero rows (no separate zero fill). */
-void sae_sparse_bwd(const float *xs, const float *r, const float *e, const float *vals, const int64_t *cols,
-                    const float *q, const float *aux_vals, const int64_t *aux_cols, const float *qa,
-                    const float *W_dec, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ka, float s_main,
-                    float s_aux, float *dW_dec, float *dW_enc, float *db_enc, int nthreads) {
+ * across processes). Latents with no entry get zero rows (no separate zero fill). xs, r, e are fp32,
+ * or bf16 bits when src_bf16 (mixed precision: bf16 inputs, fp32 accumulation, as autocast does for a
+ * matmul's backward). */
+void sae_sparse_bwd(const void *xs, const void *r, const void *e, int src_bf16, const float *vals,
+                    const int64_t *cols, const float *q, const float *aux_vals, const int64_t *aux_cols,
+                    const float *qa, const float *W_dec, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ka,
+                    float s_main, float s_aux, float *dW_dec, float *dW_enc, float *db_enc, int nthreads) {
     int64_t M = N * k, MA = N * ka, T = M + MA;
     int64_t *start = (int64_t *)calloc((size_t)L + 1, sizeof(int64_t));
     int64_t *fill = (int64_t *)malloc(((size_t)L + 1) * sizeof(int64_t));
@@ -268,26 +287,35 @@ void sae_sparse_bwd(const float *xs, const float *r, const float *e, const float
         for (int64_t p = start[j]; p < start[j + 1]; p++) {
             int64_t t = ent[p], i;
             float cd, ce;
-            const float *src;
+            const void *src;
             if (t < M) {
                 i = t / k;
                 float v = vals[t];
                 cd = s_main * v;
                 ce = v > 0.f ? s_main * q[t] : 0.f;
-                src = r + i * d;
+                src = r;
             } else {
                 t -= M;
                 i = t / ka;
                 float v = aux_vals[t];
                 cd = s_aux * v;
                 ce = v > 0.f ? s_aux * qa[t] : 0.f;
-                src = e + i * d;
+                src = e;
             }
-            const float *xi = xs + i * d;
-            #pragma omp simd
-            for (int64_t c = 0; c < d; c++) {
-                gd[c] += cd * src[c];
-                ge[c] += ce * xi[c];
+            if (src_bf16) {  /* half the bytes of the row gathers, which bound this pass */
+                const uint16_t *sr = (const uint16_t *)src + i * d, *xi = (const uint16_t *)xs + i * d;
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) {
+                    gd[c] += cd * bf16_to_f32(sr[c]);
+                    ge[c] += ce * bf16_to_f32(xi[c]);
+                }
+            } else {
+                const float *sr = (const float *)src + i * d, *xi = (const float *)xs + i * d;
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) {
+                    gd[c] += cd * sr[c];
+                    ge[c] += ce * xi[c];
+                }
             }
             gb += ce;
         }
