@@ -3,7 +3,7 @@
 d_in = 768, L = 3072 and 12288, k = 32, batch 4096, Adam, synthetic sparse activations (768-d, 2L
 unit-norm atoms, 32 active per token). For every implementation: tokens/s and the FVU on held-out
 tokens after the same number of training tokens. Ours is also reported as a fraction of the bound
-set by the encoder matrix product alone (x @ W_encᵀ + b in that precision, timed in the same run).
+set by the encoder matrix product alone (x @ W_encᵀ in that precision into a reused buffer, timed in the same run).
 
 Two precisions, each implementation in its own library's setting:
 - fp32: everything in fp32;
