@@ -2,13 +2,14 @@
 
 Why: on a CPU, torch's row-wise `topk`, `embedding_bag` and the sparse weight gradients run as
 separate memory-bound passes, and together they cost more than the encoder's matrix product. The C
-file does the selection with a block-skipping heap, and the decoder + losses + every gradient in two
-passes (one per token, one per latent). It has no torch headers, so the system C compiler builds it
-in about a second on first use; the library is cached under `$XDG_CACHE_HOME/diffusion_sae/`
-(keyed by the source, the compiler and this CPU's flags, since it is built with -march=native).
+file does the selection with a bound from chunk maxima and a filtered quickselect, and the decoder,
+losses and every gradient in two passes (one per token, one per latent). It has no torch headers,
+so the system C compiler builds it in about a second on first use; the library is cached under
+`$XDG_CACHE_HOME/diffusion_sae/` (keyed by the source, the compiler and this CPU's flags, since it
+is built with -march=native).
 
-Nothing depends on it: without a C compiler, off x86/ARM Linux/macOS, on GPU tensors, or with
-`DIFFUSION_SAE_NATIVE=0`, `available()` is False and callers use the pure-torch path (same maths;
+Nothing depends on it: without a C compiler, where the build fails, or with `DIFFUSION_SAE_NATIVE=0`,
+`available()` is False (GPU tensors never use it) and callers use the pure-torch path (same maths;
 tests compare the two).
 """
 from __future__ import annotations
