@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import native
-from .kernels import sparse_decode, token_offsets, topk_encode
+from .kernels import sparse_decode, token_offsets, topk_encode, workspace_buffer
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -326,7 +326,7 @@ class TopKSAE(nn.Module):
         return native.usable(xn, self.W_enc, self.W_dec)
 
     def _forward_native(self, x, xn, stats, k, dead_mask, ka, scale, total_variance) -> ForwardOutput:
-        # Every per-step tensor lives in the trainer's workspace (native.buffer explains why).
+        # Every per-step tensor lives in the trainer's workspace (kernels.workspace_buffer explains why).
         ws = self.workspace
         n, L = xn.shape[0], self.cfg.num_latents
         cdt = _autocast_dtype(xn) or self.dtype
@@ -334,15 +334,15 @@ class TopKSAE(nn.Module):
             cdt = torch.float32  # fp16 products on CPU are slow and not what the kernels read
         native.recycle_grads(ws, W_enc=self.W_enc, W_dec=self.W_dec)
         with torch.no_grad():
-            xs = torch.sub(xn, self.b_dec, out=native.buffer(ws, "xs", xn.shape))
+            xs = torch.sub(xn, self.b_dec, out=workspace_buffer(ws, "xs", xn.shape))
             if cdt != torch.float32:
-                xs_c = native.buffer(ws, "xs_c", xn.shape, cdt).copy_(xs)
-                W_c = native.buffer(ws, "W_enc_c", self.W_enc.shape, cdt).copy_(self.W_enc)
+                xs_c = workspace_buffer(ws, "xs_c", xn.shape, cdt).copy_(xs)
+                W_c = workspace_buffer(ws, "W_enc_c", self.W_enc.shape, cdt).copy_(self.W_enc)
             else:
                 xs_c, W_c = xs, self.W_enc
             # The bias is added inside the selection (in fp32): addmm would first broadcast it into
             # the whole [N, L] buffer, a pass as long as the selection itself.
-            pre = torch.mm(xs_c, W_c.t(), out=native.buffer(ws, "pre", (n, L), cdt))
+            pre = torch.mm(xs_c, W_c.t(), out=workspace_buffer(ws, "pre", (n, L), cdt))
             b_enc = self.b_enc.detach()
             vals, cols = native.topk_rows(pre, k, bias=b_enc)
             if ka:

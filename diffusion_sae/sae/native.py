@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .kernels import workspace_buffer
+
 _SRC = Path(__file__).with_name("csrc") / "topk_sae_cpu.c"
 _lock = threading.Lock()
 _lib = None
@@ -148,21 +150,6 @@ def usable(*tensors: Tensor) -> bool:
     return available()
 
 
-def buffer(state: dict | None, key: str, shape, dtype=torch.float32, device="cpu") -> Tensor:
-    """An uninitialised tensor, kept in `state` (a workspace dict) and reused while shape, dtype and device hold.
-
-    Why: a freshly allocated buffer is page-faulted in on first write; above glibc's mmap threshold
-    (32 MiB at most) that happens on every allocation: 30 of the 60 ms of the weight-gradient pass
-    at L = 12288 (measured)."""
-    shape, device = tuple(shape), torch.device(device)
-    if state is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    t = state.get(key)
-    if t is None or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
-        t = state[key] = torch.empty(shape, dtype=dtype, device=device)
-    return t
-
-
 def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -202,7 +189,7 @@ def recycle_grads(state: dict | None, **params: Tensor) -> None:
 
     Called by the model before a fused forward while a trainer fits: the trainer then sets the
     gradients to None, and the backward writes the new gradient into the old tensor and makes it
-    the new `.grad` (no fresh [L, d] allocation, see `buffer`)."""
+    the new `.grad` (no fresh [L, d] allocation, see `kernels.workspace_buffer`)."""
     if state is None:
         return
     for name, p in params.items():
@@ -248,18 +235,18 @@ class FusedDecodeLoss(torch.autograd.Function):
         k, ka = vals.shape[1], aux_vals.shape[1]
         # With a workspace these buffers are reused between steps: recon (returned) and the saved r, e,
         # q, qa are overwritten by the next forward, which the trainer runs only after this backward.
-        recon = buffer(state, "recon", (n, d))
-        r = buffer(state, "r", (n, d))
-        q = buffer(state, "q", (n, k))
-        sse = buffer(state, "sse", (n,), torch.float64)
-        e = buffer(state, "e", (n, d)) if ka else None
-        qa = buffer(state, "qa", (n, ka)) if ka else None
-        aux_sse = buffer(state, "aux_sse", (n,), torch.float64) if ka else None
+        recon = workspace_buffer(state, "recon", (n, d))
+        r = workspace_buffer(state, "r", (n, d))
+        q = workspace_buffer(state, "q", (n, k))
+        sse = workspace_buffer(state, "sse", (n,), torch.float64)
+        e = workspace_buffer(state, "e", (n, d)) if ka else None
+        qa = workspace_buffer(state, "qa", (n, ka)) if ka else None
+        aux_sse = workspace_buffer(state, "aux_sse", (n,), torch.float64) if ka else None
         low = xs_bf16 is not None
         if low and (xs_bf16.dtype != torch.bfloat16 or xs_bf16.shape != xs.shape or not xs_bf16.is_contiguous()):
             raise ValueError("xs_bf16 must be a contiguous bf16 tensor shaped like xs")
-        r_h = buffer(state, "r_h", (n, d), torch.bfloat16) if low else None
-        e_h = buffer(state, "e_h", (n, d), torch.bfloat16) if low and ka else None
+        r_h = workspace_buffer(state, "r_h", (n, d), torch.bfloat16) if low else None
+        e_h = workspace_buffer(state, "e_h", (n, d), torch.bfloat16) if low and ka else None
         lib.sae_decode_fwd(_ptr(xn), _ptr(vals), _ptr(cols), _ptr(aux_vals) if ka else None,
                            _ptr(aux_cols) if ka else None, _ptr(W_dec.detach()), _ptr(b_dec.detach()), n, d, k, ka,
                            _ptr(recon), _ptr(r), _ptr(q), _ptr(sse), _ptr(e), _ptr(qa), _ptr(aux_sse),

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import metrics, native
+from . import metrics
+from .kernels import workspace_buffer
 from .model import SAEConfig, SAEError, TopKSAE
 
 
@@ -267,8 +268,8 @@ class SAETrainer:
                            xd.sum(0).double()])  # sum(dtype=f64) would copy the batch to fp64
         _all_reduce_sum_(stats)
         mean = (stats[1:] / stats[0]).to(xd.dtype)
-        # a reused [N, d] buffer while fitting: no page faults per step (native.buffer)
-        centred = torch.sub(xd, mean, out=native.buffer(self.sae.workspace, "centred", xd.shape, xd.dtype, xd.device))
+        # a reused [N, d] buffer while fitting: no page faults per step (kernels.workspace_buffer)
+        centred = torch.sub(xd, mean, out=workspace_buffer(self.sae.workspace, "centred", xd.shape, xd.dtype, xd.device))
         tv = torch.linalg.vector_norm(centred).double().pow(2)
         return _all_reduce_sum_(tv).to(xn.dtype)
 

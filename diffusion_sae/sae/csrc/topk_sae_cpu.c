@@ -177,6 +177,33 @@ void topk_rows_bf16(const uint16_t *pre, int64_t N, int64_t L, int64_t ld, int64
     topk_rows(pre, 1, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
 }
 
+/* acc += sum_s v_s W[c_s] over the n selected rows (zero values skipped). */
+static inline void add_rows(float *acc, const float *v, const int64_t *c, int64_t n, const float *W, int64_t d) {
+    for (int64_t s = 0; s < n; s++) {
+        if (v[s] == 0.f) continue;
+        const float *w = W + c[s] * d;
+        #pragma omp simd
+        for (int64_t j = 0; j < d; j++) acc[j] += v[s] * w[j];
+    }
+}
+
+/* out_s = x . W[c_s]. `omp simd reduction` lets the compiler split each sum into vector lanes (plain
+ * C forbids reassociating a float sum, which leaves a serial chain of dependent adds). */
+static inline void row_dots(const float *x, const int64_t *c, int64_t n, const float *W, int64_t d, float *out) {
+    for (int64_t s = 0; s < n; s++) {
+        const float *w = W + c[s] * d;
+        float dot = 0.f;
+        #pragma omp simd reduction(+:dot)
+        for (int64_t j = 0; j < d; j++) dot += x[j] * w[j];
+        out[s] = dot;
+    }
+}
+
+static inline void to_bf16(const float *x, uint16_t *out, int64_t d) {
+    #pragma omp simd
+    for (int64_t j = 0; j < d; j++) out[j] = f32_to_bf16(x[j]);
+}
+
 /* Forward of the sparse decoder and the losses, one token per iteration:
  *   recon_i = b_dec + sum_s vals_is W_dec[cols_is]          r_i = xn_i - recon_i
  *   sse_i   = |r_i|^2                                       q_is = r_i . W_dec[cols_is]
@@ -196,15 +223,7 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
         float *ri = recon + i * d, *res = r + i * d;
         const float *xi = xn + i * d;
         memcpy(ri, b_dec, d * sizeof(float));
-        for (int64_t s = 0; s < k; s++) {
-            float v = vals[i * k + s];
-            if (v == 0.f) continue;
-            const float *w = W_dec + cols[i * k + s] * d;
-            #pragma omp simd
-            for (int64_t c = 0; c < d; c++) ri[c] += v * w[c];
-        }
-        /* `omp simd reduction`: lets the compiler split a sum into vector lanes (plain C forbids
-           reassociating a float sum, which leaves a serial chain of dependent adds) */
+        add_rows(ri, vals + i * k, cols + i * k, k, W_dec, d);
         float acc = 0.f;
         #pragma omp simd reduction(+:acc)
         for (int64_t c = 0; c < d; c++) {
@@ -213,42 +232,18 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
             acc += t * t;
         }
         sse[i] = acc;
-        if (r_h) {
-            #pragma omp simd
-            for (int64_t c = 0; c < d; c++) r_h[i * d + c] = f32_to_bf16(res[c]);
-        }
-        for (int64_t s = 0; s < k; s++) {
-            const float *w = W_dec + cols[i * k + s] * d;
-            float dot = 0.f;
-            #pragma omp simd reduction(+:dot)
-            for (int64_t c = 0; c < d; c++) dot += res[c] * w[c];
-            q[i * k + s] = dot;
-        }
+        if (r_h) to_bf16(res, r_h + i * d, d);
+        row_dots(res, cols + i * k, k, W_dec, d, q + i * k);
         if (ka > 0) {
             float *ei = e + i * d;
             for (int64_t c = 0; c < d; c++) ei[c] = -res[c];
-            for (int64_t s = 0; s < ka; s++) {
-                float v = aux_vals[i * ka + s];
-                if (v == 0.f) continue;
-                const float *w = W_dec + aux_cols[i * ka + s] * d;
-                #pragma omp simd
-                for (int64_t c = 0; c < d; c++) ei[c] += v * w[c];
-            }
+            add_rows(ei, aux_vals + i * ka, aux_cols + i * ka, ka, W_dec, d);
             float a2 = 0.f;
             #pragma omp simd reduction(+:a2)
             for (int64_t c = 0; c < d; c++) a2 += ei[c] * ei[c];
             aux_sse[i] = a2;
-            if (e_h) {
-                #pragma omp simd
-                for (int64_t c = 0; c < d; c++) e_h[i * d + c] = f32_to_bf16(ei[c]);
-            }
-            for (int64_t s = 0; s < ka; s++) {
-                const float *w = W_dec + aux_cols[i * ka + s] * d;
-                float dot = 0.f;
-                #pragma omp simd reduction(+:dot)
-                for (int64_t c = 0; c < d; c++) dot += ei[c] * w[c];
-                qa[i * ka + s] = dot;
-            }
+            if (e_h) to_bf16(ei, e_h + i * d, d);
+            row_dots(ei, aux_cols + i * ka, ka, W_dec, d, qa + i * ka);
         }
     }
 }
