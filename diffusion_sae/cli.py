@@ -204,6 +204,8 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
                   dead_tokens_threshold: int = 10_000_000, batch_size: int = 4096, grad_clip: float = 1.0,
                   seed: int = 0, log_every: int = 100, ckpt_every: int = 0, max_tokens: Optional[int] = None,
                   autocast: str = "none", b_dec_init: str = "geometric_median",
+                  int8_screen: bool = typer.Option(True, help="CPU training: choose each token's 2k candidate "
+                                                   "latents with an int8 product (AVX512-VNNI), then the exact top k."),
                   synthetic_d: int = typer.Option(64, help="--synthetic: input width."),
                   synthetic_atoms: int = 512, synthetic_active: int = 8,
                   synthetic_tokens: int = typer.Option(1_000_000, help="--synthetic: tokens to draw.")):
@@ -238,7 +240,8 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
         tcfg = TrainConfig(lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, auxk_alpha=auxk_alpha,
                            k_aux=k_aux, dead_tokens_threshold=dead_tokens_threshold, batch_size=batch_size,
                            grad_clip=grad_clip, seed=seed, log_every=log_every, ckpt_every=ckpt_every,
-                           max_tokens=max_tokens, autocast=autocast, b_dec_init=b_dec_init)
+                           max_tokens=max_tokens, autocast=autocast, b_dec_init=b_dec_init,
+                           int8_screen=int8_screen)
         from .sae.train import SAETrainer
 
         trainer = SAETrainer(scfg, tcfg, run_dir=out)

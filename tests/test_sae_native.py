@@ -57,17 +57,35 @@ def _loss_and_grads(sae, x, dead, k_aux, workspace):
     return out, grads
 
 
+@pytest.fixture
+def screen_calls(monkeypatch):
+    """Counts calls of native.screened_topk (to show which selection a forward used)."""
+    calls = []
+    real = native.screened_topk
+
+    def spy(*a, **kw):
+        calls.append(a[3])
+        return real(*a, **kw)
+    monkeypatch.setattr(native, "screened_topk", spy)
+    return calls
+
+
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("with_aux", [False, True])
-def test_fused_loss_and_gradients_equal_torch_path(with_aux):
+def test_fused_loss_and_gradients_equal_torch_path(with_aux, screen, screen_calls):
+    if screen and not native.screen_supported():
+        pytest.skip("no AVX512-VNNI: int8 screening unavailable")
     torch.manual_seed(0)
     sae = TopKSAE(48, 200, 6, seed=1)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(0, 0.05)
     x = torch.randn(300, 48)
-    dead = (torch.arange(200) % 3 == 0) if with_aux else None
+    # 40 dead latents: few enough that the screened path keeps screening (AuxK on the dead ones' product)
+    dead = (torch.arange(200) % 5 == 0) if with_aux else None
     ref, g_ref = _loss_and_grads(sae, x, dead, 10, None)           # torch path (no workspace)
-    got, g_got = _loss_and_grads(sae, x, dead, 10, {})             # compiled path, trainer mode
+    got, g_got = _loss_and_grads(sae, x, dead, 10, {"screen": screen})  # compiled path, trainer mode
+    assert len(screen_calls) == int(screen)
     assert torch.equal(got.latent_indices.sort(-1).values, ref.latent_indices.sort(-1).values)
     torch.testing.assert_close(got.fvu, ref.fvu, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got.auxk_loss, ref.auxk_loss, rtol=1e-5, atol=1e-7)
@@ -156,3 +174,68 @@ def test_bf16_sources_change_gradients_by_bf16_rounding_only():
             assert 0 < err < 0.01, (name, err)
         else:  # bias gradients come from the fp32 dot products and residual sums
             assert err == 0, (name, err)
+
+
+# ---------------------------------------------------------------- int8 screening (screen_int8_cpu.c)
+needs_vnni = pytest.mark.skipif(not native.available() or not native.screen_supported(),
+                                reason="int8 screening needs the compiled kernels built with AVX512-VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("n,d,L,k,exact", [(300, 70, 1000, 8, "fp32"), (257, 64, 3000, 32, "bf16"),
+                                            (64, 768, 4096, 32, "fp32"), (40, 13, 50, 20, "fp32")])
+def test_screened_topk_equals_exact_topk(n, d, L, k, exact):
+    # shapes off the kernel's blocks on purpose: n not a multiple of 12 tokens, L of 32 latents, d of 4
+    g = torch.Generator().manual_seed(n + L)
+    xs = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) * 3  # tokens of different norms
+    W = torch.randn(L, d, generator=g) / d ** 0.5
+    W[::7] *= 2.5  # latents of different norms too (per-latent scales)
+    b = torch.randn(L, generator=g) * 0.05
+    xe, We = (xs, W) if exact == "fp32" else (xs.bfloat16(), W.bfloat16())
+    vals, cols = native.screened_topk(xs, W, b, k, min(2 * k, L), xe, We)
+    pre = xe.float() @ We.float().t() + b  # the exact pre-activations in the step's precision
+    want_vals, want_cols = pre.relu().topk(k, dim=-1)
+    # the same latents for every token (ReLU-zero slots may differ), the values they report are exact
+    torch.testing.assert_close(vals.sort(-1).values, want_vals.sort(-1).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vals, pre.gather(1, cols).relu(), rtol=1e-5, atol=1e-5)
+    positive = want_vals > 0
+    got_sets = torch.zeros(n, L, dtype=torch.bool).scatter_(1, cols, vals > 0)
+    want_sets = torch.zeros(n, L, dtype=torch.bool).scatter_(1, want_cols, positive)
+    assert torch.equal(got_sets, want_sets)
+    assert all(len(set(r.tolist())) == k for r in cols)
+
+
+@needs_vnni
+def test_screened_topk_ties_zero_tokens_and_bad_arguments():
+    # all-zero tokens and equal biases: every pre-activation is a tie; k distinct latents must come back
+    xs = torch.zeros(30, 16)
+    xs[::2] = torch.randn(15, 16)
+    W = torch.randn(300, 16)
+    b = torch.full((300,), 0.5)
+    b[:100] = 1.0
+    vals, cols = native.screened_topk(xs, W, b, 10, 20)
+    want = (xs @ W.t() + b).relu().topk(10, dim=-1).values
+    torch.testing.assert_close(vals.sort(-1).values, want.sort(-1).values, rtol=1e-5, atol=1e-5)
+    assert all(len(set(r.tolist())) == 10 for r in cols)
+    assert bool((cols[1::2] < 100).all())  # zero tokens: the larger biases win
+    with pytest.raises(ValueError, match="k <= m <= L"):
+        native.screened_topk(xs, W, b, 10, 5)
+    with pytest.raises(ValueError, match="k <= m <= L"):
+        native.screened_topk(xs, W, b, 10, 301)
+
+
+@needs_vnni
+def test_trainer_screening_matches_exact_selection(screen_calls):
+    # fp32 steps: screened and exact selections agree, so the weights agree to summation order
+    def train(screen):
+        data = SyntheticSparseData(d=64, num_atoms=400, active=8, num_tokens=6 * 1024, batch_size=1024, seed=5)
+        tr = SAETrainer(SAEConfig(d_in=64, num_latents=512, k=16),
+                        TrainConfig(batch_size=1024, log_every=10 ** 9, seed=0, int8_screen=screen))
+        return tr.fit(list(data), progress=False), tr
+    a, tr_a = train(True)
+    assert len(screen_calls) == 6
+    b, tr_b = train(False)
+    assert len(screen_calls) == 6
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 1e-5

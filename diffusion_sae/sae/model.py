@@ -325,6 +325,19 @@ class TopKSAE(nn.Module):
             return False
         return native.usable(xn, self.W_enc, self.W_dec)
 
+    def _screen_candidates(self, k: int, dead_mask: Tensor | None) -> int:
+        """Candidates per token for the int8-screened selection (native.screened_topk), or 0 for the
+        exact product. The trainer asks for screening (`workspace["screen"]`); it pays off when the
+        2k candidates are few against L, and while few latents are dead (AuxK then needs the exact
+        product of the dead ones)."""
+        ws, L = self.workspace, self.cfg.num_latents
+        m = 2 * k
+        if not ws or not ws.get("screen") or 8 * m > L or not native.screen_supported():
+            return 0
+        if dead_mask is not None and int(dead_mask.sum()) * 4 > L:
+            return 0
+        return m
+
     def _forward_native(self, x, xn, stats, k, dead_mask, ka, scale, total_variance) -> ForwardOutput:
         # Every per-step tensor lives in the trainer's workspace (kernels.workspace_buffer explains why).
         ws = self.workspace
@@ -340,14 +353,24 @@ class TopKSAE(nn.Module):
                 W_c = workspace_buffer(ws, "W_enc_c", self.W_enc.shape, cdt).copy_(self.W_enc)
             else:
                 xs_c, W_c = xs, self.W_enc
-            # The bias is added inside the selection (in fp32): addmm would first broadcast it into
-            # the whole [N, L] buffer, a pass as long as the selection itself.
-            pre = torch.mm(xs_c, W_c.t(), out=workspace_buffer(ws, "pre", (n, L), cdt))
             b_enc = self.b_enc.detach()
-            vals, cols = native.topk_rows(pre, k, bias=b_enc)
-            if ka:
-                aux_vals, aux_cols = native.topk_rows(pre, ka, dead_mask, bias=b_enc)
+            m = self._screen_candidates(k, dead_mask)
+            if m:
+                vals, cols = native.screened_topk(xs, self.W_enc.detach(), b_enc, k, m, xs_c, W_c.detach(), ws)
+                if ka:
+                    # AuxK needs the exact pre-activations of the dead latents only (few, by _screen_candidates).
+                    dead = dead_mask.nonzero().squeeze(1)
+                    pre = torch.mm(xs_c, W_c[dead].t(), out=workspace_buffer(ws, "pre_dead", (n, dead.numel()), cdt))
+                    aux_vals, aux_c = native.topk_rows(pre, ka, bias=b_enc[dead])
+                    aux_cols = dead[aux_c]
             else:
+                # The bias is added inside the selection (in fp32): addmm would first broadcast it into
+                # the whole [N, L] buffer, a pass as long as the selection itself.
+                pre = torch.mm(xs_c, W_c.t(), out=workspace_buffer(ws, "pre", (n, L), cdt))
+                vals, cols = native.topk_rows(pre, k, bias=b_enc)
+                if ka:
+                    aux_vals, aux_cols = native.topk_rows(pre, ka, dead_mask, bias=b_enc)
+            if not ka:
                 aux_vals, aux_cols = vals.new_empty(n, 0), cols.new_empty(n, 0)
         recon, fvu, auxk = native.FusedDecodeLoss.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xn, xs,
                                                         vals, cols, aux_vals, aux_cols,

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .kernels import workspace_buffer
 
-_SRC = Path(__file__).with_name("csrc") / "topk_sae_cpu.c"
+_CSRC = Path(__file__).with_name("csrc")
+_SRCS = (_CSRC / "topk_sae_cpu.c", _CSRC / "screen_int8_cpu.c")
 _lock = threading.Lock()
 _lib = None
 _tried = False
@@ -65,7 +66,7 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SRCS)
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
     if platform.system() == "Darwin":  # Apple clang has no -fopenmp without libomp: build single-threaded
         flags.remove("-fopenmp")
@@ -76,7 +77,7 @@ def _build() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            proc = subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([cc, *flags, *map(str, _SRCS), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
             os.replace(tmp_out, out)  # atomic: a concurrent process sees the old state or the whole file
@@ -89,6 +90,14 @@ def _build() -> ctypes.CDLL:
     lib.sae_decode_fwd.restype = None
     lib.sae_sparse_bwd.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, f32, p, p, p, i32]
     lib.sae_sparse_bwd.restype = None
+    lib.screen_int8_supported.argtypes = []
+    lib.screen_int8_supported.restype = i32
+    lib.screen_quantize_x.argtypes = [p, i64, i64, p, p, i32]
+    lib.screen_pack_w.argtypes = [p, p, i64, i64, p, p, p, p, i32]
+    lib.screen_candidates.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, i32]
+    lib.screen_rescore.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, p, p, i32]
+    for name in ("screen_quantize_x", "screen_pack_w", "screen_candidates", "screen_rescore"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -181,6 +190,49 @@ def topk_rows(pre: Tensor, k: int, col_mask: Tensor | None = None, bias: Tensor 
     cols = torch.empty(n, k, dtype=torch.int64)
     fn = lib.topk_rows_bf16 if pre.dtype == torch.bfloat16 else lib.topk_rows_f32
     fn(_ptr(pre), n, L, pre.stride(0), k, _ptr(mask), _ptr(bias), _ptr(vals), _ptr(cols), torch.get_num_threads())
+    return vals, cols
+
+
+def screen_supported() -> bool:
+    """True when the compiled kernels are available and were built with AVX512-VNNI (int8 screening)."""
+    return available() and bool(load().screen_int8_supported())
+
+
+def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, xs_exact: Tensor | None = None,
+                  W_exact: Tensor | None = None, workspace: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token top-k of ReLU(xs W^T + bias), screened by an int8 product (csrc/screen_int8_cpu.c).
+
+    xs [N, d], W [L, d], bias [L]: fp32, contiguous. The int8 product (per-token and per-latent
+    scales) picks every token's m candidates without writing the [N, L] product; the exact
+    pre-activations of those candidates, from xs_exact / W_exact (default xs / W; bf16 copies give
+    bf16 products with fp32 sums, as under bf16 autocast), choose the top k and give the values.
+    The result equals the exact top k unless quantisation error pushes one of its latents below
+    rank m of the int8 ranking. Returns (vals f32 [N, k], cols int64 [N, k]); needs k <= m <= L.
+    """
+    lib = load()
+    n, d = xs.shape
+    L = W.shape[0]
+    if not 0 < k <= m <= L:
+        raise ValueError(f"screened_topk needs 0 < k <= m <= L, got k={k}, m={m}, L={L}")
+    xs_exact = xs if xs_exact is None else xs_exact
+    W_exact = W if W_exact is None else W_exact
+    if xs_exact.dtype != W_exact.dtype or xs_exact.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"exact operands must both be fp32 or both bf16, got {xs_exact.dtype} and {W_exact.dtype}")
+    d4, Lp, nblk = (d + 3) // 4 * 4, (L + 31) // 32 * 32, (n + 11) // 12
+    buf = lambda key, shape, dt: workspace_buffer(workspace, "screen_" + key, shape, dt)  # noqa: E731
+    xq, sx = buf("xq", (nblk * 12 * d4,), torch.uint8), buf("sx", (n,), torch.float32)
+    Wp, sw = buf("Wp", (Lp * d4,), torch.int8), buf("sw", (Lp,), torch.float32)
+    wsum, bp = buf("wsum", (Lp,), torch.int32), buf("bias", (Lp,), torch.float32)
+    cand = buf("cand", (n, m), torch.int64)
+    bias = bias.detach().to(torch.float32).contiguous()
+    nt = torch.get_num_threads()
+    lib.screen_quantize_x(_ptr(xs), n, d, _ptr(xq), _ptr(sx), nt)
+    lib.screen_pack_w(_ptr(W), _ptr(bias), L, d, _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), nt)
+    lib.screen_candidates(_ptr(xq), _ptr(sx), _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), n, L, d, m, _ptr(cand), nt)
+    vals = torch.empty(n, k, dtype=torch.float32)
+    cols = torch.empty(n, k, dtype=torch.int64)
+    lib.screen_rescore(_ptr(xs_exact), _ptr(W_exact), int(xs_exact.dtype == torch.bfloat16), _ptr(bias), _ptr(cand),
+                       n, d, m, k, _ptr(vals), _ptr(cols), nt)
     return vals, cols
 
 

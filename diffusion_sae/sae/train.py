@@ -61,6 +61,7 @@ class TrainConfig:
     max_tokens: int | None = None         # None: one pass over the iterator
     autocast: str = "none"                # none | bf16 | fp16: mixed precision (fp16: GPU; bf16: GPUs and CPUs with AVX512-BF16/AMX)
     b_dec_init: str = "geometric_median"  # geometric_median | mean
+    int8_screen: bool = True              # CPU per-token TopK: pick 2k candidates by an int8 product, then exact top-k (native.screened_topk)
     calibrate_tokens: int = 16384         # BatchTopK threshold calibration sample
     adam_eps: float = 6.25e-10
     keep_checkpoints: int = 2
@@ -320,7 +321,7 @@ class SAETrainer:
                   "counts": torch.zeros(L, dtype=torch.long, device=self.device)}
         t0, start_step = time.perf_counter(), self.step
         sae.train()
-        sae.workspace = {}
+        sae.workspace = {"screen": c.int8_screen}
         try:
             for i, gbatch in enumerate(rebatch(batches, c.batch_size, self.world)):
                 if gbatch.shape[-1] != d:

@@ -1,0 +1,347 @@
+/* Int8 screening of the TopK encoder: the top-m candidates of every token from an int8 product
+ * (AVX512-VNNI), then the exact pre-activations of those m candidates and their top k.
+ *
+ * Why: at L = 12288 the dense encoder product is 2/3 of a CPU training step even in bf16. VNNI's
+ * u8 x s8 dot products do twice the multiply-adds per instruction of AVX512-BF16's, and the
+ * product's [N, L] output is never written: each 12 x 32 tile is scaled, compared with the
+ * running threshold of its token and dropped unless it can enter that token's top m. The int8
+ * values only choose candidates; the values (and the final top k) come from the exact
+ * pre-activations of the m = 2k candidates, in the precision of the step (fp32, or bf16 inputs
+ * with fp32 sums). The selection therefore equals the exact one unless quantisation error
+ * (about 1 % of a pre-activation's spread) moves a latent of the exact top k below rank m of the
+ * int8 ranking; tests and the benchmark measure how often that happens.
+ *
+ * Quantisation: per-token scale for x (u8 with offset 128, as VNNI wants an unsigned operand),
+ * per-latent scale for W_enc (s8); acc - 128 * sum_k w_s8 removes the offset exactly.
+ *
+ * Layouts: xq [N/12 blocks][d4/4][12] int32 (4 u8 each; rows past N repeat the last row),
+ * Wp [Lp/32 panels][d4/4][32][4] s8 (latents past L are zero), d4 = d rounded up to 4,
+ * Lp = L rounded up to 32. Padded latents get a -inf bias and are never candidates.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define MR 12
+#define NR 32
+
+int screen_int8_supported(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+static inline float row_absmax(const float *a, int64_t d) {
+    __m512 m = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(a + j)));
+    float r = _mm512_reduce_max_ps(m);
+    for (; j < d; j++) r = fabsf(a[j]) > r ? fabsf(a[j]) : r;
+    return r;
+}
+
+static inline int8_t q8(float v, float inv) {
+    float r = nearbyintf(v * inv);
+    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+    return (int8_t)r;
+}
+
+/* x [N, d] fp32 -> xq (layout above, u8 = s8 + 128) and per-token scales sx [N]. */
+void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) {
+    int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, nblk = (N + MR - 1) / MR;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < nblk; b++) {
+        for (int r = 0; r < MR; r++) {
+            int64_t i = b * MR + r < N ? b * MR + r : N - 1;
+            const float *a = x + i * d;
+            float mx = row_absmax(a, d), s = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
+            if (b * MR + r < N) sx[i] = s;
+            uint8_t *dst = xq + (b * nq * MR + r) * 4;
+            for (int64_t q = 0; q < nq; q++)
+                for (int u = 0; u < 4; u++) {
+                    int64_t c = q * 4 + u;
+                    dst[q * MR * 4 + u] = (uint8_t)((int)(c < d ? q8(a[c], inv) : 0) + 128);
+                }
+        }
+    }
+}
+
+/* W [L, d] fp32 -> Wp (layout above), per-latent scales sw [Lp] and 128 * row sums wsum [Lp];
+ * bias [L] -> biasp [Lp] (-inf past L). */
+void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
+                   int32_t *wsum, float *biasp, int nthreads) {
+    int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, np = (L + NR - 1) / NR;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t p = 0; p < np; p++) {
+        int8_t *panel = Wp + p * nq * NR * 4;
+        for (int c = 0; c < NR; c++) {
+            int64_t j = p * NR + c;
+            if (j >= L) {
+                for (int64_t q = 0; q < nq; q++) memset(panel + (q * NR + c) * 4, 0, 4);
+                sw[j] = 0.f; wsum[j] = 0; biasp[j] = -INFINITY;
+                continue;
+            }
+            const float *a = W + j * d;
+            float mx = row_absmax(a, d), inv = mx > 0.f ? 127.f / mx : 0.f;
+            int32_t s = 0;
+            for (int64_t q = 0; q < nq; q++)
+                for (int u = 0; u < 4; u++) {
+                    int64_t k = q * 4 + u;
+                    int8_t v = k < d ? q8(a[k], inv) : 0;
+                    panel[(q * NR + c) * 4 + u] = v;
+                    s += v;
+                }
+            sw[j] = mx / 127.f; wsum[j] = 128 * s; biasp[j] = bias ? bias[j] : 0.f;
+        }
+    }
+}
+
+/* Keep the m largest of a row's n candidates (values cv, ids ci, in place; ties broken by
+ * position) and return the m-th largest value, the row's new threshold. Called often (every time a
+ * row's buffer fills), so it is a branch-free AVX-512 quickselect: every round splits the working
+ * set three ways around a pivot (>, ==, <) with in-register compresses; the pivot is the sample
+ * element at the quantile being looked for. `sv`/`si` hold COMPACT_SCRATCH(n) slots of scratch. */
+#define COMPACT_SCRATCH(n) (5 * ((n) + 16))
+static float compact(float *cv, int32_t *ci, int64_t *n, int64_t m, float *sv, int32_t *si) {
+    int64_t na = *n, need = m, kept = 0, cap = na + 16;
+    /* two working buffers (ping-pong; the first round reads cv), results (2 slots), equals */
+    float *w1v = sv, *w2v = sv + cap, *rv = sv + 2 * cap, *ev = sv + 4 * cap;
+    int32_t *w1i = si, *w2i = si + cap, *ri = si + 2 * cap, *ei = si + 4 * cap;
+    float *av = cv, *bv = w1v;
+    int32_t *ai = ci, *bi = w1i;
+    float t = INFINITY;
+    while (need > 0) {
+        if (na <= 16) {  /* small: insertion sort, descending, take `need` */
+            for (int64_t s = 1; s < na; s++) {
+                float v = av[s]; int32_t id = ai[s]; int64_t u = s;
+                while (u > 0 && av[u - 1] < v) { av[u] = av[u - 1]; ai[u] = ai[u - 1]; u--; }
+                av[u] = v; ai[u] = id;
+            }
+            for (int64_t s = 0; s < need; s++) { rv[kept + s] = av[s]; ri[kept + s] = ai[s]; }
+            kept += need; t = av[need - 1]; need = 0;
+            break;
+        }
+        float smp[9];
+        for (int s = 0; s < 9; s++) {
+            float v = av[(na - 1) * s / 8]; int u = s;
+            while (u > 0 && smp[u - 1] < v) { smp[u] = smp[u - 1]; u--; }
+            smp[u] = v;
+        }
+        int64_t q = (9 * need) / na;  /* sample rank nearest the wanted quantile (descending) */
+        float piv = smp[q > 8 ? 8 : q];
+        __m512 vp = _mm512_set1_ps(piv);
+        int64_t ng = 0, ne = 0, nl = 0;
+        for (int64_t j = 0; j < na; j += 16) {
+            __mmask16 live = na - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (na - j)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(live, av + j);
+            __m512i id = _mm512_maskz_loadu_epi32(live, ai + j);
+            __mmask16 g = _mm512_mask_cmp_ps_mask(live, v, vp, _CMP_GT_OQ);
+            __mmask16 e = _mm512_mask_cmp_ps_mask(live, v, vp, _CMP_EQ_OQ);
+            __mmask16 l = live & ~g & ~e;
+            _mm512_storeu_ps(rv + kept + ng, _mm512_maskz_compress_ps(g, v));
+            _mm512_storeu_si512(ri + kept + ng, _mm512_maskz_compress_epi32(g, id));
+            ng += __builtin_popcount(g);
+            _mm512_storeu_ps(ev + ne, _mm512_maskz_compress_ps(e, v));
+            _mm512_storeu_si512(ei + ne, _mm512_maskz_compress_epi32(e, id));
+            ne += __builtin_popcount(e);
+            _mm512_storeu_ps(bv + nl, _mm512_maskz_compress_ps(l, v));
+            _mm512_storeu_si512(bi + nl, _mm512_maskz_compress_epi32(l, id));
+            nl += __builtin_popcount(l);
+        }
+        if (ng > need) {  /* the answer lies among the greater ones: work on them */
+            memcpy(bv, rv + kept, sizeof(float) * (size_t)ng);
+            memcpy(bi, ri + kept, sizeof(int32_t) * (size_t)ng);
+            na = ng;
+        } else {
+            kept += ng; need -= ng;
+            if (need == 0) { t = INFINITY; for (int64_t s = 0; s < kept; s++) t = rv[s] < t ? rv[s] : t; break; }
+            int64_t take = ne < need ? ne : need;
+            memcpy(rv + kept, ev, sizeof(float) * (size_t)take);
+            memcpy(ri + kept, ei, sizeof(int32_t) * (size_t)take);
+            kept += take; need -= take;
+            if (need == 0) { t = piv; break; }
+            na = nl;
+        }
+        /* the working set now lives in b: read it next round, write the other buffer */
+        av = bv; ai = bi;
+        bv = av == w1v ? w2v : w1v; bi = ai == w1i ? w2i : w1i;
+    }
+    memcpy(cv, rv, sizeof(float) * (size_t)m);
+    memcpy(ci, ri, sizeof(int32_t) * (size_t)m);
+    *n = m;
+    return t;
+}
+
+/* One 12 x 32 tile of the u8 x s8 product over the whole depth, 24 accumulators in registers
+ * (named, not an array: GCC spills an array of vectors to the stack). */
+static inline void tile_12x32(const int32_t *xb, const int8_t *wp, int64_t nq, __m512i out[MR][2]) {
+#define ACC(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = _mm512_setzero_si512();
+    ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5) ACC(6) ACC(7) ACC(8) ACC(9) ACC(10) ACC(11)
+#undef ACC
+    for (int64_t q = 0; q < nq; q++) {
+        __m512i w0 = _mm512_loadu_si512((const void *)(wp + q * NR * 4));
+        __m512i w1 = _mm512_loadu_si512((const void *)(wp + q * NR * 4 + 64));
+        const int32_t *xr = xb + q * MR;
+#define STEP(r) { __m512i a = _mm512_set1_epi32(xr[r]); \
+        a##r##0 = _mm512_dpbusd_epi32(a##r##0, a, w0); a##r##1 = _mm512_dpbusd_epi32(a##r##1, a, w1); }
+        STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7) STEP(8) STEP(9) STEP(10) STEP(11)
+#undef STEP
+    }
+#define OUT(r) out[r][0] = a##r##0; out[r][1] = a##r##1;
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5) OUT(6) OUT(7) OUT(8) OUT(9) OUT(10) OUT(11)
+#undef OUT
+}
+
+/* Candidates: cand [N, m] int64, the indices of the m largest int8 pre-activations of every token
+ * (order unspecified). Needs m <= L. */
+void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, const float *sw,
+                       const int32_t *wsum, const float *biasp, int64_t N, int64_t L, int64_t d, int64_t m,
+                       int64_t *cand, int nthreads) {
+    int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, np = (L + NR - 1) / NR, nblk = (N + MR - 1) / MR;
+    int64_t cap = 4 * m + 2 * NR;  /* compaction leaves m; a tile adds at most NR */
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *cv = (float *)aligned_alloc(64, sizeof(float) * (size_t)(MR * cap + 64));
+        int32_t *ci = (int32_t *)aligned_alloc(64, sizeof(int32_t) * (size_t)(MR * cap + 64));
+        float *sv = (float *)malloc(sizeof(float) * (size_t)COMPACT_SCRATCH(cap));
+        int32_t *si = (int32_t *)malloc(sizeof(int32_t) * (size_t)COMPACT_SCRATCH(cap));
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblk; b++) {
+            const int32_t *xb = (const int32_t *)xq + b * nq * MR;
+            int64_t cnt[MR];
+            float tau[MR], scl[MR];
+            for (int r = 0; r < MR; r++) {
+                cnt[r] = 0; tau[r] = -INFINITY;
+                scl[r] = sx[b * MR + r < N ? b * MR + r : N - 1];
+            }
+            for (int64_t p = 0; p < np; p++) {
+                const int8_t *wp = Wp + p * nq * NR * 4;
+                __m512i acc[MR][2];
+                tile_12x32(xb, wp, nq, acc);
+                int64_t j0 = p * NR;
+                __m512i ws0 = _mm512_loadu_si512(wsum + j0), ws1 = _mm512_loadu_si512(wsum + j0 + 16);
+                __m512 sw0 = _mm512_loadu_ps(sw + j0), sw1 = _mm512_loadu_ps(sw + j0 + 16);
+                __m512 b0 = _mm512_loadu_ps(biasp + j0), b1 = _mm512_loadu_ps(biasp + j0 + 16);
+                __m512i idx0 = _mm512_add_epi32(_mm512_set1_epi32((int32_t)j0),
+                                                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+                __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(16));
+                for (int r = 0; r < MR; r++) {
+                    __m512 s = _mm512_set1_ps(scl[r]);
+                    __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], ws0)), _mm512_mul_ps(sw0, s), b0);
+                    __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], ws1)), _mm512_mul_ps(sw1, s), b1);
+                    __m512 t = _mm512_set1_ps(tau[r]);
+                    __mmask16 k0 = _mm512_cmp_ps_mask(v0, t, _CMP_GT_OQ), k1 = _mm512_cmp_ps_mask(v1, t, _CMP_GT_OQ);
+                    if (!(k0 | k1)) continue;
+                    float *rv = cv + r * cap;
+                    int32_t *ri = ci + r * cap;
+                    int64_t n = cnt[r];
+                    /* compress in registers, full-width stores (16 slots of slack) */
+                    _mm512_storeu_ps(rv + n, _mm512_maskz_compress_ps(k0, v0));
+                    _mm512_storeu_si512(ri + n, _mm512_maskz_compress_epi32(k0, idx0));
+                    n += __builtin_popcount(k0);
+                    _mm512_storeu_ps(rv + n, _mm512_maskz_compress_ps(k1, v1));
+                    _mm512_storeu_si512(ri + n, _mm512_maskz_compress_epi32(k1, idx1));
+                    n += __builtin_popcount(k1);
+                    if (n > cap - 2 * NR) tau[r] = compact(rv, ri, &n, m, sv, si);
+                    cnt[r] = n;
+                }
+            }
+            for (int r = 0; r < MR && b * MR + r < N; r++) {
+                int64_t i = b * MR + r, n = cnt[r];
+                float *rv = cv + r * cap;
+                int32_t *ri = ci + r * cap;
+                if (n > m) compact(rv, ri, &n, m, sv, si);
+                for (int64_t s = 0; s < m; s++) cand[i * m + s] = s < n ? ri[s] : ri[0];
+            }
+        }
+        free(cv); free(ci); free(sv); free(si);
+    }
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    if (j < d) {
+        __mmask16 t = (__mmask16)((1u << (d - j)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, a + j), _mm512_maskz_loadu_ps(t, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+#if defined(__AVX512BF16__)
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + j), (__m512bh)_mm512_loadu_si512(b + j));
+    if (j < d) {
+        __mmask32 t = (__mmask32)((1ull << (d - j)) - 1);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(t, a + j), (__m512bh)_mm512_maskz_loadu_epi16(t, b + j));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
+    float s = 0.f;
+    for (int64_t j = 0; j < d; j++) {
+        uint32_t ua = (uint32_t)a[j] << 16, ub = (uint32_t)b[j] << 16;
+        float fa, fb;
+        memcpy(&fa, &ua, 4); memcpy(&fb, &ub, 4);
+        s += fa * fb;
+    }
+    return s;
+}
+#endif
+
+/* The exact pre-activations xs[i] . W[j] + bias[j] of every token's m candidates (fp32, or bf16
+ * rows with fp32 sums), their top k, then ReLU: vals [N, k] f32, cols [N, k] int64. */
+void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
+                    int64_t N, int64_t d, int64_t m, int64_t k, float *vals, int64_t *cols, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *cv = (float *)malloc(sizeof(float) * (size_t)m);
+        int32_t *ci = (int32_t *)malloc(sizeof(int32_t) * (size_t)m);
+        float *sv = (float *)malloc(sizeof(float) * (size_t)COMPACT_SCRATCH(m));
+        int32_t *si = (int32_t *)malloc(sizeof(int32_t) * (size_t)COMPACT_SCRATCH(m));
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            for (int64_t s = 0; s < m; s++) {
+                int64_t j = cand[i * m + s];
+                float v = is_bf16 ? dot_bf16((const uint16_t *)xs + i * d, (const uint16_t *)W + j * d, d)
+                                  : dot_f32((const float *)xs + i * d, (const float *)W + j * d, d);
+                cv[s] = v + bias[j];
+                ci[s] = (int32_t)j;
+            }
+            int64_t n = m;
+            if (k < m) compact(cv, ci, &n, k, sv, si);
+            for (int64_t s = 0; s < k; s++) {
+                vals[i * k + s] = cv[s] > 0.f ? cv[s] : 0.f;
+                cols[i * k + s] = ci[s];
+            }
+        }
+        free(cv); free(ci); free(sv); free(si);
+    }
+}
+
+#else  /* no VNNI: the Python side checks screen_int8_supported() first */
+void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) { (void)x; (void)N; (void)d; (void)xq; (void)sx; (void)nthreads; }
+void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
+                   int32_t *wsum, float *biasp, int nthreads) { (void)W; (void)bias; (void)L; (void)d; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)nthreads; }
+void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, const float *sw,
+                       const int32_t *wsum, const float *biasp, int64_t N, int64_t L, int64_t d, int64_t m,
+                       int64_t *cand, int nthreads) { (void)xq; (void)sx; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)N; (void)L; (void)d; (void)m; (void)cand; (void)nthreads; }
+void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
+                    int64_t N, int64_t d, int64_t m, int64_t k, float *vals, int64_t *cols, int nthreads) { (void)xs; (void)W; (void)is_bf16; (void)bias; (void)cand; (void)N; (void)d; (void)m; (void)k; (void)vals; (void)cols; (void)nthreads; }
+#endif
