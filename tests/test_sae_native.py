@@ -192,7 +192,7 @@ def test_screened_topk_equals_exact_topk(n, d, L, k, exact):
     W[::7] *= 2.5  # latents of different norms too (per-latent scales)
     b = torch.randn(L, generator=g) * 0.05
     xe, We = (xs, W) if exact == "fp32" else (xs.bfloat16(), W.bfloat16())
-    vals, cols = native.screened_topk(xs, W, b, k, min(2 * k, L), xe, We)
+    vals, cols = native.screened_topk(xs, W, b, k, min(2 * k, L), xe.dtype, xe if exact == "fp32" else None)
     pre = xe.float() @ We.float().t() + b  # the exact pre-activations in the step's precision
     want_vals, want_cols = pre.relu().topk(k, dim=-1)
     # the same latents for every token (ReLU-zero slots may differ), the values they report are exact

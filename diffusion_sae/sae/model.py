@@ -348,22 +348,21 @@ class TopKSAE(nn.Module):
         native.recycle_grads(ws, W_enc=self.W_enc, W_dec=self.W_dec)
         with torch.no_grad():
             xs = torch.sub(xn, self.b_dec, out=workspace_buffer(ws, "xs", xn.shape))
-            if cdt != torch.float32:
-                xs_c = workspace_buffer(ws, "xs_c", xn.shape, cdt).copy_(xs)
-                W_c = workspace_buffer(ws, "W_enc_c", self.W_enc.shape, cdt).copy_(self.W_enc)
-            else:
-                xs_c, W_c = xs, self.W_enc
-            b_enc = self.b_enc.detach()
+            xs_c = workspace_buffer(ws, "xs_c", xn.shape, cdt).copy_(xs) if cdt != torch.float32 else xs
+            b_enc, W_enc = self.b_enc.detach(), self.W_enc.detach()
             m = self._screen_candidates(k, dead_mask)
             if m:
-                vals, cols = native.screened_topk(xs, self.W_enc.detach(), b_enc, k, m, xs_c, W_c.detach(), ws)
+                # the screen makes the bf16 copy of W_enc (when it needs one) in its own pass over W_enc
+                vals, cols = native.screened_topk(xs, W_enc, b_enc, k, m, cdt, xs_c, ws)
                 if ka:
                     # AuxK needs the exact pre-activations of the dead latents only (few, by _screen_candidates).
                     dead = dead_mask.nonzero().squeeze(1)
-                    pre = torch.mm(xs_c, W_c[dead].t(), out=workspace_buffer(ws, "pre_dead", (n, dead.numel()), cdt))
+                    pre = torch.mm(xs_c, W_enc[dead].to(cdt).t(),
+                                   out=workspace_buffer(ws, "pre_dead", (n, dead.numel()), cdt))
                     aux_vals, aux_c = native.topk_rows(pre, ka, bias=b_enc[dead])
                     aux_cols = dead[aux_c]
             else:
+                W_c = workspace_buffer(ws, "W_enc_c", W_enc.shape, cdt).copy_(W_enc) if cdt != torch.float32 else W_enc
                 # The bias is added inside the selection (in fp32): addmm would first broadcast it into
                 # the whole [N, L] buffer, a pass as long as the selection itself.
                 pre = torch.mm(xs_c, W_c.t(), out=workspace_buffer(ws, "pre", (n, L), cdt))

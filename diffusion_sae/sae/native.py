@@ -93,7 +93,7 @@ def _build() -> ctypes.CDLL:
     lib.screen_int8_supported.argtypes = []
     lib.screen_int8_supported.restype = i32
     lib.screen_quantize_x.argtypes = [p, i64, i64, p, p, i32]
-    lib.screen_pack_w.argtypes = [p, p, i64, i64, p, p, p, p, i32]
+    lib.screen_pack_w.argtypes = [p, p, i64, i64, p, p, p, p, p, i32]
     lib.screen_candidates.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, i32]
     lib.screen_rescore.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, p, p, i32]
     for name in ("screen_quantize_x", "screen_pack_w", "screen_candidates", "screen_rescore"):
@@ -198,41 +198,46 @@ def screen_supported() -> bool:
     return available() and bool(load().screen_int8_supported())
 
 
-def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, xs_exact: Tensor | None = None,
-                  W_exact: Tensor | None = None, workspace: dict | None = None) -> tuple[Tensor, Tensor]:
+def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, exact_dtype: torch.dtype = torch.float32,
+                  xs_exact: Tensor | None = None, workspace: dict | None = None) -> tuple[Tensor, Tensor]:
     """Per-token top-k of ReLU(xs W^T + bias), screened by an int8 product (csrc/screen_int8_cpu.c).
 
     xs [N, d], W [L, d], bias [L]: fp32, contiguous. The int8 product (per-token and per-latent
     scales) picks every token's m candidates without writing the [N, L] product; the exact
-    pre-activations of those candidates, from xs_exact / W_exact (default xs / W; bf16 copies give
-    bf16 products with fp32 sums, as under bf16 autocast), choose the top k and give the values.
-    The result equals the exact top k unless quantisation error pushes one of its latents below
-    rank m of the int8 ranking. Returns (vals f32 [N, k], cols int64 [N, k]); needs k <= m <= L.
+    pre-activations of those candidates in `exact_dtype` (fp32, or bf16 operands with fp32 sums as
+    under bf16 autocast; xs_exact is xs in that dtype if the caller has it) choose the top k and give
+    the values. The result equals the exact top k unless quantisation error pushes one of its latents
+    below rank m of the int8 ranking. Returns (vals f32 [N, k], cols int64 [N, k]); needs k <= m <= L.
     """
     lib = load()
     n, d = xs.shape
     L = W.shape[0]
     if not 0 < k <= m <= L:
         raise ValueError(f"screened_topk needs 0 < k <= m <= L, got k={k}, m={m}, L={L}")
-    xs_exact = xs if xs_exact is None else xs_exact
-    W_exact = W if W_exact is None else W_exact
-    if xs_exact.dtype != W_exact.dtype or xs_exact.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"exact operands must both be fp32 or both bf16, got {xs_exact.dtype} and {W_exact.dtype}")
+    if exact_dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"exact_dtype must be fp32 or bf16, got {exact_dtype}")
+    bf16 = exact_dtype == torch.bfloat16
     d4, Lp, nblk = (d + 3) // 4 * 4, (L + 31) // 32 * 32, (n + 11) // 12
     buf = lambda key, shape, dt: workspace_buffer(workspace, "screen_" + key, shape, dt)  # noqa: E731
     xq, sx = buf("xq", (nblk * 12 * d4,), torch.uint8), buf("sx", (n,), torch.float32)
     Wp, sw = buf("Wp", (Lp * d4,), torch.int8), buf("sw", (Lp,), torch.float32)
     wsum, bp = buf("wsum", (Lp,), torch.int32), buf("bias", (Lp,), torch.float32)
     cand = buf("cand", (n, m), torch.int64)
+    W_exact = buf("W_bf16", (L, d), torch.bfloat16) if bf16 else W  # filled by screen_pack_w
+    if xs_exact is None:
+        xs_exact = buf("xs_bf16", (n, d), torch.bfloat16).copy_(xs) if bf16 else xs
+    if xs_exact.dtype != exact_dtype or xs_exact.shape != xs.shape or not xs_exact.is_contiguous():
+        raise ValueError(f"xs_exact must be a contiguous {exact_dtype} tensor of shape {tuple(xs.shape)}")
     bias = bias.detach().to(torch.float32).contiguous()
     nt = torch.get_num_threads()
     lib.screen_quantize_x(_ptr(xs), n, d, _ptr(xq), _ptr(sx), nt)
-    lib.screen_pack_w(_ptr(W), _ptr(bias), L, d, _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), nt)
+    lib.screen_pack_w(_ptr(W), _ptr(bias), L, d, _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp),
+                      _ptr(W_exact) if bf16 else None, nt)
     lib.screen_candidates(_ptr(xq), _ptr(sx), _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), n, L, d, m, _ptr(cand), nt)
     vals = torch.empty(n, k, dtype=torch.float32)
     cols = torch.empty(n, k, dtype=torch.int64)
-    lib.screen_rescore(_ptr(xs_exact), _ptr(W_exact), int(xs_exact.dtype == torch.bfloat16), _ptr(bias), _ptr(cand),
-                       n, d, m, k, _ptr(vals), _ptr(cols), nt)
+    lib.screen_rescore(_ptr(xs_exact), _ptr(W_exact), int(bf16), _ptr(bias), _ptr(cand), n, d, m, k,
+                       _ptr(vals), _ptr(cols), nt)
     return vals, cols
 
 

@@ -51,37 +51,55 @@ static inline float row_absmax(const float *a, int64_t d) {
     return r;
 }
 
-static inline int8_t q8(float v, float inv) {
-    float r = nearbyintf(v * inv);
-    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-    return (int8_t)r;
+/* One row a[0..d) quantised by round(a * inv) (|.| <= 127; + 128 when `offset`) into 4-byte quads,
+ * quad q written at dst + q * stride (the kernel's interleaved layouts); d is padded with zeros to
+ * whole quads. Returns the sum of the signed values. If bf is not NULL, the row in bf16 goes there. */
+static inline int32_t quantize_row(const float *a, int64_t d, float inv, int offset, uint8_t *dst, int64_t stride,
+                                   uint16_t *bf) {
+    int64_t nq = (d + 3) / 4;
+    __m512 vi = _mm512_set1_ps(inv);
+    __m512i sum = _mm512_setzero_si512(), off = _mm512_set1_epi32(offset ? 128 : 0);
+    for (int64_t j = 0; j < d; j += 16) {
+        __mmask16 live = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(live, a + j);
+#if defined(__AVX512BF16__)
+        if (bf) _mm256_mask_storeu_epi16(bf + j, live, (__m256i)_mm512_cvtneps_pbh(v));
+#endif
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vi));  /* round to nearest even */
+        sum = _mm512_add_epi32(sum, q);
+        uint32_t quads[4];
+        _mm_storeu_si128((__m128i *)quads, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
+        for (int u = 0; u < 4 && j / 4 + u < nq; u++) memcpy(dst + (j / 4 + u) * stride, &quads[u], 4);
+    }
+#if !defined(__AVX512BF16__)
+    if (bf) for (int64_t j = 0; j < d; j++) {
+        uint32_t u; memcpy(&u, a + j, 4); u += 0x7FFFu + ((u >> 16) & 1u); bf[j] = (uint16_t)(u >> 16);
+    }
+#endif
+    return _mm512_reduce_add_epi32(sum);
 }
 
 /* x [N, d] fp32 -> xq (layout above, u8 = s8 + 128) and per-token scales sx [N]. */
 void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) {
-    int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, nblk = (N + MR - 1) / MR;
+    int64_t nq = (d + 3) / 4, nblk = (N + MR - 1) / MR;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < nblk; b++) {
         for (int r = 0; r < MR; r++) {
             int64_t i = b * MR + r < N ? b * MR + r : N - 1;
             const float *a = x + i * d;
-            float mx = row_absmax(a, d), s = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
-            if (b * MR + r < N) sx[i] = s;
-            uint8_t *dst = xq + (b * nq * MR + r) * 4;
-            for (int64_t q = 0; q < nq; q++)
-                for (int u = 0; u < 4; u++) {
-                    int64_t c = q * 4 + u;
-                    dst[q * MR * 4 + u] = (uint8_t)((int)(c < d ? q8(a[c], inv) : 0) + 128);
-                }
+            float mx = row_absmax(a, d), inv = mx > 0.f ? 127.f / mx : 0.f;
+            if (b * MR + r < N) sx[i] = mx / 127.f;
+            quantize_row(a, d, inv, 1, xq + (b * nq * MR + r) * 4, MR * 4, NULL);
         }
     }
 }
 
 /* W [L, d] fp32 -> Wp (layout above), per-latent scales sw [Lp] and 128 * row sums wsum [Lp];
- * bias [L] -> biasp [Lp] (-inf past L). */
+ * bias [L] -> biasp [Lp] (-inf past L); W in bf16 into Wbf [L, d] when not NULL (the exact
+ * operand under bf16 autocast, made in the same pass over W). */
 void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
-                   int32_t *wsum, float *biasp, int nthreads) {
-    int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, np = (L + NR - 1) / NR;
+                   int32_t *wsum, float *biasp, uint16_t *Wbf, int nthreads) {
+    int64_t nq = (d + 3) / 4, np = (L + NR - 1) / NR;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t p = 0; p < np; p++) {
         int8_t *panel = Wp + p * nq * NR * 4;
@@ -94,14 +112,7 @@ void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8
             }
             const float *a = W + j * d;
             float mx = row_absmax(a, d), inv = mx > 0.f ? 127.f / mx : 0.f;
-            int32_t s = 0;
-            for (int64_t q = 0; q < nq; q++)
-                for (int u = 0; u < 4; u++) {
-                    int64_t k = q * 4 + u;
-                    int8_t v = k < d ? q8(a[k], inv) : 0;
-                    panel[(q * NR + c) * 4 + u] = v;
-                    s += v;
-                }
+            int32_t s = quantize_row(a, d, inv, 0, (uint8_t *)panel + c * 4, NR * 4, Wbf ? Wbf + j * d : NULL);
             sw[j] = mx / 127.f; wsum[j] = 128 * s; biasp[j] = bias ? bias[j] : 0.f;
         }
     }
@@ -338,7 +349,7 @@ void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bia
 #else  /* no VNNI: the Python side checks screen_int8_supported() first */
 void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) { (void)x; (void)N; (void)d; (void)xq; (void)sx; (void)nthreads; }
 void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
-                   int32_t *wsum, float *biasp, int nthreads) { (void)W; (void)bias; (void)L; (void)d; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)nthreads; }
+                   int32_t *wsum, float *biasp, uint16_t *Wbf, int nthreads) { (void)W; (void)bias; (void)L; (void)d; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)Wbf; (void)nthreads; }
 void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, const float *sw,
                        const int32_t *wsum, const float *biasp, int64_t N, int64_t L, int64_t d, int64_t m,
                        int64_t *cand, int nthreads) { (void)xq; (void)sx; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)N; (void)L; (void)d; (void)m; (void)cand; (void)nthreads; }
