@@ -1,16 +1,21 @@
-"""Optional compiled CPU kernels for SAE training (`csrc/topk_sae_cpu.c`), loaded through ctypes.
+"""Optional compiled CPU kernels for SAE training (`csrc/*.c`), loaded through ctypes.
 
 Why: on a CPU, torch's row-wise `topk`, `embedding_bag` and the sparse weight gradients run as
-separate memory-bound passes, and together they cost more than the encoder's matrix product. The C
-file does the selection with a bound from chunk maxima and a filtered quickselect, and the decoder,
-losses and every gradient in two passes (one per token, one per latent). It has no torch headers,
-so the system C compiler builds it in about a second on first use; the library is cached under
-`$XDG_CACHE_HOME/diffusion_sae/` (keyed by the source, the compiler and this CPU's flags, since it
-is built with -march=native).
+separate memory-bound passes, and together they cost more than the encoder's matrix product; at
+L = 12288 the dense product itself is two thirds of a step even in bf16.
+- `topk_sae_cpu.c`: the selection over a dense product (a bound from chunk maxima and a filtered
+  quickselect), and the decoder, losses and every gradient in two passes (one per token, one per latent);
+- `screen_int8_cpu.c` (CPUs with AVX512-VNNI): the int8-screened selection, `screened_topk`: an
+  int8 product picks 2k candidates per token without writing the [N, L] product (VNNI does twice the
+  multiply-adds per instruction of AVX512-BF16), the exact pre-activations of the candidates pick
+  the top k.
+They have no torch headers, so the system C compiler builds them in about a second on first use; the
+library is cached under `$XDG_CACHE_HOME/diffusion_sae/` (keyed by the sources, the compiler and this
+CPU's flags, since it is built with -march=native).
 
 Nothing depends on it: without a C compiler, where the build fails, or with `DIFFUSION_SAE_NATIVE=0`,
 `available()` is False (GPU tensors never use it) and callers use the pure-torch path (same maths;
-tests compare the two).
+tests compare the two). Without VNNI, `screen_supported()` is False and training uses the dense product.
 """
 from __future__ import annotations
 

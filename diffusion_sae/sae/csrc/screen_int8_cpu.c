@@ -223,8 +223,8 @@ void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, con
     int64_t cap = 4 * m + 2 * NR;  /* compaction leaves m; a tile adds at most NR */
     #pragma omp parallel num_threads(nthreads)
     {
-        float *cv = (float *)aligned_alloc(64, sizeof(float) * (size_t)(MR * cap + 64));
-        int32_t *ci = (int32_t *)aligned_alloc(64, sizeof(int32_t) * (size_t)(MR * cap + 64));
+        float *cv = (float *)malloc(sizeof(float) * (size_t)(MR * cap + 64));
+        int32_t *ci = (int32_t *)malloc(sizeof(int32_t) * (size_t)(MR * cap + 64));
         float *sv = (float *)malloc(sizeof(float) * (size_t)COMPACT_SCRATCH(cap));
         int32_t *si = (int32_t *)malloc(sizeof(int32_t) * (size_t)COMPACT_SCRATCH(cap));
         #pragma omp for schedule(static)
@@ -273,7 +273,8 @@ void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, con
                 float *rv = cv + r * cap;
                 int32_t *ri = ci + r * cap;
                 if (n > m) compact(rv, ri, &n, m, sv, si);
-                for (int64_t s = 0; s < m; s++) cand[i * m + s] = s < n ? ri[s] : ri[0];
+                /* n < m only when NaNs compared false: fill with valid ids so the rescoring stays in bounds */
+                for (int64_t s = 0; s < m; s++) cand[i * m + s] = s < n ? ri[s] : s;
             }
         }
         free(cv); free(ci); free(sv); free(si);
