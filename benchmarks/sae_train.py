@@ -138,7 +138,9 @@ def _run_ours(L, precision, screen=True):
 
     sae = tr.fit(stamped(batches), progress=False)
     steps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
-    agree = screen_agreement(sae, data, precision) if screen and native.screen_supported() else None
+    agree = None
+    if screen and native.screen_supported():
+        agree = (screen_agreement(sae, data, precision), tr.history[-1].get("screen_dense_fraction", 0.0))
     return Rate(steps), heldout_fvu(lambda x: sae(x).sae_out, data), agree
 
 
@@ -310,7 +312,8 @@ def main():
             b = best.setdefault(L, {"ours": (0.0, "", 0.0), "peers": []})
             b["ours"] = max(b["ours"], (ours[0], prec, ours[1]))
             agree = ours_d.get("agree")
-            screened = f"; int8-screened selection = exact on {100 * agree:.2f} % of held-out tokens" \
+            screened = (f"; int8-screened selection = exact on {100 * agree[0]:.2f} % of held-out tokens, "
+                        f"{100 * agree[1]:.2f} % of training tokens re-run densely by its certificate") \
                 if agree is not None else ""
             rows.append((L, prec, "diffusion-sae (ours)", ours[0], ours[1],
                          f"{ours[0] / bound:.2f} of encoder-matmul bound ({bound:,.0f} tok/s){screened}"))

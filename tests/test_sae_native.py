@@ -239,3 +239,76 @@ def test_trainer_screening_matches_exact_selection(screen_calls):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 1e-5
+
+
+def _selection_sets(vals, cols, L):
+    return torch.zeros(cols.shape[0], L, dtype=torch.bool).scatter_(1, cols, vals > 0)
+
+
+@needs_vnni
+@pytest.mark.parametrize("exact", [torch.float32, torch.bfloat16])
+def test_screen_certificate_sends_doubtful_tokens_to_the_dense_product(exact):
+    g = torch.Generator().manual_seed(11)
+    n, d, L, k = 200, 96, 1024, 16
+    xs = torch.randn(n, d, generator=g)
+    W = torch.randn(L, d, generator=g) / d ** 0.5
+    b = torch.randn(L, generator=g) * 0.05
+    xe, We = (xs, W) if exact == torch.float32 else (xs.bfloat16(), W.bfloat16())
+    pre = xe.float() @ We.float().t() + b
+    want = pre.relu().topk(k, dim=-1)
+    want_sets = _selection_sets(want.values, want.indices, L)
+    # z huge: no token is certified, all go through the dense fallback, which must be exact too
+    ws = {}
+    vals, cols = native.screened_topk(xs, W, b, k, 2 * k, exact, workspace=ws, z=1e9)
+    assert ws["screen_dense_tokens"] == n and ws["screen_tokens"] == n
+    assert torch.equal(_selection_sets(vals, cols, L), want_sets)
+    torch.testing.assert_close(vals, pre.gather(1, cols).relu(), rtol=1e-5, atol=1e-5)
+    # default z on ordinary data: (almost) everything certified, same answer
+    ws = {}
+    vals, cols = native.screened_topk(xs, W, b, k, 2 * k, exact, workspace=ws)
+    assert ws["screen_dense_tokens"] <= n // 20
+    assert torch.equal(_selection_sets(vals, cols, L), want_sets)
+
+
+@needs_vnni
+def test_screen_smooths_outlier_dimensions():
+    g = torch.Generator().manual_seed(12)
+    n, d, L, k = 240, 128, 2048, 16
+    xs = torch.randn(n, d, generator=g)
+    xs[:, :3] *= 40  # a few huge dimensions, as text encoders have
+    W = torch.randn(L, d, generator=g) / d ** 0.5
+    b = torch.zeros(L)
+    x_mul, w_mul = native._smoothing(xs)
+    assert x_mul is not None and bool((w_mul[:3] > 4).all()) and bool((w_mul[3:] == 1).all())
+    assert native._smoothing(torch.randn(n, d, generator=g)) == (None, None)
+    ws = {}
+    vals, cols = native.screened_topk(xs, W, b, k, 2 * k, workspace=ws)
+    pre = xs @ W.t() + b
+    want = pre.relu().topk(k, dim=-1)
+    assert torch.equal(_selection_sets(vals, cols, L), _selection_sets(want.values, want.indices, L))
+    # without smoothing nearly every token would fail its certificate; with it most pass
+    assert ws["screen_dense_tokens"] < n // 4
+
+
+@needs_vnni
+def test_screening_pauses_when_the_certificate_fails_often(screen_calls):
+    sae = TopKSAE(48, 400, 6, seed=1)
+    x = torch.randn(64, 48)
+    sae.workspace = {"screen": True, "screen_last_dense_fraction": 0.6}
+    try:
+        sae(x)
+        assert screen_calls == [] and sae.workspace["screen_paused_steps"] == 63
+        sae.workspace["screen_paused_steps"] = 0
+        sae(x)
+        assert len(screen_calls) == 1
+    finally:
+        sae.workspace = None
+
+
+@needs_vnni
+def test_trainer_logs_the_dense_fraction_of_the_screen():
+    data = SyntheticSparseData(d=64, num_atoms=400, active=8, num_tokens=4 * 1024, batch_size=1024, seed=5)
+    tr = SAETrainer(SAEConfig(d_in=64, num_latents=512, k=16), TrainConfig(batch_size=1024, log_every=2, seed=0))
+    tr.fit(list(data), progress=False)
+    fracs = [h["screen_dense_fraction"] for h in tr.history]
+    assert len(fracs) == 2 and all(0.0 <= f <= 0.05 for f in fracs)

@@ -327,14 +327,21 @@ class TopKSAE(nn.Module):
 
     def _screen_candidates(self, k: int, dead_mask: Tensor | None) -> int:
         """Candidates per token for the int8-screened selection (native.screened_topk), or 0 for the
-        exact product. The trainer asks for screening (`workspace["screen"]`); it pays off when the
-        2k candidates are few against L, and while few latents are dead (AuxK then needs the exact
-        product of the dead ones)."""
+        dense product. The trainer asks for screening (`workspace["screen"]`); it pays off when the
+        2k candidates are few against L, while few latents are dead (AuxK then needs the exact
+        product of the dead ones), and while few tokens fail its certificate."""
         ws, L = self.workspace, self.cfg.num_latents
         m = 2 * k
         if not ws or not ws.get("screen") or 8 * m > L or not native.screen_supported():
             return 0
         if dead_mask is not None and int(dead_mask.sum()) * 4 > L:
+            return 0
+        # Data the int8 product ranks poorly (its certificate sent over a quarter of a batch to the
+        # dense product) costs more screened than dense: pause screening, then try again.
+        if ws.pop("screen_last_dense_fraction", 0.0) > 0.25:
+            ws["screen_paused_steps"] = 64
+        if ws.get("screen_paused_steps", 0) > 0:
+            ws["screen_paused_steps"] -= 1
             return 0
         return m
 

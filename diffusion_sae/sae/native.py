@@ -97,12 +97,13 @@ def _build() -> ctypes.CDLL:
     lib.sae_sparse_bwd.restype = None
     lib.screen_int8_supported.argtypes = []
     lib.screen_int8_supported.restype = i32
-    lib.screen_quantize_x.argtypes = [p, i64, i64, p, p, i32]
-    lib.screen_pack_w.argtypes = [p, p, i64, i64, p, p, p, p, p, i32]
-    lib.screen_candidates.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, i32]
-    lib.screen_rescore.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, p, p, i32]
-    for name in ("screen_quantize_x", "screen_pack_w", "screen_candidates", "screen_rescore"):
+    lib.screen_quantize_x.argtypes = [p, p, i64, i64, p, p, p, i32]
+    lib.screen_pack_w.argtypes = [p, p, p, i64, i64, p, p, p, p, p, p, i32]
+    lib.screen_candidates.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, p, p, i32]
+    lib.screen_rescore.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, p, p, p, f32, f32, f32, p, p, p, i32]
+    for name in ("screen_quantize_x", "screen_pack_w", "screen_candidates"):
         getattr(lib, name).restype = None
+    lib.screen_rescore.restype = i64
     return lib
 
 
@@ -203,16 +204,44 @@ def screen_supported() -> bool:
     return available() and bool(load().screen_int8_supported())
 
 
+SCREEN_Z = 8.0  # certificate margin, in standard deviations of the int8 rounding error
+OUTLIER_RATIO = 4.0  # a dimension whose max |x| is this many times the median dimension's is smoothed
+
+
+def _smoothing(xs: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Per-dimension factors that move outlier dimensions' range from x into W before quantising.
+
+    Why: one per-token scale serves all d dimensions, so a few dimensions much larger than the rest
+    (text encoders have them) would leave the others a handful of int8 levels. x_d / s_d and
+    w_d * s_d keep every product x_d w_d (SmoothQuant's migration) with s_d = sqrt(max|x_d| / median),
+    applied to the dimensions beyond OUTLIER_RATIO times the median only. None, None when there are none."""
+    amax = xs.abs().amax(0)
+    med = amax.median().clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = amax / med
+    if not bool((ratio > OUTLIER_RATIO).any()):
+        return None, None
+    s = torch.where(ratio > OUTLIER_RATIO, ratio.sqrt(), torch.ones_like(ratio)).contiguous()
+    return (1.0 / s).contiguous(), s
+
+
 def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, exact_dtype: torch.dtype = torch.float32,
-                  xs_exact: Tensor | None = None, workspace: dict | None = None) -> tuple[Tensor, Tensor]:
+                  xs_exact: Tensor | None = None, workspace: dict | None = None, z: float = SCREEN_Z
+                  ) -> tuple[Tensor, Tensor]:
     """Per-token top-k of ReLU(xs W^T + bias), screened by an int8 product (csrc/screen_int8_cpu.c).
 
     xs [N, d], W [L, d], bias [L]: fp32, contiguous. The int8 product (per-token and per-latent
     scales) picks every token's m candidates without writing the [N, L] product; the exact
     pre-activations of those candidates in `exact_dtype` (fp32, or bf16 operands with fp32 sums as
     under bf16 autocast; xs_exact is xs in that dtype if the caller has it) choose the top k and give
-    the values. The result equals the exact top k unless quantisation error pushes one of its latents
-    below rank m of the int8 ranking. Returns (vals f32 [N, k], cols int64 [N, k]); needs k <= m <= L.
+    the values.
+
+    Every token's selection is then checked: a latent left out of the candidates scored at most the
+    m-th candidate's int8 value, so it could only belong in the top k if its int8 rounding error
+    exceeded the gap to the k-th exact value. Tokens where that gap is under z standard deviations
+    of the rounding error (bounded per token from the scales and norms) are recomputed on the dense
+    product, so the selection equals the exact one unless an error beyond z sigma occurred. How many
+    were recomputed is added to workspace["screen_dense_tokens"] (and the total to
+    workspace["screen_tokens"]). Returns (vals f32 [N, k], cols int64 [N, k]); needs k <= m <= L.
     """
     lib = load()
     n, d = xs.shape
@@ -224,10 +253,11 @@ def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, exact_dty
     bf16 = exact_dtype == torch.bfloat16
     d4, Lp, nblk = (d + 3) // 4 * 4, (L + 31) // 32 * 32, (n + 11) // 12
     buf = lambda key, shape, dt: workspace_buffer(workspace, "screen_" + key, shape, dt)  # noqa: E731
-    xq, sx = buf("xq", (nblk * 12 * d4,), torch.uint8), buf("sx", (n,), torch.float32)
-    Wp, sw = buf("Wp", (Lp * d4,), torch.int8), buf("sw", (Lp,), torch.float32)
+    xq, sx, xn2 = buf("xq", (nblk * 12 * d4,), torch.uint8), buf("sx", (n,), torch.float32), buf("xn2", (n,), torch.float32)
+    Wp, sw, wn2 = buf("Wp", (Lp * d4,), torch.int8), buf("sw", (Lp,), torch.float32), buf("wn2", (Lp,), torch.float32)
     wsum, bp = buf("wsum", (Lp,), torch.int32), buf("bias", (Lp,), torch.float32)
-    cand = buf("cand", (n, m), torch.int64)
+    cand, vm = buf("cand", (n, m), torch.int64), buf("vm", (n,), torch.float32)
+    uncertain = buf("uncertain", (n,), torch.uint8)
     W_exact = buf("W_bf16", (L, d), torch.bfloat16) if bf16 else W  # filled by screen_pack_w
     if xs_exact is None:
         xs_exact = buf("xs_bf16", (n, d), torch.bfloat16).copy_(xs) if bf16 else xs
@@ -235,14 +265,26 @@ def screened_topk(xs: Tensor, W: Tensor, bias: Tensor, k: int, m: int, exact_dty
         raise ValueError(f"xs_exact must be a contiguous {exact_dtype} tensor of shape {tuple(xs.shape)}")
     bias = bias.detach().to(torch.float32).contiguous()
     nt = torch.get_num_threads()
-    lib.screen_quantize_x(_ptr(xs), n, d, _ptr(xq), _ptr(sx), nt)
-    lib.screen_pack_w(_ptr(W), _ptr(bias), L, d, _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp),
+    x_mul, w_mul = _smoothing(xs)
+    lib.screen_quantize_x(_ptr(xs), _ptr(x_mul), n, d, _ptr(xq), _ptr(sx), _ptr(xn2), nt)
+    lib.screen_pack_w(_ptr(W), _ptr(w_mul), _ptr(bias), L, d, _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), _ptr(wn2),
                       _ptr(W_exact) if bf16 else None, nt)
-    lib.screen_candidates(_ptr(xq), _ptr(sx), _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), n, L, d, m, _ptr(cand), nt)
+    lib.screen_candidates(_ptr(xq), _ptr(sx), _ptr(Wp), _ptr(sw), _ptr(wsum), _ptr(bp), n, L, d, m,
+                          _ptr(cand), _ptr(vm), nt)
     vals = torch.empty(n, k, dtype=torch.float32)
     cols = torch.empty(n, k, dtype=torch.int64)
-    lib.screen_rescore(_ptr(xs_exact), _ptr(W_exact), int(bf16), _ptr(bias), _ptr(cand), n, d, m, k,
-                       _ptr(vals), _ptr(cols), nt)
+    n_unc = lib.screen_rescore(_ptr(xs_exact), _ptr(W_exact), int(bf16), _ptr(bias), _ptr(cand), n, d, m, k,
+                               _ptr(vm), _ptr(sx), _ptr(xn2), float(sw.max()), float(wn2.max()), float(z),
+                               _ptr(vals), _ptr(cols), _ptr(uncertain), nt)
+    if n_unc:
+        rows = uncertain.nonzero().squeeze(1)
+        # fp32 sums of the exact operands (a bf16 mm would round its output to bf16)
+        pre = torch.mm(xs_exact[rows].float(), W_exact.float().t()) if bf16 else torch.mm(xs_exact[rows], W.t())
+        vals[rows], cols[rows] = topk_rows(pre, k, bias=bias)
+    if workspace is not None:
+        workspace["screen_last_dense_fraction"] = n_unc / n
+        workspace["screen_dense_tokens"] = workspace.get("screen_dense_tokens", 0) + int(n_unc)
+        workspace["screen_tokens"] = workspace.get("screen_tokens", 0) + n
     return vals, cols
 
 

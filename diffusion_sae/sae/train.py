@@ -428,6 +428,10 @@ class SAETrainer:
                "dead_fraction": metrics.dead_fraction(self.tokens_since_fired, self.cfg.dead_tokens_threshold),
                "fired_in_window_fraction": float((freq > 0).float().mean()),
                "tokens_per_s": (self.step - start_step) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)}
+        ws = self.sae.workspace or {}
+        if ws.get("screen_tokens"):  # int8-screened selection: share of tokens its certificate sent to the dense product
+            rec["screen_dense_fraction"] = ws["screen_dense_tokens"] / ws["screen_tokens"]
+            ws["screen_tokens"] = ws["screen_dense_tokens"] = 0
         self.history.append(rec)
         self.last_firing_frequency = freq.cpu()
         window.update(fvu=0.0, auxk=0.0, l0=0.0, n=0, tokens=0)

@@ -42,20 +42,26 @@ int screen_int8_supported(void) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
-static inline float row_absmax(const float *a, int64_t d) {
-    __m512 m = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= d; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(a + j)));
-    float r = _mm512_reduce_max_ps(m);
-    for (; j < d; j++) r = fabsf(a[j]) > r ? fabsf(a[j]) : r;
-    return r;
+/* max |a_j mul_j| (returned) and sum (a_j mul_j)^2 (into *sumsq) of one row; mul may be NULL (ones) */
+static inline float row_absmax(const float *a, const float *mul, int64_t d, float *sumsq) {
+    __m512 m = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+        __mmask16 live = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(live, a + j);
+        if (mul) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, mul + j));
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        s2 = _mm512_fmadd_ps(v, v, s2);
+    }
+    *sumsq = _mm512_reduce_add_ps(s2);
+    return _mm512_reduce_max_ps(m);
 }
 
-/* One row a[0..d) quantised by round(a * inv) (|.| <= 127; + 128 when `offset`) into 4-byte quads,
- * quad q written at dst + q * stride (the kernel's interleaved layouts); d is padded with zeros to
- * whole quads. Returns the sum of the signed values. If bf is not NULL, the row in bf16 goes there. */
-static inline int32_t quantize_row(const float *a, int64_t d, float inv, int offset, uint8_t *dst, int64_t stride,
-                                   uint16_t *bf) {
+/* One row a[0..d) (times mul, when not NULL) quantised by round(a * mul * inv) (|.| <= 127; + 128
+ * when `offset`) into 4-byte quads, quad q written at dst + q * stride (the kernel's interleaved
+ * layouts); d is padded with zeros to whole quads. Returns the sum of the signed values. If bf is
+ * not NULL, the row itself (without mul) goes there in bf16. */
+static inline int32_t quantize_row(const float *a, const float *mul, int64_t d, float inv, int offset, uint8_t *dst,
+                                   int64_t stride, uint16_t *bf) {
     int64_t nq = (d + 3) / 4;
     __m512 vi = _mm512_set1_ps(inv);
     __m512i sum = _mm512_setzero_si512(), off = _mm512_set1_epi32(offset ? 128 : 0);
@@ -65,6 +71,7 @@ static inline int32_t quantize_row(const float *a, int64_t d, float inv, int off
 #if defined(__AVX512BF16__)
         if (bf) _mm256_mask_storeu_epi16(bf + j, live, (__m256i)_mm512_cvtneps_pbh(v));
 #endif
+        if (mul) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, mul + j));
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vi));  /* round to nearest even */
         sum = _mm512_add_epi32(sum, q);
         uint32_t quads[4];
@@ -79,26 +86,29 @@ static inline int32_t quantize_row(const float *a, int64_t d, float inv, int off
     return _mm512_reduce_add_epi32(sum);
 }
 
-/* x [N, d] fp32 -> xq (layout above, u8 = s8 + 128) and per-token scales sx [N]. */
-void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) {
+/* x [N, d] fp32, times the per-dimension smoothing factors mul [d] (NULL: none), -> xq (layout
+ * above, u8 = s8 + 128), per-token scales sx [N] and squared norms xn2 [N] (of x * mul). */
+void screen_quantize_x(const float *x, const float *mul, int64_t N, int64_t d, uint8_t *xq, float *sx, float *xn2,
+                       int nthreads) {
     int64_t nq = (d + 3) / 4, nblk = (N + MR - 1) / MR;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < nblk; b++) {
         for (int r = 0; r < MR; r++) {
             int64_t i = b * MR + r < N ? b * MR + r : N - 1;
             const float *a = x + i * d;
-            float mx = row_absmax(a, d), inv = mx > 0.f ? 127.f / mx : 0.f;
-            if (b * MR + r < N) sx[i] = mx / 127.f;
-            quantize_row(a, d, inv, 1, xq + (b * nq * MR + r) * 4, MR * 4, NULL);
+            float n2, mx = row_absmax(a, mul, d, &n2), inv = mx > 0.f ? 127.f / mx : 0.f;
+            if (b * MR + r < N) { sx[i] = mx / 127.f; xn2[i] = n2; }
+            quantize_row(a, mul, d, inv, 1, xq + (b * nq * MR + r) * 4, MR * 4, NULL);
         }
     }
 }
 
-/* W [L, d] fp32 -> Wp (layout above), per-latent scales sw [Lp] and 128 * row sums wsum [Lp];
+/* W [L, d] fp32, times the per-dimension factors mul [d] (NULL: none; the inverse of x's), -> Wp
+ * (layout above), per-latent scales sw [Lp], 128 * row sums wsum [Lp] and squared row norms wn2 [Lp];
  * bias [L] -> biasp [Lp] (-inf past L); W in bf16 into Wbf [L, d] when not NULL (the exact
  * operand under bf16 autocast, made in the same pass over W). */
-void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
-                   int32_t *wsum, float *biasp, uint16_t *Wbf, int nthreads) {
+void screen_pack_w(const float *W, const float *mul, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
+                   int32_t *wsum, float *biasp, float *wn2, uint16_t *Wbf, int nthreads) {
     int64_t nq = (d + 3) / 4, np = (L + NR - 1) / NR;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t p = 0; p < np; p++) {
@@ -107,12 +117,13 @@ void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8
             int64_t j = p * NR + c;
             if (j >= L) {
                 for (int64_t q = 0; q < nq; q++) memset(panel + (q * NR + c) * 4, 0, 4);
-                sw[j] = 0.f; wsum[j] = 0; biasp[j] = -INFINITY;
+                sw[j] = 0.f; wsum[j] = 0; biasp[j] = -INFINITY; wn2[j] = 0.f;
                 continue;
             }
             const float *a = W + j * d;
-            float mx = row_absmax(a, d), inv = mx > 0.f ? 127.f / mx : 0.f;
-            int32_t s = quantize_row(a, d, inv, 0, (uint8_t *)panel + c * 4, NR * 4, Wbf ? Wbf + j * d : NULL);
+            float n2, mx = row_absmax(a, mul, d, &n2), inv = mx > 0.f ? 127.f / mx : 0.f;
+            wn2[j] = n2;
+            int32_t s = quantize_row(a, mul, d, inv, 0, (uint8_t *)panel + c * 4, NR * 4, Wbf ? Wbf + j * d : NULL);
             sw[j] = mx / 127.f; wsum[j] = 128 * s; biasp[j] = bias ? bias[j] : 0.f;
         }
     }
@@ -215,10 +226,11 @@ static inline void tile_12x32(const int32_t *xb, const int8_t *wp, int64_t nq, _
 }
 
 /* Candidates: cand [N, m] int64, the indices of the m largest int8 pre-activations of every token
- * (order unspecified). Needs m <= L. */
+ * (order unspecified), and vm [N], the m-th largest: no other latent's int8 value exceeds it.
+ * Needs m <= L. */
 void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, const float *sw,
                        const int32_t *wsum, const float *biasp, int64_t N, int64_t L, int64_t d, int64_t m,
-                       int64_t *cand, int nthreads) {
+                       int64_t *cand, float *vm, int nthreads) {
     int64_t d4 = (d + 3) / 4 * 4, nq = d4 / 4, np = (L + NR - 1) / NR, nblk = (N + MR - 1) / MR;
     int64_t cap = 4 * m + 2 * NR;  /* compaction leaves m; a tile adds at most NR */
     #pragma omp parallel num_threads(nthreads)
@@ -273,6 +285,9 @@ void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, con
                 float *rv = cv + r * cap;
                 int32_t *ri = ci + r * cap;
                 if (n > m) compact(rv, ri, &n, m, sv, si);
+                float t = INFINITY;
+                for (int64_t s = 0; s < n; s++) t = rv[s] < t ? rv[s] : t;
+                vm[i] = n < m ? INFINITY : t;  /* n < m: NaNs, never certified */
                 /* n < m only when NaNs compared false: fill with valid ids so the rescoring stays in bounds */
                 for (int64_t s = 0; s < m; s++) cand[i * m + s] = s < n ? ri[s] : s;
             }
@@ -318,10 +333,25 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
 #endif
 
 /* The exact pre-activations xs[i] . W[j] + bias[j] of every token's m candidates (fp32, or bf16
- * rows with fp32 sums), their top k, then ReLU: vals [N, k] f32, cols [N, k] int64. */
-void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
-                    int64_t N, int64_t d, int64_t m, int64_t k, float *vals, int64_t *cols, int nthreads) {
-    #pragma omp parallel num_threads(nthreads)
+ * rows with fp32 sums), their top k, then ReLU: vals [N, k] f32, cols [N, k] int64.
+ *
+ * Certificate: a latent outside the candidates has an int8 value <= vm[i], so its exact value is
+ * at most vm[i] + its rounding error. That error, sum_d x~_d e(w)_d + e(x)_d w~_d with per-element
+ * rounding errors of spread scale / sqrt(12), has standard deviation at most
+ *   sigma_i = sqrt((|x_i|^2 sw_max^2 + max_j |w_j|^2 sx_i^2) / 12)
+ * (a little more with bf16 operands, whose own rounding the exact values carry).
+ * A token is certified when vm[i] + z sigma_i < max(k-th exact value, 0); uncertain[i] = 1 marks
+ * the others (the caller recomputes them on the dense product). Returns how many are uncertain. */
+int64_t screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
+                       int64_t N, int64_t d, int64_t m, int64_t k, const float *vm, const float *sx,
+                       const float *xn2, float sw_max, float wn2_max, float z, float *vals, int64_t *cols,
+                       uint8_t *uncertain, int nthreads) {
+    /* per-element rounding variance in units of scale^2: int8 rounding is uniform over one step
+     * (1/12); bf16 operands add a relative error of at most 2^-9 (variance 2^-18 / 3) of values up
+     * to 127 steps */
+    float var_unit = 1.f / 12.f + (is_bf16 ? 127.f * 127.f * ldexpf(1.f, -18) / 3.f : 0.f);
+    int64_t n_unc = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(+:n_unc)
     {
         float *cv = (float *)malloc(sizeof(float) * (size_t)m);
         int32_t *ci = (int32_t *)malloc(sizeof(int32_t) * (size_t)m);
@@ -338,22 +368,43 @@ void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bia
             }
             int64_t n = m;
             if (k < m) compact(cv, ci, &n, k, sv, si);
+            float kth = INFINITY;
             for (int64_t s = 0; s < k; s++) {
+                kth = cv[s] < kth ? cv[s] : kth;
                 vals[i * k + s] = cv[s] > 0.f ? cv[s] : 0.f;
                 cols[i * k + s] = ci[s];
             }
+            float sigma = sqrtf((xn2[i] * sw_max * sw_max + wn2_max * sx[i] * sx[i]) * var_unit);
+            int ok = vm[i] + z * sigma < (kth > 0.f ? kth : 0.f);  /* false for NaNs too */
+            uncertain[i] = (uint8_t)!ok;
+            n_unc += !ok;
         }
         free(cv); free(ci); free(sv); free(si);
     }
+    return n_unc;
 }
 
-#else  /* no VNNI: the Python side checks screen_int8_supported() first */
-void screen_quantize_x(const float *x, int64_t N, int64_t d, uint8_t *xq, float *sx, int nthreads) { (void)x; (void)N; (void)d; (void)xq; (void)sx; (void)nthreads; }
-void screen_pack_w(const float *W, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
-                   int32_t *wsum, float *biasp, uint16_t *Wbf, int nthreads) { (void)W; (void)bias; (void)L; (void)d; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)Wbf; (void)nthreads; }
+#else  /* no VNNI: the Python side checks screen_int8_supported() first; these are never called */
+void screen_quantize_x(const float *x, const float *mul, int64_t N, int64_t d, uint8_t *xq, float *sx, float *xn2,
+                       int nthreads) {
+    (void)x; (void)mul; (void)N; (void)d; (void)xq; (void)sx; (void)xn2; (void)nthreads;
+}
+void screen_pack_w(const float *W, const float *mul, const float *bias, int64_t L, int64_t d, int8_t *Wp, float *sw,
+                   int32_t *wsum, float *biasp, float *wn2, uint16_t *Wbf, int nthreads) {
+    (void)W; (void)mul; (void)bias; (void)L; (void)d; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)wn2; (void)Wbf; (void)nthreads;
+}
 void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, const float *sw,
                        const int32_t *wsum, const float *biasp, int64_t N, int64_t L, int64_t d, int64_t m,
-                       int64_t *cand, int nthreads) { (void)xq; (void)sx; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)N; (void)L; (void)d; (void)m; (void)cand; (void)nthreads; }
-void screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
-                    int64_t N, int64_t d, int64_t m, int64_t k, float *vals, int64_t *cols, int nthreads) { (void)xs; (void)W; (void)is_bf16; (void)bias; (void)cand; (void)N; (void)d; (void)m; (void)k; (void)vals; (void)cols; (void)nthreads; }
+                       int64_t *cand, float *vm, int nthreads) {
+    (void)xq; (void)sx; (void)Wp; (void)sw; (void)wsum; (void)biasp; (void)N; (void)L; (void)d; (void)m; (void)cand;
+    (void)vm; (void)nthreads;
+}
+int64_t screen_rescore(const void *xs, const void *W, int is_bf16, const float *bias, const int64_t *cand,
+                       int64_t N, int64_t d, int64_t m, int64_t k, const float *vm, const float *sx,
+                       const float *xn2, float sw_max, float wn2_max, float z, float *vals, int64_t *cols,
+                       uint8_t *uncertain, int nthreads) {
+    (void)xs; (void)W; (void)is_bf16; (void)bias; (void)cand; (void)N; (void)d; (void)m; (void)k; (void)vm; (void)sx;
+    (void)xn2; (void)sw_max; (void)wn2_max; (void)z; (void)vals; (void)cols; (void)uncertain; (void)nthreads;
+    return -1;
+}
 #endif
