@@ -7,9 +7,9 @@
  * running threshold of its token and dropped unless it can enter that token's top m. The int8
  * values only choose candidates; the values (and the final top k) come from the exact
  * pre-activations of the m = 2k candidates, in the precision of the step (fp32, or bf16 inputs
- * with fp32 sums). The selection therefore equals the exact one unless quantisation error
- * (about 1 % of a pre-activation's spread) moves a latent of the exact top k below rank m of the
- * int8 ranking; tests and the benchmark measure how often that happens.
+ * with fp32 sums). screen_rescore then certifies every token (see there): a token whose k-th exact
+ * value is not clear of the m-th int8 value by z standard deviations of the rounding error is
+ * flagged, and the caller recomputes it on the dense product.
  *
  * Quantisation: per-token scale for x (u8 with offset 128, as VNNI wants an unsigned operand),
  * per-latent scale for W_enc (s8); acc - 128 * sum_k w_s8 removes the offset exactly.
