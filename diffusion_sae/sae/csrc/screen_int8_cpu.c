@@ -12,7 +12,8 @@
  * flagged, and the caller recomputes it on the dense product.
  *
  * Quantisation: per-token scale for x (u8 with offset 128, as VNNI wants an unsigned operand),
- * per-latent scale for W_enc (s8); acc - 128 * sum_k w_s8 removes the offset exactly.
+ * per-latent scale for W_enc (s8); acc - 128 * sum_k w_s8 removes the offset exactly. Optional
+ * per-dimension factors (x_d / s_d, w_d * s_d; native._smoothing picks them) tame outlier dimensions.
  *
  * Layouts: xq [N/12 blocks][d4/4][12] int32 (4 u8 each; rows past N repeat the last row),
  * Wp [Lp/32 panels][d4/4][32][4] s8 (latents past L are zero), d4 = d rounded up to 4,
