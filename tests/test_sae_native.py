@@ -7,6 +7,12 @@ from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TopKSA
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels unavailable: {native.why_unavailable()}")
 
 
+@pytest.fixture(autouse=True)
+def screen_small_sizes(monkeypatch):
+    """The int8 screen normally skips products as small as these tests' (native.SCREEN_MIN_SIZE); here it runs."""
+    monkeypatch.setattr(native, "SCREEN_MIN_SIZE", 0)
+
+
 def _check_topk(pre, k, bias=None, mask=None):
     vals, cols = native.topk_rows(pre, k, col_mask=mask, bias=bias)
     ref = pre.float() + (bias if bias is not None else 0)
@@ -288,6 +294,25 @@ def test_screen_smooths_outlier_dimensions():
     assert torch.equal(_selection_sets(vals, cols, L), _selection_sets(want.values, want.indices, L))
     # without smoothing nearly every token would fail its certificate; with it most pass
     assert ws["screen_dense_tokens"] < n // 4
+
+
+@needs_vnni
+def test_screening_skips_small_products(screen_calls, monkeypatch):
+    monkeypatch.setattr(native, "SCREEN_MIN_SIZE", 1 << 18)
+    sae = TopKSAE(48, 400, 6, seed=1)  # d * L = 19,200: the dense product is as fast
+    sae.workspace = {"screen": True}
+    try:
+        sae(torch.randn(64, 48))
+    finally:
+        sae.workspace = None
+    assert screen_calls == []
+    big = TopKSAE(256, 1024, 16, seed=1)
+    big.workspace = {"screen": True}
+    try:
+        big(torch.randn(64, 256))
+    finally:
+        big.workspace = None
+    assert len(screen_calls) == 1
 
 
 @needs_vnni

@@ -328,11 +328,14 @@ class TopKSAE(nn.Module):
     def _screen_candidates(self, k: int, dead_mask: Tensor | None) -> int:
         """Candidates per token for the int8-screened selection (native.screened_topk), or 0 for the
         dense product. The trainer asks for screening (`workspace["screen"]`); it pays off when the
-        2k candidates are few against L, while few latents are dead (AuxK then needs the exact
+        2k candidates are few against L and the product is large (native.SCREEN_MIN_SIZE), while few
+        latents are dead (AuxK then needs the exact
         product of the dead ones), and while few tokens fail its certificate."""
         ws, L = self.workspace, self.cfg.num_latents
         m = 2 * k
-        if not ws or not ws.get("screen") or 8 * m > L or not native.screen_supported():
+        if not ws or not ws.get("screen") or 8 * m > L or self.cfg.d_in * L < native.SCREEN_MIN_SIZE:
+            return 0
+        if not native.screen_supported():
             return 0
         if dead_mask is not None and int(dead_mask.sum()) * 4 > L:
             return 0
