@@ -183,6 +183,11 @@ def test_bf16_sources_change_gradients_by_bf16_rounding_only():
 
 
 # ---------------------------------------------------------------- int8 screening (screen_int8_cpu.c)
+def _selection_sets(vals, cols, L):
+    """[N, L] mask of the latents each token selected with a positive value (ReLU-zero slots may differ)."""
+    return torch.zeros(cols.shape[0], L, dtype=torch.bool).scatter_(1, cols, vals > 0)
+
+
 needs_vnni = pytest.mark.skipif(not native.available() or not native.screen_supported(),
                                 reason="int8 screening needs the compiled kernels built with AVX512-VNNI")
 
@@ -204,10 +209,7 @@ def test_screened_topk_equals_exact_topk(n, d, L, k, exact):
     # the same latents for every token (ReLU-zero slots may differ), the values they report are exact
     torch.testing.assert_close(vals.sort(-1).values, want_vals.sort(-1).values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vals, pre.gather(1, cols).relu(), rtol=1e-5, atol=1e-5)
-    positive = want_vals > 0
-    got_sets = torch.zeros(n, L, dtype=torch.bool).scatter_(1, cols, vals > 0)
-    want_sets = torch.zeros(n, L, dtype=torch.bool).scatter_(1, want_cols, positive)
-    assert torch.equal(got_sets, want_sets)
+    assert torch.equal(_selection_sets(vals, cols, L), _selection_sets(want_vals, want_cols, L))
     assert all(len(set(r.tolist())) == k for r in cols)
 
 
@@ -246,9 +248,6 @@ def test_trainer_screening_matches_exact_selection(screen_calls):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     assert abs(tr_a.history[-1]["fvu"] - tr_b.history[-1]["fvu"]) < 1e-5
 
-
-def _selection_sets(vals, cols, L):
-    return torch.zeros(cols.shape[0], L, dtype=torch.bool).scatter_(1, cols, vals > 0)
 
 
 @needs_vnni

@@ -130,6 +130,15 @@ void screen_pack_w(const float *W, const float *mul, const float *bias, int64_t 
     }
 }
 
+/* Append the lanes of (v, id) selected by k at vdst[n], idst[n]; returns the new count. Compress in
+ * registers, then full-width stores (the destinations have 16 slots of slack): the memory-destination
+ * compress-store is microcoded and slow on Zen 4. */
+static inline int64_t append_lanes(float *vdst, int32_t *idst, int64_t n, __mmask16 k, __m512 v, __m512i id) {
+    _mm512_storeu_ps(vdst + n, _mm512_maskz_compress_ps(k, v));
+    _mm512_storeu_si512(idst + n, _mm512_maskz_compress_epi32(k, id));
+    return n + __builtin_popcount(k);
+}
+
 /* Keep the m largest of a row's n candidates (values cv, ids ci, in place; ties broken by
  * position) and return the m-th largest value, the row's new threshold. Called often (every time a
  * row's buffer fills), so it is a branch-free AVX-512 quickselect: every round splits the working
@@ -172,15 +181,9 @@ static float compact(float *cv, int32_t *ci, int64_t *n, int64_t m, float *sv, i
             __mmask16 g = _mm512_mask_cmp_ps_mask(live, v, vp, _CMP_GT_OQ);
             __mmask16 e = _mm512_mask_cmp_ps_mask(live, v, vp, _CMP_EQ_OQ);
             __mmask16 l = live & ~g & ~e;
-            _mm512_storeu_ps(rv + kept + ng, _mm512_maskz_compress_ps(g, v));
-            _mm512_storeu_si512(ri + kept + ng, _mm512_maskz_compress_epi32(g, id));
-            ng += __builtin_popcount(g);
-            _mm512_storeu_ps(ev + ne, _mm512_maskz_compress_ps(e, v));
-            _mm512_storeu_si512(ei + ne, _mm512_maskz_compress_epi32(e, id));
-            ne += __builtin_popcount(e);
-            _mm512_storeu_ps(bv + nl, _mm512_maskz_compress_ps(l, v));
-            _mm512_storeu_si512(bi + nl, _mm512_maskz_compress_epi32(l, id));
-            nl += __builtin_popcount(l);
+            ng = append_lanes(rv + kept, ri + kept, ng, g, v, id);
+            ne = append_lanes(ev, ei, ne, e, v, id);
+            nl = append_lanes(bv, bi, nl, l, v, id);
         }
         if (ng > need) {  /* the answer lies among the greater ones: work on them */
             memcpy(bv, rv + kept, sizeof(float) * (size_t)ng);
@@ -269,14 +272,8 @@ void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, con
                     if (!(k0 | k1)) continue;
                     float *rv = cv + r * cap;
                     int32_t *ri = ci + r * cap;
-                    int64_t n = cnt[r];
-                    /* compress in registers, full-width stores (16 slots of slack) */
-                    _mm512_storeu_ps(rv + n, _mm512_maskz_compress_ps(k0, v0));
-                    _mm512_storeu_si512(ri + n, _mm512_maskz_compress_epi32(k0, idx0));
-                    n += __builtin_popcount(k0);
-                    _mm512_storeu_ps(rv + n, _mm512_maskz_compress_ps(k1, v1));
-                    _mm512_storeu_si512(ri + n, _mm512_maskz_compress_epi32(k1, idx1));
-                    n += __builtin_popcount(k1);
+                    int64_t n = append_lanes(rv, ri, cnt[r], k0, v0, idx0);
+                    n = append_lanes(rv, ri, n, k1, v1, idx1);
                     if (n > cap - 2 * NR) tau[r] = compact(rv, ri, &n, m, sv, si);
                     cnt[r] = n;
                 }
