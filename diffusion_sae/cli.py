@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from .errors import DiffusionSAEError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -19,7 +20,7 @@ world_app = typer.Typer(no_args_is_help=True, help="The bundled ShapesCanvas wor
 app.add_typer(world_app, name="world")
 
 
-class UserError(Exception):
+class UserError(DiffusionSAEError):
     """A bad input: printed as one line, exit code 2."""
 
 
@@ -64,14 +65,17 @@ def world_train_unet(run_dir: Path = typer.Option(None, help="Run folder with st
                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                      threads: int = typer.Option(0, help="torch threads (0 = default)."),
                      export: Optional[Path] = typer.Option(None, help="Write the EMA pipeline here when done."),
-                     eval_every: int = 2000):
+                     eval_every: int = 2000,
+                     warmup: int = typer.Option(500, help="LR warm-up steps for a new run."),
+                     init_from: Optional[Path] = typer.Option(None, help="Pipeline folder to fine-tune from (a new run only).")):
     """Train (or resume) the ShapesCanvas UNet + text encoder. Kill it any time; rerun to resume."""
     from .world import assets
     from .world.train import UNetTrainConfig, UNetTrainer, export_pipeline
 
     run_dir = run_dir or assets.default_run_dir()
     cfg = None if (run_dir / "state.pt").exists() else UNetTrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, eval_every=eval_every)
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, eval_every=eval_every,
+        warmup=warmup, init_from=str(init_from) if init_from else None)
     trainer = UNetTrainer(run_dir, cfg)
     if threads:
         import torch
@@ -1056,8 +1060,9 @@ def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (re
 def main() -> None:
     try:
         app()
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+    except DiffusionSAEError as e:
+        # One line: the message may carry newlines from a library below us.
+        typer.echo("error: " + " ".join(str(e).split()), err=True)
         sys.exit(2)
 
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..errors import DiffusionSAEError
 
 
-class PromptFileError(ValueError):
+class PromptFileError(DiffusionSAEError, ValueError):
     """A missing, unreadable or malformed prompt file (message names the line)."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from ..errors import DiffusionSAEError
 
 FORMAT = "diffusion-sae-activations/1"
 BRANCH_CODES = {"cond": 0, "uncond": 1, "cond_skip": 2, "unknown": 3}
@@ -37,7 +38,7 @@ _RESUME_KEYS = ("model", "hookpoint", "dtype", "prompts_hash", "num_prompts", "s
                 "keep_steps", "tokens_per_record", "image_height", "image_width", "negative_prompt")
 
 
-class StoreError(RuntimeError):
+class StoreError(DiffusionSAEError, RuntimeError):
     """A store that cannot be created, resumed, read or written (one-line message)."""
 
 

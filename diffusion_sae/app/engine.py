@@ -23,12 +23,13 @@ import torch
 from ..concepts.features import ConceptIndex, FeatureError, collect_feature_stats, default_prompts
 from ..models import as_tokens, from_tokens, output_tensor, replace_output, resolve_hookpoint
 from .paths import PathError, resolve_inside
+from ..errors import DiffusionSAEError
 
 METHODS = ("text steering", "block ablation")
 _FEATURE = re.compile(r"^(?:#|feature\s*#?)\s*(\d+)$", re.IGNORECASE)
 
 
-class EditError(ValueError):
+class EditError(DiffusionSAEError, ValueError):
     """A bad edit row; one line."""
 
 

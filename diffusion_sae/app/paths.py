@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from ..errors import DiffusionSAEError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 
-class PathError(ValueError):
+class PathError(DiffusionSAEError, ValueError):
     """A typed name that is not a file inside the allowed folders."""
 
 

@@ -35,11 +35,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
+from ..errors import DiffusionSAEError
 
 FILE = "concept_dictionary"
 
 
-class DictionaryError(ValueError):
+class DictionaryError(DiffusionSAEError, ValueError):
     """Bad concept-dictionary input; one line: what, where, how to fix."""
 
 

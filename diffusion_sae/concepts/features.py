@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
+from ..errors import DiffusionSAEError
 
 
-class FeatureError(ValueError):
+class FeatureError(DiffusionSAEError, ValueError):
     """A bad feature query; the message is one line: what, and what would be valid."""
 
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from ..errors import DiffusionSAEError
 
 READ_MODES = ("output", "input", "update")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -23,7 +24,7 @@ _IMAGE_AT_INDEX_1 = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "Join
 _UNET_ATTENTION = re.compile(r"^(down_blocks|up_blocks)\.\d+\.attentions\.\d+$|^mid_block\.attentions\.\d+$")
 
 
-class HookpointError(ValueError):
+class HookpointError(DiffusionSAEError, ValueError):
     """An unknown or unusable hookpoint."""
 
 

@@ -24,6 +24,42 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 
+# World v2: every concept has two more names used in training captions. Building steering matrices,
+# dictionaries and presets, and tuning, use only the canonical names above; evaluation also asks
+# with these held-out names, so an erasure that only matches the canonical word is caught.
+ALIASES: dict[str, tuple[str, str]] = {
+    # objects
+    "circle": ("disc", "orb"), "square": ("box", "tile"), "triangle": ("wedge", "trigon"),
+    "star": ("pentagram", "sparkle"), "heart": ("valentine", "cardioid"),
+    "cross": ("plus", "cruciform"), "ring": ("donut", "hoop"), "diamond": ("rhombus", "lozenge"),
+    "crescent": ("moon", "sickle"), "arrow": ("pointer", "dart"),
+    # styles
+    "solid": ("plain", "filled"), "striped": ("banded", "stripy"), "dotted": ("spotted", "polka"),
+    "checkered": ("chequered", "chessboard"), "outlined": ("hollow", "contour"),
+    "gradient": ("faded", "ombre"), "noisy": ("grainy", "speckled"), "wavy": ("rippled", "squiggly"),
+    # colours
+    "red": ("crimson", "scarlet"), "green": ("emerald", "lime"), "blue": ("azure", "cobalt"),
+    "yellow": ("golden", "lemon"), "purple": ("violet", "lilac"), "orange": ("amber", "tangerine"),
+}
+# How often a training caption uses the canonical name (the rest split evenly over the aliases).
+P_CANONICAL = 0.5
+
+
+def names_of(concept: str) -> tuple[str, ...]:
+    """Every name of a concept: the canonical one first, then its held-out aliases."""
+    return (concept, *ALIASES[concept])
+
+
+def canonical_of(name: str) -> str:
+    """The canonical concept a name (canonical or alias) stands for."""
+    if name in ALIASES:
+        return name
+    for concept, aliases in ALIASES.items():
+        if name in aliases:
+            return concept
+    raise KeyError(f"{name!r} is not a ShapesCanvas concept name")
+
+
 # Captions naming all three attributes. `{a}` is "a"/"an" for the word that follows it.
 FULL_TEMPLATES: tuple[str, ...] = (
     "a {colour} {object} in {style} style",
@@ -37,6 +73,11 @@ PARTIAL_TEMPLATES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("object", "colour"): ("a {colour} {object}", "an image of a {colour} {object}"),
     ("object", "style"): ("a {object} in {style} style", "{style} {object}"),
     ("object",): ("a {object}", "an image of a {object}"),
+    # v2: the object left out too, so the model learns every marginal, down to the empty prompt.
+    ("style", "colour"): ("a {colour} shape in {style} style", "{style} {colour} shape"),
+    ("colour",): ("a {colour} shape", "an image of something {colour}"),
+    ("style",): ("a shape in {style} style", "something {style}"),
+    (): ("a shape", "an image"),
 }
 # The prompt used by evaluation (UnlearnCanvas uses "A {object} image in {style} style.").
 EVAL_TEMPLATE = "a {colour} {object} in {style} style"
@@ -44,8 +85,8 @@ EVAL_TEMPLATE = "a {colour} {object} in {style} style"
 IMAGE_SIZE = 32
 
 
-def caption(obj: str, style: str | None, colour: str | None, template: str) -> str:
-    text = template.format(object=obj, style=style or "", colour=colour or "")
+def caption(obj: str | None, style: str | None, colour: str | None, template: str) -> str:
+    text = template.format(object=obj or "", style=style or "", colour=colour or "")
     # "a orange ..." -> "an orange ..."; keeps the captions grammatical for the tokenizer.
     words = text.split(" ")
     for i in range(len(words) - 1):
@@ -61,6 +102,7 @@ def eval_prompt(obj: str, style: str, colour: str) -> str:
 def vocabulary_words() -> list[str]:
     """Every word a ShapesCanvas caption can contain (used to build the tokenizer)."""
     words: set[str] = set(OBJECTS) | set(STYLES) | set(COLOURS)
+    words |= {a for aliases in ALIASES.values() for a in aliases}
     templates = list(FULL_TEMPLATES) + [t for ts in PARTIAL_TEMPLATES.values() for t in ts]
     for t in templates:
         for w in t.replace(",", " ").split():

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .config import (COLOURS, COLOUR_NAMES, FULL_TEMPLATES, IMAGE_SIZE, OBJECTS,
-                     PARTIAL_TEMPLATES, STYLES, caption)
+from .config import (ALIASES, COLOURS, COLOUR_NAMES, FULL_TEMPLATES, IMAGE_SIZE, OBJECTS,
+                     P_CANONICAL, PARTIAL_TEMPLATES, STYLES, caption)
 
 _TEMPLATE_RES = 128
 
@@ -175,19 +175,32 @@ def sample_concepts(n: int, generator: torch.Generator):
 
 
 def make_captions(objects, styles, colours, generator: torch.Generator,
-                  p_partial: float = 0.3) -> list[str]:
-    """One caption per sample; with probability p_partial some attributes are left out."""
+                  p_partial: float = 0.3, p_canonical: float = P_CANONICAL) -> list[str]:
+    """One caption per sample; with probability p_partial some attributes are left out.
+
+    Each named attribute uses its canonical name with probability p_canonical and one of its
+    aliases otherwise (ShapesCanvas v2), so the model knows every name of every concept.
+    """
     partial_keys = list(PARTIAL_TEMPLATES)
     u = torch.rand(len(objects), generator=generator).tolist()
     pick = torch.randint(1 << 30, (len(objects), 2), generator=generator).tolist()
+    # One uniform draw per attribute decides its name: < p_canonical canonical, else an alias.
+    name_u = torch.rand(len(objects), 3, generator=generator).tolist()
+
+    def name(concept: str, v: float) -> str:
+        if v < p_canonical:
+            return concept
+        aliases = ALIASES[concept]
+        return aliases[min(len(aliases) - 1, int((v - p_canonical) / (1 - p_canonical) * len(aliases)))]
+
     caps = []
     for i, (o, s, c) in enumerate(zip(objects.tolist(), styles.tolist(), colours.tolist())):
-        obj, sty, col = OBJECTS[o], STYLES[s], COLOUR_NAMES[c]
+        obj, sty, col = (name(n, v) for n, v in zip((OBJECTS[o], STYLES[s], COLOUR_NAMES[c]), name_u[i]))
         if u[i] < p_partial:
             keys = partial_keys[pick[i][0] % len(partial_keys)]
             ts = PARTIAL_TEMPLATES[keys]
             t = ts[pick[i][1] % len(ts)]
-            caps.append(caption(obj, sty if "style" in keys else None,
+            caps.append(caption(obj if "object" in keys else None, sty if "style" in keys else None,
                                 col if "colour" in keys else None, t))
         else:
             caps.append(caption(obj, sty, col, FULL_TEMPLATES[pick[i][1] % len(FULL_TEMPLATES)]))

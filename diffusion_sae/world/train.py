@@ -33,13 +33,16 @@ class UNetTrainConfig:
     ema_decay: float = 0.9995
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
-    p_partial: float = 0.3
+    p_partial: float = 0.5
     grad_clip: float = 1.0
     seed: int = 0
     data_seed: int = 12_345
     ckpt_every: int = 250
     eval_every: int = 2_000
     threads: int = 0               # 0 = torch default
+    # A pipeline folder to start from (v2 fine-tunes v1): UNet and text-encoder weights are copied,
+    # token embeddings by token string, so words new to the vocabulary start from the init.
+    init_from: str | None = None
     model: ShapesCanvasModelConfig = field(default_factory=ShapesCanvasModelConfig)
 
 
@@ -48,6 +51,27 @@ def lr_at(cfg: UNetTrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def warm_start(unet, text_encoder, tokenizer, pipeline_dir: Path) -> None:
+    """Copy a trained pipeline's weights into fresh modules whose vocabulary may differ."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    unet.load_state_dict(load_file(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    old = load_file(pipeline_dir / "text_encoder" / "model.safetensors")
+    key = next(k for k in old if k.endswith("token_embedding.weight"))
+    old_emb = old.pop(key)
+    missing = text_encoder.load_state_dict(old, strict=False).missing_keys
+    if [k for k in missing if not k.endswith("token_embedding.weight")]:
+        raise RuntimeError(f"warm start from {pipeline_dir}: unexpected missing keys {missing}")
+    old_vocab = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer").get_vocab()
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for tok, i in tokenizer.get_vocab().items():
+            j = old_vocab.get(tok)
+            if j is not None:
+                emb[i] = old_emb[j]
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -87,6 +111,9 @@ class UNetTrainer:
             self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
         if not (tok_dir / "tokenizer_config.json").exists():
             self.tokenizer.save_pretrained(tok_dir)
+        state_path = self.dir / "state.pt"
+        if cfg.init_from and not state_path.exists():
+            warm_start(self.unet, self.text_encoder, self.tokenizer, Path(cfg.init_from))
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
@@ -94,7 +121,6 @@ class UNetTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.alphas_cumprod = self.sched.alphas_cumprod.clone()
-        state_path = self.dir / "state.pt"
         if state_path.exists():
             self._load(state_path)
         else:
