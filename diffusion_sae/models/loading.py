@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import DiffusionSAEError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(DiffusionSAEError, ValueError):
     """The model could not be loaded (one-line message)."""
 
 
@@ -27,15 +29,39 @@ def _import_project_components(folder: Path) -> None:
             importlib.import_module(v[0])
 
 
-def load_pipeline(model: str, device: str | None = None):
+def _class_name(model: str, local: bool) -> str | None:
+    """The pipeline class named by model_index.json (read before loading, to pick the auto dtype)."""
+    import json
+
+    try:
+        if local:
+            return json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("_class_name")
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(model, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1").get("_class_name")
+    except Exception:  # unreadable / not cached: from_pretrained below reports it
+        return None
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: str | None = None):
+    """A pipeline from a folder, hub id or tiny:<family>, placed by the device/dtype/offload options.
+
+    device / dtype / offload: see models/devices.py (`auto` picks cuda:LOCAL_RANK → mps → cpu and the
+    family's dtype). All three None keeps the weights in float32 on the CPU, as before.
+    """
     import torch
 
+    from .devices import family_of, place_pipeline, resolve_placement
+
+    placing = any(v is not None for v in (device, dtype, offload))
     if model.startswith("tiny:"):
         from .tiny import FAMILIES, build_tiny_pipeline
 
         fam = model.split(":", 1)[1]
         if fam not in FAMILIES:
             raise ModelLoadError(f"unknown tiny model {model!r}; choose tiny:{', tiny:'.join(FAMILIES)}")
+        if placing:  # check the options before building anything
+            resolve_placement(device or "auto", dtype or "auto", offload or "none", family=fam)
         pipe = build_tiny_pipeline(fam)
     else:
         from diffusers import DiffusionPipeline
@@ -47,14 +73,18 @@ def load_pipeline(model: str, device: str | None = None):
             raise ModelLoadError(f"model {model!r}: no such folder")
         if local:
             _import_project_components(path)
+        torch_dtype = torch.float32
+        if placing:
+            torch_dtype = resolve_placement(device or "auto", dtype or "auto", offload or "none",
+                                            family=family_of(_class_name(model, local))).dtype
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if local else model, torch_dtype=torch.float32,
+            pipe = DiffusionPipeline.from_pretrained(str(path) if local else model, torch_dtype=torch_dtype,
                                                      local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
         except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             where = "folder" if local else "hub id (not cached locally, or offline)"
             raise ModelLoadError(f"cannot load a diffusers pipeline from {where} {model!r}: {first}") from None
         pipe.set_progress_bar_config(disable=True)
-    if device:
-        pipe.to(device)
+    if placing:
+        place_pipeline(pipe, device or "auto", dtype or "auto", offload or "none")
     return pipe
