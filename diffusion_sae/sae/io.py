@@ -170,12 +170,17 @@ def _load_eleuther(folder: Path, fmt: str, device) -> TopKSAE:
         cfg = SAEConfig.from_dict({**raw, "num_latents": L, "d_in": d})
     else:
         if raw.get("transcode") or raw.get("skip_connection"):
-            raise SAEError(f"{folder}: transcoders / skip connections are not supported")
+            raise SAEError(f"{folder}: transcoders / skip connections are not supported (only TopK SAEs load)")
+        act = str(raw.get("activation", "topk")).lower()
+        if act != "topk":
+            raise SAEError(f"{folder}: sparsify activation {raw.get('activation')!r} is not supported (only "
+                           "'topk'); loading it as TopK would give wrong outputs")
         if "k" not in raw:
             raise SAEError(f"{folder / CFG_FILE}: no 'k' field, not a TopK SAE config")
         # SAeUron loads its BatchTopK-trained SAEs as per-token TopK(k); keep that behaviour.
-        cfg = SAEConfig(d_in=d, num_latents=L, k=int(raw["k"]), hookpoint=folder.name,
+        cfg = SAEConfig(d_in=d, num_latents=L, k=int(raw["k"]), hookpoint=_folder_hookpoint(folder),
                         token_norm="standardize" if raw.get("input_unit_norm") else "none")
+    _refuse_extra_tensors(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, folder / WEIGHTS_FILE)
     W_enc = tensors["encoder.weight"]
     b_enc = _need(tensors, "encoder.bias", (L,), folder / WEIGHTS_FILE)
     W_dec = _need(tensors, "W_dec", (L, d), folder / WEIGHTS_FILE)
@@ -193,13 +198,17 @@ def _load_openai(folder: Path, fmt: str, device) -> TopKSAE:
     for key in ("n_dirs_local", "d_model", "k"):
         if key not in raw:
             raise SAEError(f"{folder / 'config.json'}: field {key!r} is missing")
+    act = str(raw.get("activation", "topk")).lower()
+    if "topk" not in act:
+        raise SAEError(f"{folder / 'config.json'}: activation {raw.get('activation')!r} is not supported (only TopK)")
     L, d, k = int(raw["n_dirs_local"]), int(raw["d_model"]), int(raw["k"])
     where = folder / "state_dict.pth"
     E = _need(sd, "encoder.weight", (L, d), where)
     D = _need(sd, "decoder.weight", (d, L), where)
     b_pre = _need(sd, "pre_bias", (d,), where)
     b_lat = _need(sd, "latent_bias", (L,), where)
-    cfg = SAEConfig(d_in=d, num_latents=L, k=k, hookpoint=folder.parent.name if folder.name == "final" else folder.name)
+    cfg = SAEConfig(d_in=d, num_latents=L, k=k,
+                    hookpoint=_folder_hookpoint(folder.parent if folder.name == "final" else folder))
     W_enc, W_dec, b_dec = E, D.t(), b_pre
     latent_stats = {}
     if fmt == "sdxl-unbox":
@@ -233,7 +242,9 @@ def _load_saelens(folder: Path, device) -> TopKSAE:
     arch = raw.get("architecture", "standard")
     act = raw.get("activation_fn_str", raw.get("activation_fn"))
     if arch != "topk" and act != "topk":
-        raise SAEError(f"{folder}: SAELens architecture {arch!r} (activation {act!r}) is not a TopK SAE")
+        what = {"jumprelu": "JumpReLU", "gated": "gated", "standard": "standard (ReLU + L1)"}.get(str(arch), str(arch))
+        raise SAEError(f"{folder}: SAELens {what} SAE (architecture {arch!r}, activation {act!r}) is not supported; "
+                       "only TopK SAEs load")
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     if k is None:
         raise SAEError(f"{folder / CFG_FILE}: TopK SAE without a k")
@@ -259,18 +270,34 @@ def _load_saelens(folder: Path, device) -> TopKSAE:
         # fold both into unit-norm decoder rows and a rescaled encoder row / bias.
         n = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * n[:, None], b_enc * n, W_dec / n[:, None]
-    hook = raw.get("hook_name") or (raw.get("metadata") or {}).get("hook_name") or folder.name
+    hook = raw.get("hook_name") or (raw.get("metadata") or {}).get("hook_name") or _folder_hookpoint(folder)
     cfg = SAEConfig(d_in=d, num_latents=L, k=int(k), hookpoint=hook, token_norm=token_norm)
     return _build(cfg, W_enc, b_enc, W_dec, b_dec, device)
 
 
-def load_sae(path, format: str = "auto", device="cpu") -> TopKSAE:
-    """Load an SAE folder in any supported layout (module docstring) into a TopKSAE."""
-    folder = Path(path)
-    if not folder.exists():
-        raise SAEError(f"no such checkpoint folder: {folder}")
-    if not folder.is_dir():
-        folder = folder.parent
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "prior", "decoder")
+
+
+def _folder_hookpoint(folder: Path) -> str | None:
+    """sparsify and SAeUron save one folder per hookpoint named after it (`unet.up_blocks.1.attentions.1`);
+    a folder name that is not a module path (a run name, `final`, `checkpoint-3`) names no hookpoint."""
+    name = Path(folder).name
+    head = name.split(".", 1)[0]
+    return name if "." in name and head in _COMPONENTS else None
+
+
+def _refuse_extra_tensors(tensors: dict, known: set, where: Path) -> None:
+    extra = sorted(set(tensors) - known)
+    if not extra:
+        return
+    if any("threshold" in k for k in extra):
+        raise SAEError(f"{where}: JumpReLU SAE (tensor {extra[0]!r}) is not supported; only TopK SAEs load")
+    if any(k.startswith(("W_skip", "skip")) for k in extra):
+        raise SAEError(f"{where}: transcoder / skip connection (tensor {extra[0]!r}) is not supported")
+    raise SAEError(f"{where}: unexpected tensors {extra[:4]} for a TopK SAE; refusing to load it approximately")
+
+
+def _load_folder(folder: Path, format: str, device) -> TopKSAE:
     fmt = detect_format(folder) if format == "auto" else format
     if fmt not in FORMATS:
         raise SAEError(f"unknown SAE format {format!r}; known: {', '.join(FORMATS)}")
@@ -281,36 +308,101 @@ def load_sae(path, format: str = "auto", device="cpu") -> TopKSAE:
     return _load_saelens(folder, device)
 
 
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return (len(parts) >= 2 and not s.startswith((".", "/", "~")) and "\\" not in s and ":" not in s
+            and all(parts) and not Path(parts[0]).exists())
+
+
+def _hub_snapshot(repo_id: str, prefix: str | None) -> Path:
+    """The repo's snapshot in the huggingface_hub cache (downloaded there when online), or one SAEError line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants as hf_constants
+
+    offline = bool(getattr(hf_constants, "HF_HUB_OFFLINE", False)) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "TRUE", "yes")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[f"{prefix}/*"] if prefix else None,
+                                      local_files_only=offline))
+    except Exception as e:
+        name = type(e).__name__
+        first = (str(e).strip().splitlines() or [name])[0]
+        cache = os.environ.get("HF_HUB_CACHE") or getattr(hf_constants, "HF_HUB_CACHE", "the cache")
+        if offline or name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise SAEError(f"SAE {repo_id!r} is not in the Hugging Face hub cache ({cache}) and the hub is offline "
+                           f"(HF_HUB_OFFLINE=1 or no network): run `hf download {repo_id}` on a connected machine, "
+                           "or pass a local folder") from None
+        if name in ("RepositoryNotFoundError", "GatedRepoError"):
+            raise SAEError(f"no SAE repository {repo_id!r} on the Hugging Face hub (or it is private/gated: "
+                           "log in with `hf auth login`)") from None
+        raise SAEError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({name}: {first})") from None
+
+
+def resolve_checkpoint(path_or_repo_id, hookpoint: str | None = None, subfolder: str | None = None) -> Path:
+    """The local folder of one SAE: a folder, a parent of per-hookpoint folders, or a hub id
+    `org/name` (optionally `org/name/sub/folder`) fetched through huggingface_hub into its cache."""
+    raw = str(path_or_repo_id)
+    root = Path(raw).expanduser()
+    if not root.exists():
+        if not _looks_like_hub_id(raw):
+            raise SAEError(f"no such checkpoint folder: {raw}")
+        parts = raw.split("/")
+        repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
+        sub = "/".join(x for x in (inner, subfolder) if x) or None
+        prefix = "/".join(x for x in (sub, hookpoint) if x) or None
+        snap = _hub_snapshot(repo_id, prefix)
+        if prefix and hookpoint and not (snap / prefix).is_dir():
+            snap = _hub_snapshot(repo_id, sub)  # the hookpoint is named inside the checkpoint, not by a folder
+        root = snap / sub if sub else snap
+        if not root.is_dir():
+            raise SAEError(f"SAE {repo_id!r} has no folder {sub!r}")
+    elif subfolder:
+        root = root / subfolder
+        if not root.is_dir():
+            raise SAEError(f"no such checkpoint folder: {root}")
+    if root.is_file():
+        root = root.parent
+    return _resolve_folder(root, hookpoint)
+
+
+def load_sae(path_or_repo_id, hookpoint: str | None = None, subfolder: str | None = None, *,
+             format: str = "auto", device="cpu", dtype: torch.dtype | None = torch.float32) -> TopKSAE:
+    """Load one SAE from a folder or a Hugging Face hub id, in any supported layout (module docstring).
+
+    `hookpoint` picks a per-hookpoint subfolder when the checkpoint holds several; the loaded SAE's
+    `cfg.hookpoint` is the one the checkpoint names, else the user's. A checkpoint that names a
+    different hookpoint than the one asked for is refused. `dtype` (default float32, so that SAE maths
+    runs in fp32 inside half-precision pipelines; None keeps the stored dtype).
+    """
+    folder = resolve_checkpoint(path_or_repo_id, hookpoint, subfolder)
+    sae = _load_folder(folder, format, device)
+    named = sae.cfg.hookpoint
+    if hookpoint is not None:
+        if named is not None and named != hookpoint:
+            raise SAEError(f"{folder}: the checkpoint was trained at hookpoint {named!r}, not {hookpoint!r}")
+        sae.cfg.hookpoint = hookpoint
+    if dtype is not None and sae.dtype != dtype:
+        sae = sae.to(dtype)
+    return sae
+
+
 def _resolve_folder(root: Path, hookpoint: str | None) -> Path:
     if hookpoint is not None and (root / hookpoint).is_dir():
         return root / hookpoint
     if _has_checkpoint(root) or (root / "sae_weights.safetensors").is_file():
         return root
+    if not root.is_dir():
+        raise SAEError(f"no such checkpoint folder: {root}")
     subs = sorted(p.name for p in root.iterdir() if p.is_dir() and (_has_checkpoint(p) or
                                                                     (p / "sae_weights.safetensors").is_file()))
     if hookpoint is None and len(subs) == 1:
         return root / subs[0]
     if not subs:
+        detect_format(root)  # raises: names what the folder holds and the layouts it should hold
         raise SAEError(f"{root}: no SAE checkpoint here (no cfg.json / config.json in it or its subfolders)")
     what = f"hookpoint {hookpoint!r} not found" if hookpoint else "several hookpoints, pass hookpoint="
     raise SAEError(f"{root}: {what}; available: {', '.join(subs)}")
 
 
 def load_pretrained(path, hookpoint: str | None = None, device="cpu") -> TopKSAE:
-    """Local folder (or parent of per-hookpoint folders) or a Hugging Face hub id."""
-    root = Path(path)
-    if not root.exists():
-        if str(path).count("/") != 1 or str(path).startswith((".", "/")):
-            raise SAEError(f"no such checkpoint folder: {path}")
-        try:
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(str(path), allow_patterns=[f"{hookpoint}/*"] if hookpoint else None))
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SAEError(f"cannot fetch {path!r} from the Hugging Face hub ({type(e).__name__}: {first})") from None
-    folder = _resolve_folder(root, hookpoint)
-    sae = load_sae(folder, device=device)
-    if hookpoint is not None:
-        sae.cfg.hookpoint = hookpoint
-    return sae
+    """Local folder (or parent of per-hookpoint folders) or a Hugging Face hub id: `load_sae`."""
+    return load_sae(path, hookpoint=hookpoint, device=device)

@@ -7,6 +7,12 @@
 x_n is the input after the optional normalisation (a stored scalar `input_scale`, or a per-token
 standardisation used by some foreign checkpoints); x̂ is returned in the original units.
 
+Precision and device. The maths runs in the SAE's own dtype and on its device (float32 as loaded by
+`load_sae`): `pre_acts`, `encode`, `decode`, `decode_dense` and `dense_latents` cast their inputs to
+the SAE's dtype and device and return results in the dtype and on the device of the activation
+they were given, so a float32 SAE works inside a bfloat16 / float16 pipeline (hooks) and a CPU SAE
+answers a CUDA tensor on CUDA (moving the SAE there once, `sae.to(device)`, avoids the copies).
+
 BatchTopK. During training (`sae.train()` and `cfg.batch_topk`) the forward keeps the k·N largest
 activations of the whole batch, so tokens get a variable number of latents with mean k. Inference
 is per token: after training, `calibrate_threshold` sets `threshold` to the value of the (k·N)-th
@@ -26,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..errors import DiffusionSAEError
 from . import native
 from .kernels import sparse_decode, token_offsets, topk_encode, workspace_buffer
 
@@ -36,7 +43,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-class SAEError(ValueError):
+class SAEError(DiffusionSAEError, ValueError):
     """A bad input (shape, config, file): its message is one line meant for the user."""
 
 
@@ -169,7 +176,14 @@ class TopKSAE(nn.Module):
         if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
             raise SAEError(f"input width {tuple(x.shape)[-1] if x.ndim else 'scalar'} does not match the SAE's "
                            f"d_in={self.cfg.d_in}")
-        return x.reshape(-1, self.cfg.d_in).to(self.dtype)
+        return x.reshape(-1, self.cfg.d_in).to(self.device, self.dtype)
+
+    @staticmethod
+    def _back(t: Tensor, like: Tensor) -> Tensor:
+        """t in the dtype (when floating) and on the device of `like` (the caller's activation)."""
+        if like.is_floating_point():
+            return t.to(like.device, like.dtype)
+        return t.to(like.device)
 
     # ------------------------------------------------------------------ normalisation
     def normalize(self, x: Tensor):
@@ -205,7 +219,7 @@ class TopKSAE(nn.Module):
         xf = self._flat(x)
         xn, _ = self.normalize(xf)
         a = torch.relu(torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc.t()))
-        return a.reshape(*x.shape[:-1], self.cfg.num_latents)
+        return self._back(a.reshape(*x.shape[:-1], self.cfg.num_latents), x)
 
     def _encode_flat(self, xn: Tensor) -> EncoderOutput:
         w = self.cfg.encode_width
@@ -225,7 +239,8 @@ class TopKSAE(nn.Module):
         xn, _ = self.normalize(xf)
         out = self._encode_flat(xn)
         lead = x.shape[:-1]
-        return EncoderOutput(out.top_acts.reshape(*lead, -1), out.top_indices.reshape(*lead, -1))
+        return EncoderOutput(self._back(out.top_acts.reshape(*lead, -1), x),
+                             out.top_indices.reshape(*lead, -1).to(x.device))
 
     def decode(self, top_acts: Tensor, top_indices: Tensor, x: Tensor | None = None) -> Tensor:
         """Reconstruction [..., d] in the original units from a sparse code.
@@ -234,9 +249,10 @@ class TopKSAE(nn.Module):
         """
         lead = top_acts.shape[:-1]
         w = top_acts.shape[-1]
-        y = sparse_decode(top_acts.reshape(-1, w), top_indices.reshape(-1, w), self.W_dec) + self.b_dec
+        acts = top_acts.reshape(-1, w).to(self.device, self.dtype)
+        y = sparse_decode(acts, top_indices.reshape(-1, w).to(self.device), self.W_dec) + self.b_dec
         stats = self.normalize(self._flat(x))[1] if x is not None else None
-        return self.denormalize(y, stats).reshape(*lead, self.cfg.d_in)
+        return self._back(self.denormalize(y, stats).reshape(*lead, self.cfg.d_in), x if x is not None else top_acts)
 
     def decode_dense(self, z: Tensor, add_bias: bool = True, x: Tensor | None = None) -> Tensor:
         """W_decᵀ z (+ b_dec) for a dense code z [..., L], in the original units.
@@ -245,7 +261,7 @@ class TopKSAE(nn.Module):
         training hot path: this is a dense L-wide product.
         """
         lead = z.shape[:-1]
-        y = z.reshape(-1, self.cfg.num_latents).to(self.dtype) @ self.W_dec
+        y = z.reshape(-1, self.cfg.num_latents).to(self.device, self.dtype) @ self.W_dec
         if add_bias:
             y = y + self.b_dec
             stats = self.normalize(self._flat(x))[1] if x is not None else None
@@ -256,7 +272,7 @@ class TopKSAE(nn.Module):
             y = y * self.normalize(self._flat(x))[1][1]
         elif self.cfg.normalize_input and self.cfg.input_scale != 1.0:
             y = y / self.cfg.input_scale
-        return y.reshape(*lead, self.cfg.d_in)
+        return self._back(y.reshape(*lead, self.cfg.d_in), z)
 
     def dense_latents(self, x: Tensor) -> Tensor:
         """The sparse code scattered into a dense [..., L] tensor (for interventions)."""
