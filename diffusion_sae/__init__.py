@@ -1,0 +1,66 @@
+"""diffusion-sae: sparse autoencoders for text-to-image diffusion pipelines.
+
+    import diffusion_sae as ds
+
+    sae = ds.load_sae("path/to/sae")                       # a folder (or hub id) holding one SAE
+    with ds.intervene(pipe, ds.ConceptSteering(sae, concept="striped style", strength=-2.0)):
+        images = pipe(prompt).images
+
+Names are resolved on first use (PEP 562 module `__getattr__`), so `import diffusion_sae` loads
+neither torch nor diffusers, and each name imports only the module it lives in.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> "module:attribute" (or "module" for a module)
+_EXPORTS = {
+    # SAEs, activations, training, concepts
+    "load_sae": "diffusion_sae.sae.io:load_sae",
+    "TopKSAE": "diffusion_sae.sae.model:TopKSAE",
+    "collect": "diffusion_sae.activations.collect:collect",
+    "CollectConfig": "diffusion_sae.activations.collect:CollectConfig",
+    "Trainer": "diffusion_sae.sae.train:SAETrainer",
+    "TrainConfig": "diffusion_sae.sae.train:TrainConfig",
+    "build_concept_dictionary": "diffusion_sae.concepts.dictionary:build_concept_dictionary",
+    "ConceptDictionary": "diffusion_sae.concepts.dictionary:ConceptDictionary",
+    # interventions
+    "ConceptSteering": "diffusion_sae.interventions.api:ConceptSteering",
+    "SAeUron": "diffusion_sae.interventions.api:SAeUron",
+    "SteeringConfig": "diffusion_sae.configs:SteeringConfig",
+    "SAeUronConfig": "diffusion_sae.configs:SAeUronConfig",
+    "apply": "diffusion_sae.interventions.api:apply",
+    "remove": "diffusion_sae.interventions.api:remove",
+    "intervene": "diffusion_sae.interventions.api:intervene",
+    "applied": "diffusion_sae.interventions.api:applied",
+    # evaluation: every concept, both methods, on the bundled ShapesCanvas benchmark
+    "evaluate": "diffusion_sae.eval.shapes:run_shapes_benchmark",
+    # the bundled ShapesCanvas model (a tiny StableDiffusionPipeline), its judge and its shipped SAEs
+    "load_shapescanvas": "diffusion_sae.world.assets:load_pipeline",
+    "load_shapescanvas_classifier": "diffusion_sae.world.assets:load_classifier",
+    "shapescanvas_sae_dir": "diffusion_sae.world.assets:sae_dir",
+    "SHAPESCANVAS_STYLES": "diffusion_sae.world.config:STYLES",       # the judge's style labels, by index
+    "SHAPESCANVAS_OBJECTS": "diffusion_sae.world.config:OBJECTS",
+    "SHAPESCANVAS_COLOURS": "diffusion_sae.world.config:COLOUR_NAMES",
+    "DiffusionSAEError": "diffusion_sae.errors:DiffusionSAEError",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'diffusion_sae' has no attribute {name!r}")
+    module_name, _, attr = target.partition(":")
+    value = importlib.import_module(module_name)
+    if attr:
+        value = getattr(value, attr)
+    globals()[name] = value      # cached: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

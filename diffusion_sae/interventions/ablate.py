@@ -49,10 +49,11 @@ from dataclasses import dataclass
 import torch
 
 from ..concepts.dictionary import ConceptDictionary, DictionaryError
+from ..errors import DiffusionSAEError
 from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve_hookpoint
 
 
-class StepGridError(ValueError):
+class StepGridError(DiffusionSAEError, ValueError):
     """The dictionary was built on another step grid than the sampler uses."""
 
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import resolve_hookpoint
+from ..errors import DiffusionSAEError
 from ..models.hookpoints import output_tensor, replace_output
 
 
-class SteeringError(ValueError):
+class SteeringError(DiffusionSAEError, ValueError):
     """Bad steering input; the message is one line: what, where, how to fix."""
 
 

@@ -1,0 +1,129 @@
+"""Typed settings of the two interventions, with a JSON round-trip carrying a schema version.
+
+Each config is a frozen dataclass: fields with a fixed set of values are `Literal` types and are
+checked on construction, lists are stored as tuples (so a config is hashable and cannot change
+under a hook that holds it), and `to_dict` / `from_dict` write and read plain JSON with
+`schema_version` and `kind` keys, so a stored preset says what it is and which layout it uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from .errors import DiffusionSAEError
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(DiffusionSAEError, ValueError):
+    """A config field with a wrong value, an unknown field, or a preset of another kind or version."""
+
+
+def _check_literals(cfg) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal and getattr(cfg, f.name) not in typing.get_args(hint):
+            allowed = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise ConfigError(f"{type(cfg).__name__}.{f.name} must be one of {allowed}, "
+                              f"not {getattr(cfg, f.name)!r}")
+
+
+def _as_tuple(value) -> tuple:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+class _Config:
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": self.kind}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        version = data.pop("schema_version", SCHEMA_VERSION)
+        kind = data.pop("kind", cls.kind)
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"{cls.__name__}: schema_version {version!r} is not {SCHEMA_VERSION}, "
+                              "the only version this release reads")
+        if kind != cls.kind:
+            raise ConfigError(f"a {kind!r} config cannot be read as {cls.__name__} ({cls.kind!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+
+
+@dataclass(frozen=True)
+class SteeringConfig(_Config):
+    """Concept Steerers (interventions/steer.py: concept_steering + steer_text_encoder)."""
+
+    kind: ClassVar[str] = "steering"
+
+    concept: tuple[str, ...]                 # one prompt, or several whose matrices are averaged
+    strength: float = -1.0                   # λ: < 0 removes the concept, > 0 adds it
+    hookpoint: str | None = None             # None: the SAE's own cfg.hookpoint
+    baseline: tuple[str, ...] | None = None  # prompts whose matrix is subtracted ("" : the empty prompt)
+    gate: str | None = None                  # steer only prompts containing these tokens (ours)
+    keep: tuple[str, ...] = ()               # concepts projected out of S row by row (ours)
+    negative_steering: bool = True           # subtract S from the negative prompt's encoding
+    faithful: bool = False                   # the official call-counting hooks instead of two explicit calls
+
+    def __post_init__(self):
+        object.__setattr__(self, "concept", _as_tuple(self.concept))
+        object.__setattr__(self, "keep", _as_tuple(self.keep))
+        if self.baseline is not None:
+            object.__setattr__(self, "baseline", _as_tuple(self.baseline))
+        object.__setattr__(self, "strength", float(self.strength))
+        if not self.concept:
+            raise ConfigError("SteeringConfig.concept is empty: give a prompt such as 'striped style'")
+        _check_literals(self)
+
+
+@dataclass(frozen=True)
+class SAeUronConfig(_Config):
+    """SAeUron (interventions/ablate.py: unlearn_concepts); field meanings as in ConceptEdit."""
+
+    kind: ClassVar[str] = "saeuron"
+
+    concepts: tuple[str, ...]
+    multiplier: float = -1.0                              # γ (ablate) or α (add)
+    percentile: float | None = None
+    top_n: int | None = None                              # None with no percentile: 1 feature per step
+    scaling: Literal["mean", "latent"] = "mean"
+    selection: Literal["paper", "specific"] = "paper"
+    min_fire: int = 1
+    exclusive: bool = False
+    mode: Literal["ablate", "add"] = "ablate"
+    faithful: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "concepts", _as_tuple(self.concepts))
+        object.__setattr__(self, "multiplier", float(self.multiplier))
+        if not self.concepts:
+            raise ConfigError("SAeUronConfig.concepts is empty: name at least one concept of the dictionary")
+        if not isinstance(self.min_fire, int) or isinstance(self.min_fire, bool) or self.min_fire < 1:
+            raise ConfigError(f"SAeUronConfig.min_fire must be a positive integer, not {self.min_fire!r}")
+        _check_literals(self)

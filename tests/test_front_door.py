@@ -1,0 +1,153 @@
+"""`import diffusion_sae as ds`: lazy names, typed configs, and apply / remove / intervene on the bundled pipeline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusion_sae as ds
+from diffusion_sae.configs import ConfigError, SAeUronConfig, SteeringConfig
+from diffusion_sae.interventions.api import InterventionError
+from diffusion_sae.world import bundle
+
+PROMPT = ["a red star in striped style", "a blue heart in striped style"]
+STEPS = bundle.STEPS  # SAeUron's dictionaries are built on this step grid
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    pipe = ds.load_shapescanvas()
+    return pipe, ds.load_sae(ds.shapescanvas_sae_dir() / bundle.TEXT_HOOKPOINT)
+
+
+def _gen(pipe, steps=10):
+    g = [torch.Generator().manual_seed(s) for s in range(len(PROMPT))]
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=5.0, generator=g, output_type="pt").images
+
+
+def _registered(pipe) -> list[str]:
+    """Every hook left on the text encoder and UNet: diffusers registry names and torch hooks (except the
+    output-capturing hooks transformers installs for good when hidden states are asked for)."""
+    mods = [m for comp in (pipe.text_encoder, pipe.unet) for m in comp.modules()]
+    torch_hooks = [getattr(h, "__qualname__", repr(h)) for m in mods
+                   for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())]
+    return [n for m in mods if hasattr(m, "_diffusers_hook") for n in m._diffusers_hook.hooks] + \
+        [q for q in torch_hooks if "output_capturing_hook" not in q]
+
+
+def test_import_is_cheap_and_lazy():
+    # A fresh interpreter: importing the package loads neither torch nor the world, and names resolve on use.
+    code = ("import sys, diffusion_sae as ds; heavy = [m for m in ('torch', 'diffusers', 'diffusion_sae.world') "
+            "if m in sys.modules]; print(heavy); print(ds.SteeringConfig.__module__, ds.apply.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "diffusion_sae.configs diffusion_sae.interventions.api"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ds.nope  # noqa: B018
+    assert {"load_sae", "ConceptSteering", "SAeUron", "apply", "remove", "intervene", "collect", "Trainer",
+            "build_concept_dictionary", "evaluate"} <= set(dir(ds))
+
+
+def test_front_door_names_point_at_the_library():
+    from diffusion_sae.activations.collect import collect
+    from diffusion_sae.concepts.dictionary import build_concept_dictionary
+    from diffusion_sae.sae.io import load_sae
+    from diffusion_sae.sae.train import SAETrainer
+
+    assert ds.load_sae is load_sae and ds.collect is collect and ds.Trainer is SAETrainer
+    assert ds.build_concept_dictionary is build_concept_dictionary
+
+
+def test_configs_round_trip_and_reject_bad_values(tmp_path):
+    s = SteeringConfig(concept="striped style", strength=-2, baseline="", keep=["circle", "red"], gate="striped")
+    assert s.concept == ("striped style",) and s.keep == ("circle", "red") and s.strength == -2.0
+    d = s.to_dict()
+    assert d["schema_version"] == 1 and d["kind"] == "steering"
+    assert SteeringConfig.from_dict(json.loads(json.dumps(d))) == s
+    u = SAeUronConfig(concepts="star", multiplier=-10, top_n=2, scaling="latent", selection="specific")
+    assert SAeUronConfig.from_json(u.to_json(tmp_path / "u.json")) == u
+    with pytest.raises(ConfigError, match="scaling must be one of 'mean', 'latent'"):
+        SAeUronConfig(concepts="star", scaling="log")
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        SAeUronConfig(concepts="star", mode="erase")
+    with pytest.raises(ConfigError, match="min_fire"):
+        SAeUronConfig(concepts="star", min_fire=0)
+    with pytest.raises(ConfigError, match="no field 'strenght'"):
+        SteeringConfig.from_dict({"concept": "x", "strenght": 1})
+    with pytest.raises(ConfigError, match="cannot be read as SAeUronConfig"):
+        SAeUronConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="schema_version 2"):
+        SteeringConfig.from_dict({**d, "schema_version": 2})
+
+
+def test_apply_then_remove_restores_the_plain_image_bit_for_bit(shapes):
+    pipe, sae = shapes
+    plain = _gen(pipe)
+    steer = ds.ConceptSteering(sae, concept="striped style", strength=-2.0)
+    assert ds.apply(pipe, steer) == ["steering:striped style"]
+    assert ds.applied(pipe) == ["steering:striped style"]
+    steered = _gen(pipe)
+    assert (steered - plain).abs().mean() > 1e-2      # the steering is on
+    with pytest.raises(InterventionError, match="already applied"):
+        ds.apply(pipe, steer)
+    assert ds.remove(pipe, "steering:striped style") == ["steering:striped style"]
+    assert ds.applied(pipe) == [] and _registered(pipe) == [] and "encode_prompt" not in pipe.__dict__
+    assert torch.equal(_gen(pipe), plain)
+    with pytest.raises(InterventionError, match="no intervention named"):
+        ds.remove(pipe, "steering:striped style")
+
+
+def test_front_door_steering_equals_the_function_it_wraps(shapes):
+    from diffusion_sae.interventions.steer import concept_steering, steer_text_encoder
+
+    pipe, sae = shapes
+    with steer_text_encoder(pipe, concept_steering(sae, pipe, bundle.TEXT_HOOKPOINT, "striped style", -2.0,
+                                                   baseline="", gate="striped")):
+        want = _gen(pipe)
+    with ds.intervene(pipe, ds.ConceptSteering(sae, concept="striped style", strength=-2.0, baseline="",
+                                               gate="striped")):
+        got = _gen(pipe)
+    assert torch.equal(got, want)
+
+
+def test_saeuron_through_the_front_door_equals_unlearn_concepts(shapes):
+    from diffusion_sae.interventions.ablate import unlearn_concepts
+
+    pipe, _ = shapes
+    block, dictionary = bundle.load_block_sae(), bundle.load_dictionary("object")
+    plain = _gen(pipe, STEPS)
+    with unlearn_concepts(pipe, block, dictionary, ["star"], multiplier=-10, top_n=2):
+        want = _gen(pipe, STEPS)
+    iv = ds.SAeUron(block, dictionary, concepts=["star"], multiplier=-10, top_n=2)
+    assert iv.config == SAeUronConfig(concepts=("star",), multiplier=-10.0, top_n=2)
+    with ds.intervene(pipe, iv):
+        got = _gen(pipe, STEPS)
+    assert torch.equal(got, want) and (got - plain).abs().mean() > 1e-3
+    assert torch.equal(_gen(pipe, STEPS), plain)
+
+
+def test_intervene_removes_its_hooks_when_the_pipeline_raises(shapes):
+    pipe, sae = shapes
+    plain = _gen(pipe)
+    steer = ds.ConceptSteering(sae, concept="striped style", strength=-2.0, name="s")
+    def fail(*args):
+        raise RuntimeError("stop after the first step")
+
+    with pytest.raises(RuntimeError, match="stop after the first step"):
+        with ds.intervene(pipe, steer):
+            assert ds.applied(pipe) == ["s"]
+            pipe(PROMPT, num_inference_steps=2, callback_on_step_end=fail)
+    assert ds.applied(pipe) == [] and _registered(pipe) == [] and "encode_prompt" not in pipe.__dict__
+    assert torch.equal(_gen(pipe), plain)
+
+
+def test_apply_is_all_or_nothing(shapes):
+    pipe, sae = shapes
+    good = ds.ConceptSteering(sae, concept="striped style", strength=-2.0, name="good")
+    bad = ds.ConceptSteering(sae, concept="striped style", strength=-2.0, hookpoint="unet.up_blocks.1.attentions.1")
+    with pytest.raises(ds.DiffusionSAEError, match="not in a text encoder"):
+        ds.apply(pipe, good, bad)
+    assert ds.applied(pipe) == [] and _registered(pipe) == []
