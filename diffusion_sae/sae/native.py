@@ -72,7 +72,10 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
     src = b"".join(p.read_bytes() for p in _SRCS)
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+    # DIFFUSION_SAE_NATIVE_MARCH (default native) builds for another target, e.g. x86-64-v3 (AVX2, no
+    # AVX-512): the tests run the kernels' portable branches on a machine that has AVX-512
+    march = os.environ.get("DIFFUSION_SAE_NATIVE_MARCH", "native")
+    flags = ["-O3", f"-march={march}", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
     if platform.system() == "Darwin":  # Apple clang has no -fopenmp without libomp: build single-threaded
         flags.remove("-fopenmp")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
@@ -90,8 +93,8 @@ def _build() -> ctypes.CDLL:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     for name in ("topk_rows_f32", "topk_rows_bf16"):
         getattr(lib, name).argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
-        getattr(lib, name).restype = None
-    lib.sae_decode_fwd.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
+        getattr(lib, name).restype = i64  # rows that held a NaN
+    lib.sae_decode_fwd.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
     lib.sae_decode_fwd.restype = None
     lib.sae_sparse_bwd.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, f32, p, p, p, i32]
     lib.sae_sparse_bwd.restype = None
@@ -195,7 +198,15 @@ def topk_rows(pre: Tensor, k: int, col_mask: Tensor | None = None, bias: Tensor 
     vals = torch.empty(n, k, dtype=torch.float32)
     cols = torch.empty(n, k, dtype=torch.int64)
     fn = lib.topk_rows_bf16 if pre.dtype == torch.bfloat16 else lib.topk_rows_f32
-    fn(_ptr(pre), n, L, pre.stride(0), k, _ptr(mask), _ptr(bias), _ptr(vals), _ptr(cols), torch.get_num_threads())
+    bad = fn(_ptr(pre), n, L, pre.stride(0), k, _ptr(mask), _ptr(bias), _ptr(vals), _ptr(cols), torch.get_num_threads())
+    if bad:
+        # The kernel selected as if NaN were -inf (every index in range), but the result would be
+        # meaningless: refuse it, as the torch path's NaN would poison the loss.
+        from .model import SAEError  # (model imports this module)
+
+        raise SAEError(f"{bad} of {n} rows of SAE pre-activations are NaN: the activations or the SAE "
+                             "weights are not finite (or so large that float32 products overflow); check the "
+                             "input data for NaN / inf / values beyond 1e18")
     return vals, cols
 
 
@@ -357,6 +368,7 @@ class FusedDecodeLoss(torch.autograd.Function):
         e_h = workspace_buffer(state, "e_h", (n, d), torch.bfloat16) if low and ka else None
         lib.sae_decode_fwd(_ptr(xn), _ptr(vals), _ptr(cols), _ptr(aux_vals) if ka else None,
                            _ptr(aux_cols) if ka else None, _ptr(W_dec.detach()), _ptr(b_dec.detach()), n, d, k, ka,
+                           W_dec.shape[0],
                            _ptr(recon), _ptr(r), _ptr(q), _ptr(sse), _ptr(e), _ptr(qa), _ptr(aux_sse),
                            _ptr(r_h), _ptr(e_h), torch.get_num_threads())
         tv = total_variance.detach().double()

@@ -255,11 +255,26 @@ class SAETrainer:
         x = _all_gather_cat(x_local)
         sae = self.sae
         if sae.cfg.normalize_input:
-            sae.cfg.input_scale = float(math.sqrt(sae.cfg.d_in / x.pow(2).sum(1).mean().clamp_min(1e-30)))
+            sae.cfg.input_scale = float(math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(1).mean().clamp_min(1e-300)))
         xn, _ = sae.normalize(x)
         center = geometric_median(xn) if self.cfg.b_dec_init == "geometric_median" else xn.mean(0)
+        if not bool(torch.isfinite(center).all()):
+            # the median's distances overflow float32 for activations of about 1e19 and beyond
+            center = xn.double().mean(0).to(xn.dtype)
+        scale = getattr(sae.cfg, "input_scale", None)
+        if not bool(torch.isfinite(center).all()) or (scale is not None and not math.isfinite(scale)):
+            self._fail(f"the activations are out of float32's range (max |x| = {float(x.abs().max()):.3g}); "
+                       "rescale them (or use --normalize-input)")
         sae.b_dec.copy_(center)
+        self._check_finite_weights("after initialisation")
         self.initialized = True
+
+    def _check_finite_weights(self, when: str) -> None:
+        """NaN / inf in a parameter would make every later step meaningless: one clear error instead."""
+        for name, t in self.sae.named_parameters():
+            if not bool(torch.isfinite(t).all()):
+                self._fail(f"the SAE parameter {name} is not finite {when}; check the activations "
+                           "(NaN, inf or values too large for float32) and the learning rate")
 
     def _global_total_variance(self, xn: Tensor) -> Tensor:
         """Σ‖x − mean‖² over the global batch. The mean is reduced in fp64 across ranks; the centred sum of
@@ -344,11 +359,23 @@ class SAETrainer:
                 dead = self.tokens_since_fired > c.dead_tokens_threshold if c.auxk_alpha > 0 else None
                 xn, _ = sae.normalize(x)
                 tv = self._global_total_variance(xn)
-                with self._autocast():
-                    out = sae(x, dead_mask=dead, k_aux=k_aux, total_variance=tv)
+                # The loss is finite only if the batch's squared norms and products fit in float32.
+                tv_f = float(tv)
+                if not math.isfinite(tv_f):
+                    self._fail(f"the activations are too large for float32 training (the batch variance "
+                               f"overflows; max |x| = {float(x.abs().max()):.3g}); rescale them or use --normalize-input")
+                if tv_f <= 0.0:
+                    self._fail("the activation batch has zero variance (every token is the same vector, or the "
+                               "values underflow float32): there is nothing for an SAE to learn; check the data")
+                try:
+                    with self._autocast():
+                        out = sae(x, dead_mask=dead, k_aux=k_aux, total_variance=tv)
+                except SAEError as e:  # the compiled kernels refuse NaN pre-activations
+                    self._fail(str(e))
                 loss = out.fvu + c.auxk_alpha * out.auxk_loss
                 if not torch.isfinite(loss):
-                    self._fail(f"the loss became {float(loss)}")
+                    self._fail(f"the loss became {float(loss.detach())} (activations too large for float32 or the "
+                               "learning rate too high)")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.world > 1:

@@ -287,7 +287,10 @@ void screen_candidates(const uint8_t *xq, const float *sx, const int8_t *Wp, con
                 for (int64_t s = 0; s < n; s++) t = rv[s] < t ? rv[s] : t;
                 vm[i] = n < m ? INFINITY : t;  /* n < m: NaNs, never certified */
                 /* n < m only when NaNs compared false: fill with valid ids so the rescoring stays in bounds */
-                for (int64_t s = 0; s < m; s++) cand[i * m + s] = s < n ? ri[s] : s;
+                for (int64_t s = 0; s < m; s++) {
+                    int64_t id = s < n ? ri[s] : s;
+                    cand[i * m + s] = (uint64_t)id < (uint64_t)L ? id : s;  /* never an id outside [0, L) */
+                }
             }
         }
         free(cv); free(ci); free(sv); free(si);
@@ -357,12 +360,16 @@ int64_t screen_rescore(const void *xs, const void *W, int is_bf16, const float *
         int32_t *si = (int32_t *)malloc(sizeof(int32_t) * (size_t)COMPACT_SCRATCH(m));
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < N; i++) {
+            int nan_row = 0;
             for (int64_t s = 0; s < m; s++) {
                 int64_t j = cand[i * m + s];
                 float v = is_bf16 ? dot_bf16((const uint16_t *)xs + i * d, (const uint16_t *)W + j * d, d)
                                   : dot_f32((const float *)xs + i * d, (const float *)W + j * d, d);
                 cv[s] = v + bias[j];
                 ci[s] = (int32_t)j;
+                /* NaN breaks the compaction's three-way split (and could leave ids unwritten): make
+                   it -inf and send the token to the dense product, which reports it */
+                if (isnan(cv[s])) { cv[s] = -INFINITY; nan_row = 1; }
             }
             int64_t n = m;
             if (k < m) compact(cv, ci, &n, k, sv, si);
@@ -373,7 +380,7 @@ int64_t screen_rescore(const void *xs, const void *W, int is_bf16, const float *
                 cols[i * k + s] = ci[s];
             }
             float sigma = sqrtf((xn2[i] * sw_max * sw_max + wn2_max * sx[i] * sx[i]) * var_unit);
-            int ok = vm[i] + z * sigma < (kth > 0.f ? kth : 0.f);  /* false for NaNs too */
+            int ok = !nan_row && vm[i] + z * sigma < (kth > 0.f ? kth : 0.f);  /* false for NaNs too */
             uncertain[i] = (uint8_t)!ok;
             n_unc += !ok;
         }

@@ -53,17 +53,23 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
     return a[want];
 }
 
-/* Top k of the candidates (values cv, ids ci; n >= k), into hv/hi: the k-th largest value by
- * quickselect on a copy, then everything above it, then ties up to k. */
+/* Top k of the candidates (values cv, ids ci; n >= k, no NaN: load_row maps NaN to -inf), into
+ * hv/hi: the k-th largest value by quickselect on a copy, then everything above it, then ties up to
+ * k. Every one of the k output slots is written with a candidate's id, whatever the values: the
+ * decoder indexes W_dec with them (an unwritten slot once held garbage and crashed it). */
 static void select_topk(const float *cv, const int64_t *ci, int64_t n, int64_t k, float *scratch,
                         float *hv, int64_t *hi) {
-    memcpy(scratch, cv, sizeof(float) * (size_t)n);
-    float tau = kth_largest(scratch, n, k);
     int64_t m = 0;
-    for (int64_t t = 0; t < n && m < k; t++)
-        if (cv[t] > tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
-    for (int64_t t = 0; t < n && m < k; t++)
-        if (cv[t] == tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
+    if (n >= k && k > 0) {
+        memcpy(scratch, cv, sizeof(float) * (size_t)n);
+        float tau = kth_largest(scratch, n, k);
+        for (int64_t t = 0; t < n && m < k; t++)
+            if (cv[t] > tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
+        for (int64_t t = 0; t < n && m < k; t++)
+            if (cv[t] == tau) { hv[m] = cv[t]; hi[m] = ci[t]; m++; }
+    }
+    /* unreachable with ordered values; a safe filler (value 0 contributes nothing) otherwise */
+    for (int64_t t = 0; m < k; t++, m++) { hv[m] = 0.f; hi[m] = n > 0 ? ci[t % n] : 0; }
 }
 
 #define CHUNK 32
@@ -109,12 +115,19 @@ static void row_topk(const float *row, int64_t L, int64_t k, float *cmax, float 
     }
 #endif
     for (; j < L; j++) { cv[n] = row[j]; ci[n] = j; n += (row[j] >= t); }
+    if (n < k) {  /* cannot happen with ordered values (k chunk maxima are >= t); stay exact anyway */
+        for (j = 0; j < L; j++) { cv[j] = row[j]; ci[j] = j; }
+        n = L;
+    }
     select_topk(cv, ci, n, k, scratch, hv, hi);
 }
 
-/* row[j] = float(src[off + j]) + bias[j] (bias may be NULL): the row, in fp32, in cache. */
-static void load_row(const void *pre, int is_bf16, int64_t off, int64_t L, const float *bias, float *row) {
+/* row[j] = float(src[off + j]) + bias[j] (bias may be NULL): the row, in fp32, in cache. NaNs
+ * become -inf (NaN compares false with everything, which broke the quickselect's invariants and
+ * left output slots unwritten); returns 1 if the row had any, so that the caller can refuse it. */
+static int load_row(const void *pre, int is_bf16, int64_t off, int64_t L, const float *bias, float *row) {
     int64_t j = 0;
+    int bad = 0;
 #if defined(__AVX512F__)
     for (; j + 16 <= L; j += 16) {
         __m512 v;
@@ -125,23 +138,32 @@ static void load_row(const void *pre, int is_bf16, int64_t off, int64_t L, const
             v = _mm512_loadu_ps((const float *)pre + off + j);
         }
         if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        if (nan) { v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(-INFINITY)); bad = 1; }
         _mm512_storeu_ps(row + j, v);
     }
 #endif
     for (; j < L; j++) {
         float v = is_bf16 ? bf16_to_f32(((const uint16_t *)pre)[off + j]) : ((const float *)pre)[off + j];
-        row[j] = bias ? v + bias[j] : v;
+        v = bias ? v + bias[j] : v;
+        if (isnan(v)) { v = -INFINITY; bad = 1; }
+        row[j] = v;
     }
+    return bad;
 }
 
 /* Top-k of every row of ReLU(pre + bias) for a [N, L] matrix (fp32, or bf16 given as its uint16
  * bits; row stride ld). bias [L] may be NULL. col_mask [L] (may be NULL): only columns with a
  * non-zero byte may be picked (AuxK's dead latents; the caller ensures at least k). Values are
  * clamped at 0 after the selection (ReLU first, as in the torch path: the same values). Output order
- * within a row is unspecified (like torch.topk(sorted=False)); ties are broken arbitrarily. */
-static void topk_rows(const void *pre, int is_bf16, int64_t N, int64_t L, int64_t ld, int64_t k,
-                      const uint8_t *col_mask, const float *bias, float *vals, int64_t *idx, int nthreads) {
-    #pragma omp parallel num_threads(nthreads)
+ * within a row is unspecified (like torch.topk(sorted=False)); ties are broken arbitrarily.
+ * Returns how many rows held a NaN (selected as if it were -inf; the caller refuses them): every
+ * index written lies in [0, L) whatever the values. */
+static int64_t topk_rows(const void *pre, int is_bf16, int64_t N, int64_t L, int64_t ld, int64_t k,
+                         const uint8_t *col_mask, const float *bias, float *vals, int64_t *idx, int nthreads) {
+    int64_t n_bad = 0;
+    if (N <= 0 || L <= 0 || k <= 0 || k > L) return 0;
+    #pragma omp parallel num_threads(nthreads) reduction(+:n_bad)
     {
         float *row = (float *)malloc(sizeof(float) * (size_t)L);
         float *cmax = (float *)malloc(sizeof(float) * (size_t)(L / CHUNK + 1));
@@ -150,7 +172,7 @@ static void topk_rows(const void *pre, int is_bf16, int64_t N, int64_t L, int64_
         float *scratch = (float *)malloc(sizeof(float) * (size_t)(L + 16));
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < N; i++) {
-            load_row(pre, is_bf16, i * ld, L, bias, row);
+            n_bad += load_row(pre, is_bf16, i * ld, L, bias, row);
             float *hv = vals + i * k;
             int64_t *hi = idx + i * k;
             if (col_mask) {
@@ -165,32 +187,37 @@ static void topk_rows(const void *pre, int is_bf16, int64_t N, int64_t L, int64_
         }
         free(row); free(cmax); free(cv); free(ci); free(scratch);
     }
+    return n_bad;
 }
 
-void topk_rows_f32(const float *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
-                   const float *bias, float *vals, int64_t *idx, int nthreads) {
-    topk_rows(pre, 0, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
+int64_t topk_rows_f32(const float *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
+                      const float *bias, float *vals, int64_t *idx, int nthreads) {
+    return topk_rows(pre, 0, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
 }
 
-void topk_rows_bf16(const uint16_t *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
-                    const float *bias, float *vals, int64_t *idx, int nthreads) {
-    topk_rows(pre, 1, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
+int64_t topk_rows_bf16(const uint16_t *pre, int64_t N, int64_t L, int64_t ld, int64_t k, const uint8_t *col_mask,
+                       const float *bias, float *vals, int64_t *idx, int nthreads) {
+    return topk_rows(pre, 1, N, L, ld, k, col_mask, bias, vals, idx, nthreads);
 }
 
-/* acc += sum_s v_s W[c_s] over the n selected rows (zero values skipped). */
-static inline void add_rows(float *acc, const float *v, const int64_t *c, int64_t n, const float *W, int64_t d) {
+/* acc += sum_s v_s W[c_s] over the n selected rows (zero values and ids outside [0, L) skipped). */
+static inline void add_rows(float *acc, const float *v, const int64_t *c, int64_t n, const float *W, int64_t d,
+                            int64_t L) {
     for (int64_t s = 0; s < n; s++) {
-        if (v[s] == 0.f) continue;
+        if (v[s] == 0.f || (uint64_t)c[s] >= (uint64_t)L) continue;
         const float *w = W + c[s] * d;
         #pragma omp simd
         for (int64_t j = 0; j < d; j++) acc[j] += v[s] * w[j];
     }
 }
 
-/* out_s = x . W[c_s]. `omp simd reduction` lets the compiler split each sum into vector lanes (plain
- * C forbids reassociating a float sum, which leaves a serial chain of dependent adds). */
-static inline void row_dots(const float *x, const int64_t *c, int64_t n, const float *W, int64_t d, float *out) {
+/* out_s = x . W[c_s] (0 for an id outside [0, L)). `omp simd reduction` lets the compiler split each
+ * sum into vector lanes (plain C forbids reassociating a float sum, which leaves a serial chain of
+ * dependent adds). */
+static inline void row_dots(const float *x, const int64_t *c, int64_t n, const float *W, int64_t d, int64_t L,
+                            float *out) {
     for (int64_t s = 0; s < n; s++) {
+        if ((uint64_t)c[s] >= (uint64_t)L) { out[s] = 0.f; continue; }
         const float *w = W + c[s] * d;
         float dot = 0.f;
         #pragma omp simd reduction(+:dot)
@@ -213,17 +240,18 @@ static inline void to_bf16(const float *x, uint16_t *out, int64_t d) {
  * q and qa are what the backward needs for the gradients of vals and aux_vals; computing them here
  * reuses the decoder rows while they are still in cache. r_h / e_h (may be NULL) receive bf16 copies
  * of r and e for the mixed-precision backward. (Blocking the feature axis so that the
- * gathers hit L2 was measured slower: 64-float pieces leave too little work per gathered row.) */
+ * gathers hit L2 was measured slower: 64-float pieces leave too little work per gathered row.)
+ * An id outside [0, L) (W_dec's rows) is skipped, never read: no input may crash the process. */
 void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, const float *aux_vals,
                     const int64_t *aux_cols, const float *W_dec, const float *b_dec, int64_t N, int64_t d,
-                    int64_t k, int64_t ka, float *recon, float *r, float *q, double *sse, float *e,
+                    int64_t k, int64_t ka, int64_t L, float *recon, float *r, float *q, double *sse, float *e,
                     float *qa, double *aux_sse, uint16_t *r_h, uint16_t *e_h, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *ri = recon + i * d, *res = r + i * d;
         const float *xi = xn + i * d;
         memcpy(ri, b_dec, d * sizeof(float));
-        add_rows(ri, vals + i * k, cols + i * k, k, W_dec, d);
+        add_rows(ri, vals + i * k, cols + i * k, k, W_dec, d, L);
         float acc = 0.f;
         #pragma omp simd reduction(+:acc)
         for (int64_t c = 0; c < d; c++) {
@@ -233,17 +261,17 @@ void sae_decode_fwd(const float *xn, const float *vals, const int64_t *cols, con
         }
         sse[i] = acc;
         if (r_h) to_bf16(res, r_h + i * d, d);
-        row_dots(res, cols + i * k, k, W_dec, d, q + i * k);
+        row_dots(res, cols + i * k, k, W_dec, d, L, q + i * k);
         if (ka > 0) {
             float *ei = e + i * d;
             for (int64_t c = 0; c < d; c++) ei[c] = -res[c];
-            add_rows(ei, aux_vals + i * ka, aux_cols + i * ka, ka, W_dec, d);
+            add_rows(ei, aux_vals + i * ka, aux_cols + i * ka, ka, W_dec, d, L);
             float a2 = 0.f;
             #pragma omp simd reduction(+:a2)
             for (int64_t c = 0; c < d; c++) a2 += ei[c] * ei[c];
             aux_sse[i] = a2;
             if (e_h) to_bf16(ei, e_h + i * d, d);
-            row_dots(ei, aux_cols + i * ka, ka, W_dec, d, qa + i * ka);
+            row_dots(ei, aux_cols + i * ka, ka, W_dec, d, L, qa + i * ka);
         }
     }
 }
@@ -266,12 +294,15 @@ void sae_sparse_bwd(const void *xs, const void *r, const void *e, int src_bf16, 
     int64_t *start = (int64_t *)calloc((size_t)L + 1, sizeof(int64_t));
     int64_t *fill = (int64_t *)malloc(((size_t)L + 1) * sizeof(int64_t));
     int64_t *ent = (int64_t *)malloc((size_t)(T > 0 ? T : 1) * sizeof(int64_t));
-    for (int64_t t = 0; t < M; t++) start[cols[t] + 1]++;
-    for (int64_t t = 0; t < MA; t++) start[aux_cols[t] + 1]++;
+    /* ids outside [0, L) are dropped (never indexed): no input may crash the process */
+#define IN_RANGE(c) ((uint64_t)(c) < (uint64_t)L)
+    for (int64_t t = 0; t < M; t++) if (IN_RANGE(cols[t])) start[cols[t] + 1]++;
+    for (int64_t t = 0; t < MA; t++) if (IN_RANGE(aux_cols[t])) start[aux_cols[t] + 1]++;
     for (int64_t j = 0; j < L; j++) start[j + 1] += start[j];
     memcpy(fill, start, ((size_t)L + 1) * sizeof(int64_t));
-    for (int64_t t = 0; t < M; t++) ent[fill[cols[t]]++] = t;
-    for (int64_t t = 0; t < MA; t++) ent[fill[aux_cols[t]]++] = M + t;
+    for (int64_t t = 0; t < M; t++) if (IN_RANGE(cols[t])) ent[fill[cols[t]]++] = t;
+    for (int64_t t = 0; t < MA; t++) if (IN_RANGE(aux_cols[t])) ent[fill[aux_cols[t]]++] = M + t;
+#undef IN_RANGE
 
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t j = 0; j < L; j++) {
