@@ -1032,20 +1032,23 @@ app.add_typer(dashboard_app, name="dashboard")
 
 
 @dashboard_app.command("export")
-def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (replaced if it exists)."),
+def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (a previous export there is replaced; any other non-empty folder is refused)."),
                          features: Optional[str] = typer.Option(None, help="Comma-separated feature indices (default: the strongest)."),
                          n_features: int = typer.Option(16, help="How many features when --features is not given."),
                          model: str = typer.Option(SHAPES), text_sae: Optional[Path] = None,
                          block_sae: Optional[Path] = None, stats_prompts: Optional[Path] = None,
                          per_concept: int = 8, stats_steps: int = 25):
     """Write a feature dashboard folder (index.html + one page per feature) that opens offline."""
-    from .app.export import export_dashboard
+    from .app.export import check_target, export_dashboard
     from .concepts.features import FeatureError
 
     try:
         feats = [int(x) for x in features.split(",") if x.strip()] if features else None
     except ValueError:
         fail(f"--features must be comma-separated integers, got {features!r}")
+    if n_features <= 0:
+        fail(f"--n-features must be a positive number of features, got {n_features}")
+    check_target(out)  # before the feature statistics: refuse a folder that is not a previous export
     engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps)
     with _progress() as p:
         task = p.add_task("feature stats", total=len(engine.stats_prompts), info="")

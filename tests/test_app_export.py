@@ -78,3 +78,67 @@ def test_export_cli(tmp_path, capsys):
     code, out, err = _cli(["dashboard", "export", "--out", tmp_path / "e", "--features", "99999", *common], capsys)
     assert code == 2 and not (tmp_path / "e").exists()
     assert err.splitlines()[-1].startswith("error: feature 99999 is out of range")
+
+
+# --- issue 23: --out never deletes a folder that is not a previous export --------------------
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def test_export_refuses_a_user_folder_and_replaces_a_previous_export(engine, tmp_path):
+    from diffusion_sae.app.export import MARKER, ExportError
+
+    stats = engine.stats()
+    user = tmp_path / "thesis"
+    (user / "chapter").mkdir(parents=True)
+    (user / "chapter" / "draft.tex").write_text("a week of work")
+    (tmp_path / "thesis.tmp").mkdir()  # the old code removed <out>.tmp blindly
+    (tmp_path / "thesis.tmp" / "keep.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(ExportError, match="not a dashboard export"):
+        export_dashboard(user, stats, None, features=[stats.top_features(1)[0]])
+    assert _tree(tmp_path) == before
+    # a file is refused too
+    (tmp_path / "f.html").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):
+        export_dashboard(tmp_path / "f.html", stats, None, features=[stats.top_features(1)[0]])
+    # an empty folder and a previous export are (re)written; nothing else appears beside them
+    (tmp_path / "empty").mkdir()
+    f = stats.top_features(2)
+    export_dashboard(tmp_path / "empty", stats, None, features=f[:1])
+    assert (tmp_path / "empty" / MARKER).is_file()
+    export_dashboard(tmp_path / "empty", stats, None, features=f[1:2])
+    assert sorted(p.name for p in (tmp_path / "empty" / "features").iterdir()) == [f"{f[1]}.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f.html", "thesis", "thesis.tmp"]
+    assert (tmp_path / "thesis.tmp" / "keep.txt").read_text() == "mine"
+
+
+def test_export_failure_leaves_no_temp_folder_and_keeps_the_old_export(engine, tmp_path, monkeypatch):
+    from diffusion_sae.app import export
+
+    stats = engine.stats()
+    f = stats.top_features(1)[0]
+    export.export_dashboard(tmp_path / "d", stats, None, features=[f])
+    old = _tree(tmp_path / "d")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "feature_card", boom)
+    with pytest.raises(OSError):
+        export.export_dashboard(tmp_path / "d", stats, None, features=[f])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert _tree(tmp_path / "d") == old
+
+
+def test_export_cli_refuses_a_user_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    from diffusion_sae import cli
+
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(cli, "_ui_engine", lambda *a, **k: pytest.fail("computed stats before checking --out"))
+    code, out, err = _cli(["dashboard", "export", "--out", user], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: --out") and "not a dashboard export" in err
+    assert (user / "notes.txt").read_text() == "keep me" and sorted(tmp_path.iterdir()) == [user]

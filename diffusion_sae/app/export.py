@@ -6,6 +6,9 @@
     features.json         the numbers behind the pages (top images, scores, concepts)
 
 Images are PNG data URIs inside the pages; links are relative; no script, no external URL.
+
+The folder also holds MARKER (`.diffusion-sae-dashboard`): an existing --out folder is replaced only
+if it carries it (a previous export) or is empty; any other folder is refused, never deleted.
 """
 from __future__ import annotations
 
@@ -13,9 +16,42 @@ import html
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from ..errors import DiffusionSAEError
 from .render import CSS, feature_card, heatmap_overlay, png_uri, search_results
+
+MARKER = ".diffusion-sae-dashboard"
+
+
+class ExportError(DiffusionSAEError, ValueError):
+    """The output folder cannot be written or replaced (one line: what, where, how to fix)."""
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def check_target(out: str | Path) -> Path:
+    """Refuse an --out that may not be (re)written, before any work: a folder that is not a previous
+    dashboard export (no MARKER) and not empty, a file, a path inside the installed package, or a
+    parent folder that cannot be written. Returns out."""
+    out = Path(out)
+    res = out.resolve()
+    if res == _package_dir() or _package_dir() in res.parents:
+        raise ExportError(f"--out {out}: inside the installed diffusion_sae package; choose a folder of your own")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"--out {out}: exists and is not a folder; choose a new folder name")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise ExportError(f"--out {out}: the folder exists and is not a dashboard export (no {MARKER} file), "
+                          "so it is left untouched; choose a new or empty folder")
+    parent = res.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: cannot write in {parent} (permission denied); choose a writable folder")
+    return out
 
 
 def _page(title: str, body: str, css: str) -> str:
@@ -33,15 +69,27 @@ def feature_summary(f: int, stats, index=None, n_images: int = 8) -> dict:
 
 def export_dashboard(out: str | Path, stats, index=None, features: list[int] | None = None, n_features: int = 16,
                      n_images: int = 8) -> Path:
-    """Write the dashboard folder (replacing one that is there); returns index.html."""
-    out = Path(out)
+    """Write the dashboard folder; returns index.html.
+
+    An existing `out` is replaced only if it is a previous export (it holds MARKER) or empty; anything
+    else raises ExportError and is left as it is. The pages are written into a temporary folder beside
+    `out` (removed if anything fails) and renamed into place."""
+    out = check_target(out)
     feats = [stats.check(f) for f in features] if features else stats.top_features(n_features)
     if not feats:
         raise ValueError("no feature to export: none fires on the prompt set")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "features").mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write(tmp, out, stats, index, feats, n_images)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def _write(tmp: Path, out: Path, stats, index, feats: list[int], n_images: int) -> None:
+    (tmp / "features").mkdir()
     (tmp / "style.css").write_text(CSS + "body{margin:16px;font-family:system-ui,sans-serif}"
                                    ".feature-row img{width:64px;height:64px;image-rendering:pixelated}\n")
     rows, summary = [], []
@@ -71,7 +119,18 @@ def export_dashboard(out: str | Path, stats, index=None, features: list[int] | N
             body.append(search_results(concept, hits, link=lambda f: f"features/{f}.html" if f in shown else None))
     (tmp / "index.html").write_text(_page("feature dashboard", "".join(body), "style.css"))
     (tmp / "features.json").write_text(json.dumps({"hookpoint": stats.hookpoint, "features": summary}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out / "index.html"
+    (tmp / MARKER).write_text("written by `diffusion-sae dashboard export`; a later export may replace this folder\n")
+    check_target(out)  # again: the folder may have changed while the pages were made
+    old = None
+    if out.exists():  # a previous export (or an empty folder): moved aside, removed once the new one is in place
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "d")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "d", out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
