@@ -36,6 +36,22 @@ def _progress():
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
+# --device / --dtype / --offload: the same three options on every command that runs a pipeline.
+_DEVICE_OPT = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+_DTYPE_OPT = typer.Option("auto", "--dtype", help="Pipeline dtype: auto (CUDA: float16 for SD 1.x/SDXL, bfloat16 for "
+                          "SD3/FLUX; CPU: float32), float32, float16 or bfloat16.")
+_OFFLOAD_OPT = typer.Option("none", "--offload", help="none, model (diffusers' enable_model_cpu_offload) or "
+                            "sequential (enable_sequential_cpu_offload): for a pipeline larger than the GPU.")
+
+
+def _dtype_name(dtype: str, auto: str) -> str:
+    """The canonical name of a --dtype value (float16 for fp16, ...); `auto` for auto."""
+    from .models.devices import parse_dtype
+
+    dt = parse_dtype(dtype)
+    return auto if dt is None else str(dt).removeprefix("torch.")
+
+
 # ---------------------------------------------------------------------------------------------
 # world
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +165,14 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
                 branch: list[str] = typer.Option(["cond"], help="Guidance branches to keep (cond, uncond)."),
                 keep_steps: Optional[str] = typer.Option(None, help="Comma-separated step indices to keep (default all)."),
                 tokens_per_record: Optional[int] = typer.Option(None, help="Random subset of patches per record."),
-                batch_size: int = 1, dtype: str = "float16", height: Optional[int] = None,
+                batch_size: int = 1, height: Optional[int] = None,
                 width: Optional[int] = None, negative_prompt: Optional[str] = None, column: str = "prompt",
                 seed: int = typer.Option(0, help="Seed of row i when the file gives none: seed + i."),
                 shard_mb: float = 128.0, max_sequence_length: Optional[int] = None,
-                list_hookpoints: bool = typer.Option(False, "--list-hookpoints", help="Print the model's hookpoints and exit.")):
+                list_hookpoints: bool = typer.Option(False, "--list-hookpoints", help="Print the model's hookpoints and exit."),
+                store_dtype: Optional[str] = typer.Option(None, help="Activation storage dtype: float16, bfloat16 or "
+                                                          "float32 (default: --dtype when it names one, else float16)."),
+                device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """Collect activations at hookpoints over a prompt set into resumable on-disk stores.
 
     Rerun the same command to resume. Under `accelerate launch` prompts are split over processes.
@@ -171,13 +190,14 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
         rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
     try:
         ps = load_prompts(prompts, column=column, default_seed=seed)
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, device=device, dtype=dtype, offload=offload)
         if list_hookpoints:
             typer.echo("\n".join(_list(pipe)))
             return
         keep = None if keep_steps is None else [int(s) for s in keep_steps.split(",") if s.strip()]
         cfg = CollectConfig(hookpoints=list(hookpoint), steps=steps, guidance=guidance, branches=tuple(branch),
-                            keep_steps=keep, tokens_per_record=tokens_per_record, batch_size=batch_size, dtype=dtype,
+                            keep_steps=keep, tokens_per_record=tokens_per_record, batch_size=batch_size,
+                            dtype=store_dtype or _dtype_name(dtype, "float16"),
                             height=height, width=width, negative_prompt=negative_prompt, shard_mb=shard_mb,
                             model_id=model, max_sequence_length=max_sequence_length)
         with _progress() as p:
@@ -280,15 +300,22 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
 SHAPES = "shapescanvas"
 
 
-def _load_model(model: Optional[str]):
-    """The bundled ShapesCanvas pipeline (default), a local folder, a hub id, or tiny:<family>."""
+def _load_model(model: Optional[str], device: Optional[str] = None, dtype: Optional[str] = None,
+                offload: Optional[str] = None):
+    """The bundled ShapesCanvas pipeline (default), a local folder, a hub id, or tiny:<family>,
+    placed by --device/--dtype/--offload (models/devices.py)."""
+    from .models.devices import place_pipeline
+
     try:
         if model in (None, "", SHAPES):
             from .world import assets
-            return assets.load_pipeline()
+            pipe = assets.load_pipeline()
+            if any(v is not None for v in (device, dtype, offload)):
+                place_pipeline(pipe, device or "auto", dtype or "auto", offload or "none")
+            return pipe
         from .models.loading import ModelLoadError, load_pipeline
         try:
-            pipe = load_pipeline(model)
+            pipe = load_pipeline(model, device=device, dtype=dtype, offload=offload)
         except ModelLoadError as e:
             fail(str(e))
         pipe.set_progress_bar_config(disable=True)
@@ -297,15 +324,19 @@ def _load_model(model: Optional[str]):
         fail(str(e))
 
 
-def _load_sae_arg(path: Optional[Path], hookpoint: Optional[str], default_loader):
+def _load_sae_arg(path, hookpoint: Optional[str], default_loader, pipe=None):
+    """--sae: a folder or a hub id (org/name[/subfolder]); the SAE goes to the pipeline's execution device."""
     from .sae import SAEError, load_sae
 
     try:
-        if path is None:
-            return default_loader()
-        return load_sae(path, hookpoint=hookpoint) if hookpoint else load_sae(path)
+        sae = default_loader() if path is None else load_sae(str(path), hookpoint=hookpoint)
     except (SAEError, FileNotFoundError, OSError) as e:
         fail(str(e).splitlines()[0])
+    if pipe is not None:
+        from .models.devices import execution_device
+
+        sae = sae.to(execution_device(pipe))
+    return sae
 
 
 def _prompt_set(prompts: Optional[Path], prompt: Optional[list[str]], seed: int):
@@ -358,13 +389,13 @@ def train_text_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, 
                        out: Path = typer.Option(..., help="Output folder (activations/, run/, <hookpoint>/)."),
                        expansion: int = 4, k: int = 32, batch_size: int = 4096, lr: float = 4e-4,
                        epochs: float = typer.Option(1.0, help="Passes over the collected tokens."),
-                       seed: int = 0, batch_prompts: int = 32):
+                       seed: int = 0, batch_prompts: int = 32, device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """Concept Steerers' recipe: collect one text-encoder layer over a prompt set, train a k-SAE."""
     from .sae import SAEError
     from .sae.recipes import TEXT_DEFAULTS, train_text_sae
     from dataclasses import replace
 
-    pipe = _load_model(model)
+    pipe = _load_model(model, device, dtype, offload)
     ps = _prompt_set(prompts, None, seed)
     recipe = replace(TEXT_DEFAULTS, expansion=expansion, k=k, batch_size=batch_size, lr=lr, epochs=epochs,
                      seed=seed, batch_prompts=batch_prompts)
@@ -387,14 +418,14 @@ def train_block_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder,
                         steps: int = 50, guidance: float = 7.5, expansion: int = 16, k: int = 32,
                         batch_topk: bool = True, batch_size: int = 4096, lr: float = 4e-4,
                         epochs: float = 1.0, seed: int = 0, batch_prompts: int = 16,
-                        height: Optional[int] = None, width: Optional[int] = None):
+                        height: Optional[int] = None, width: Optional[int] = None, device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """SAeUron's recipe: collect a block's output at every denoising step, train a BatchTopK SAE."""
     from dataclasses import replace
 
     from .sae import SAEError
     from .sae.recipes import BLOCK_DEFAULTS, train_block_sae
 
-    pipe = _load_model(model)
+    pipe = _load_model(model, device, dtype, offload)
     ps = _prompt_set(prompts, None, seed)
     recipe = replace(BLOCK_DEFAULTS, expansion=expansion, k=k, batch_topk=batch_topk, batch_size=batch_size, lr=lr,
                      epochs=epochs, seed=seed, steps=steps, guidance=guidance, batch_prompts=batch_prompts,
@@ -420,23 +451,56 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
                    concepts: Optional[Path] = typer.Option(None, help="JSON {concept: [prompts]}."),
                    shapes: Optional[str] = typer.Option(None, help="ShapesCanvas concept kind: style, object or colour."),
                    per_concept: int = 20, steps: int = 25, guidance: float = 5.0, seed: int = 0,
-                   out: Optional[Path] = typer.Option(None, help="Folder (default: next to the SAE)."),
-                   name: Optional[str] = typer.Option(None, help="File stem (default concept_dictionary[_kind]).")):
+                   out: Optional[Path] = typer.Option(None, help="Folder (default: next to --sae; required with the bundled SAE)."),
+                   name: Optional[str] = typer.Option(None, help="File stem (default concept_dictionary[_kind])."),
+                   device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """Build a SAeUron concept dictionary: per-concept, per-step mean SAE latents at a block."""
     import json as _json
 
-    from .concepts.dictionary import DictionaryError, build_concept_dictionary
+    import math as _math
+
+    from .concepts.dictionary import DictionaryError, build_concept_dictionary, check_output_folder
     from .world import bundle
 
-    pipe = _load_model(model)
-    sae_obj = _load_sae_arg(sae, None, bundle.load_block_sae)
-    hookpoint = hookpoint or sae_obj.cfg.hookpoint or bundle.BLOCK_HOOKPOINT
+    # Every option is checked before the model loads and the prompts run.
     if (concepts is None) == (shapes is None):
         fail("give exactly one of --concepts FILE.json or --shapes style|object|colour")
-    try:
-        groups = _json.loads(concepts.read_text()) if concepts else bundle.concept_prompts(shapes, per_concept, seed)
-    except (OSError, ValueError) as e:
-        fail(f"{concepts}: {e}")
+    if shapes is not None and shapes not in bundle.KINDS:
+        fail(f"--shapes must be one of {', '.join(bundle.KINDS)}, not {shapes!r}")
+    if per_concept <= 0:
+        fail(f"--per-concept must be a positive number of prompts, got {per_concept}")
+    if steps <= 0:
+        fail(f"--steps must be a positive number of denoising steps, got {steps}")
+    if not _math.isfinite(guidance):
+        fail(f"--guidance must be a finite number, got {guidance}")
+    if name is not None and (not name or Path(name).name != name or name.startswith(".")):
+        fail(f"--name {name!r}: give a plain file stem such as concept_dictionary")
+    folder = out or sae
+    if folder is None:
+        fail("give --out FOLDER for the new dictionary (the bundled one inside the package is never "
+             "overwritten); then pass --dictionary FOLDER to unlearn")
+    check_output_folder(folder, "--out" if out else "--sae (the default --out)")
+    groups = None
+    if concepts is not None:
+        try:
+            groups = _json.loads(concepts.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            fail(f"--concepts {concepts}: not UTF-8 text; save it as UTF-8 JSON {{concept: [prompts]}}")
+        except OSError as e:
+            fail(f"--concepts {concepts}: {e.strerror or e}; give a JSON file {{concept: [prompts]}}")
+        except ValueError as e:
+            fail(f"--concepts {concepts}: not valid JSON ({e}); expected {{concept: [prompts]}}")
+        if not isinstance(groups, dict) or not groups or any(
+                not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v)
+                for v in groups.values()):
+            fail(f"--concepts {concepts}: expected a JSON object {{concept: [prompt, ...]}} with at least one "
+                 "non-empty prompt per concept")
+
+    pipe = _load_model(model, device, dtype, offload)
+    sae_obj = _load_sae_arg(sae, None, bundle.load_block_sae, pipe)
+    hookpoint = hookpoint or sae_obj.cfg.hookpoint or bundle.BLOCK_HOOKPOINT
+    if groups is None:
+        groups = bundle.concept_prompts(shapes, per_concept, seed)
     seeds = list(range(seed, seed + max(len(v) for v in groups.values())))
     try:
         with _progress() as p:
@@ -445,9 +509,6 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
                                          progress=lambda i, n: p.update(task, completed=i))
     except DictionaryError as e:
         fail(str(e))
-    from .world.assets import sae_dir
-
-    folder = out or sae or sae_dir() / bundle.BLOCK_HOOKPOINT
     stem = name or (bundle.dictionary_name(shapes) if shapes else "concept_dictionary")
     path = d.save(folder, name=stem)
     typer.echo(f"{len(d.concepts)} concepts x {len(d.timesteps)} steps x {d.means.shape[-1]} latents -> {path}")
@@ -502,7 +563,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
-                                                 "default steer.png unless --save-images is given.")):
+                                                 "default steer.png unless --save-images is given."),
+              device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
     import torch
 
@@ -526,8 +588,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if concept_file is not None:
         concepts = {concept_file.name: _prompt_lines(concept_file, "--concept-file")}
     base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
-    pipe = _load_model(model)
-    sae_obj = _load_sae_arg(sae, None, bundle.load_text_sae)
+    pipe = _load_model(model, device, dtype, offload)
+    sae_obj = _load_sae_arg(sae, hookpoint, bundle.load_text_sae, pipe)
     hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
     ps = _prompt_set(prompts, prompt, seed)
     if save_images is not None and len(lams) != 1:
@@ -588,7 +650,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
                 prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
                 steps: int = 25, guidance: float = 5.0, seed: int = 0,
-                out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt.")):
+                out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt."),
+                device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
     import torch
 
@@ -596,14 +659,14 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     from .interventions.ablate import StepGridError, unlearn_concepts
     from .world import bundle
 
-    pipe = _load_model(model)
+    pipe = _load_model(model, device, dtype, offload)
     if scaling not in ("mean", "latent"):
         fail(f"--scaling must be mean or latent, not {scaling!r}")
     if selection not in ("paper", "specific"):
         fail(f"--selection must be paper or specific, not {selection!r}")
     if sae and len(sae) > 1 and dictionary is not None:
         fail("--dictionary names one folder: with several --sae, keep each dictionary next to its SAE")
-    saes = [_load_sae_arg(f, None, bundle.load_block_sae) for f in (sae or [None])]
+    saes = [_load_sae_arg(f, None, bundle.load_block_sae, pipe) for f in (sae or [None])]
     try:
         if dictionary is None and not sae:
             kinds = [k for k, names in bundle.KINDS.items() if concept[0] in names]
@@ -619,11 +682,11 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     try:
         for row in ps.rows:
             kw = dict(num_inference_steps=steps, guidance_scale=row.guidance or guidance, output_type="pt")
-            imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
+            imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float().cpu())
             with unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier, percentile=percentile,
                                   top_n=top_n, faithful=faithful, mode="add" if add else "ablate", scaling=scaling,
                                   selection=selection, min_fire=min_fire, exclusive=exclusive):
-                imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float())
+                imgs.append(pipe(row.prompt, generator=torch.Generator().manual_seed(row.seed), **kw).images[0].float().cpu())
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])
     label = ("added " if add else "unlearned ") + ", ".join(concept)

@@ -111,11 +111,18 @@ class StepTracker:
         value = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
         ts = timesteps.detach().to("cpu", torch.float64)
         self.num_steps = len(ts)
+        # A half-precision pipeline passes the timestep rounded to its dtype (FLUX in bf16: 0.75 -> 0.7539):
+        # match within that dtype's resolution, and take the nearest scheduler timestep.
+        low = isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() < 4
+        rtol = 2 * torch.finfo(t.dtype).eps if low else 1e-5
         # SD/SDXL/SD3 pass the scheduler timestep; FLUX passes timestep / 1000.
         for scale in (1.0, 1000.0):
-            v = value * scale
-            hits = torch.nonzero(torch.isclose(ts, torch.tensor(v, dtype=torch.float64), rtol=1e-5, atol=1e-3 * scale / 1000))
+            v = torch.tensor(value * scale, dtype=torch.float64)
+            hits = torch.nonzero(torch.isclose(ts, v, rtol=rtol, atol=1e-3 * scale / 1000))
             hits = [int(i) for i in hits.flatten()]
+            if hits and low:
+                best = min(abs(float(ts[i]) - float(v)) for i in hits)
+                hits = [i for i in hits if abs(float(ts[i]) - float(v)) == best]
             if hits:
                 return self._pick(hits), float(ts[self._pick(hits)])
         return None, value
