@@ -95,6 +95,12 @@ class RecordMeta:
     grid: tuple[int, int] | None
 
 
+def _entry_ok(e) -> bool:
+    return (isinstance(e, dict) and (e.get("file") is None or isinstance(e.get("file"), str))
+            and isinstance(e.get("prompts"), list) and isinstance(e.get("records"), int)
+            and isinstance(e.get("tokens"), int))
+
+
 class ActivationStore:
     """A store folder. `ActivationStore(dir)` opens an existing one; `ActivationStore.create` makes one."""
 
@@ -104,11 +110,13 @@ class ActivationStore:
         if not path.exists():
             raise StoreError(f"no activation store at {self.dir} (manifest.json missing)")
         try:
-            self.manifest = json.loads(path.read_text())
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise StoreError(f"unreadable manifest {path}: {e}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{path} is not a {FORMAT} manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{path} is not a {FORMAT} manifest; use another --out for a new store")
+        if not isinstance(self.manifest.get("shards"), list) or not all(_entry_ok(e) for e in self.manifest["shards"]):
+            raise StoreError(f"{path}: damaged shard list; the store cannot be read, collect into another --out")
 
     # -- creation ---------------------------------------------------------------------------------
     @classmethod
@@ -119,6 +127,13 @@ class ActivationStore:
             store = cls(d)
             for k in _RESUME_KEYS:
                 if k in header and store.manifest.get(k) != header[k]:
+                    if not store.shards and not any(d.glob("shard-*.safetensors")):
+                        # nothing was collected under the old settings (an earlier run failed at once):
+                        # the new settings replace them
+                        manifest = {"format": FORMAT, **header, "shards": [],
+                                    "counts": {"prompts": 0, "records": 0, "tokens": 0}}
+                        _atomic_json(d / "manifest.json", manifest)
+                        return cls(d)
                     raise StoreError(f"store {d} was collected with {k}={store.manifest.get(k)!r}, not "
                                      f"{header[k]!r}; use another output folder to start afresh")
             return store
@@ -149,7 +164,7 @@ class ActivationStore:
     def shards(self) -> list[dict]:
         """Committed shards: those in manifest.json plus those in unmerged per-process parts."""
         seen, out = set(), []
-        lists = [self.manifest["shards"]] + [json.loads(p.read_text())["shards"] for p in self._parts()]
+        lists = [self.manifest["shards"]] + [self._part_shards(p) for p in self._parts()]
         for entries in lists:
             for s in entries:
                 key = s["file"] or f"empty:{s['prompts']}"
@@ -157,6 +172,44 @@ class ActivationStore:
                     seen.add(key)
                     out.append(s)
         return out
+
+    @staticmethod
+    def _part_shards(path: Path) -> list[dict]:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"unreadable part file {path} ({type(e).__name__}); delete it to re-collect the "
+                             "prompts it lists") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list) or not all(map(_entry_ok, doc["shards"])):
+            raise StoreError(f"{path}: damaged part file; delete it to re-collect the prompts it lists")
+        return doc["shards"]
+
+    def _shard_readable(self, name: str) -> bool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.dir / name), framework="pt") as f:
+                return {"tokens", "meta", "timestep", "offsets"} <= set(f.keys())
+        except Exception:
+            return False
+
+    def repair(self) -> list[str]:
+        """Drop committed shards whose file is missing or unreadable (a damaged ones is renamed
+        *.damaged) from the manifest and the part files, so that a resumed collect re-collects their
+        prompts instead of reporting them done. Returns the dropped file names. Single process only."""
+        bad = sorted({s["file"] for s in self.shards if s["file"] and not self._shard_readable(s["file"])})
+        if not bad:
+            return []
+        for name in bad:
+            if (self.dir / name).exists():
+                os.replace(self.dir / name, self.dir / (name + ".damaged"))
+        keep = lambda entries: [e for e in entries if e["file"] not in bad]  # noqa: E731
+        for part in self._parts():
+            _atomic_json(part, {"shards": keep(self._part_shards(part))})
+        self.manifest["shards"] = keep(self.manifest["shards"])
+        self.manifest["counts"] = {k: v for k, v in self.counts().items() if k != "shards"}
+        _atomic_json(self.dir / "manifest.json", self.manifest)
+        return bad
 
     def done_prompts(self) -> set[int]:
         return {p for s in self.shards for p in s["prompts"]}
@@ -185,7 +238,14 @@ class ActivationStore:
     def _open(self, i: int):
         from safetensors import safe_open
 
-        return safe_open(str(self.dir / self.shards[i]["file"]), framework="pt")
+        path = self.dir / self.shards[i]["file"]
+        if not path.is_file():
+            raise StoreError(f"shard {path} is missing; rerun the same collect command to re-collect its prompts")
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # truncated or not safetensors
+            raise StoreError(f"shard {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "delete it and rerun the same collect command to re-collect its prompts") from None
 
     def records(self) -> RecordTable:
         """Metadata of every record, in shard order."""
@@ -194,7 +254,11 @@ class ActivationStore:
             if not s["file"]:
                 continue
             with self._open(i) as f:
-                meta, ts, off = f.get_tensor("meta"), f.get_tensor("timestep"), f.get_tensor("offsets")
+                try:
+                    meta, ts, off = f.get_tensor("meta"), f.get_tensor("timestep"), f.get_tensor("offsets")
+                except Exception as e:  # truncated, or a tensor missing
+                    raise StoreError(f"shard {self.dir / s['file']} is damaged ({type(e).__name__}); delete it "
+                                     "and rerun the same collect command to re-collect its prompts") from None
             cols["meta"].append(meta)
             cols["timestep"].append(ts)
             cols["shard"].append(torch.full((len(meta),), i, dtype=torch.int64))
@@ -316,7 +380,7 @@ class StoreWriter:
         self.tokens_per_record, self.seed = tokens_per_record, seed
         self.part = store.dir / "parts" / f"rank-{rank:03d}.json"
         self.part.parent.mkdir(exist_ok=True)
-        self._entries = json.loads(self.part.read_text())["shards"] if self.part.exists() else []
+        self._entries = store._part_shards(self.part) if self.part.exists() else []
         committed = {s["file"] for s in store.shards}
         seqs = [-1]
         for p in store.dir.iterdir():
