@@ -194,7 +194,9 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
         if list_hookpoints:
             typer.echo("\n".join(_list(pipe)))
             return
-        keep = None if keep_steps is None else [int(s) for s in keep_steps.split(",") if s.strip()]
+        from .activations.collect import parse_keep_steps
+
+        keep = parse_keep_steps(keep_steps)  # names --keep-steps when a value is not an integer
         cfg = CollectConfig(hookpoints=list(hookpoint), steps=steps, guidance=guidance, branches=tuple(branch),
                             keep_steps=keep, tokens_per_record=tokens_per_record, batch_size=batch_size,
                             dtype=store_dtype or _dtype_name(dtype, "float16"),

@@ -27,6 +27,7 @@ and "specific" selection ranks latents by `excess` instead of s_c.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,37 @@ class DictionaryError(DiffusionSAEError, ValueError):
     """Bad concept-dictionary input; one line: what, where, how to fix."""
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def inside_package(path: str | Path) -> bool:
+    """True if `path` lies in the installed diffusion_sae package (whose files are never written)."""
+    res = Path(path).resolve()
+    return res == PACKAGE_DIR or PACKAGE_DIR in res.parents
+
+
+def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Refuse a dictionary output folder before any work: inside the package, a file, or unwritable."""
+    folder = Path(folder)
+    if inside_package(folder):
+        raise DictionaryError(f"{option} {folder}: inside the installed diffusion_sae package, whose files are "
+                              "never overwritten; give --out FOLDER of your own (then unlearn --dictionary FOLDER)")
+    if folder.exists() and not folder.is_dir():
+        raise DictionaryError(f"{option} {folder}: exists and is not a folder; give a folder")
+    parent = folder.resolve()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DictionaryError(f"{option} {folder}: cannot write in {parent} (permission denied); give a writable folder")
+    return folder
+
+
+def _check_tensor(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise DictionaryError(f"{what} holds NaN or inf values: the dictionary is damaged; rebuild it with "
+                              "`diffusion-sae concepts build`")
+
+
 @dataclass
 class ConceptDictionary:
     hookpoint: str
@@ -57,20 +89,35 @@ class ConceptDictionary:
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, folder: str | Path, name: str = FILE) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write {name}.safetensors and {name}.json into folder (each atomically; no temporary file is
+        left behind on error). Refuses a folder inside the installed package."""
+        if not name or Path(name).name != name or name.startswith("."):
+            raise DictionaryError(f"--name {name!r}: give a plain file stem such as concept_dictionary")
+        folder = check_output_folder(folder)
+        _check_tensor(self.means, "the dictionary's means")
         t = folder / f"{name}.safetensors"
         j = folder / f"{name}.json"
         tensors = {"means": self.means.contiguous().float()}
         if self.bars is not None:
             tensors["bars"] = self.bars.contiguous().half()
             tensors["excess"] = self.excess.contiguous().half()
-        save_file(tensors, str(t) + ".tmp")
-        os.replace(str(t) + ".tmp", t)
         doc = {"hookpoint": self.hookpoint, "concepts": self.concepts, "counts": self.counts,
                "timesteps": self.timesteps, "meta": self.meta}
-        (folder / f"{name}.json.tmp").write_text(json.dumps(doc, indent=1))
-        os.replace(folder / f"{name}.json.tmp", j)
+        t_tmp, j_tmp = Path(str(t) + ".tmp"), Path(str(j) + ".tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(doc, indent=1)
+            save_file(tensors, str(t_tmp))
+            j_tmp.write_text(text)
+            os.replace(t_tmp, t)
+            os.replace(j_tmp, j)
+        except OSError as e:
+            raise DictionaryError(f"cannot write the concept dictionary to {folder}: {e.strerror or e}; "
+                                  "give --out a writable folder with free space") from None
+        finally:
+            for tmp in (t_tmp, j_tmp):
+                if tmp.is_file():
+                    tmp.unlink()
         return j
 
     @classmethod
@@ -80,13 +127,32 @@ class ConceptDictionary:
         if not j.exists() or not t.exists():
             raise DictionaryError(f"no concept dictionary at {folder} ({name}.json / {name}.safetensors missing): "
                                   "build one with `diffusion-sae concepts build`")
-        doc = json.loads(j.read_text())
+        try:
+            doc = json.loads(j.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # truncated, not JSON, not UTF-8, a folder
+            why = e.msg if isinstance(e, json.JSONDecodeError) else (getattr(e, "strerror", None) or type(e).__name__)
+            raise DictionaryError(f"{j}: not a readable concept-dictionary JSON file ({why}); rebuild it with "
+                                  "`diffusion-sae concepts build`") from None
+        fields_ = {"hookpoint": str, "concepts": list, "counts": list, "timesteps": list}
+        if not isinstance(doc, dict) or any(not isinstance(doc.get(k), tp) for k, tp in fields_.items()):
+            raise DictionaryError(f"{j}: not a concept dictionary (expected an object with hookpoint, concepts, "
+                                  "counts and timesteps); rebuild it with `diffusion-sae concepts build`")
+        if not all(isinstance(c, str) for c in doc["concepts"]) or len(doc["counts"]) != len(doc["concepts"]):
+            raise DictionaryError(f"{j}: concepts must be names with one count each; rebuild it with "
+                                  "`diffusion-sae concepts build`")
         try:
             tensors = load_file(str(t))
         except Exception as e:  # truncated / not safetensors
-            raise DictionaryError(f"{t} is not a readable safetensors file ({e}): rebuild it with "
-                                  "`diffusion-sae concepts build`") from None
+            raise DictionaryError(f"{t} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                                  "rebuild it with `diffusion-sae concepts build`") from None
+        if "means" not in tensors:
+            raise DictionaryError(f"{t}: no 'means' tensor (found {sorted(tensors)}); rebuild it with "
+                                  "`diffusion-sae concepts build`")
         means = tensors["means"]
+        for name_, x in tensors.items():
+            if x.ndim != 3:
+                raise DictionaryError(f"{t}: {name_} has shape {tuple(x.shape)}, expected [concepts, steps, latents]")
+            _check_tensor(x, f"{t}: {name_}")
         for name, x in tensors.items():
             if x.shape[0] != len(doc["concepts"]) or x.shape[1] != len(doc["timesteps"]) or x.shape[2] != means.shape[2]:
                 raise DictionaryError(f"{t}: {name} {tuple(x.shape)} do not match {len(doc['concepts'])} concepts "
@@ -193,8 +259,15 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
     (plus the per-patch statistics of 'specific' selection, see the module docstring)."""
     if not 0 < bar_quantile < 1:
         raise DictionaryError(f"bar_quantile must be in (0, 1), got {bar_quantile}")
-    if not prompts_by_concept:
-        raise DictionaryError("no concepts given")
+    if not prompts_by_concept or not isinstance(prompts_by_concept, dict):
+        raise DictionaryError("no concepts given: expected {concept: [prompt, ...]}")
+    for c, ps in prompts_by_concept.items():
+        if not isinstance(c, str) or not isinstance(ps, list) or not ps or not all(isinstance(p, str) for p in ps):
+            raise DictionaryError(f"concept {c!r}: expected a non-empty list of prompt strings, got {ps!r:.60}")
+    if not isinstance(steps, int) or steps <= 0:
+        raise DictionaryError(f"--steps must be a positive number of denoising steps, got {steps}")
+    if not math.isfinite(guidance):
+        raise DictionaryError(f"--guidance must be a finite number, got {guidance}")
     hp = resolve_hookpoint(pipe, hookpoint)
     if hp.kind != "denoiser":
         raise DictionaryError(f"hookpoint {hookpoint!r} is not a denoiser block; SAeUron reads e.g. "
