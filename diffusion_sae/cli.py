@@ -341,6 +341,17 @@ def _load_sae_arg(path, hookpoint: Optional[str], default_loader, pipe=None):
     return sae
 
 
+def _sae_folder(path) -> Path:
+    """The local folder of an --sae value (a hub id resolves to its snapshot in the hub cache)."""
+    from .sae import SAEError
+    from .sae.io import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(str(path))
+    except SAEError as e:
+        fail(str(e))
+
+
 def _prompt_set(prompts: Optional[Path], prompt: Optional[list[str]], seed: int):
     from .activations import PromptFileError, load_prompts
     from .activations.prompts import PromptSet
@@ -674,7 +685,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
             kinds = [k for k, names in bundle.KINDS.items() if concept[0] in names]
             dicts = [bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))]
         else:
-            dicts = [ConceptDictionary.load(dictionary or f, name=dictionary_name or "concept_dictionary") for f in sae]
+            dicts = [ConceptDictionary.load(dictionary or _sae_folder(f), name=dictionary_name or "concept_dictionary")
+                     for f in sae]
     except DictionaryError as e:
         fail(str(e))
     ps = _prompt_set(prompts, prompt, seed)
