@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..concepts.features import ConceptIndex, FeatureError, collect_feature_stats, default_prompts
-from ..models import as_tokens, from_tokens, output_tensor, replace_output, resolve_hookpoint
+from ..models import as_tokens, from_tokens, register_edit, resolve_hookpoint
 from .paths import PathError, resolve_inside
 from ..errors import DiffusionSAEError
 
@@ -56,8 +56,7 @@ def scale_block_features(pipe, sae, hookpoint: str, factors: dict[int, float]):
     cols = torch.tensor(sorted(factors), dtype=torch.long)
     mult = torch.tensor([factors[int(j)] - 1.0 for j in cols], dtype=sae.dtype, device=sae.device)
 
-    def hook(module, args, out):
-        h = output_tensor(out, module)
+    def edit(h):
         tok, grid = as_tokens(h)
         b, n, d = tok.shape
         xs = tok.reshape(b * n, d).to(sae.device, sae.dtype)
@@ -65,9 +64,9 @@ def scale_block_features(pipe, sae, hookpoint: str, factors: dict[int, float]):
         delta = torch.zeros(b * n, L, dtype=sae.dtype, device=sae.device)
         delta[:, cols] = z[:, cols] * mult
         new = xs + sae.decode_dense(delta, add_bias=False, x=xs)
-        return replace_output(out, from_tokens(new.to(h.dtype).reshape(b, n, d), grid), module)
+        return from_tokens(new.to(h.dtype).reshape(b, n, d), grid)
 
-    handle = hp.module.register_forward_hook(hook)
+    handle = register_edit(hp, edit, "diffusion_sae.scale_features")
     try:
         yield
     finally:

@@ -121,74 +121,65 @@ def render_targets(obj: str, style: str, colour: str, n: int, seed: int) -> torc
 # hooks
 # ---------------------------------------------------------------------------------------------
 def _new_hooks(modules, before: dict[int, set]):
+    """(module, edit object) of every EditHook registered on `modules` since `before` (_hook_keys)."""
+    from ..models import EditHook, registered
+
     for m in modules:
-        for k in set(m._forward_hooks) - before.get(id(m), set()):
-            hook = m._forward_hooks[k]
-            # register_edit wraps the edit object (e.g. SAeUronHook) in a closure that carries it as `.edit`
-            yield m, getattr(hook, "edit", hook)
+        for name, hook in registered(m, EditHook).items():
+            if name not in before.get(id(m), set()):
+                yield m, hook
 
 
 @contextlib.contextmanager
 def _differentiable_edits(modules, before: dict[int, set]):
-    """gradient="exact": hooks installed since `before` whose `edit_tokens` is a no_grad-decorated method
+    """gradient="exact": edits registered since `before` whose `edit_tokens` is a no_grad-decorated method
     (SAeUronHook) get the undecorated method for the duration, so autograd sees the real edit (exact
     almost everywhere: TopK choice and firing mask are piecewise constant)."""
     patched = []
     for _, hook in _new_hooks(modules, before):
-        fn = getattr(type(hook), "edit_tokens", None)
+        edit = hook.edit
+        fn = getattr(type(edit), "edit_tokens", None)
         raw = getattr(fn, "__wrapped__", None)
-        if raw is not None and "edit_tokens" not in vars(hook):
-            hook.edit_tokens = raw.__get__(hook)
-            patched.append(hook)
+        if raw is not None and "edit_tokens" not in vars(edit):
+            edit.edit_tokens = raw.__get__(edit)
+            patched.append(edit)
     try:
         yield len(patched)
     finally:
-        for hook in patched:
-            vars(hook).pop("edit_tokens", None)
+        for edit in patched:
+            vars(edit).pop("edit_tokens", None)
 
 
 def _hook_keys(modules) -> dict[int, set]:
-    return {id(m): set(m._forward_hooks) for m in modules}
+    """Names of the hooks in each module's diffusers HookRegistry now (see _new_hooks)."""
+    from ..models import registered
+
+    return {id(m): set(registered(m)) for m in modules}
 
 
 @contextlib.contextmanager
 def _straight_through(modules, before: dict[int, set]):
-    """BPDA for hooks installed since `before` that cut the autograd graph.
+    """BPDA for edits registered since `before` that cut the autograd graph.
 
-    SAeUron's forward hook rewrites the block output under `torch.no_grad`, so its output carries no
+    SAeUron's edit rewrites the block output under `torch.no_grad`, so its output carries no
     gradient and the attacker would see none through the block (in the bundled UNet nothing
     text-conditioned comes after `up_blocks.1.attentions.1`: the gradient would be exactly zero).
-    Around every module that gained a forward hook we add two hooks of our own: one *prepended*
-    that keeps the module's original output x (with its graph), and one *appended* (so it runs after
-    the intervention's) that, when the edited output e has lost the graph that x had, returns
+    Every such output edit (models.hookpoints.EditHook) is switched to straight-through for the
+    duration: when the edited output e has lost the graph that the module's output x had, it returns
 
         x + (e − x).detach()        value: e;  ∂/∂x: identity (straight-through)
 
-    Hooks that keep the graph (Concept Steerers adds a constant) are left alone: their gradient is exact.
+    Edits that keep the graph (Concept Steerers adds a constant) are unaffected: their gradient is exact.
+    Returns the number of modules with such an edit.
     """
-    from ..models import output_tensor, replace_output
-
-    handles, stash = [], {}
-    for m in modules:
-        if set(m._forward_hooks) - before.get(id(m), set()):
-            def keep(mod, args, out):
-                stash[id(mod)] = output_tensor(out, mod)
-
-            def bridge(mod, args, out):
-                x = stash.pop(id(mod), None)
-                if x is None or not torch.is_grad_enabled():
-                    return None
-                e = output_tensor(out, mod)
-                if x.requires_grad and not e.requires_grad and e.shape == x.shape:
-                    return replace_output(out, x + (e - x).detach(), mod)
-                return None
-            handles.append(m.register_forward_hook(keep, prepend=True))
-            handles.append(m.register_forward_hook(bridge))
+    hooks = [(m, h) for m, h in _new_hooks(modules, before) if h.read != "input"]
+    for _, h in hooks:
+        h.straight_through = True
     try:
-        yield len(handles) // 2
+        yield len({id(m) for m, _ in hooks})
     finally:
-        for h in handles:
-            h.remove()
+        for _, h in hooks:
+            h.straight_through = False
 
 
 @contextlib.contextmanager

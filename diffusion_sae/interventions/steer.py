@@ -24,6 +24,7 @@ hook calls, which breaks on SDXL's zeroed negative branch, on batched prompts an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import numbers
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 
 from ..models import resolve_hookpoint
 from ..errors import DiffusionSAEError
-from ..models.hookpoints import output_tensor, replace_output
+from ..models.hookpoints import PreForwardHook, register_edit, register_hook
 
 
 class SteeringError(DiffusionSAEError, ValueError):
@@ -120,14 +121,15 @@ def _family(pipe) -> str:
 
 
 @contextlib.contextmanager
-def _capture(modules):
-    """Record the output tensor of each module during the block."""
+def _capture(hps):
+    """Record the output tensor of each hookpoint's module during the block (an edit that edits nothing)."""
     got: dict[int, torch.Tensor] = {}
     handles = []
-    for i, m in enumerate(modules):
-        def hook(mod, args, out, i=i):
-            got[i] = output_tensor(out).detach()
-        handles.append(m.register_forward_hook(hook))
+    for i, hp in enumerate(hps):
+        def record(h, i=i):
+            got[i] = h.detach()
+            return h
+        handles.append(register_edit(dataclasses.replace(hp, read="output"), record, "diffusion_sae.capture"))
     try:
         yield got
     finally:
@@ -154,7 +156,7 @@ def _id_hooks(pipe, components, got: dict) -> list:
         def pre(mod, args, kwargs, c=c):
             ids = kwargs.get("input_ids", args[0] if args else None)
             got[c] = ids.detach().cpu() if isinstance(ids, torch.Tensor) else None
-        handles.append(getattr(pipe, c).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(register_hook(getattr(pipe, c), PreForwardHook(pre), "diffusion_sae.input_ids"))
     return handles
 
 
@@ -191,7 +193,7 @@ def layer_activations(pipe, hookpoint: str | list[str], prompts: list[str]) -> t
     """[N, T, d] outputs of the named text-encoder layer(s) for prompts, as the pipeline tokenizes them."""
     names = _split_hookpoints(hookpoint)
     hps = _text_hookpoints(pipe, names)
-    with _capture([h.module for h in hps]) as got:
+    with _capture(hps) as got:
         _encode_positive(pipe, prompts)
     missing = [names[i] for i in range(len(hps)) if i not in got]
     if missing:
@@ -318,7 +320,7 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     on the prompt call (+S) are reused for the negative call (−S), expanded to its batch.
     """
     terms: dict[str, list[tuple[torch.Tensor, tuple | None]]] = {}
-    modules, components = {}, {}
+    hookpoints, components = {}, {}
     for st in steerings:
         hps = _text_hookpoints(pipe, st.hookpoints)
         widths = st.widths or [h.width for h in hps]
@@ -328,7 +330,7 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
         off = 0
         for hp, w in zip(hps, widths):
             terms.setdefault(hp.name, []).append((st.matrix[..., off:off + w], tuple(st.gate) if st.gate else None))
-            modules[hp.name] = hp.module
+            hookpoints[hp.name] = dataclasses.replace(hp, read="output")   # S is added to the layer's output
             components[hp.name] = hp.component
             off += w
     ids, masks = {}, {}
@@ -349,11 +351,10 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
         return m
 
     for name, ts in terms.items():
-        def hook(mod, args, out, ts=ts, name=name):
+        def edit(h, ts=ts, name=name):
             sign = sign_of_call(name)
             if sign == 0:
-                return None
-            h = output_tensor(out)
+                return h
             new = h
             for mat, gate in ts:
                 s = mat.to(h.device, h.dtype)
@@ -365,8 +366,8 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
                 else:
                     m = row_mask(name, gate, h.shape[0], sign).to(h.device, h.dtype)
                     new = new + sign * m.view(-1, *([1] * (h.dim() - 1))) * s
-            return replace_output(out, new)
-        handles.append(modules[name].register_forward_hook(hook))
+            return new
+        handles.append(register_edit(hookpoints[name], edit, "diffusion_sae.steering"))
     return handles
 
 

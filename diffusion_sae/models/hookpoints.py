@@ -9,10 +9,13 @@ unknown name is compared against.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
 from ..errors import DiffusionSAEError
 
 READ_MODES = ("output", "input", "update")
@@ -205,33 +208,112 @@ def read_tensor(hp: Hookpoint, module, args: tuple, kwargs: dict, output) -> tor
     return output_tensor(output, module) - input_tensor(args, kwargs)
 
 
-def register_edit(hp: Hookpoint, edit) -> torch.utils.hooks.RemovableHandle:
-    """Hook `hp.module` so that the tensor the hookpoint reads is replaced by `edit(tensor)`.
+# ---------------------------------------------------------------------------------------------------
+# Hooks: every edit and capture is a named ModelHook in the module's diffusers HookRegistry, so it
+# chains with diffusers' offloading / caching hooks and is removed by name.
+# ---------------------------------------------------------------------------------------------------
+_hook_ids = itertools.count()
+
+
+def hook_name(prefix: str) -> str:
+    """A registry name no other hook has: `prefix#n` (registries refuse duplicate names)."""
+    return f"{prefix}#{next(_hook_ids)}"
+
+
+class HookHandle:
+    """Removes one named hook from a module's HookRegistry (like torch's RemovableHandle)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, hook: ModelHook):
+        self.module, self.name, self.hook = module, name, hook
+
+    def remove(self) -> None:
+        registry = getattr(self.module, "_diffusers_hook", None)
+        if registry is not None and self.name in registry.hooks:
+            registry.remove_hook(self.name, recurse=False)
+            # Stateful hooks above this module cache which children carry registries.
+            registry.invalidate_child_registries_cache()
+
+
+def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> HookHandle:
+    """Add `hook` to `module`'s diffusers HookRegistry under `name` (made unique); returns its handle."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    name = hook_name(name)
+    registry.register_hook(hook, name)
+    registry.invalidate_child_registries_cache()
+    return HookHandle(module, name, hook)
+
+
+def registered(module: torch.nn.Module, kind: type = ModelHook) -> dict[str, ModelHook]:
+    """The hooks of type `kind` in `module`'s HookRegistry, by name, in registration order."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return {}
+    return {n: registry.hooks[n] for n in registry._hook_order if isinstance(registry.hooks[n], kind)}
+
+
+class PreForwardHook(ModelHook):
+    """Calls `fn(module, args, kwargs)` before the module runs (what a torch forward pre-hook would see)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.fn(module, args, kwargs)
+        return args, kwargs
+
+
+class EditHook(ModelHook):
+    """Replaces the tensor a hookpoint reads by `edit(tensor)`.
 
     ":input" edits the hidden-state input before the module runs; ":update" keeps the input and replaces
     the module's contribution (output = input + edit(output - input)); otherwise the output is replaced.
-    `edit` may return its argument unchanged. Returns the handle that removes the hook.
+    `edit` may return its argument unchanged. `straight_through` (set by eval/attack.py while it needs
+    gradients): when the edited output has lost the autograd graph the module's own output had (an edit
+    computed under no_grad), return x + (e - x).detach(): the edit's value, the identity's gradient.
     """
-    if hp.read == "input":
-        def pre_hook(module, args, kwargs):
-            x = input_tensor(args, kwargs)
-            new = edit(x)
-            if new is x:
-                return None
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": new}
-            return (new, *args[1:]), kwargs
-        pre_hook.edit = edit
-        return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    def hook(module, args, kwargs, output):
+    def __init__(self, read: str, edit):
+        super().__init__()
+        self.read, self.edit = read, edit
+        self.straight_through = False
+        self._inputs: list[torch.Tensor] = []
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.read == "input":
+            x = input_tensor(args, kwargs)
+            new = self.edit(x)
+            if new is not x:
+                if "hidden_states" in kwargs:
+                    kwargs = {**kwargs, "hidden_states": new}
+                else:
+                    args = (new, *args[1:])
+        elif self.read == "update":
+            self._inputs.append(input_tensor(args, kwargs))
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.read == "input":
+            return output
         h = output_tensor(output, module)
-        if hp.read == "output":
-            new = edit(h)
-            return None if new is h else replace_output(output, new, module)
-        x_in = input_tensor(args, kwargs)
-        update = h - x_in
-        new = edit(update)
-        return None if new is update else replace_output(output, x_in + new, module)
-    hook.edit = edit        # the edit object stays reachable from the module's hook table (eval/attack.py)
-    return hp.module.register_forward_hook(hook, with_kwargs=True)
+        if self.read == "output":
+            new = self.edit(h)
+        else:
+            x_in = self._inputs.pop()
+            update = h - x_in
+            edited = self.edit(update)
+            new = h if edited is update else x_in + edited
+        if new is h:
+            return output
+        if self.straight_through and torch.is_grad_enabled() and h.requires_grad and not new.requires_grad \
+                and new.shape == h.shape:
+            new = h + (new - h).detach()
+        return replace_output(output, new, module)
+
+
+def register_edit(hp: Hookpoint, edit, name: str = "diffusion_sae.edit") -> HookHandle:
+    """Hook `hp.module` so that the tensor the hookpoint reads is replaced by `edit(tensor)` (EditHook).
+
+    Returns the handle that removes the hook; `handle.hook.edit` is the edit object (eval/attack.py reads it).
+    """
+    return register_hook(hp.module, EditHook(hp.read, edit), name)
