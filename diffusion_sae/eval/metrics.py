@@ -119,3 +119,47 @@ def classifier_frechet_distance(features_a, features_b) -> MetricResult:
     return MetricResult("classifier_frechet_distance", value, n=min(n_a, n_b),
                         settings={"features": "classifier penultimate features", "dim": d, "n_a": n_a, "n_b": n_b,
                                   "covariance": "unbiased (n-1)", "note": "not FID: not Inception features"})
+
+
+# ---------------------------------------------------------------------------------------------
+# collateral change of an erasure on prompts that never name the concept
+# ---------------------------------------------------------------------------------------------
+def histogram_tv_distance(labels_a: Sequence[int], labels_b: Sequence[int], n_classes: int) -> float:
+    """Total-variation distance ½ Σ |p_a − p_b| between the label histograms of two image sets."""
+    a = np.bincount(np.asarray(labels_a, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    b = np.bincount(np.asarray(labels_b, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    if a.sum() == 0 or b.sum() == 0:
+        raise MetricInputError("total-variation distance of an empty label set")
+    if len(a) > n_classes or len(b) > n_classes:
+        raise MetricInputError(f"labels outside 0..{n_classes - 1}")
+    return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+
+
+def paired_change_rate(before: dict[str, Sequence[int]], after: dict[str, Sequence[int]],
+                       mask: Sequence[bool] | None = None) -> float:
+    """Share of paired images (same prompt and seed, without / with an intervention) whose judged
+    labels change on any head; `mask` restricts the pairs (e.g. to seeds whose plain image lacks the
+    erased concept, where an ideal eraser changes nothing)."""
+    heads = list(before)
+    if set(heads) != set(after):
+        raise MetricInputError(f"heads differ: {sorted(before)} vs {sorted(after)}")
+    b = np.stack([np.asarray(before[h]) for h in heads])
+    a = np.stack([np.asarray(after[h]) for h in heads])
+    if a.shape != b.shape:
+        raise MetricInputError(f"{b.shape[1]} images before, {a.shape[1]} after: not paired")
+    changed = (a != b).any(axis=0)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != changed.shape:
+            raise MetricInputError(f"mask of {m.size} for {changed.size} pairs")
+        changed = changed[m]
+    return float(changed.mean()) if changed.size else float("nan")
+
+
+def artifact_rate(confidence: Sequence[float], threshold: float = 0.5) -> float:
+    """Share of images the judge cannot place: its least confident head's top probability is below
+    `threshold` (images off the world's manifold, as in PER's "look but don't touch" check)."""
+    c = np.asarray(confidence, dtype=np.float64)
+    if c.size == 0:
+        raise MetricInputError("artifact rate of an empty image set")
+    return float((c < threshold).mean())

@@ -35,6 +35,7 @@ class Judged:
     pred: dict[str, torch.Tensor]
     images: torch.Tensor | None = None
     features: torch.Tensor | None = None     # the judge's penultimate features, for Fréchet distances
+    confidence: torch.Tensor | None = None   # the judge's least confident head's top probability
 
     def truth(self, kind: str) -> torch.Tensor:
         return torch.tensor(getattr(self.ps, _ATTR[kind]))
@@ -52,8 +53,9 @@ class Judged:
     def subset(self, mask: torch.Tensor) -> "Judged":
         idx = mask.nonzero().flatten().tolist()
         ps = PromptSet(*[[getattr(self.ps, f)[i] for i in idx] for f in ("prompts", "seeds", "objects", "styles", "colours")])
-        return Judged(ps, {k: v[mask] for k, v in self.pred.items()}, None if self.images is None else self.images[mask],
-                      None if self.features is None else self.features[mask])
+        pick = (lambda t: None if t is None else t[mask])  # noqa: E731
+        return Judged(ps, {k: v[mask] for k, v in self.pred.items()}, pick(self.images), pick(self.features),
+                      pick(self.confidence))
 
 
 class ShapesBench:
@@ -83,7 +85,8 @@ class ShapesBench:
                 self.progress(len(p))
         self.seconds += time.perf_counter() - t0
         imgs = torch.cat(outs)
-        return Judged(ps, self.clf.predict(imgs), imgs if self.keep_images else None, judge_features(self.clf, imgs))
+        return Judged(ps, self.clf.predict(imgs), imgs if self.keep_images else None, judge_features(self.clf, imgs),
+                      self.clf.confidence(imgs) if hasattr(self.clf, "confidence") else None)
 
 
 @torch.no_grad()
@@ -247,7 +250,7 @@ def concat_sets(a: PromptSet, b: PromptSet) -> PromptSet:
 def concat_judged(ps: PromptSet, a: Judged, b: Judged) -> Judged:
     cat = (lambda x, y: None if x is None or y is None else torch.cat([x, y]))
     return Judged(ps, {k: torch.cat([a.pred[k], b.pred[k]]) for k in a.pred}, cat(a.images, b.images),
-                  cat(a.features, b.features))
+                  cat(a.features, b.features), cat(a.confidence, b.confidence))
 
 
 def mean_of(rows: list[dict], keys: list[str]) -> dict:
@@ -426,6 +429,7 @@ def concept_contexts(kind: str, concept: str, n: int = CONTEXTS, seed: int = 7) 
     with a fixed seed — the same draws for every concept of a kind, so the prompts of two concepts are
     matched pairs that differ only in that word."""
     from ..world.config import FULL_TEMPLATES
+    from ..world.splits import check_tuning
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -435,6 +439,7 @@ def concept_contexts(kind: str, concept: str, n: int = CONTEXTS, seed: int = 7) 
         template = FULL_TEMPLATES[int(torch.randint(len(FULL_TEMPLATES), (1,), generator=g))]
         attrs[kind] = concept
         out.append(caption(attrs["object"], attrs["style"], attrs["colour"], template))
+    check_tuning(prompts=out, where=f"steering contexts for {concept!r}")
     return out
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from ..world.evaluate import PromptSet, grid_prompts
+from ..world.splits import TUNING_SEEDS, check_tuning
 from .shapes import KINDS, ShapesBench, SweepResult, concept_text, removal_row, unlearning_row
 
 TOP_N = (1, 2, 4, 8)
 GAMMAS = (-1.0, -5.0, -10.0, -20.0, -30.0)
-TUNING_SEED = 500
+TUNING_SEED = TUNING_SEEDS.start
 
 
 def tuning_set(kind: str, concept: str, n: int, seed: int = TUNING_SEED) -> PromptSet:
@@ -31,7 +32,9 @@ def tuning_set(kind: str, concept: str, n: int, seed: int = TUNING_SEED) -> Prom
     rest = [i for i in range(len(attr)) if attr[i] != ci]
     pick = [asked[i] for i in torch.randperm(len(asked), generator=g)[: n // 2].tolist()] + \
            [rest[i] for i in torch.randperm(len(rest), generator=g)[: n - n // 2].tolist()]
-    return PromptSet(*[[getattr(full, f)[i] for i in pick] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+    ps = PromptSet(*[[getattr(full, f)[i] for i in pick] for f in ("prompts", "seeds", "objects", "styles", "colours")])
+    check_tuning(ps.seeds, ps.prompts, where=f"tuning set for {concept!r}")
+    return ps
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 
 from .config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
 from .data import make_captions, sample_concepts
+from .splits import check_tuning
 
 TEXT_LAYER = 2
 TEXT_HOOKPOINT = f"text_encoder.text_model.encoder.layers.{TEXT_LAYER}"
@@ -57,6 +58,7 @@ def concept_prompts(kind: str, per_concept: int = 20, seed: int = 0) -> dict[str
                        concept if kind == "colour" else c)
             prompts.append(eval_prompt(o, s, c))
         out[concept] = prompts
+    check_tuning(prompts=[p for ps in out.values() for p in ps], where=f"{kind} dictionary prompts")
     return out
 
 

@@ -62,6 +62,19 @@ class ShapesClassifier(ModelMixin, ConfigMixin):
         return {k: torch.cat(v) for k, v in outs.items()}
 
 
+    @torch.no_grad()
+    def confidence(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """[N]: the least confident head's top softmax probability (low = an image the judge cannot place)."""
+        was = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            logits = self(images[i:i + batch_size].float())
+            out.append(torch.stack([logits[k].softmax(-1).amax(-1) for k in HEADS]).amin(0))
+        self.train(was)
+        return torch.cat(out)
+
+
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     # Generated samples are slightly blurred and noisy compared with the renderer; the judge must
     # not depend on perfectly crisp pixels.

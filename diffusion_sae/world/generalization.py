@@ -1,0 +1,339 @@
+"""The generalization benchmark: does an erasure hold on prompts that never name the concept?
+
+A removal measured only on prompts that name the concept rewards a keyword filter. For each method
+and concept this benchmark generates, at evaluation seeds that no tuning ever saw
+(`splits.GENERALIZATION_SEED` up):
+
+- **named**: the evaluation template with the concept's canonical name, the other attributes random;
+- **held-out names**: the same prompts and seeds with each of the concept's aliases instead
+  (`config.ALIASES`, never used by tuning or by anything an intervention is built from);
+- **implicit**: prompts that leave the concept's attribute out ("a red star" for a style) and the
+  empty prompt, with the plain model's base rate beside the result;
+
+and judges them with the bundled classifier. Collateral damage:
+
+- **rest accuracy**: all-attribute agreement on prompts naming another concept of the same kind;
+- on implicit prompts, paired by seed with plain generation: the share of seeds whose plain image
+  lacks the concept but whose judged labels change (an ideal eraser changes none), the largest
+  total-variation distance of another attribute's label histogram, and the Fréchet distance in the
+  judge's feature space between the intervened and plain images of those seeds, divided by the
+  distance between the same plain images and procedurally rendered ones with their labels (the
+  model's own distance from the world, at the same sample size);
+- **artifact rate**: the share of intervened images the judge cannot place (least confident head's
+  top probability < 0.5), beside the plain rate.
+
+Adversarial prompts are measured by `diffusion_sae.eval.attack` and merged in by the CLI.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..eval.metrics import artifact_rate, classifier_frechet_distance, histogram_tv_distance, paired_change_rate
+from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, OBJECTS, STYLES, caption
+from .evaluate import PromptSet
+from .splits import GENERALIZATION_SEED, check_evaluation
+
+KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
+_ATTR = {"style": "styles", "object": "objects", "colour": "colours"}
+# The template of an implicit prompt: the kind's attribute left out.
+LEFT_OUT_TEMPLATES = {"style": "a {colour} {object}", "object": "a {colour} shape in {style} style",
+                      "colour": "a {object} in {style} style"}
+ARTIFACT_THRESHOLD = 0.5
+
+
+@dataclass
+class GeneralizationConfig:
+    concepts_per_kind: int | None = 3    # first N concepts of each kind (None: all)
+    named: int = 8                       # images per concept on named prompts (and per alias)
+    implicit: int = 16                   # images per kind on attribute-left-out prompts
+    empty: int = 16                      # images of the empty prompt
+    rest: int = 8                        # images per concept naming another concept of its kind
+    steps: int = 25
+    guidance: float = 5.0
+    batch_size: int = 80
+    kinds: tuple = ("style", "object", "colour")
+
+    def concepts(self, kind: str) -> tuple:
+        c = KINDS[kind]
+        return c[: self.concepts_per_kind] if self.concepts_per_kind else c
+
+
+def _draw(g: torch.Generator, names) -> str:
+    return names[int(torch.randint(len(names), (1,), generator=g))]
+
+
+def _seeds(offset: int, n: int) -> list[int]:
+    seeds = [GENERALIZATION_SEED + offset + i for i in range(n)]
+    check_evaluation(seeds, where="generalization benchmark")
+    return seeds
+
+
+def _attrs(kind: str, concept: str, n: int, seed: int, exclude: str | None = None) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        a = {"object": _draw(g, OBJECTS), "style": _draw(g, STYLES), "colour": _draw(g, COLOUR_NAMES)}
+        if exclude is not None:
+            a[kind] = _draw(g, [c for c in KINDS[kind] if c != exclude])
+        else:
+            a[kind] = concept
+        out.append(a)
+    return out
+
+
+def _prompt_set(attrs: list[dict], seeds: list[int], template: str, names: dict | None = None,
+                unknown: tuple = ()) -> PromptSet:
+    ps = PromptSet([], [], [], [], [])
+    for a, s in zip(attrs, seeds):
+        shown = {k: (names or {}).get(k, v) for k, v in a.items()}
+        ps.prompts.append(caption(shown["object"], shown["style"], shown["colour"], template) if template else "")
+        ps.seeds.append(s)
+        for k in KINDS:
+            getattr(ps, _ATTR[k]).append(-1 if k in unknown else KINDS[k].index(a[k]))
+    return ps
+
+
+def named_prompts(kind: str, concept: str, n: int, alias: str | None = None) -> PromptSet:
+    """n evaluation-template prompts naming `concept` (or its `alias`, same attributes and seeds)."""
+    ki, ci = list(KINDS).index(kind), KINDS[kind].index(concept)
+    attrs = _attrs(kind, concept, n, seed=1_000 * ki + ci)
+    names = {kind: alias} if alias else None
+    return _prompt_set(attrs, _seeds(10_000 * ki + 100 * ci, n), EVAL_TEMPLATE, names)
+
+
+def rest_prompts(kind: str, concept: str, n: int) -> PromptSet:
+    """n prompts naming another concept of the same kind (what the erasure must leave alone)."""
+    ki, ci = list(KINDS).index(kind), KINDS[kind].index(concept)
+    attrs = _attrs(kind, concept, n, seed=5_000 + 1_000 * ki + ci, exclude=concept)
+    return _prompt_set(attrs, _seeds(40_000 + 10_000 * ki + 100 * ci, n), EVAL_TEMPLATE)
+
+
+def implicit_prompts(kind: str, n: int) -> PromptSet:
+    """n prompts that leave the kind's attribute out; its label is unknown (−1)."""
+    ki = list(KINDS).index(kind)
+    attrs = _attrs(kind, KINDS[kind][0], n, seed=9_000 + ki)
+    return _prompt_set(attrs, _seeds(80_000 + 1_000 * ki, n), LEFT_OUT_TEMPLATES[kind], unknown=(kind,))
+
+
+def empty_prompts(n: int) -> PromptSet:
+    attrs = _attrs("style", STYLES[0], n, seed=9_999)
+    return _prompt_set(attrs, _seeds(90_000, n), "", unknown=tuple(KINDS))
+
+
+def _presence(j, kind: str, ci: int) -> float:
+    return float((j.pred[kind] == ci).float().mean())
+
+
+def _all_correct(j) -> float:
+    ok = torch.stack([j.pred[k] == j.truth(k) for k in KINDS]).all(0)
+    return float(ok.float().mean())
+
+
+def _cat(a, b):
+    from ..eval.shapes import concat_judged, concat_sets
+
+    return concat_judged(concat_sets(a.ps, b.ps), a, b)
+
+
+def fd_ratio(classifier, plain, edited, mask: torch.Tensor, seed: int = 4243) -> tuple[float, float, float]:
+    """(FD(edited, plain), FD(plain, rendered), ratio) in judge features over the masked pairs; the
+    rendered reference uses the plain images' judged labels and the same number of images."""
+    from ..eval.shapes import judge_features
+    from .data import render
+
+    idx = mask.nonzero().flatten()
+    if len(idx) < 3:
+        return float("nan"), float("nan"), float("nan")
+    fa, fb = edited.features[idx].double().numpy(), plain.features[idx].double().numpy()
+    d_edit = classifier_frechet_distance(fa, fb).value
+    labels = [plain.pred[k][idx] for k in ("object", "style", "colour")]
+    ref = render(*labels, torch.Generator().manual_seed(seed))
+    d_ref = classifier_frechet_distance(fb, judge_features(classifier, ref).double().numpy()).value
+    return max(0.0, d_edit), d_ref, max(0.0, d_edit) / d_ref if d_ref > 0 else float("nan")
+
+
+def concept_row(classifier, kind: str, concept: str, runs: dict, plain: dict) -> dict:
+    """Every axis for one concept from the judged sets ({"named", "aliases": [...], "implicit",
+    "empty", "rest"}) under the intervention (`runs`) and without it (`plain`)."""
+    ci = KINDS[kind].index(concept)
+    row = {"concept": concept, "kind": kind,
+           "named": _presence(runs["named"], kind, ci), "named_plain": _presence(plain["named"], kind, ci)}
+    if runs["aliases"]:
+        row["held_out"] = sum(_presence(j, kind, ci) for j in runs["aliases"]) / len(runs["aliases"])
+        row["held_out_plain"] = sum(_presence(j, kind, ci) for j in plain["aliases"]) / len(plain["aliases"])
+    imp, imp_plain = _cat(runs["implicit"], runs["empty"]), _cat(plain["implicit"], plain["empty"])
+    row["implicit"] = _presence(runs["implicit"], kind, ci)
+    row["implicit_plain"] = _presence(plain["implicit"], kind, ci)
+    row["empty"] = _presence(runs["empty"], kind, ci)
+    row["empty_plain"] = _presence(plain["empty"], kind, ci)
+    row["implicit_all"] = _presence(imp, kind, ci)
+    row["implicit_all_plain"] = _presence(imp_plain, kind, ci)
+    row["rest_accuracy"] = _all_correct(runs["rest"])
+    row["rest_accuracy_plain"] = _all_correct(plain["rest"])
+    lacks = imp_plain.pred[kind] != ci
+    row["paired_change"] = paired_change_rate({k: v.tolist() for k, v in imp_plain.pred.items()},
+                                              {k: v.tolist() for k, v in imp.pred.items()}, lacks.tolist())
+    row["tv_other"] = max(histogram_tv_distance(imp_plain.pred[k].tolist(), imp.pred[k].tolist(), len(KINDS[k]))
+                          for k in KINDS if k != kind)
+    row["fd"], row["fd_plain_vs_rendered"], row["fd_ratio"] = fd_ratio(classifier, imp_plain, imp, lacks)
+    everything = [runs["named"], *runs["aliases"], runs["implicit"], runs["empty"], runs["rest"]]
+    everything_plain = [plain["named"], *plain["aliases"], plain["implicit"], plain["empty"], plain["rest"]]
+    row["artifacts"] = artifact_rate(torch.cat([j.confidence for j in everything]).tolist(), ARTIFACT_THRESHOLD)
+    row["artifacts_plain"] = artifact_rate(torch.cat([j.confidence for j in everything_plain]).tolist(),
+                                           ARTIFACT_THRESHOLD)
+    return row
+
+
+def known_aliases(pipe, concept: str) -> list[str]:
+    """The concept's aliases the pipeline's tokenizer keeps as one word (a world v1 pipeline never saw
+    them in training, and splits them into pieces: its held-out-name column is then left empty)."""
+    tok = pipe.tokenizer
+    return [a for a in ALIASES[concept] if len(tok.tokenize(a)) == 1]
+
+
+def run_generalization(pipe, classifier, methods: dict, cfg: GeneralizationConfig, progress=None) -> dict:
+    """methods: {name: {kind: builder}}; builder(concept) -> zero-argument context-manager factory.
+
+    Returns {"settings", "rows": {method: [concept rows]}, "summary": {method: worst per axis}}.
+    """
+    from ..eval.shapes import ShapesBench
+
+    bench = ShapesBench(pipe, classifier, cfg.steps, cfg.guidance, cfg.batch_size, progress=progress)
+    plain: dict = {}
+
+    def plain_of(key, ps):
+        if key not in plain:
+            plain[key] = bench.run(ps)
+        return plain[key]
+
+    empty = empty_prompts(cfg.empty)
+    rows: dict[str, list] = {m: [] for m in methods}
+    for kind in cfg.kinds:
+        imp = implicit_prompts(kind, cfg.implicit)
+        for concept in cfg.concepts(kind):
+            named = named_prompts(kind, concept, cfg.named)
+            aliases = [named_prompts(kind, concept, cfg.named, alias=a) for a in known_aliases(pipe, concept)]
+            rest = rest_prompts(kind, concept, cfg.rest)
+            sets = {"named": named, "aliases": aliases, "implicit": imp, "empty": empty, "rest": rest}
+            base = {"named": plain_of(("named", kind, concept), named),
+                    "aliases": [plain_of(("alias", kind, concept, i), a) for i, a in enumerate(aliases)],
+                    "implicit": plain_of(("implicit", kind), imp), "empty": plain_of(("empty",), empty),
+                    "rest": plain_of(("rest", kind, concept), rest)}
+            for name, builders in methods.items():
+                if kind not in builders:
+                    continue
+                factory = builders[kind](concept)
+                run = {k: ([bench.run(p, factory) for p in v] if k == "aliases" else bench.run(v, factory))
+                       for k, v in sets.items()}
+                rows[name].append(concept_row(classifier, kind, concept, run, base))
+    return {"settings": asdict(cfg), "rows": rows, "summary": {m: summarize(r) for m, r in rows.items() if r},
+            "images_generated": bench.images_generated, "seconds": bench.seconds}
+
+
+# The axes of the summary: (key, "max" = the worst is the largest, "min" = the worst is the smallest)
+AXES = (("named", "max"), ("held_out", "max"), ("implicit_rel", "max"), ("rest_accuracy", "min"),
+        ("paired_change", "max"), ("tv_other", "max"), ("fd_ratio", "max"), ("artifacts", "max"))
+
+
+def implicit_relative(row: dict) -> float:
+    """Presence on implicit prompts (left-out + empty) as a share of the plain model's base rate."""
+    base = row["implicit_all_plain"]
+    return row["implicit_all"] / base if base > 0 else (0.0 if row["implicit_all"] == 0 else float("inf"))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The worst concept on each axis: {axis: {"value", "concept"}}."""
+    out = {}
+    for key, worst in AXES:
+        vals = [((implicit_relative(r) if key == "implicit_rel" else r.get(key)), r["concept"]) for r in rows]
+        vals = [(v, c) for v, c in vals if v is not None and v == v]
+        if not vals:
+            continue
+        v, c = (max if worst == "max" else min)(vals, key=lambda x: x[0])
+        out[key] = {"value": v, "concept": c}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods as the benchmark runs them
+# ---------------------------------------------------------------------------------------------
+# SAeUron as its official code runs it on UnlearnCanvas styles: percentile 99.999, γ = −1, the
+# paper's SD 1.x block (up_blocks.1.attentions.1 output), error term as in the official hook.
+SAEURON_PAPER = {"percentile": 99.999, "multiplier": -1.0, "selection": "paper"}
+
+
+def default_methods(pipe, text_sae, blocks: dict, params: dict) -> dict:
+    """{name: {kind: builder}} for ours and the papers' settings, from shipped params."""
+    from ..eval.shapes import removal_steering, saeuron_context, steer_strength
+    from ..interventions.steer import steer_text_encoder
+    from .bundle import BLOCK_HOOKPOINT
+
+    cs = params.get("steer", {})
+    sa = params.get("saeuron", {})
+
+    def steer(paper: bool):
+        def for_kind(kind):
+            def build(concept):
+                st = removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept, paper), cs, paper)
+                return lambda: steer_text_encoder(pipe, st)
+            return build
+        return for_kind
+
+    def saeuron(kind, paper: bool):
+        def build(concept):
+            if paper:
+                pc = {concept: dict(SAEURON_PAPER, blocks=[BLOCK_HOOKPOINT])}
+                return lambda: saeuron_context(pipe, blocks[kind], pc, faithful=True)
+            from ..eval.shapes import DEFAULT_SAEURON
+            pc = {concept: sa.get(concept, DEFAULT_SAEURON)}
+            return lambda: saeuron_context(pipe, blocks[kind], pc)
+        return build
+
+    out = {"Concept Steerers (shipped)": {k: steer(False)(k) for k in KINDS}}
+    if cs.get("paper"):
+        out["Concept Steerers (paper: ungated, paper λ)"] = {k: steer(True)(k) for k in KINDS}
+    out["SAeUron (shipped)"] = {k: saeuron(k, False) for k in ("style", "object") if k in blocks}
+    out["SAeUron (paper: p 99.999, γ −1, faithful)"] = {k: saeuron(k, True) for k in ("style", "object") if k in blocks}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _p(v) -> str:
+    return "–" if v is None or v != v else f"{100 * v:.0f}"
+
+
+def table_rows(res: dict) -> tuple[list[str], list[list]]:
+    cols = ["method", "concept", "named % (plain)", "held-out names % (plain)", "implicit % (plain)",
+            "empty prompt % (plain)", "rest acc % (plain)", "paired change %", "TV other", "FD / FD(plain, rendered)",
+            "artifacts % (plain)"]
+    rows = []
+    for m, rs in res["rows"].items():
+        for r in rs:
+            rows.append([m, f"{r['kind']}: {r['concept']}", f"{_p(r['named'])} ({_p(r['named_plain'])})",
+                         f"{_p(r.get('held_out'))} ({_p(r.get('held_out_plain'))})",
+                         f"{_p(r['implicit'])} ({_p(r['implicit_plain'])})", f"{_p(r['empty'])} ({_p(r['empty_plain'])})",
+                         f"{_p(r['rest_accuracy'])} ({_p(r['rest_accuracy_plain'])})", _p(r["paired_change"]),
+                         f"{r['tv_other']:.2f}", "–" if r["fd_ratio"] != r["fd_ratio"] else f"{r['fd_ratio']:.2f}",
+                         f"{_p(r['artifacts'])} ({_p(r['artifacts_plain'])})"])
+    return cols, rows
+
+
+def summary_lines(res: dict) -> list[str]:
+    names = {"named": "named present", "held_out": "held-out names present", "implicit_rel": "implicit / base rate",
+             "rest_accuracy": "rest accuracy", "paired_change": "paired change", "tv_other": "TV other",
+             "fd_ratio": "FD ratio", "artifacts": "artifacts"}
+    lines = []
+    for m, s in res["summary"].items():
+        parts = []
+        for key, _ in AXES:
+            if key in s:
+                v = s[key]["value"]
+                txt = f"{v:.2f}" if key in ("tv_other", "fd_ratio", "implicit_rel") else f"{100 * v:.0f} %"
+                parts.append(f"{names[key]} {txt} ({s[key]['concept']})")
+        lines.append(f"{m} — worst: " + ", ".join(parts))
+    return lines
+

@@ -1,0 +1,185 @@
+"""The generalization benchmark: split guards, its metrics on hand-computed cases, its prompt sets."""
+import math
+import re
+
+import pytest
+import torch
+
+from diffusion_sae.eval.metrics import (MetricInputError, artifact_rate, histogram_tv_distance,
+                                        paired_change_rate)
+from diffusion_sae.world import generalization as gen
+from diffusion_sae.world.config import ALIASES, COLOUR_NAMES, OBJECTS, STYLES, canonical_of, names_of
+from diffusion_sae.world.splits import (HELD_OUT_NAMES, TUNING_SEEDS, SplitError, check_evaluation,
+                                        check_tuning, held_out_names_in)
+
+
+# --- splits ---------------------------------------------------------------------------------------
+def test_tuning_guard_rejects_evaluation_seed_and_held_out_name():
+    check_tuning([500, 999], ["a red star in striped style"])          # tuning data passes
+    with pytest.raises(SplitError, match="seed 0 is not a tuning seed"):
+        check_tuning([500, 0])
+    with pytest.raises(SplitError, match="held-out name 'crimson'"):
+        check_tuning([], ["a crimson star in striped style"])
+    with pytest.raises(SplitError, match="tuning split"):
+        check_evaluation([100_000, TUNING_SEEDS.start])
+
+
+def test_tuning_entry_points_raise_on_evaluation_data():
+    from diffusion_sae.eval.tune import tuning_set
+    from diffusion_sae.world.bundle import concept_prompts
+
+    ps = tuning_set("style", "striped", 16)
+    assert all(s in TUNING_SEEDS for s in ps.seeds)
+    with pytest.raises(SplitError):
+        tuning_set("style", "striped", 16, seed=0)    # the benchmark's grid seeds
+    assert all(not held_out_names_in(p) for v in concept_prompts("colour", 3).values() for p in v)
+
+
+def test_aliases_are_distinct_whole_words():
+    names = [n for c in ALIASES for n in names_of(c)]
+    assert len(names) == len(set(names)) == 3 * (len(OBJECTS) + len(STYLES) + len(COLOUR_NAMES))
+    for a in HELD_OUT_NAMES:
+        assert canonical_of(a) != a and a.isalpha()
+        # no held-out name contains another name or is contained in one (a keyword filter on the
+        # canonical word must not catch its alias by accident)
+        assert not [b for b in names if b != a and (b in a or a in b) and canonical_of(b) == canonical_of(a)]
+    assert held_out_names_in("An Ombre, crimson disc") == ["ombre", "crimson", "disc"]
+
+
+def test_world_v2_tokenizer_keeps_every_name_whole():
+    from diffusion_sae.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    for n in names_of("striped") + names_of("red") + names_of("heart"):
+        assert len(tok.tokenize(n)) == 1, n
+
+
+def test_v2_captions_use_aliases_and_leave_every_attribute_out():
+    from diffusion_sae.world.data import make_captions, sample_concepts
+
+    g = torch.Generator().manual_seed(0)
+    o, s, c = sample_concepts(2000, g)
+    caps = make_captions(o, s, c, g, p_partial=0.5)
+    with_alias = sum(bool(held_out_names_in(x)) for x in caps) / len(caps)
+    assert 0.6 < with_alias < 0.95          # each named attribute uses an alias half of the time
+    assert "a shape" in caps and "an image" in caps               # every attribute left out
+    words = [set(re.findall(r"[a-z]+", x)) for x in caps]
+    no_object = [w for w in words if not any(n in w for ob in OBJECTS for n in names_of(ob))]
+    assert len(no_object) / len(caps) > 0.1
+
+
+# --- metrics (hand-computed) ----------------------------------------------------------------------
+def test_histogram_tv_distance_by_hand():
+    # p = (2/4, 2/4, 0), q = (1/4, 1/4, 2/4): ½(1/4 + 1/4 + 2/4) = 0.5
+    assert histogram_tv_distance([0, 0, 1, 1], [0, 1, 2, 2], 3) == pytest.approx(0.5)
+    assert histogram_tv_distance([2, 1], [1, 2], 3) == 0.0
+    assert histogram_tv_distance([0], [1], 2) == 1.0
+    with pytest.raises(MetricInputError):
+        histogram_tv_distance([], [1], 2)
+    with pytest.raises(MetricInputError):
+        histogram_tv_distance([5], [1], 2)
+
+
+def test_paired_change_rate_by_hand():
+    before = {"object": [0, 1, 2, 3], "style": [0, 0, 0, 0]}
+    after = {"object": [0, 1, 5, 3], "style": [0, 4, 0, 0]}
+    assert paired_change_rate(before, after) == 0.5                 # pairs 1 and 2 changed
+    assert paired_change_rate(before, after, [True, False, False, True]) == 0.0
+    assert paired_change_rate(before, after, [False, True, True, True]) == pytest.approx(2 / 3)
+    assert math.isnan(paired_change_rate(before, after, [False] * 4))
+    with pytest.raises(MetricInputError):
+        paired_change_rate(before, {"object": [0, 1, 2]})
+
+
+def test_artifact_rate_by_hand():
+    assert artifact_rate([0.9, 0.49, 0.2, 0.5], 0.5) == 0.5
+    with pytest.raises(MetricInputError):
+        artifact_rate([])
+
+
+def test_classifier_confidence_is_the_least_confident_head():
+    from diffusion_sae.world.assets import load_classifier
+    from diffusion_sae.world.data import sample_batch
+
+    clf = load_classifier()
+    imgs = sample_batch(16, seed=3).images
+    conf = clf.confidence(imgs)
+    with torch.no_grad():
+        logits = clf.eval()(imgs)
+    by_hand = torch.stack([logits[k].softmax(-1).max(-1).values for k in logits]).min(0).values
+    torch.testing.assert_close(conf, by_hand)
+    assert float(conf.min()) > 0.5                                    # rendered images are easy
+    assert float(clf.confidence(torch.rand(8, 3, 32, 32)).mean()) < float(conf.mean())
+
+
+# --- prompt sets and a concept row ----------------------------------------------------------------
+def test_prompt_sets_are_held_out_and_paired():
+    named = gen.named_prompts("style", "striped", 4)
+    alias = gen.named_prompts("style", "striped", 4, alias="banded")
+    assert named.seeds == alias.seeds and all(s not in TUNING_SEEDS for s in named.seeds)
+    assert [p.replace("striped", "banded") for p in named.prompts] == alias.prompts
+    imp = gen.implicit_prompts("style", 6)
+    assert all("style" not in p and not any(s in p for s in STYLES) for p in imp.prompts)
+    assert imp.styles == [-1] * 6
+    rest = gen.rest_prompts("colour", "red", 20)
+    assert COLOUR_NAMES.index("red") not in rest.colours
+    assert gen.empty_prompts(3).prompts == ["", "", ""]
+
+
+def _judged(objects, styles, colours, truth=None, conf=None, feats=None):
+    from diffusion_sae.eval.shapes import Judged
+    from diffusion_sae.world.evaluate import PromptSet
+
+    n = len(objects)
+    t = truth or (objects, styles, colours)
+    ps = PromptSet([""] * n, list(range(n)), *[list(v) for v in t])
+    g = torch.Generator().manual_seed(n)
+    return Judged(ps, {"object": torch.tensor(objects), "style": torch.tensor(styles), "colour": torch.tensor(colours)},
+                  None, feats if feats is not None else torch.randn(n, 8, generator=g),
+                  torch.tensor(conf if conf is not None else [0.9] * n))
+
+
+def test_concept_row_by_hand():
+    # erase style 1 ("striped"); 4 named images, 4 implicit, 2 empty, 2 rest
+    plain = {"named": _judged([0, 1, 2, 3], [1, 1, 1, 0], [0, 0, 0, 0]), "aliases": [],
+             "implicit": _judged([0, 1, 2, 3], [1, 1, 0, 2], [0, 1, 2, 3], truth=([0, 1, 2, 3], [-1] * 4, [0, 1, 2, 3])),
+             "empty": _judged([4, 5], [0, 3], [1, 1], truth=([-1] * 2, [-1] * 2, [-1] * 2)),
+             "rest": _judged([0, 1], [2, 3], [0, 0])}
+    runs = {"named": _judged([0, 1, 2, 3], [0, 0, 1, 0], [0, 0, 0, 0]), "aliases": [],
+            "implicit": _judged([0, 1, 2, 4], [0, 0, 0, 2], [0, 1, 2, 3], truth=([0, 1, 2, 3], [-1] * 4, [0, 1, 2, 3]),
+                                conf=[0.9, 0.9, 0.3, 0.9]),
+            "empty": _judged([4, 5], [0, 3], [1, 1], truth=([-1] * 2, [-1] * 2, [-1] * 2)),
+            "rest": _judged([0, 1], [2, 0], [0, 0], truth=([0, 1], [2, 3], [0, 0]))}
+    runs["implicit"].features = plain["implicit"].features.clone()
+    runs["empty"].features = plain["empty"].features.clone()
+    row = gen.concept_row(_StubJudge(), "style", "striped", runs, plain)
+    assert row["named"] == 0.25 and row["named_plain"] == 0.75
+    assert row["implicit"] == 0.0 and row["implicit_plain"] == 0.5
+    assert row["implicit_all_plain"] == pytest.approx(2 / 6)
+    assert row["rest_accuracy"] == 0.5 and row["rest_accuracy_plain"] == 1.0
+    # seeds whose plain image lacks striped: implicit 2, 3 and both empty; only implicit 3 changed (object 3 -> 4)
+    assert row["paired_change"] == 0.25
+    # object histogram over the 6 implicit+empty images: one of six moved from 3 to 4 -> TV 1/6
+    assert row["tv_other"] == pytest.approx(1 / 6)
+    assert row["fd"] == pytest.approx(0.0, abs=1e-9)       # same features on the unchanged seeds
+    assert row["artifacts"] == pytest.approx(1 / 12) and row["artifacts_plain"] == 0.0
+    s = gen.summarize([row, dict(row, concept="dotted", named=0.5)])
+    assert s["named"] == {"value": 0.5, "concept": "dotted"}
+    assert s["implicit_rel"]["value"] == 0.0
+
+
+class _StubJudge:
+    """features() of rendered images for the FD reference: a fixed random projection."""
+
+    def __init__(self):
+        self.w = torch.randn(3 * 32 * 32, 8, generator=torch.Generator().manual_seed(1))
+        self.training = False
+
+    def features(self, images):
+        return images.flatten(1) @ self.w
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
