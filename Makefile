@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench bench-venv bench-sae clean
+.PHONY: venv demo test test-slow bench bench-venv bench-sae clean world
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Rebuild every shipped ShapesCanvas asset from nothing (hours of CPU; resumable: rerun after a kill),
+# then copy it over diffusion_sae/world/assets/ (a developer step: the library never writes there).
+# WORLD_FLAGS="--init-from diffusion_sae/world/assets/shapescanvas --unet-steps 4000" fine-tunes instead.
+WORLD_OUT   ?= build/world
+WORLD_FLAGS ?= --unet-steps 8000
+world: $(STAMP)
+	$(BIN)/diffusion-sae world rebuild --out $(WORLD_OUT) $(WORLD_FLAGS)
+	rm -rf diffusion_sae/world/assets/shapescanvas diffusion_sae/world/assets/classifier
+	cp -r $(WORLD_OUT)/shapescanvas $(WORLD_OUT)/classifier diffusion_sae/world/assets/
+	cp -r $(WORLD_OUT)/saes/. diffusion_sae/world/assets/saes/
+	cp $(WORLD_OUT)/rebuild.json $(WORLD_OUT)/world-eval.json diffusion_sae/world/assets/
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

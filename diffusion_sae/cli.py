@@ -130,29 +130,80 @@ def world_export(run_dir: Path = typer.Option(None), out: Path = typer.Option(No
     typer.echo(f"exported step {t.step} to {out}")
 
 
+@world_app.command("rebuild")
+def world_rebuild(out: Path = typer.Option(..., help="Folder for the rebuilt assets (mirrors world/assets/; "
+                                           "`make world` copies it over the shipped files)."),
+                  init_from: Optional[Path] = typer.Option(None, help="Pipeline folder to fine-tune from (v2 from v1)."),
+                  unet_steps: int = 4000, unet_lr: float = 5e-4,
+                  keep_classifier: Optional[Path] = typer.Option(None, help="Copy this classifier instead of training one."),
+                  only: Optional[list[str]] = typer.Option(None, help="Run only these steps (repeatable)."),
+                  threads: int = 0):
+    """Rebuild every ShapesCanvas asset (pipeline, judge, SAEs, dictionaries, evaluation) with recorded seeds
+    and wall times; resumable: a rerun skips finished steps and continues the UNet run."""
+    from .world.rebuild import Rebuild, RebuildConfig
+
+    if unet_steps <= 0 or not unet_lr > 0:
+        fail(f"--unet-steps must be > 0 and --unet-lr > 0, got {unet_steps} and {unet_lr}")
+    if init_from is not None and not (init_from / "model_index.json").exists():
+        fail(f"--init-from {init_from}: no pipeline there (model_index.json missing)")
+    cfg = RebuildConfig(unet_steps=unet_steps, unet_lr=unet_lr, init_from=str(init_from) if init_from else None,
+                        keep_classifier=str(keep_classifier) if keep_classifier else None,
+                        only=tuple(only or ()), threads=threads)
+    rec = Rebuild(out, cfg, log=lambda m: typer.echo(m)).run()
+    total = sum(v.get("seconds", 0) for v in rec["steps"].values())
+    typer.echo(f"rebuild record: {out / 'rebuild.json'} ({total:.0f} s of steps)")
+
+
 @world_app.command("eval")
 def world_eval(model: Path = typer.Option(None, help="Pipeline folder (default: the shipped one)."),
                seeds: int = 3, steps: int = 25, guidance: float = 5.0,
-               out: Path = typer.Option(Path("world-eval.png"), help="Objects x styles grid PNG.")):
-    """Generate every object x style pair (colour cycle, N seeds) and print classifier agreement."""
+               per_alias: int = typer.Option(5, help="Prompts per held-out name (world v2 aliases)."),
+               left_out: int = typer.Option(60, help="Prompts per left-out attribute (and of the empty prompt)."),
+               out: Path = typer.Option(Path("world-eval.png"), help="Objects x styles grid PNG."),
+               json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers here.")):
+    """Prompt following: named prompts (every object x style pair), held-out names, and the marginals
+    of prompts that leave an attribute out, judged by the bundled classifier."""
+    import json as _json
 
     from .world import assets
-    from .world.evaluate import agreement, generate, grid_prompts, image_grid, save_png
+    from .world.evaluate import evaluate_world, image_grid, save_png
 
+    if model is not None and not (model / "model_index.json").is_file():
+        fail(f"--model {model}: no pipeline folder there (model_index.json missing); give a folder written by "
+             "`diffusion-sae world export`")
+    _check_generation(steps, guidance)
+    if seeds <= 0:
+        fail(f"--seeds must be a positive number of images per pair, got {seeds}")
+    _check_out_file(out, exts=(".png",))
+    if json_out is not None:
+        _check_out_file(json_out, "--json", exts=(".json",))
     pipe = assets.load_pipeline(model)
     clf = assets.load_classifier()
-    ps = grid_prompts(seeds)
     with _progress() as p:
-        task = p.add_task("generate", total=len(ps.prompts), info="")
-        imgs = generate(pipe, ps.prompts, ps.seeds, steps=steps, guidance=guidance,
-                        progress=lambda d, n: p.update(task, completed=d))
-    acc = agreement(clf, imgs, ps)
+        task = p.add_task("generate", total=None, info="")
+        res = evaluate_world(pipe, clf, seeds, per_alias, left_out, steps, guidance,
+                             progress=lambda d, n: p.update(task, advance=0, info=f"{d}/{n}"))
+    imgs = res.pop("_named_images")
     from .world.config import OBJECTS, STYLES
     first = imgs.view(len(OBJECTS), len(STYLES), seeds, *imgs.shape[1:])[:, :, 0].reshape(-1, *imgs.shape[1:])
     save_png(image_grid(first, len(OBJECTS), len(STYLES)), out)
-    for k, v in acc.items():
-        typer.echo(f"{k:7s} agreement {100 * v:6.2f} %  ({len(ps.prompts)} images)")
+    n = res["named"]["images"]
+    for k in ("object", "style", "colour"):
+        typer.echo(f"{k:7s} agreement {100 * res['named'][k]:6.2f} %  ({n} images)")
+    typer.echo("held-out names: " + ", ".join(f"{k} {100 * res['held_out'][k]:.2f} %" for k in ("object", "style", "colour"))
+               + f"  ({res['held_out']['images']} images)")
+    for kind, d in res["left_out"].items():
+        for k, shares in d.items():
+            top = max(shares, key=shares.get)
+            what = "empty prompt" if kind == "all" else f"{kind} left out"
+            typer.echo(f"{what}: most frequent {k} {top} {100 * shares[top]:.1f} %")
+    w = res["left_out_worst"]
+    typer.echo(f"left-out marginals: largest share {100 * w['share']:.1f} % ({w['attribute']}, prompts leaving out {w['prompts_leave_out']})")
     typer.echo(f"grid: {out}")
+    if json_out:
+        tmp = json_out.with_name(json_out.name + ".tmp")
+        tmp.write_text(_json.dumps(res, indent=1))
+        os.replace(tmp, json_out)
 
 
 @app.command("collect")
@@ -334,6 +385,10 @@ def _load_sae_arg(path, hookpoint: Optional[str], default_loader, pipe=None):
         sae = default_loader() if path is None else load_sae(str(path), hookpoint=hookpoint)
     except (SAEError, FileNotFoundError, OSError) as e:
         fail(str(e).splitlines()[0])
+    except (AttributeError, TypeError, KeyError, IndexError) as e:  # cfg.json of the wrong shape (a list, ...)
+        fail(f"--sae {path}: not a valid SAE folder (cfg.json or the weights have the wrong structure: "
+             f"{type(e).__name__}); retrain or re-download it")
+    _check_finite_sae(sae, path)
     if pipe is not None:
         from .models.devices import execution_device
 
@@ -350,6 +405,16 @@ def _sae_folder(path) -> Path:
         return resolve_checkpoint(str(path))
     except SAEError as e:
         fail(str(e))
+
+
+def _check_finite_sae(sae, path) -> None:
+    """NaN / inf weights would give blank images with exit code 0: refuse them."""
+    import torch
+
+    for name, t in sae.named_parameters():
+        if not bool(torch.isfinite(t).all()):
+            fail(f"--sae {path or '(bundled)'}: the SAE weight {name} holds NaN or inf values; the file is "
+                 "damaged, retrain it")
 
 
 def _prompt_set(prompts: Optional[Path], prompt: Optional[list[str]], seed: int):
@@ -527,22 +592,76 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
     typer.echo(f"{len(d.concepts)} concepts x {len(d.timesteps)} steps x {d.means.shape[-1]} latents -> {path}")
 
 
-def _strengths(text: str) -> list[float]:
+def _strengths(text: str, option: str = "--strengths") -> list[float]:
+    import math as _math
+
     try:
-        return [float(s) for s in text.split(",") if s.strip()]
+        vals = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        fail(f"--strengths must be comma-separated numbers, got {text!r}")
+        fail(f"{option} must be comma-separated numbers, got {text!r}")
+    if not vals:
+        fail(f"{option}: no number in {text!r}; give comma-separated numbers such as -1,-0.5,0")
+    bad = [v for v in vals if not _math.isfinite(v)]
+    if bad:
+        fail(f"{option} must be finite numbers, got {bad[0]}")
+    return vals
+
+
+def _check_generation(steps: int, guidance: float, **numbers) -> None:
+    """Options every generating command shares, checked before the model loads."""
+    import math as _math
+
+    if steps <= 0:
+        fail(f"--steps must be a positive number of denoising steps, got {steps}")
+    if not _math.isfinite(guidance):
+        fail(f"--guidance must be a finite number, got {guidance}")
+    for opt, v in numbers.items():
+        if v is not None and not _math.isfinite(v):
+            fail(f"--{opt.replace('_', '-')} must be a finite number, got {v}")
+
+
+_FIGURE_EXTS = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp")
+
+
+def _inside_package(path: Path) -> bool:
+    pkg = Path(__file__).resolve().parent
+    res = Path(path).resolve()
+    return res == pkg or pkg in res.parents
+
+
+def _check_out_file(path: Path, option: str = "--out", exts=_FIGURE_EXTS) -> None:
+    """An output file, checked before any image is generated: known extension, not a folder, not inside
+    the package, in a folder that exists or can be made and is writable."""
+    if path.suffix.lower() not in exts:
+        fail(f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of {', '.join(exts)}")
+    if path.is_dir():
+        fail(f"{option} {path} is a folder; give a file name such as {path / ('grid' + exts[0])}")
+    if _inside_package(path):
+        fail(f"{option} {path}: inside the installed diffusion_sae package; write to a folder of your own")
+    _check_writable_parent(path, option)
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    parent = path.resolve().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: cannot write in {parent} (permission denied or not a folder); choose a writable place")
 
 
 def _save_image(img, path: Path) -> None:
     """Save a [3, H, W] tensor in [0, 1] as PNG, atomically."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        fail(f"cannot write {path}: {e.strerror or e}; free space or choose another folder")
 
 
 def _label_grid(images, row_labels, col_labels, path: Path) -> None:
@@ -552,7 +671,16 @@ def _label_grid(images, row_labels, col_labels, path: Path) -> None:
     arrays = [img.permute(1, 2, 0).clamp(0, 1).numpy() for img in images]
     fig = plot_image_grid(arrays, len(row_labels), len(col_labels), row_labels=[r[:40] for r in row_labels],
                           col_labels=col_labels)
-    save_figure(fig, path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: the format follows it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_figure(fig, tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        if tmp.is_file():
+            tmp.unlink()
+        fail(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; free space or "
+             "choose another file")
 
 
 @app.command("steer")
@@ -588,7 +716,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         try:
             lams = [float(strength)]
         except ValueError:
-            fail(f"strength must be a number, got {strength!r}")
+            fail(f"--strength must be a number, got {strength!r}")
+        if not all(map(__import__("math").isfinite, lams)):
+            fail(f"--strength must be a finite number, got {strength!r}")
     else:
         lams = _strengths(strengths)
     if not concept and concept_file is None:
@@ -601,6 +731,16 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if concept_file is not None:
         concepts = {concept_file.name: _prompt_lines(concept_file, "--concept-file")}
     base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
+    # Before the model loads and any image is made: the outputs must be writable files of a known type.
+    _check_generation(steps, guidance)
+    if save_images is not None and len(lams) != 1:
+        fail("--save-images needs a single --strength")
+    if out is not None or save_images is None:
+        _check_out_file(out or Path("steer.png"))
+    if save_images is not None:
+        if save_images.exists() and not save_images.is_dir():
+            fail(f"--save-images {save_images} is a file; give a folder")
+        _check_writable_parent(save_images / "0.png", "--save-images")
     pipe = _load_model(model, device, dtype, offload)
     sae_obj = _load_sae_arg(sae, hookpoint, bundle.load_text_sae, pipe)
     hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
@@ -642,7 +782,12 @@ def _prompt_lines(path: Path, option: str) -> list[str]:
     """The non-empty lines of a prompt file (for example-prompt options)."""
     if not path.is_file():
         fail(f"{option}: no file {path}; give a text file with one prompt per line")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        fail(f"{option}: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8, one prompt per line")
+    except OSError as e:
+        fail(f"{option}: cannot read {path}: {e.strerror or e}")
     if not lines:
         fail(f"{option}: {path} has no prompts; write one prompt per line")
     return lines
@@ -672,6 +817,17 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     from .interventions.ablate import StepGridError, unlearn_concepts
     from .world import bundle
 
+    _check_generation(steps, guidance, multiplier=multiplier)
+    if top_n is not None and top_n <= 0:
+        fail(f"--top-n must be a positive number of features per step, got {top_n}")
+    if percentile is not None and not 0 < percentile < 100:
+        fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
+    if top_n is not None and percentile is not None:
+        fail("give either --top-n or --percentile, not both")
+    if min_fire < 1:
+        fail(f"--min-fire must be at least 1, got {min_fire}")
+    _check_out_file(out)
+
     pipe = _load_model(model, device, dtype, offload)
     if scaling not in ("mean", "latent"):
         fail(f"--scaling must be mean or latent, not {scaling!r}")
@@ -686,7 +842,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
             dicts = [bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))]
         else:
             dicts = [ConceptDictionary.load(dictionary or _sae_folder(f), name=dictionary_name or "concept_dictionary")
-                     for f in sae]
+                     for f in (sae or [None])]  # --dictionary alone: with the bundled SAE
     except DictionaryError as e:
         fail(str(e))
     ps = _prompt_set(prompts, prompt, seed)
@@ -895,6 +1051,14 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 steer_seeds: Optional[int] = typer.Option(None, help="Concept Steerers removal: images per grid prompt that "
                                                           "names the removed concept (the other prompts get --seeds); "
                                                           "default 8, 4 with --quick."),
+                generalization: bool = typer.Option(True, help="Also judge every erasure on held-out names, implicit "
+                                                    "and adversarial prompts (the generalization table)."),
+                gen_concepts: Optional[int] = typer.Option(None, help="Generalization table: first N concepts per kind "
+                                                           "(default 3 with --quick, all otherwise)."),
+                attack_concepts: Optional[int] = typer.Option(None, help="Adversarial column: concepts attacked per kind "
+                                                              "(default 1 with --quick, 3 otherwise; 0 = none)."),
+                attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "
+                                                           "(default 10 with --quick, 40 otherwise)."),
                 steps: int = 25, guidance: float = 5.0):
     """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
     import json as _json
@@ -914,14 +1078,37 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
         task = p.add_task("eval shapes", total=None, info="images")
         res = run_shapes_benchmark(pipe, clf, text_sae, blocks, bundle.load_params(), cfg,
                                    progress=lambda n: p.advance(task, n))
+    sections = shapes_report_sections(res)
+    if generalization:
+        from .eval.attack import AttackConfig
+        from .world import generalization as gen
+
+        gcfg = gen.GeneralizationConfig(concepts_per_kind=gen_concepts or (3 if quick else None), steps=steps,
+                                        guidance=guidance, implicit=12 if quick else 16, empty=12 if quick else 16)
+        methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params())
+        with _progress() as p:
+            task = p.add_task("generalization", total=None, info="images")
+            g = gen.run_generalization(pipe, clf, methods, gcfg, progress=lambda n: p.advance(task, n))
+            n_att = attack_concepts if attack_concepts is not None else (1 if quick else 3)
+            if n_att:
+                acfg = AttackConfig(steps=attack_steps or (10 if quick else 40), n_images=8 if quick else 16)
+                gen.add_adversarial(pipe, clf, methods, g, n_att, acfg, progress=lambda *a: p.advance(task, 1))
+        res["generalization"] = g
+        res["images_generated"] += g["images_generated"]
+        sections.insert(0, gen.report_section(g))
     res["wall_seconds"] = _time.perf_counter() - t0
     settings = {"judge": "bundled ShapesCanvas classifier (argmax per head)", "sampler": f"DDIM {steps} steps",
                 "guidance": guidance, "grid": "object x style, colour cycle" + (" (half: i+j even)" if quick else ""),
                 "seeds": seeds, "wall_seconds": round(res["wall_seconds"], 1), **res["settings"]}
-    paths = write_report(out, "ShapesCanvas benchmark", shapes_report_sections(res), settings)
+    paths = write_report(out, "ShapesCanvas benchmark", sections, settings)
     (out / "results.json").write_text(_json.dumps(res, indent=1, default=str))
     for line in summary_lines(res):
         typer.echo(line)
+    if "generalization" in res:
+        from .world.generalization import summary_lines as gen_summary
+        typer.echo("generalization (held-out seeds; named / held-out names / implicit / adversarial):")
+        for line in gen_summary(res["generalization"]):
+            typer.echo("  " + line)
     typer.echo(f"{res['images_generated']} images in {res['wall_seconds']:.0f} s; report: {paths['md']}")
 
 
@@ -1099,6 +1286,16 @@ def ui_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id or sh
         fail('the web UI needs gradio: pip install "diffusion-sae[ui]"')
     from .app.ui import launch
 
+    if not 1 <= port <= 65535:
+        fail(f"--port must lie in 1..65535, got {port}")
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            fail(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another program may use it, "
+                 "give another --port")
     engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps)
     typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)")
     launch(engine, host=host, port=port, block=True)

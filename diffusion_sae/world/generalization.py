@@ -232,8 +232,38 @@ def run_generalization(pipe, classifier, methods: dict, cfg: GeneralizationConfi
             "images_generated": bench.images_generated, "seconds": bench.seconds}
 
 
+def add_adversarial(pipe, classifier, methods: dict, res: dict, concepts_per_kind: int = 3, attack_cfg=None,
+                    kinds=("style", "object"), progress=None) -> dict:
+    """Attack the first `concepts_per_kind` concepts of each kind under every method
+    (`diffusion_sae.eval.attack`: continuous prompt embeddings, and their projection on the
+    vocabulary) and add `adversarial` / `adversarial_projected` (attack success: share of images the
+    judge finds the concept in) to the matching rows of `res`."""
+    from ..eval.attack import AttackConfig, run_attack_benchmark
+
+    cfg = attack_cfg or AttackConfig()
+    out = {}
+    for kind in kinds:
+        interventions = {name: b[kind] for name, b in methods.items() if kind in b}
+        if not interventions:
+            continue
+        concepts = list(KINDS[kind][:concepts_per_kind])
+        r = run_attack_benchmark(pipe, classifier, interventions, kind, concepts, cfg, progress=progress)
+        out[kind] = {"settings": r["settings"], "seconds": r["seconds"]}
+        for name, rows in r["rows"].items():
+            by_concept = {x["concept"]: x for x in rows}
+            for row in res["rows"].get(name, []):
+                if row["kind"] == kind and row["concept"] in by_concept:
+                    a = by_concept[row["concept"]]
+                    row["adversarial"] = a["asr"]
+                    row["adversarial_projected"] = a.get("asr_projected")
+                    row["adversarial_prompt"] = a.get("projected_text")
+    res["adversarial"] = out
+    res["summary"] = {m: summarize(r) for m, r in res["rows"].items() if r}
+    return res
+
+
 # The axes of the summary: (key, "max" = the worst is the largest, "min" = the worst is the smallest)
-AXES = (("named", "max"), ("held_out", "max"), ("implicit_rel", "max"), ("rest_accuracy", "min"),
+AXES = (("named", "max"), ("held_out", "max"), ("implicit_rel", "max"), ("adversarial", "max"), ("rest_accuracy", "min"),
         ("paired_change", "max"), ("tv_other", "max"), ("fd_ratio", "max"), ("artifacts", "max"))
 
 
@@ -308,7 +338,7 @@ def _p(v) -> str:
 
 def table_rows(res: dict) -> tuple[list[str], list[list]]:
     cols = ["method", "concept", "named % (plain)", "held-out names % (plain)", "implicit % (plain)",
-            "empty prompt % (plain)", "rest acc % (plain)", "paired change %", "TV other", "FD / FD(plain, rendered)",
+            "empty prompt % (plain)", "adversarial % (projected)", "rest acc % (plain)", "paired change %", "TV other", "FD / FD(plain, rendered)",
             "artifacts % (plain)"]
     rows = []
     for m, rs in res["rows"].items():
@@ -316,15 +346,33 @@ def table_rows(res: dict) -> tuple[list[str], list[list]]:
             rows.append([m, f"{r['kind']}: {r['concept']}", f"{_p(r['named'])} ({_p(r['named_plain'])})",
                          f"{_p(r.get('held_out'))} ({_p(r.get('held_out_plain'))})",
                          f"{_p(r['implicit'])} ({_p(r['implicit_plain'])})", f"{_p(r['empty'])} ({_p(r['empty_plain'])})",
+                         f"{_p(r.get('adversarial'))} ({_p(r.get('adversarial_projected'))})",
                          f"{_p(r['rest_accuracy'])} ({_p(r['rest_accuracy_plain'])})", _p(r["paired_change"]),
                          f"{r['tv_other']:.2f}", "–" if r["fd_ratio"] != r["fd_ratio"] else f"{r['fd_ratio']:.2f}",
                          f"{_p(r['artifacts'])} ({_p(r['artifacts_plain'])})"])
     return cols, rows
 
 
+def report_section(res: dict):
+    from ..eval.report import Section, Table
+
+    cols, rows = table_rows(res)
+    text = ("Every erasure judged on prompts that name the concept, on its held-out names (aliases no tuning "
+            "saw), on implicit prompts (the attribute left out, and the empty prompt) and on adversarial "
+            "prompts, at evaluation seeds no tuning used; the plain model's figure in brackets. Presence = "
+            "share of images the judge labels with the concept. Paired change, TV and FD: implicit prompts, "
+            "seeds whose plain image lacks the concept (an ideal eraser changes nothing there); FD ratio = "
+            "judge-space Fréchet distance to plain / the same plain images' distance to rendered ones. "
+            "Artifacts: images whose least confident judge head is below 50 %.")
+    summary = Table("Worst concept per axis", ["method", "worst"],
+                    [[line.split(" — worst: ")[0], line.split(" — worst: ")[1]] for line in summary_lines(res)])
+    return Section("Generalization: named, held-out names, implicit and adversarial prompts", text,
+                   [summary, Table("Per concept, %", cols, rows)])
+
+
 def summary_lines(res: dict) -> list[str]:
     names = {"named": "named present", "held_out": "held-out names present", "implicit_rel": "implicit / base rate",
-             "rest_accuracy": "rest accuracy", "paired_change": "paired change", "tv_other": "TV other",
+             "adversarial": "adversarial success", "rest_accuracy": "rest accuracy", "paired_change": "paired change", "tv_other": "TV other",
              "fd_ratio": "FD ratio", "artifacts": "artifacts"}
     lines = []
     for m, s in res["summary"].items():
