@@ -102,6 +102,12 @@ def _read_pickle(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            # torch's text suggests weights_only=False, i.e. running the file's code: never say that
+            raise SAEError(f"{path}: refused: this file holds code, not just tensors; load only checkpoints "
+                           "you trust, re-saved as tensors (safetensors)") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SAEError(f"{path}: unreadable or truncated torch file ({msg})") from None
 

@@ -77,6 +77,22 @@ class TrainConfig:
             raise SAEError(f"b_dec_init must be geometric_median or mean, got {self.b_dec_init!r}")
         if self.batch_size <= 0:
             raise SAEError(f"batch_size must be positive, got {self.batch_size}")
+        # (the CLI's options are these names with dashes: --lr, --warmup-steps, ...)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SAEError(f"--lr must be a positive finite learning rate such as 2e-4, got {self.lr}")
+        for name, lo in (("auxk_alpha", 0.0), ("grad_clip", 0.0), ("adam_eps", 0.0)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo):
+                raise SAEError(f"--{name.replace('_', '-')} must be a finite number >= {lo:g}, got {v}")
+        for name, lo in (("warmup_steps", 0), ("ckpt_every", 0), ("dead_tokens_threshold", 0), ("log_every", 1),
+                         ("keep_checkpoints", 1), ("calibrate_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SAEError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        for name in ("max_tokens", "k_aux"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise SAEError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +188,15 @@ class SAETrainer:
         self.tokens = 0
         self.initialized = False
         self.history: list[dict] = []
+        if self.run_dir is not None:  # before any training: a run that cannot be saved is refused at once
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise SAEError(f"--out {self.run_dir} is a file; give a folder for the run")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SAEError(f"--out {self.run_dir}: cannot create it ({e.strerror or e}); give a writable folder") from None
+            if not os.access(self.run_dir, os.W_OK | os.X_OK):
+                raise SAEError(f"--out {self.run_dir}: not writable (permission denied); give a writable folder")
         ckpt = self.latest_checkpoint()
         if ckpt is not None:
             from .io import load_sae
@@ -237,8 +262,15 @@ class SAETrainer:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.sae.save_pretrained(tmp / "sae")
-            torch.save(self._state(), tmp / "trainer.pt")
+            try:
+                self.sae.save_pretrained(tmp / "sae")
+                torch.save(self._state(), tmp / "trainer.pt")
+            except (OSError, RuntimeError) as e:  # disk full, folder made read-only: the previous checkpoint stays
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = self.latest_checkpoint()
+                raise SAEError(f"cannot write checkpoint {final} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                               f"{'the last good one is ' + str(last) if last else 'no checkpoint was written'}; "
+                               "free space or fix --out, then rerun to resume") from None
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _atomic_write(self.run_dir / "latest", lambda p: Path(p).write_text(name))
@@ -534,8 +566,20 @@ def iter_activation_files(folder, d_in: int | None = None) -> Iterator[Tensor]:
         else:
             import numpy as np
 
-            tensors = [torch.from_numpy(np.load(p, mmap_mode="r").copy())]
+            try:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:  # object arrays (pickles), truncated or not .npy
+                why = "it holds Python objects, not numbers" if "allow_pickle" in str(e) or "Python objects" in str(e) else \
+                    (str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise SAEError(f"{p}: not a numeric .npy array ({why}); save float activations [tokens, d]") from None
+            if arr.dtype.kind not in "fiub":
+                raise SAEError(f"{p}: .npy of dtype {arr.dtype}, expected float activations [tokens, d]")
+            tensors = [torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("=")))]
         for t in tensors:
+            if t.ndim == 0:
+                raise SAEError(f"{p}: a single number (0-d array), expected activations shaped [tokens, d]")
+            if t.shape[-1] == 0 or t.numel() == 0:
+                raise SAEError(f"{p}: empty array {tuple(t.shape)}, expected activations shaped [tokens, d]")
             if not t.is_floating_point():
                 continue
             if d_in is not None and t.shape[-1] != d_in:
