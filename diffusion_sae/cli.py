@@ -239,6 +239,18 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
 
         state = PartialState(cpu=True) if not os.environ.get("CUDA_VISIBLE_DEVICES") else PartialState()
         rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
+    if not list_hookpoints:  # every option is checked before the model loads and before --out is touched
+        from .activations.collect import parse_keep_steps
+
+        try:
+            CollectConfig(hookpoints=list(hookpoint), steps=steps, guidance=guidance, branches=tuple(branch),
+                          keep_steps=parse_keep_steps(keep_steps), tokens_per_record=tokens_per_record,
+                          batch_size=batch_size, dtype=store_dtype or "float16", height=height, width=width,
+                          shard_mb=shard_mb, max_sequence_length=max_sequence_length)
+        except StoreError as e:
+            fail(str(e))
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out} is a file; give a folder (one store per hookpoint is made inside it)")
     try:
         ps = load_prompts(prompts, column=column, default_seed=seed)
         pipe = load_pipeline(model, device=device, dtype=dtype, offload=offload)
@@ -848,6 +860,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     ps = _prompt_set(prompts, prompt, seed)
     if top_n is None and percentile is None:
         top_n = 1
+    if top_n is not None and top_n > min(s.cfg.num_latents for s in saes):
+        fail(f"--top-n must lie in 1..{min(s.cfg.num_latents for s in saes)} (the SAE's latents), got {top_n}")
     imgs = []
     try:
         for row in ps.rows:
