@@ -371,6 +371,10 @@ def _load_model(model: Optional[str], device: Optional[str] = None, dtype: Optio
     placed by --device/--dtype/--offload (models/devices.py)."""
     from .models.devices import place_pipeline
 
+    if not sys.stderr.isatty():  # loading bars in a log (or a captured stderr) bury the one-line errors
+        from diffusers.utils import logging as _diffusers_logging
+
+        _diffusers_logging.disable_progress_bar()
     try:
         if model in (None, "", SHAPES):
             from .world import assets
@@ -451,13 +455,22 @@ def world_prompts(out: Path = typer.Option(..., help="CSV file to write (prompt,
 
     from .world.bundle import training_captions
 
+    if n <= 0:
+        fail(f"--n must be a positive number of prompts, got {n}")
+    _check_out_file(out, exts=(".csv", ".txt"))
     caps, seeds = training_captions(n, seed)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "evaluation_seed"])
-        w.writerows(zip(caps, seeds))
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prompt", "evaluation_seed"])
+            w.writerows(zip(caps, seeds))
+        os.replace(tmp, out)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        fail(f"cannot write {out}: {e.strerror or e}; free space or choose another file")
     typer.echo(f"wrote {n} prompts to {out}")
 
 
@@ -644,10 +657,10 @@ def _inside_package(path: Path) -> bool:
 def _check_out_file(path: Path, option: str = "--out", exts=_FIGURE_EXTS) -> None:
     """An output file, checked before any image is generated: known extension, not a folder, not inside
     the package, in a folder that exists or can be made and is writable."""
-    if path.suffix.lower() not in exts:
-        fail(f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of {', '.join(exts)}")
     if path.is_dir():
         fail(f"{option} {path} is a folder; give a file name such as {path / ('grid' + exts[0])}")
+    if path.suffix.lower() not in exts:
+        fail(f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of {', '.join(exts)}")
     if _inside_package(path):
         fail(f"{option} {path}: inside the installed diffusion_sae package; write to a folder of your own")
     _check_writable_parent(path, option)
@@ -745,6 +758,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
     # Before the model loads and any image is made: the outputs must be writable files of a known type.
     _check_generation(steps, guidance)
+    _prompt_set(prompts, prompt, seed)  # (read again below) a bad prompt file fails before the model loads
     if save_images is not None and len(lams) != 1:
         fail("--save-images needs a single --strength")
     if out is not None or save_images is None:
@@ -1348,7 +1362,23 @@ def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (a 
     typer.echo(f"dashboard: {index}")
 
 
+def _quiet_libraries() -> None:
+    """Only errors from transformers / diffusers reach stderr: their advice about optional backends
+    (torchvision missing, component types) is not the user's concern and buried the one-line error.
+    TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY set by the user win."""
+    for env, mod in (("TRANSFORMERS_VERBOSITY", "transformers"), ("DIFFUSERS_VERBOSITY", "diffusers")):
+        if env in os.environ:
+            continue
+        os.environ[env] = "error"
+        if mod in sys.modules:  # imported already (in-process callers): the variable came too late
+            try:
+                sys.modules[mod].logging.set_verbosity_error()
+            except AttributeError:
+                pass
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except DiffusionSAEError as e:

@@ -58,3 +58,23 @@ def test_sd15_real_width_dry_run(tmp_path):
     assert img["shape"] == [1, 3, 64, 64] and img["finite"] and img["pipeline_dtype"] == "torch.float32"
     assert img["steer_max_change"] > 1e-3 and img["unlearn_max_change"] > 1e-3
     assert rep["peak_rss_mb"] < 12_000
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_benchmark_without_cuda_is_one_line():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in p.stderr and "no GPU figure" in p.stderr
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_path_on_tiny_cpu_pipelines(tmp_path):
+    """`benchmarks/gpu.py --smoke`: the benchmark's code on the tiny pipelines (44 s on a shared 2-core CPU)."""
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    for fam in ("sd15", "sdxl"):
+        assert all(res[fam][m]["s_per_image"] > 0 for m in ("plain", "steered", "ablated"))

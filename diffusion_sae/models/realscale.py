@@ -62,14 +62,15 @@ SD3_VAE = dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_
 FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 
 
-def _materialise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Replace meta parameters by random ones: weights N(0, 1/fan_in), 1-d weights (norms) 1, biases 0."""
-    gen = torch.Generator().manual_seed(seed)
+def _materialise(module: torch.nn.Module, seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """Replace meta parameters by random ones: weights N(0, 1/fan_in), 1-d weights (norms) 1, biases 0,
+    created directly on `device` in `dtype` (a GPU never holds a float32 copy)."""
+    gen = torch.Generator(device).manual_seed(seed)
     for name, sub in module.named_modules():
         for pname, p in list(sub._parameters.items()):
             if p is None or p.device.type != "meta":
                 continue
-            t = torch.empty(p.shape, dtype=p.dtype)
+            t = torch.empty(p.shape, dtype=dtype, device=device)
             if p.ndim == 1:
                 t.fill_(1.0 if pname == "weight" else 0.0)
             else:
@@ -81,13 +82,17 @@ def _materialise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+_DTYPE = torch.float32  # set by build_real_pipeline for the modules it makes
+
+
 def _make(cls, cfg: dict, device: str, seed: int):
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         m = cls(cfg) if not isinstance(cfg, dict) else cls(**cfg)
     if device != "meta":
-        _materialise(m, seed)
+        _materialise(m, seed, device, _DTYPE)
+        m.to(device)  # buffers (position ids, ...) follow the weights
     return m.eval()
 
 
@@ -103,8 +108,11 @@ def _t5(device: str, seed: int, blocks: int | None):
     return _make(T5EncoderModel, T5Config(**{**T5_XXL, "num_layers": blocks or T5_XXL["num_layers"]}), device, seed)
 
 
-def build_real_pipeline(family: str, device: str = "meta", seed: int = 0, blocks: int | None = None):
-    """A pipeline of `family` (REAL_FAMILIES) at the real configuration, on meta or with random weights."""
+def build_real_pipeline(family: str, device: str = "meta", seed: int = 0, blocks: int | None = None,
+                        dtype: torch.dtype = torch.float32):
+    """A pipeline of `family` (REAL_FAMILIES) at the real configuration, on meta or with random weights
+    made on `device` ("cpu", "cuda", "cuda:N") in `dtype`."""
+    global _DTYPE
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                            FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                            StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
@@ -113,8 +121,7 @@ def build_real_pipeline(family: str, device: str = "meta", seed: int = 0, blocks
 
     if family not in REAL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(REAL_FAMILIES)}")
-    if device not in ("meta", "cpu"):
-        raise ValueError("build on 'meta' or 'cpu', then move with models.devices.place_pipeline")
+    _DTYPE = dtype
     tok = clip_tokenizer()
     s = iter(range(seed, seed + 100))
     if family == "sd15":
