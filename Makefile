@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/diffusion-sae demo --out demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # Rebuild every shipped ShapesCanvas asset from nothing (hours of CPU; resumable: rerun after a kill),

@@ -69,7 +69,7 @@ def world_train_classifier(out: Path = typer.Option(None, help="Output folder (d
         model, _ = train_classifier(cfg, progress=lambda s, n, loss, el: p.update(task, completed=s, info=f"loss {loss:.4f}"))
     acc = accuracy(model)
     assets.save_model_atomic(model, out)
-    typer.echo(f"accuracy on 2000 fresh images: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+    typer.echo("accuracy on 2000 fresh images: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     typer.echo(f"saved {out}")
 
 
@@ -299,7 +299,7 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
                   synthetic_atoms: int = 512, synthetic_active: int = 8,
                   synthetic_tokens: int = typer.Option(1_000_000, help="--synthetic: tokens to draw.")):
     """Train a TopK / BatchTopK SAE and print its metrics (FVU, explained variance, L0, dead fraction)."""
-    from .sae import SAEConfig, SAEError, SyntheticSparseData, TrainConfig, best_cosine, iter_activation_files, train_sae
+    from .sae import SAEConfig, SAEError, SyntheticSparseData, TrainConfig, best_cosine, iter_activation_files
 
     if synthetic == (activations is not None):
         fail("give exactly one of an activation folder or --synthetic")
@@ -373,8 +373,10 @@ def _load_model(model: Optional[str], device: Optional[str] = None, dtype: Optio
 
     if not sys.stderr.isatty():  # loading bars in a log (or a captured stderr) bury the one-line errors
         from diffusers.utils import logging as _diffusers_logging
+        from transformers.utils import logging as _transformers_logging
 
         _diffusers_logging.disable_progress_bar()
+        _transformers_logging.disable_progress_bar()
     try:
         if model in (None, "", SHAPES):
             from .world import assets
@@ -1279,7 +1281,7 @@ def demo_cmd(out: Path = typer.Option(Path("demo"), help="Output folder."),
 def _ui_engine(model: str, text_sae: Optional[Path], block_sae: Optional[Path], stats_prompts: Optional[Path],
                per_concept: int, stats_steps: int):
     from .app.engine import Engine
-    from .concepts.features import default_prompts
+    from .app.shapescanvas import default_prompts, sae_folders
     from .sae import SAEError
 
     if model not in (None, "", SHAPES) and block_sae is None:
@@ -1292,7 +1294,8 @@ def _ui_engine(model: str, text_sae: Optional[Path], block_sae: Optional[Path], 
         prompts, seeds = default_prompts(per_concept)
     pipe = _load_model(model)
     try:
-        return Engine.from_folders(pipe, block_sae, text_sae, model_dir=Path(model) if model and model != SHAPES else None,
+        return Engine.from_folders(pipe, *sae_folders(block_sae, text_sae),
+                                   model_dir=Path(model) if model and model != SHAPES else None,
                                    stats_prompts=prompts, stats_seeds=seeds, stats_steps=stats_steps)
     except (SAEError, FileNotFoundError, OSError, ValueError) as e:
         fail(str(e).splitlines()[0])

@@ -35,12 +35,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served():
-    from diffusion_sae.app.engine import Engine
+    from diffusion_sae.app.shapescanvas import bundled_engine
     from diffusion_sae.app.ui import launch
 
     prompts = ["a red circle in solid style", "a blue star in striped style", "a green heart in dotted style",
                "a yellow ring in wavy style", "a purple square in checkered style", "an orange arrow in noisy style"]
-    engine = Engine.bundled(stats_prompts=prompts, stats_seeds=list(range(len(prompts))), stats_steps=5)
+    engine = bundled_engine(stats_prompts=prompts, stats_seeds=list(range(len(prompts))), stats_steps=5)
     demo, url = launch(engine, host="127.0.0.1", port=_free_port(), block=False)
     try:
         yield engine, url

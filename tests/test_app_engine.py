@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_sae.app.engine import Edit, EditError, Engine, scale_block_features
+from diffusion_sae.app.engine import Edit, EditError, scale_block_features
+from diffusion_sae.app.shapescanvas import bundled_engine
 from diffusion_sae.world import bundle
 
 PROMPT = "a red circle in solid style"
@@ -13,7 +14,7 @@ PROMPT = "a red circle in solid style"
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine.bundled(stats_prompts=[PROMPT], stats_seeds=[0], stats_steps=2)
+    return bundled_engine(stats_prompts=[PROMPT], stats_seeds=[0], stats_steps=2)
 
 
 def _diff(a, b) -> float:

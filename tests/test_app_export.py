@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from diffusion_sae.app.engine import Engine
+from diffusion_sae.app.shapescanvas import bundled_engine
 from diffusion_sae.app.export import export_dashboard
 
 PROMPTS = ["a red circle in solid style", "a blue star in striped style", "a green heart in dotted style",
@@ -18,7 +18,7 @@ PROMPTS = ["a red circle in solid style", "a blue star in striped style", "a gre
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine.bundled(stats_prompts=PROMPTS, stats_seeds=[0, 1, 2, 3], stats_steps=3)
+    return bundled_engine(stats_prompts=PROMPTS, stats_seeds=[0, 1, 2, 3], stats_steps=3)
 
 
 class _Refs(HTMLParser):

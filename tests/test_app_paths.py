@@ -51,9 +51,9 @@ def test_missing_file_is_one_line(tree):
 
 def test_engine_dictionary_field_is_confined():
     """The UI's dictionary field goes through the same check (bundled model)."""
-    from diffusion_sae.app.engine import Engine
+    from diffusion_sae.app.shapescanvas import bundled_engine
 
-    e = Engine.bundled(stats_prompts=["a red circle"], stats_seeds=[0], stats_steps=2)
+    e = bundled_engine(stats_prompts=["a red circle"], stats_seeds=[0], stats_steps=2)
     assert e.use_dictionaries("unet.up_blocks.1.attentions.1/concept_dictionary_colour") == ["colour"]
     assert e.concept_names() == ["red", "green", "blue", "yellow", "purple", "orange"]
     for bad in ("../../../../etc/passwd", "/etc/hostname", "unet.up_blocks.1.attentions.1/../../../config"):

@@ -2,7 +2,6 @@
 report; bad input is one line and exit code 2."""
 from _cli import run_main
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -359,10 +359,14 @@ def test_specificity_bars_and_excess_hand_computed():
         hist[c, 0, j, int(torch.bucketize(torch.tensor(value), e))] += n
 
     # latent 0: concept 0 fires at 2.0 on half its patches; concepts 1 and 2 never fire -> bar 0
-    put(0, 0, 2.0, 50); put(0, 0, 0.0, 50); put(1, 0, 0.0, 100); put(2, 0, 0.0, 100)
+    put(0, 0, 2.0, 50)
+    put(0, 0, 0.0, 50)
+    put(1, 0, 0.0, 100)
+    put(2, 0, 0.0, 100)
     # latent 1: everybody fires at 1.0 on 60 % of patches -> bar ≈ 1.0, excess ≈ 0 for everyone
     for c in range(3):
-        put(c, 1, 1.0, 60); put(c, 1, 0.0, 40)
+        put(c, 1, 1.0, 60)
+        put(c, 1, 0.0, 40)
     bars, excess = _specificity(hist, 0.95)
     assert bars[0, 0, 0] == 0 and abs(float(excess[0, 0, 0]) - 1.0) < 0.12      # 0.5 x 2.0 above a bar of 0
     assert abs(float(bars[0, 0, 1]) - 1.0) < 0.13 and float(excess[0, 0, 1]) < 0.01

@@ -46,7 +46,7 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
     assert got.cfg.hookpoint == HP and got.dtype == torch.float32
     torch.testing.assert_close(got.dense_latents(x), a.dense_latents(x), rtol=0, atol=0)
     # the same through the org/name/sub/folder form, and through TopKSAE.from_pretrained
-    got2 = load_sae(f"org/saes/block/unet.mid_block.attentions.0")
+    got2 = load_sae("org/saes/block/unet.mid_block.attentions.0")
     torch.testing.assert_close(got2.W_dec, b.W_dec, rtol=0, atol=0)
     with pytest.raises(SAEError, match="several hookpoints"):
         load_sae("org/saes", subfolder="block")

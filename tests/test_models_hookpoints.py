@@ -6,7 +6,7 @@ from _tiny import tiny
 
 from diffusion_sae.models import (HookpointError, as_tokens, from_tokens, list_hookpoints, output_tensor,
                                   replace_output, resolve_hookpoint)
-from diffusion_sae.models.clip_bpe import ClipBpeUnavailable, clip_tokenizer_files, load_clip_tokenizer
+from diffusion_sae.models.clip_bpe import ClipBpeUnavailable, load_clip_tokenizer
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 

@@ -1,13 +1,12 @@
 """StepTracker: step index from the timestep argument, branches from the pipeline's batching, clean removal."""
 import pytest
-import torch
 from _tiny import tiny
 
 from diffusion_sae.models import StepTracker
 
 
 def _log(tracker, log):
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs, output):
         log.append((tracker.step_index, tracker.timestep, tracker.num_steps, tracker.branches(tracker.batch_size)))
     return hook
 
@@ -21,8 +20,8 @@ def test_step_index_follows_scheduler_timesteps_across_calls(family, steps):
     if family == "flux":
         kw["max_sequence_length"] = 16
     with StepTracker(pipe) as tr:
-        # registered after the tracker's pre-hook, so it sees the state for this call
-        h = den.register_forward_pre_hook(_log(tr, log), with_kwargs=True)
+        # the tracker sets its state inside the denoiser's forward (a diffusers ModelHook): read it after the call
+        h = den.register_forward_hook(_log(tr, log), with_kwargs=True)
         try:
             pipe("a cat", **kw)
             pipe("a dog", **kw)  # a second call restarts at step 0: no call counting
@@ -38,8 +37,8 @@ def test_branches_sd_cfg_on_off_and_images_per_prompt():
     pipe = tiny("sd")
     seen = []
     with StepTracker(pipe) as tr:
-        h = pipe.unet.register_forward_pre_hook(
-            lambda m, a, k: seen.append((tr.branches(tr.batch_size), tr.images_per_prompt(tr.batch_size // 2))),
+        h = pipe.unet.register_forward_hook(
+            lambda m, a, k, out: seen.append((tr.branches(tr.batch_size), tr.images_per_prompt(tr.batch_size // 2))),
             with_kwargs=True)
         try:
             pipe(["a", "b", "c"], num_inference_steps=1, guidance_scale=5.0, num_images_per_prompt=2, output_type="latent")
@@ -56,8 +55,8 @@ def test_flux_true_cfg_branches_come_from_cache_context():
     pipe = tiny("flux")
     seen = []
     with StepTracker(pipe) as tr:
-        h = pipe.transformer.register_forward_pre_hook(
-            lambda m, a, k: seen.append((tr.step_index, tr.branches(tr.batch_size))), with_kwargs=True)
+        h = pipe.transformer.register_forward_hook(
+            lambda m, a, k, out: seen.append((tr.step_index, tr.branches(tr.batch_size))), with_kwargs=True)
         try:
             pipe("a cat", negative_prompt="a dog", true_cfg_scale=3.0, num_inference_steps=2, max_sequence_length=16,
                  output_type="latent", height=32, width=32)
@@ -70,6 +69,8 @@ def test_flux_true_cfg_branches_come_from_cache_context():
 
 def test_hooks_and_patches_removed_even_when_the_pipeline_raises():
     pipe = tiny("sd")
+    from diffusion_sae.models import registered
+
     before = (dict(pipe.unet._forward_pre_hooks), dict(pipe.text_encoder._forward_pre_hooks))
 
     def boom(p, i, t, kw):
@@ -78,7 +79,9 @@ def test_hooks_and_patches_removed_even_when_the_pipeline_raises():
     with pytest.raises(RuntimeError, match="stop"):
         with StepTracker(pipe):
             assert "encode_prompt" in pipe.__dict__
+            assert list(registered(pipe.unet)) and list(registered(pipe.text_encoder))
             pipe("a", num_inference_steps=2, callback_on_step_end=boom, output_type="latent")
     assert (dict(pipe.unet._forward_pre_hooks), dict(pipe.text_encoder._forward_pre_hooks)) == before
+    assert registered(pipe.unet) == {} and registered(pipe.text_encoder) == {}
     assert "encode_prompt" not in pipe.__dict__ and "check_inputs" not in pipe.__dict__
     pipe("a", num_inference_steps=1, output_type="latent")  # still a working pipeline

@@ -1,11 +1,10 @@
 """ShapesCanvas: procedural data, the shipped pipeline and classifier, and the training commands."""
 import json
 
-import pytest
 import torch
 
 from diffusion_sae.world import assets
-from diffusion_sae.world.classifier import ClassifierTrainConfig, ShapesClassifier, accuracy, train_classifier
+from diffusion_sae.world.classifier import ClassifierTrainConfig, accuracy, train_classifier
 from diffusion_sae.world.config import COLOUR_NAMES, OBJECTS, STYLES, vocabulary_words
 from diffusion_sae.world.data import object_masks, sample_batch
 from diffusion_sae.world.evaluate import generate

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..concepts.features import ConceptIndex, FeatureError, collect_feature_stats, default_prompts
+from ..concepts.features import ConceptIndex, FeatureError, collect_feature_stats
 from ..models import as_tokens, from_tokens, register_edit, resolve_hookpoint
 from .paths import PathError, resolve_inside
 from ..errors import DiffusionSAEError
@@ -102,8 +102,8 @@ class Engine:
         self.dictionaries = dict(dictionaries or {})
         self.roots = [Path(r) for r in (roots or [])]
         self.guidance, self.default_steps = guidance, default_steps
-        if stats_prompts is None:
-            stats_prompts, stats_seeds = default_prompts(per_concept=4)
+        # The prompts whose generations give the feature statistics (None: feature cards are unavailable;
+        # app/shapescanvas.py passes the bundled model's concept prompts).
         self.stats_prompts, self.stats_seeds, self.stats_steps = stats_prompts, stats_seeds, stats_steps
         self._lock = threading.RLock()
         self._stats = None
@@ -111,23 +111,14 @@ class Engine:
         self._originals: dict = {}
 
     @classmethod
-    def bundled(cls, **kw) -> "Engine":
-        from ..world import assets, bundle
-
-        folder = assets.sae_dir() / bundle.BLOCK_HOOKPOINT
-        return cls(assets.load_pipeline(), bundle.load_block_sae(), bundle.load_text_sae(),
-                   find_dictionaries(folder), roots=[assets.sae_dir(), assets.pipeline_dir()],
-                   block_folder=folder, guidance=bundle.GUIDANCE, default_steps=bundle.STEPS, **kw)
-
-    @classmethod
-    def from_folders(cls, pipe, block_sae: Path | None = None, text_sae: Path | None = None,
+    def from_folders(cls, pipe, block_sae: Path, text_sae: Path | None = None,
                      model_dir: Path | None = None, **kw) -> "Engine":
-        """The bundled SAEs unless folders are given; dictionaries are read from the block SAE's folder."""
+        """The SAEs in these folders; dictionaries are read from the block SAE's folder (for the bundled
+        model's folders see app/shapescanvas.py)."""
         from ..sae import load_sae
-        from ..world import assets, bundle
 
-        bfolder = Path(block_sae) if block_sae else assets.sae_dir() / bundle.BLOCK_HOOKPOINT
-        tfolder = Path(text_sae) if text_sae else (assets.sae_dir() / bundle.TEXT_HOOKPOINT if not block_sae else None)
+        bfolder = Path(block_sae)
+        tfolder = Path(text_sae) if text_sae else None
         bsae = load_sae(bfolder)
         tsae = load_sae(tfolder) if tfolder else None
         roots = [f if f.is_dir() else f.parent for f in (bfolder, tfolder) if f is not None]

@@ -64,25 +64,25 @@ def step_plot_svg(curves: dict[str, list[float]], width: int = 420, height: int 
     colours = ["#d1495b", "#00798c", "#edae49", "#30638e"]
     n = max((len(c) for c in curves.values()), default=0)
     top = max((max(c) for c in curves.values() if c), default=0.0) or 1.0
-    l, r, t, b = 40, 10, 10, 28
-    pw, ph = width - l - r, height - t - b
+    left, r, t, b = 40, 10, 10, 28
+    pw, ph = width - left - r, height - t - b
 
     def xy(i, v):
-        return l + (pw * i / max(n - 1, 1)), t + ph * (1 - v / top)
+        return left + (pw * i / max(n - 1, 1)), t + ph * (1 - v / top)
 
     parts = [f'<svg class="step-plot" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="activation across denoising steps">',
-             f'<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>',
-             f'<text x="{l - 4}" y="{t + 8}" font-size="10" text-anchor="end">{top:.2g}</text>',
-             f'<text x="{l - 4}" y="{t + ph}" font-size="10" text-anchor="end">0</text>',
-             f'<text x="{l + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">denoising step '
+             f'<rect x="{left}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>',
+             f'<text x="{left - 4}" y="{t + 8}" font-size="10" text-anchor="end">{top:.2g}</text>',
+             f'<text x="{left - 4}" y="{t + ph}" font-size="10" text-anchor="end">0</text>',
+             f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">denoising step '
              f'(0 … {n - 1})</text>']
     for k, (label, c) in enumerate(curves.items()):
         pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(c)))
         colour = colours[k % len(colours)]
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
         # Legend top right: curves start high at the noisy end (left), where a legend would cover them.
-        parts.append(f'<text x="{l + pw - 6}" y="{t + 14 + 13 * k}" font-size="11" text-anchor="end" '
+        parts.append(f'<text x="{left + pw - 6}" y="{t + 14 + 13 * k}" font-size="11" text-anchor="end" '
                      f'fill="{colour}">{html.escape(label)}</text>')
     parts.append("</svg>")
     # No xmlns: inline SVG in HTML5 needs none, and the page then holds no URL at all.

@@ -100,14 +100,6 @@ class FeatureStats:
         return [int(j) for j in order if peak[j] > 0]
 
 
-def default_prompts(per_concept: int = 8) -> tuple[list[str], list[int]]:
-    """The ShapesCanvas concept prompts of every kind (24 concepts x per_concept), one seed each."""
-    from ..world.bundle import KINDS, concept_prompts
-
-    prompts = [p for kind in KINDS for ps in concept_prompts(kind, per_concept).values() for p in ps]
-    return prompts, list(range(len(prompts)))
-
-
 @torch.no_grad()
 def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list[str] | None = None,
                           seeds: list[int] | None = None, steps: int = 25, guidance: float = 5.0,
@@ -121,7 +113,8 @@ def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list
         raise FeatureError(f"{hookpoint!r} is not a denoiser block: image feature statistics need a block SAE "
                            "(e.g. unet.up_blocks.1.attentions.1)")
     if prompts is None:
-        prompts, seeds = default_prompts()
+        raise FeatureError("give the prompts to generate (prompts=, and seeds=), e.g. the concept prompts of "
+                           "the model's benchmark")
     prompts = list(prompts)
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     if not prompts or len(seeds) != len(prompts):
@@ -258,7 +251,7 @@ class TextFeatureStats:
 @torch.no_grad()
 def text_feature_stats(pipe, sae, prompts: list[str], hookpoint: str | None = None) -> TextFeatureStats:
     """Encode prompts with the pipeline's text encoder and record the text SAE's code per token."""
-    from ..interventions.steer import layer_activations
+    from ..models.text_layers import layer_activations
 
     hookpoint = hookpoint or sae.cfg.hookpoint
     h = layer_activations(pipe, hookpoint, list(prompts))                 # [N, T, d]

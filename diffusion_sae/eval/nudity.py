@@ -10,7 +10,7 @@ NudeNet's wheel carries an AGPL-3.0 licence text, so it is an optional extra
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 

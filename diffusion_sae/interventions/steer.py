@@ -34,6 +34,10 @@ import torch
 from ..models import resolve_hookpoint
 from ..errors import DiffusionSAEError
 from ..models.hookpoints import PreForwardHook, register_edit, register_hook
+from ..models.text_layers import encode_prompts as _encode_positive
+from ..models.text_layers import layer_activations as _layer_activations
+from ..models.text_layers import pipeline_family as _family
+from ..models.text_layers import split_hookpoints as _split_hookpoints
 
 
 class SteeringError(DiffusionSAEError, ValueError):
@@ -73,10 +77,6 @@ class Steering:
                         f"{self.label}+{other.label}", {})
 
 
-def _split_hookpoints(hookpoint: str | list[str]) -> list[str]:
-    return list(hookpoint) if isinstance(hookpoint, (list, tuple)) else [h.strip() for h in hookpoint.split("+")]
-
-
 def _check_strength(strength) -> float:
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
         try:
@@ -109,46 +109,6 @@ def _bias_free_decode(sae, z: torch.Tensor, x: torch.Tensor | None = None) -> to
 # ---------------------------------------------------------------------------------------------
 # Encoding helpers
 # ---------------------------------------------------------------------------------------------
-def _family(pipe) -> str:
-    name = type(pipe).__name__
-    if "Flux" in name:
-        return "flux"
-    if "StableDiffusion3" in name:
-        return "sd3"
-    if "XL" in name:
-        return "sdxl"
-    return "sd"
-
-
-@contextlib.contextmanager
-def _capture(hps):
-    """Record the output tensor of each hookpoint's module during the block (an edit that edits nothing)."""
-    got: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, hp in enumerate(hps):
-        def record(h, i=i):
-            got[i] = h.detach()
-            return h
-        handles.append(register_edit(dataclasses.replace(hp, read="output"), record, "diffusion_sae.capture"))
-    try:
-        yield got
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _encode_positive(pipe, prompts: list[str]):
-    """Run the pipeline's own encode_prompt on prompts (no guidance branch)."""
-    fam = _family(pipe)
-    dev = pipe._execution_device
-    if fam == "flux":
-        return pipe.encode_prompt(prompts, prompt_2=None, device=dev, num_images_per_prompt=1)
-    if fam == "sd3":
-        return pipe.encode_prompt(prompts, None, None, device=dev, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)
-    return pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)
-
-
 def _id_hooks(pipe, components, got: dict) -> list:
     """Pre-hooks recording into got[c] the input_ids each text-encoder component c receives."""
     handles = []
@@ -188,18 +148,10 @@ def _gate_tokens(pipe, hps, text: str) -> list[int]:
     return toks
 
 
-@torch.no_grad()
 def layer_activations(pipe, hookpoint: str | list[str], prompts: list[str]) -> torch.Tensor:
-    """[N, T, d] outputs of the named text-encoder layer(s) for prompts, as the pipeline tokenizes them."""
-    names = _split_hookpoints(hookpoint)
-    hps = _text_hookpoints(pipe, names)
-    with _capture(hps) as got:
-        _encode_positive(pipe, prompts)
-    missing = [names[i] for i in range(len(hps)) if i not in got]
-    if missing:
-        raise SteeringError(f"layer {missing[0]!r} was not run when encoding the prompt "
-                            f"(pipeline {type(pipe).__name__} does not use it)")
-    return torch.cat([got[i] for i in range(len(hps))], dim=-1)
+    """[N, T, d] outputs of the named text-encoder layer(s) for prompts (models.text_layers), SteeringError if not text."""
+    return _layer_activations(pipe, hookpoint, prompts, hps=_text_hookpoints(pipe, _split_hookpoints(hookpoint)),
+                              error=SteeringError)
 
 
 # ---------------------------------------------------------------------------------------------

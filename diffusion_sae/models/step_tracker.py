@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from contextlib import contextmanager
 
 import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from .hookpoints import PreForwardHook, register_hook
 
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
@@ -26,8 +29,44 @@ def _texts(x) -> list[str] | None:
     return [x] if isinstance(x, str) else list(x)
 
 
+class _ContextName(StateManager):
+    """Receives the denoiser's `cache_context(name)` (diffusers hands it to every stateful hook's
+    StateManager) and keeps only its name: "cond" / "uncond" on FLUX true CFG, None outside."""
+
+    def __init__(self, tracker: "StepTracker"):
+        super().__init__(dict)
+        self.tracker = tracker
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.tracker.context_name = None if context is None else context.name
+
+
+class _DenoiserHook(ModelHook):
+    """Reads step, timestep and batch size from each denoiser call (ModelHook in the denoiser's registry)."""
+
+    _is_stateful = True   # so diffusers passes it the cache context
+
+    def __init__(self, tracker: "StepTracker"):
+        super().__init__()
+        self.tracker = tracker
+        self.context = _ContextName(tracker)
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.tracker._on_denoiser(module, args, kwargs)
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.tracker.context_name = None
+        return module
+
+
 class StepTracker:
     """Context manager; while a `pipe(...)` call runs inside it, exposes the current step and branches.
+
+    Installed as named hooks in the diffusers HookRegistry of the denoiser and the text encoders, so the
+    state is set inside their `forward`: read it from hooks on their submodules (hookpoints) or after the
+    call, not from torch pre-hooks on the denoiser itself (those run before `forward`).
 
     Attributes (valid during a denoiser call): `step_index` (position in `pipe.scheduler.timesteps`,
     None if the timestep is not in the schedule), `timestep` (the scheduler's value), `num_steps`,
@@ -62,16 +101,17 @@ class StepTracker:
     def __enter__(self):
         try:
             if self.denoiser is not None:
-                self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser, with_kwargs=True))
-                if hasattr(self.denoiser, "cache_context"):
-                    self._patch(self.denoiser, "cache_context", self._wrap_cache_context(self.denoiser.cache_context))
+                self._handles.append(register_hook(self.denoiser, _DenoiserHook(self), "diffusion_sae.step_tracker"))
+            # Observers only (they call the original with the same arguments): the prompt texts, to label
+            # text-encoder calls cond / uncond by their token ids.
             for attr, from_call in (("check_inputs", True), ("encode_prompt", False)):
                 if hasattr(self.pipe, attr):
                     self._patch(self.pipe, attr, self._wrap(getattr(self.pipe, attr), from_call))
             for comp in _TOKENIZER_OF:
                 enc = getattr(self.pipe, comp, None)
                 if isinstance(enc, torch.nn.Module):
-                    self._handles.append(enc.register_forward_pre_hook(self._text_pre_hook(comp), with_kwargs=True))
+                    self._handles.append(register_hook(enc, PreForwardHook(self._text_pre_hook(comp)),
+                                                       "diffusion_sae.step_tracker.text"))
         except Exception:
             self.close()
             raise
@@ -147,17 +187,6 @@ class StepTracker:
         if bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and b % 2 == 0:
             return {"uncond": slice(0, b // 2), "cond": slice(b // 2, b)}
         return {"cond": slice(0, b)}
-
-    def _wrap_cache_context(self, original):
-        @contextmanager
-        def cache_context(name, *args, **kwargs):
-            prev, self.context_name = self.context_name, name
-            try:
-                with original(name, *args, **kwargs):
-                    yield
-            finally:
-                self.context_name = prev
-        return cache_context
 
     # -- prompts and text encoders ----------------------------------------------------------------
     def _record_texts(self, bound: dict) -> None:

@@ -63,8 +63,6 @@ def _t5_tokenizer_cached(max_length: int):
 
 
 def clip_tokenizer(tokenizer_dir=None, max_length: int = 77):
-    from .clip_bpe import load_clip_tokenizer
-
     return _clip_tokenizer_cached(str(tokenizer_dir) if tokenizer_dir else None, max_length)
 
 
