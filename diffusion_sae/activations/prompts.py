@@ -47,7 +47,12 @@ class PromptSet:
 def _read_text(path: Path) -> str:
     if not path.exists():
         raise PromptFileError(f"prompt file {path} does not exist")
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise PromptFileError(f"--prompts {path} is a folder; give a text file (one prompt a line) or a CSV file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PromptFileError(f"cannot read prompt file {path}: {e.strerror or e}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -1,0 +1,221 @@
+"""Every bad input is one clear line (issue 23): exit code 2, a single `error: ...` line on stderr that
+names the problem, no traceback, nothing written or removed anywhere (the working folder, --out, the
+inputs), and the installed package folder unchanged.
+
+The commands run in-process (tests/_cli.py) in an empty working folder; every case fails before an
+image is generated (or after at most one 1-step image), so the module stays fast.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion_sae
+from _cli import run_main
+
+PKG = Path(diffusion_sae.__file__).resolve().parent
+BLOCK = "unet.up_blocks.1.attentions.1"
+
+
+def _tree(root: Path) -> dict:
+    """Files below root with size and mtime (the package: data files only, since other work may edit code)."""
+    out = {}
+    for p in root.rglob("*"):
+        if "__pycache__" in p.parts or (root == PKG and p.suffix in (".py", ".pyc")):
+            continue
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Hostile inputs, made once: files of the wrong kind, damaged SAEs and dictionaries, odd arrays."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "prompts.txt").write_text("a red circle in solid style\n")
+    (d / "a_folder").mkdir()
+    (d / "a_file").write_text("not a folder\n")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (d / "list.json").write_text("[1, 2, 3]")
+    (d / "corrupt.json").write_text('{"striped": ["a striped')
+    (d / "latin1.json").write_bytes('{"caf\xe9": ["caf\xe9"]}'.encode("latin-1"))
+    (d / "empty_concept.json").write_text('{"striped": []}')
+    user = d / "my_results"
+    user.mkdir()
+    (user / "notes.txt").write_text("a week of work")
+    # activations a new user might hand to train-sae
+    for name, arr in (("zero_d", np.float32(3.0)), ("huge", (np.random.default_rng(0).standard_normal((512, 16)) * 1e20).astype("float32"))):
+        (d / name).mkdir()
+        np.save(d / name / "a.npy", arr)
+    (d / "objects").mkdir()
+    np.save(d / "objects" / "a.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (d / "good_acts").mkdir()
+    np.save(d / "good_acts" / "a.npy", np.random.default_rng(0).standard_normal((256, 16)).astype("float32"))
+
+    class Code:  # a pickle that runs code when loaded
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (d / "code_pickle").mkdir()
+    torch.save({"x": torch.zeros(4, 16), "y": Code()}, d / "code_pickle" / "a.pt")
+    # damaged copies of the bundled block SAE and its dictionary
+    from diffusion_sae.world import assets
+
+    src = assets.sae_dir() / BLOCK
+    for name in ("sae_cfg_list", "sae_nan", "dict_corrupt", "dict_nan"):
+        shutil.copytree(src, d / name)
+    (d / "sae_cfg_list" / "cfg.json").write_text("[1, 2]")
+    w = load_file(str(d / "sae_nan" / "sae.safetensors"))
+    key = next(iter(w))
+    w[key] = w[key].clone()
+    w[key].view(-1)[0] = float("nan")
+    save_file(w, str(d / "sae_nan" / "sae.safetensors"))
+    (d / "dict_corrupt" / "concept_dictionary_style.json").write_text("{\"hookpoint\": ")
+    t = load_file(str(d / "dict_nan" / "concept_dictionary_style.safetensors"))
+    t["means"] = t["means"].clone()
+    t["means"].view(-1)[0] = float("nan")
+    save_file(t, str(d / "dict_nan" / "concept_dictionary_style.safetensors"))
+    return d
+
+
+def _busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+TINY = ["collect", "--model", "tiny:sd", "--hookpoint", BLOCK, "--prompts", "{i}/prompts.txt", "--out", "{o}/acts"]
+STEER = ["steer", "--concept", "striped", "--prompt", "a circle", "--steps", "1", "--out", "{o}/steer.png"]
+UNLEARN = ["unlearn", "--concept", "circle", "--prompt", "a circle", "--steps", "1", "--out", "{o}/u.png"]
+STYLE_DICT = ["--dictionary-name", "concept_dictionary_style"]
+
+# (id, arguments, text the one error line must contain)
+CASES = [
+    # --- severe: dashboard export never deletes a user's folder
+    ("dashboard-user-folder", ["dashboard", "export", "--out", "{i}/my_results"], "not a dashboard export"),
+    ("dashboard-a-file", ["dashboard", "export", "--out", "{i}/a_file"], "not a folder"),
+    ("dashboard-in-package", ["dashboard", "export", "--out", f"{PKG}/world/assets/dash"], "inside the installed"),
+    ("dashboard-n-features-0", ["dashboard", "export", "--out", "{o}/d", "--n-features", "0"], "--n-features"),
+    ("dashboard-features-text", ["dashboard", "export", "--out", "{o}/d", "--features", "a,b"], "--features"),
+    # --- severe: concepts build never writes into the package
+    ("concepts-no-out", ["concepts", "build", "--shapes", "style"], "give --out"),
+    ("concepts-out-in-package", ["concepts", "build", "--shapes", "style", "--out", f"{PKG}/world/assets/saes/{BLOCK}"],
+     "inside the installed"),
+    ("concepts-sae-in-package", ["concepts", "build", "--shapes", "style", "--sae", f"{PKG}/world/assets/saes/{BLOCK}"],
+     "inside the installed"),
+    ("concepts-out-a-file", ["concepts", "build", "--shapes", "style", "--out", "{i}/a_file"], "not a folder"),
+    ("concepts-json-list", ["concepts", "build", "--concepts", "{i}/list.json", "--out", "{o}/d"], "expected a JSON object"),
+    ("concepts-json-corrupt", ["concepts", "build", "--concepts", "{i}/corrupt.json", "--out", "{o}/d"], "not valid JSON"),
+    ("concepts-json-latin1", ["concepts", "build", "--concepts", "{i}/latin1.json", "--out", "{o}/d"], "not UTF-8"),
+    ("concepts-json-folder", ["concepts", "build", "--concepts", "{i}/a_folder", "--out", "{o}/d"], "--concepts"),
+    ("concepts-empty-concept", ["concepts", "build", "--concepts", "{i}/empty_concept.json", "--out", "{o}/d"],
+     "non-empty prompt"),
+    ("concepts-shapes-bogus", ["concepts", "build", "--shapes", "bogus", "--out", "{o}/d"], "--shapes"),
+    ("concepts-steps-0", ["concepts", "build", "--shapes", "style", "--out", "{o}/d", "--steps", "0"], "--steps"),
+    ("concepts-per-concept-0", ["concepts", "build", "--shapes", "style", "--out", "{o}/d", "--per-concept", "0"],
+     "--per-concept"),
+    # --- severe: collect validates every option before a store exists
+    ("collect-branch-bogus", [*TINY, "--branch", "bogus"], "--branch"),
+    ("collect-steps-0", [*TINY, "--steps", "0"], "--steps"),
+    ("collect-steps-negative", [*TINY, "--steps", "-3"], "--steps"),
+    ("collect-tokens-per-record-0", [*TINY, "--tokens-per-record", "0"], "--tokens-per-record"),
+    ("collect-tokens-per-record-neg", [*TINY, "--tokens-per-record", "-5"], "--tokens-per-record"),
+    ("collect-keep-steps-text", [*TINY, "--keep-steps", "a,b"], "--keep-steps"),
+    ("collect-keep-steps-late", [*TINY, "--steps", "2", "--keep-steps", "99"], "past the last step"),
+    ("collect-batch-size-0", [*TINY, "--batch-size", "0"], "--batch-size"),
+    ("collect-guidance-nan", [*TINY, "--guidance", "nan"], "--guidance"),
+    ("collect-height-odd", [*TINY, "--height", "30"], "--height"),
+    ("collect-prompts-folder", [*TINY[:6], "{i}/a_folder", *TINY[7:]], "is a folder"),
+    ("collect-out-a-file", [*TINY[:8], "{i}/a_file"], "is a file"),
+    # --- train-sae
+    ("train-npy-0d", ["train-sae", "{i}/zero_d"], "0-d"),
+    ("train-npy-objects", ["train-sae", "{i}/objects"], "Python objects"),
+    ("train-pickle-with-code", ["train-sae", "{i}/code_pickle"], "refused: this file holds code, not just tensors"),
+    ("train-lr-nan", ["train-sae", "{i}/good_acts", "--lr", "nan"], "--lr"),
+    ("train-lr-negative", ["train-sae", "{i}/good_acts", "--lr", "-1"], "--lr"),
+    ("train-huge-activations", ["train-sae", "{i}/huge", "--batch-size", "256", "--k", "4"], "too large for float32"),
+    ("train-out-a-file", ["train-sae", "{i}/good_acts", "--out", "{i}/a_file"], "is a file"),
+    ("train-batch-size-0", ["train-sae", "{i}/good_acts", "--batch-size", "0"], "batch_size"),
+    # --- steer: every option checked before an image is made
+    ("steer-strength-nan", [*STEER, "--strength", "nan"], "--strength"),
+    ("steer-strength-inf", [*STEER, "--strength", "inf"], "--strength"),
+    ("steer-strengths-comma", [*STEER, "--strengths", ","], "--strengths"),
+    ("steer-strengths-nan", [*STEER, "--strengths", "-1,nan"], "--strengths"),
+    ("steer-guidance-nan", [*STEER, "--guidance", "nan"], "--guidance"),
+    ("steer-steps-0", [*STEER, "--steps", "0"], "--steps"),
+    ("steer-steps-negative", [*STEER, "--steps", "-2"], "--steps"),
+    ("steer-out-extension", [*STEER[:-1], "{o}/grid.txt"], "unknown file type"),
+    ("steer-out-folder", [*STEER[:-1], "{i}/a_folder"], "is a folder"),
+    ("steer-out-unwritable", [*STEER[:-1], "{i}/a_file/grid.png"], "cannot write"),
+    ("steer-concept-file-latin1", ["steer", "--concept-file", "{i}/latin1.txt", "--prompt", "x", "--steps", "1",
+                                   "--out", "{o}/s.png"], "not UTF-8"),
+    ("steer-concept-file-folder", ["steer", "--concept-file", "{i}/a_folder", "--prompt", "x", "--steps", "1",
+                                   "--out", "{o}/s.png"], "--concept-file"),
+    ("steer-prompts-folder", ["steer", "--concept", "striped", "--prompts", "{i}/a_folder", "--steps", "1",
+                              "--out", "{o}/s.png"], "is a folder"),
+    ("steer-save-images-a-file", [*STEER[:-2], "--strength", "-1", "--save-images", "{i}/a_file"], "is a file"),
+    # --- unlearn
+    ("unlearn-top-n-negative", [*UNLEARN, "--top-n", "-2"], "--top-n"),
+    ("unlearn-top-n-0", [*UNLEARN, "--top-n", "0"], "--top-n"),
+    ("unlearn-top-n-huge", [*UNLEARN, "--top-n", "100000"], "--top-n"),
+    ("unlearn-multiplier-nan", [*UNLEARN, "--multiplier", "nan"], "--multiplier"),
+    ("unlearn-percentile-100", [*UNLEARN, "--percentile", "100"], "--percentile"),
+    ("unlearn-out-extension", [*UNLEARN[:-1], "{o}/u.gif"], "unknown file type"),
+    ("unlearn-guidance-nan", [*UNLEARN, "--guidance", "nan"], "--guidance"),
+    ("unlearn-sae-cfg-list", [*UNLEARN, "--sae", "{i}/sae_cfg_list"], "not a valid SAE folder"),
+    ("unlearn-sae-nan", [*UNLEARN, "--sae", "{i}/sae_nan"], "NaN or inf"),
+    ("unlearn-dictionary-missing", [*UNLEARN, "--dictionary", "{i}/a_folder"], "no concept dictionary"),
+    ("unlearn-dictionary-corrupt", [*UNLEARN, "--dictionary", "{i}/dict_corrupt", *STYLE_DICT],
+     "not a readable concept-dictionary JSON"),
+    ("unlearn-dictionary-nan", [*UNLEARN, "--dictionary", "{i}/dict_nan", *STYLE_DICT], "NaN or inf"),
+    # --- world
+    ("world-eval-model-missing", ["world", "eval", "--model", "{i}/no_such_model", "--out", "{o}/w.png"], "--model"),
+    ("world-eval-steps-0", ["world", "eval", "--steps", "0", "--out", "{o}/w.png"], "--steps"),
+    ("world-prompts-onto-folder", ["world", "prompts", "--out", "{i}/a_folder"], "is a folder"),
+    ("world-prompts-unwritable", ["world", "prompts", "--out", "{i}/a_file/p.csv", "--n", "5"], "cannot write"),
+    ("world-prompts-n-0", ["world", "prompts", "--out", "{o}/p.csv", "--n", "0"], "--n"),
+    # --- ui
+    ("ui-port-out-of-range", ["ui", "--port", "99999"], "--port"),
+    ("ui-port-0", ["ui", "--port", "0"], "--port"),
+    ("ui-port-in-use", ["ui", "--port", "{busy}"], "--port"),
+]
+
+
+@pytest.fixture(scope="module")
+def package_before():
+    return _tree(PKG)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, inputs, package_before, tmp_path, capsys, monkeypatch):
+    name, args, needle = case
+    cwd = tmp_path / "cwd"
+    outdir = tmp_path / "out"
+    cwd.mkdir()
+    outdir.mkdir()
+    monkeypatch.chdir(cwd)
+    busy = _busy_port()
+    try:
+        argv = [a.format(i=inputs, o=outdir, busy=busy.getsockname()[1]) for a in args]
+        before = {"inputs": _tree(inputs), "tmp": _tree(tmp_path)}
+        code, out, err = run_main(argv, capsys)
+    finally:
+        busy.close()
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert "\x1b[" not in lines[0], "ANSI codes in the message"
+    # nothing written or removed: the working folder, --out, the inputs, the package
+    assert _tree(tmp_path) == before["tmp"], f"{name} wrote or removed files beside its inputs"
+    assert _tree(inputs) == before["inputs"], f"{name} changed its inputs"
+    assert _tree(PKG) == package_before, f"{name} changed the installed package"
