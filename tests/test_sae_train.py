@@ -131,3 +131,30 @@ def test_width_mismatch_errors(tmp_path):
     with pytest.raises(SAEError, match="linear_decay needs max_tokens"):
         train_sae(SAEConfig(d_in=8, num_latents=32, k=2), [torch.randn(64, 8)],
                   TrainConfig(lr_schedule="linear_decay"), progress=False)
+
+
+def test_metrics_have_no_duplicate_rows_after_a_resume(tmp_path):
+    """Issue 23: a run killed before (or after) its last checkpoint logs those steps again on resume;
+    metrics.jsonl then held them twice."""
+    import json
+
+    from diffusion_sae.sae import SAEConfig, TrainConfig
+    from diffusion_sae.sae.train import SAETrainer
+
+    x = torch.randn(8 * 64, 16)
+    cfg = TrainConfig(batch_size=64, log_every=1, ckpt_every=3, b_dec_init="mean")
+
+    def killed_after(n):
+        for i in range(n):
+            yield x[i * 64:(i + 1) * 64]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # steps 1..5 logged, checkpoint at step 3
+        SAETrainer(SAEConfig(d_in=16, num_latents=32, k=4), cfg, run_dir=tmp_path).fit(killed_after(5), progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "tok')  # a kill in the middle of a write
+    t = SAETrainer(SAEConfig(d_in=16, num_latents=32, k=4), cfg, run_dir=tmp_path)
+    assert t.step == 3
+    t.fit([x], progress=False)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[:8] == list(range(1, 9)), steps

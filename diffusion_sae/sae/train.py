@@ -362,6 +362,7 @@ class SAETrainer:
             while tail_tokens - tail[0].shape[0] >= max(c.calibrate_tokens // self.world, 1):
                 tail_tokens -= tail.popleft().shape[0]
 
+        self._trim_metrics()
         writer = self._tensorboard()
         bar, task = self._progress(progress, total_steps)
         window = {"fvu": 0.0, "auxk": 0.0, "l0": 0.0, "n": 0, "tokens": 0,
@@ -504,6 +505,29 @@ class SAETrainer:
                 if k != "step":
                     writer.add_scalar(f"sae/{k}", v, self.step)
             writer.add_histogram("sae/log10_firing_frequency", torch.log10(freq.cpu() + 1e-10), self.step)
+
+    def _trim_metrics(self) -> None:
+        """metrics.jsonl keeps only the rows up to the step this session starts from: rows logged after
+        the last checkpoint (or in a run that never wrote one) are logged again as those steps rerun,
+        and would otherwise appear twice. Unparseable lines (a kill mid-write) are dropped too."""
+        if self.rank != 0 or self.run_dir is None or not (self.run_dir / "metrics.jsonl").is_file():
+            return
+        path = self.run_dir / "metrics.jsonl"
+        keep, changed = [], False
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                ok = isinstance(row, dict) and int(row.get("step", -1)) <= self.step
+            except (ValueError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                changed = True
+        if changed:
+            from .io import _atomic_write
+
+            _atomic_write(path, lambda q: Path(q).write_text("".join(ln + "\n" for ln in keep)))
 
     def _tensorboard(self):
         if not self.cfg.tensorboard or self.rank != 0:
