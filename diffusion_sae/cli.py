@@ -223,6 +223,9 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
                 list_hookpoints: bool = typer.Option(False, "--list-hookpoints", help="Print the model's hookpoints and exit."),
                 store_dtype: Optional[str] = typer.Option(None, help="Activation storage dtype: float16, bfloat16 or "
                                                           "float32 (default: --dtype when it names one, else float16)."),
+                check_disk: bool = typer.Option(True, "--check-disk/--no-check-disk", help="Collect the first prompt "
+                                                "into a temporary folder first, and refuse when prompts x its size will "
+                                                "not fit on the output's disk."),
                 device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """Collect activations at hookpoints over a prompt set into resumable on-disk stores.
 
@@ -265,6 +268,13 @@ def collect_cmd(model: str = typer.Option(..., help="Pipeline folder, hub id, or
                             dtype=store_dtype or _dtype_name(dtype, "float16"),
                             height=height, width=width, negative_prompt=negative_prompt, shard_mb=shard_mb,
                             model_id=model, max_sequence_length=max_sequence_length)
+        if check_disk and world == 1:
+            from .activations.disk import check_collect_fits, human
+
+            est = check_collect_fits(pipe, ps, out, cfg)
+            if est["needed"]:
+                typer.echo(f"disk: about {human(est['needed'])} for {est['remaining']:,} prompts "
+                           f"({human(est['per_prompt'])} each), {human(est['free'])} free")
         with _progress() as p:
             task = p.add_task("collect" if world == 1 else f"collect [{rank}/{world}]", total=None, info="")
             stores = collect(pipe, ps, out, cfg, rank=rank, world_size=world, barrier=barrier,
