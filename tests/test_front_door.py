@@ -151,3 +151,36 @@ def test_apply_is_all_or_nothing(shapes):
     with pytest.raises(ds.DiffusionSAEError, match="not in a text encoder"):
         ds.apply(pipe, good, bad)
     assert ds.applied(pipe) == [] and _registered(pipe) == []
+
+
+def test_interventions_chain_with_other_registry_hooks_and_leave_them_in_place(shapes):
+    # A foreign diffusers hook on the same text-encoder layer (as offloading / caching hooks would be):
+    # steering stacks on it, and removing the steering by name leaves it in place and working.
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from diffusion_sae.models import registered, resolve_hookpoint
+
+    class Shift(ModelHook):
+        # a fixed direction (a uniform shift would vanish in the next LayerNorm)
+        v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+
+        def post_forward(self, module, output):
+            return (output[0] + self.v, *output[1:]) if isinstance(output, tuple) else output + self.v
+
+    pipe, sae = shapes
+    layer = resolve_hookpoint(pipe, bundle.TEXT_HOOKPOINT).module
+    plain = _gen(pipe)
+    registry = HookRegistry.check_if_exists_or_initialize(layer)
+    registry.register_hook(Shift(), "foreign")
+    try:
+        shifted = _gen(pipe)
+        assert (shifted - plain).abs().mean() > 1e-3
+        with ds.intervene(pipe, ds.ConceptSteering(sae, concept="striped style", strength=-2.0)):
+            assert list(registered(layer))[0] == "foreign" and len(registered(layer)) == 2
+            both = _gen(pipe)
+        assert list(registered(layer)) == ["foreign"]
+        assert (both - shifted).abs().mean() > 1e-2
+        assert torch.equal(_gen(pipe), shifted)
+    finally:
+        registry.remove_hook("foreign", recurse=False)
+    assert torch.equal(_gen(pipe), plain)

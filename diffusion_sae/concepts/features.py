@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
+from ..models import StepTracker, as_tokens, register_edit, resolve_hookpoint
 from ..errors import DiffusionSAEError
 
 
@@ -126,9 +126,10 @@ def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list
     state: dict = {"rows": None, "grid": None}
     tracker = StepTracker(pipe)
 
-    def hook(mod, args, kwargs, out):
+    def record(x):
+        """A capture is an edit that returns what it reads (a named hook in the block's HookRegistry)."""
         nonlocal patch_sum
-        tok, grid = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
+        tok, grid = as_tokens(x, hookpoint)
         t = tracker.step_index
         if t is None or t >= steps:
             raise FeatureError(f"denoiser step {t} is outside the {steps}-step schedule")
@@ -140,9 +141,10 @@ def collect_feature_stats(pipe, sae, hookpoint: str | None = None, prompts: list
         r = state["rows"]
         step_act[r, t] = z.mean(1).half()
         patch_sum[r] += z
+        return x
 
     images = []
-    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
+    handle = register_edit(hp, record, "diffusion_sae.feature_stats")
     timesteps: list[float] = []
     try:
         with tracker:
