@@ -7,7 +7,6 @@ image is generated (or after at most one 1-step image), so the module stays fast
 """
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 from pathlib import Path

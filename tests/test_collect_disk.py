@@ -2,7 +2,6 @@
 import shutil
 from collections import namedtuple
 
-import pytest
 from typer.testing import CliRunner
 
 from diffusion_sae.activations.disk import DiskSpaceError
