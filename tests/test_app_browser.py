@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,58 @@ def test_exported_dashboard_opens_offline_in_the_browser(served, tmp_path):
         finally:
             ctx.close()
     assert outside == []
+
+
+def test_quick_slider_moves_show_the_last_value(served, monkeypatch):
+    """Issue 23: after quick drags and arrow keys the result shown is the one the slider reads (the
+    UI used to drop events while a run was busy and to ignore the keyboard), labelled with the
+    settings that made it, and identical to the engine's image for those settings."""
+    from playwright.sync_api import sync_playwright
+
+    from diffusion_sae.app.engine import METHODS, Edit
+    from diffusion_sae.app.ui import _show
+
+    engine, url = served
+    run = engine.generate
+
+    def slow_generate(*a, **k):  # a busy machine: every slider event arrives while a run is still going
+        time.sleep(1.5)
+        return run(*a, **k)
+
+    monkeypatch.setattr(engine, "generate", slow_generate)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
+                                                    viewport={"width": 1280, "height": 1400})
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.locator("#generate").wait_for()
+            page.locator("#target-0 textarea, #target-0 input").first.fill("red")
+            steps = page.locator("#steps input[type=number]")
+            steps.fill("4")
+            steps.press("Enter")
+            rng = page.locator("#strength-0 input[type=range]")
+            box = rng.bounding_box()
+            for frac in (0.1, 0.8, 0.3, 0.9, 0.15):  # quick clicks: each an input event while runs are busy
+                page.mouse.click(box["x"] + frac * box["width"], box["y"] + box["height"] / 2)
+                page.wait_for_timeout(60)
+            rng.focus()
+            for _ in range(3):  # the keyboard changes the value too
+                page.keyboard.press("ArrowLeft")
+            final = float(page.locator("#strength-0 input[type=number]").input_value())
+            assert final < -1.0, final
+            want = f"λ={final:g}"
+            page.wait_for_function("w => (document.querySelector('#status') || {}).innerText?.includes(w)", arg=want,
+                                   timeout=60_000)
+            page.wait_for_timeout(4000)  # no stale run may land after it
+            assert want in page.locator("#status").inner_text()
+            label_ok = want in page.locator("#result-settings").inner_text()
+            src = page.locator("#result img").get_attribute("src")
+            shown = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+        finally:
+            ctx.close()
+    _, res = run("a red circle in solid style", 0, 4, [Edit("red", METHODS[0], final)])
+    expected = np.asarray(_show(res).convert("RGB"))
+    assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1, "the image shown is not the last value's"
+    assert label_ok, "the result is not labelled with the settings that made it"

@@ -27,6 +27,13 @@ def _err(e: Exception) -> str:
     return f"**error:** {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
+def settings_label(prompt, seed, steps, edits) -> str:
+    """The settings that made a result, as shown beside it (so that a result never passes for another's)."""
+    live = [e for e in edits if e.target.strip() and e.strength != 0]
+    what = "; ".join(f"{e.target.strip()} ({e.method}, λ={e.strength:g})" for e in live) or "no edit"
+    return f"{what} · seed {seed} · {steps} steps · {prompt!r}"
+
+
 def build_app(engine):
     import gradio as gr
 
@@ -39,10 +46,11 @@ def build_app(engine):
         try:
             orig, res = engine.generate(prompt, int(seed or 0), int(steps), edits)
         except ERRORS as e:
-            return gr.update(), gr.update(), _err(e)
-        live = [e for e in edits if e.target.strip() and e.strength != 0]
-        what = "; ".join(f"{e.target.strip()} ({e.method}, λ={e.strength:g})" for e in live) or "no edit"
-        return _show(orig), _show(res), f"done: {what}"
+            return gr.update(), gr.update(), _err(e), gr.update()
+        # Labelled with the very settings it was made with: after quick slider moves the last run's
+        # values are what the image shows, and the label says so.
+        label = settings_label(prompt, int(seed or 0), int(steps), edits)
+        return _show(orig), _show(res), f"done: {label}", f"Result made with: {label}"
 
     def show_feature(f, progress=gr.Progress()):
         # The first look computes the statistics (one pass over the prompt set): show how far it is.
@@ -113,6 +121,7 @@ def build_app(engine):
         with gr.Row():
             original = gr.Image(label="Original", type="pil", format="png", interactive=False, elem_id="original")
             result = gr.Image(label="Result", type="pil", format="png", interactive=False, elem_id="result")
+        result_settings = gr.Markdown("", elem_id="result-settings")
 
         gr.Markdown("### Feature explorer (block SAE)")
         with gr.Row():
@@ -133,9 +142,13 @@ def build_app(engine):
             exported = gr.File(label="Dashboard", elem_id="dashboard-file")
 
         inputs = [prompt, seed, steps, *rows]
-        go.click(generate, inputs, [original, result, status])
+        made = [original, result, status, result_settings]
+        go.click(generate, inputs, made)
+        # Every user change of a strength (drag, click, arrow keys, typed number) regenerates, latest
+        # only: while one run is busy, the events that arrive are folded into one run of the last
+        # value ("always_last"); none is dropped and none runs stale values after it.
         for s in rows[2::3]:
-            s.release(generate, inputs, [original, result, status])
+            s.input(generate, inputs, made, trigger_mode="always_last")
         show.click(show_feature, [feature], [card, explorer_status])
         feature.submit(show_feature, [feature], [card, explorer_status])
         find.click(search, [query], [found, explorer_status])
