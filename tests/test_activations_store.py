@@ -264,3 +264,60 @@ def test_accelerate_two_cpu_processes_write_own_shards_and_merge(tmp_path, refer
     assert any(f.startswith("shard-r000") for f in files) and any(f.startswith("shard-r001") for f in files)
     assert not list((s.dir / "parts").glob("*.json")) and s.manifest["counts"]["prompts"] == len(PROMPTS)
     _assert_same(s, reference)
+
+
+# --- issue 23: options checked first, damaged stores name the file, missing shards re-collected, one writer
+def test_bad_options_create_nothing_and_the_corrected_command_runs(tmp_path):
+    for bad in (dict(branches=("bogus",)), dict(steps=0), dict(tokens_per_record=0), dict(tokens_per_record=-3),
+                dict(batch_size=0), dict(keep_steps=[-1]), dict(guidance=float("nan"))):
+        with pytest.raises(StoreError):
+            collect(tiny(), PromptSet.from_list(PROMPTS[:2]), tmp_path / "o", _cfg(**bad))
+    with pytest.raises(StoreError, match="past the last step"):
+        collect(tiny(), PromptSet.from_list(PROMPTS[:2]), tmp_path / "o", _cfg(keep_steps=[0, 99]))
+    assert not (tmp_path / "o").exists()
+    # a store made by a run that failed before collecting anything takes the corrected settings
+    (tmp_path / "o").mkdir()
+    ActivationStore.create(tmp_path / "o" / store_dirname(HP), {"steps": 7, "branches": ["cond"]})
+    s = collect(tiny(), PromptSet.from_list(PROMPTS[:2]), tmp_path / "o", _cfg())[HP]
+    assert s.counts()["prompts"] == 2 and s["steps"] == 2
+
+
+def test_damaged_stores_name_the_file_and_missing_shards_are_recollected(tmp_path, reference):
+    import shutil
+
+    d = tmp_path / "o" / store_dirname(HP)
+    shutil.copytree(reference.dir, d)
+    shards = sorted(d.glob("shard-*.safetensors"))
+    assert len(shards) >= 2
+    shards[0].unlink()
+    with pytest.raises(StoreError, match=f"shard .*{shards[0].name} is missing"):
+        list(ActivationStore(d).iter_records(branch=None))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    # a rerun of the same command re-collects the prompts of the missing and the truncated shard
+    s = collect(tiny(), PromptSet.from_list(PROMPTS), tmp_path / "o", _cfg())[HP]
+    _assert_same(s, reference)
+    assert (d / (shards[1].name + ".damaged")).is_file()
+    (d / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match="manifest.json is not a"):
+        ActivationStore(d)
+    (d / "manifest.json").write_text('{"format": "x"')
+    with pytest.raises(StoreError, match="unreadable manifest"):
+        ActivationStore(d)
+
+
+def test_a_second_collect_on_the_same_out_is_refused(tmp_path):
+    from diffusion_sae.activations.collect import writer_lock
+
+    with writer_lock(tmp_path / "o", 0):
+        with pytest.raises(StoreError, match="another collect is writing to"):
+            collect(tiny(), PromptSet.from_list(PROMPTS[:2]), tmp_path / "o", _cfg())
+    collect(tiny(), PromptSet.from_list(PROMPTS[:2]), tmp_path / "o", _cfg())  # free again
+
+
+def test_shards_are_committed_by_time_so_a_kill_keeps_data(tmp_path, monkeypatch):
+    commits = []
+    real = store_mod.StoreWriter.commit
+    monkeypatch.setattr(store_mod.StoreWriter, "commit", lambda self: (commits.append(1), real(self))[1])
+    collect(tiny(), PromptSet.from_list(PROMPTS[:4]), tmp_path, _cfg(shard_mb=1e6, batch_size=1, commit_seconds=1e-9))
+    assert len(list((tmp_path / store_dirname(HP)).glob("shard-*"))) == 4  # one per batch, not one at the end
