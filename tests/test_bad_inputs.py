@@ -7,6 +7,7 @@ image is generated (or after at most one 1-step image), so the module stays fast
 """
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -30,7 +31,8 @@ def _tree(root: Path) -> dict:
         if "__pycache__" in p.parts or (root == PKG and p.suffix in (".py", ".pyc")):
             continue
         st = p.lstat()
-        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
+        # folders: existence only (a temporary entry made and removed again changes a folder's mtime)
+        out[str(p.relative_to(root))] = (True, 0, 0) if p.is_dir() else (False, st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -218,3 +220,51 @@ def test_bad_input_is_one_line_and_changes_nothing(case, inputs, package_before,
     assert _tree(tmp_path) == before["tmp"], f"{name} wrote or removed files beside its inputs"
     assert _tree(inputs) == before["inputs"], f"{name} changed its inputs"
     assert _tree(PKG) == package_before, f"{name} changed the installed package"
+
+
+def test_a_kill_during_concepts_build_never_leaves_a_mixed_or_partial_dictionary(tmp_path, monkeypatch, capsys):
+    """Killed while building: nothing is written. Killed between the two renames of the save: the old
+    JSON with the new tensors is refused as a mismatched pair (never silently mixed), and a rerun of the
+    same command writes a whole dictionary."""
+    from diffusion_sae.concepts import dictionary as dmod
+
+    out = tmp_path / "dict"
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"red": ["a red circle in solid style"], "blue": ["a blue circle in solid style"]}))
+    args = ["concepts", "build", "--concepts", groups, "--steps", "1", "--out", out]
+    calls = {"n": 0}
+
+    def killed_progress(*a, **k):
+        raise KeyboardInterrupt
+
+    real_build = dmod.build_concept_dictionary
+    monkeypatch.setattr(dmod, "build_concept_dictionary",
+                        lambda *a, **k: real_build(*a, **{**k, "progress": killed_progress}))
+    code, _, _ = run_main(args, capsys)  # the interrupt ends the command (exit code 130, as for Ctrl-C)
+    assert code == 130
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(dmod, "build_concept_dictionary", real_build)
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    first = dmod.ConceptDictionary.load(out, name="concept_dictionary")
+
+    real_replace = dmod.os.replace
+
+    def killed_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the tensors are in place, the JSON is not
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dmod.os, "replace", killed_replace)
+    code, _, _ = run_main([*args[:-2], "--seed", "5", "--out", out], capsys)
+    assert code == 130 and calls["n"] == 2
+    monkeypatch.setattr(dmod.os, "replace", real_replace)
+    code, _, err = run_main(["unlearn", "--concept", "red", "--dictionary", out, "--prompt", "x", "--steps", "1",
+                             "--out", tmp_path / "u.png"], capsys)
+    assert code == 2 and "does not belong to" in err and len(err.splitlines()) == 1, err
+    assert not list(out.glob("*.tmp"))
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    again = dmod.ConceptDictionary.load(out, name="concept_dictionary")
+    assert torch.equal(again.means, first.means)

@@ -26,6 +26,7 @@ and "specific" selection ranks latents by `excess` instead of s_c.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -106,9 +107,11 @@ class ConceptDictionary:
         t_tmp, j_tmp = Path(str(t) + ".tmp"), Path(str(j) + ".tmp")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(doc, indent=1)
             save_file(tensors, str(t_tmp))
-            j_tmp.write_text(text)
+            # the JSON names the tensors file it belongs to: a kill between the two renames below
+            # leaves a pair the loader recognises as mismatched instead of mixing two dictionaries
+            doc["tensors_sha256"] = hashlib.sha256(t_tmp.read_bytes()).hexdigest()
+            j_tmp.write_text(json.dumps(doc, indent=1))
             os.replace(t_tmp, t)
             os.replace(j_tmp, j)
         except OSError as e:
@@ -140,6 +143,10 @@ class ConceptDictionary:
         if not all(isinstance(c, str) for c in doc["concepts"]) or len(doc["counts"]) != len(doc["concepts"]):
             raise DictionaryError(f"{j}: concepts must be names with one count each; rebuild it with "
                                   "`diffusion-sae concepts build`")
+        want = doc.get("tensors_sha256")
+        if want is not None and hashlib.sha256(t.read_bytes()).hexdigest() != want:
+            raise DictionaryError(f"{t} does not belong to {j} (a write was interrupted, or one file was replaced); "
+                                  "rebuild the dictionary with `diffusion-sae concepts build`")
         try:
             tensors = load_file(str(t))
         except Exception as e:  # truncated / not safetensors
