@@ -1,5 +1,6 @@
 """Training: dictionary recovery, decoder norm, AuxK, BatchTopK calibration, resume, NaN/inf and width errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,33 @@ def test_metrics_have_no_duplicate_rows_after_a_resume(tmp_path):
     t.fit([x], progress=False)
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[:8] == list(range(1, 9)), steps
+
+
+def test_an_out_folder_that_fails_at_the_end_keeps_the_trained_sae(tmp_path, monkeypatch):
+    """Issue 23: --out becomes unwritable (disk full) when the SAE is saved: the trained SAE is written to
+    a temporary folder named in the one-line error, and no .tmp-step-* folder is left behind."""
+    import re
+
+    from diffusion_sae.sae import SAEConfig, TrainConfig
+    from diffusion_sae.sae.train import SAETrainer
+
+    t = SAETrainer(SAEConfig(d_in=16, num_latents=32, k=4), TrainConfig(batch_size=64, b_dec_init="mean"),
+                   run_dir=tmp_path / "run")
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).startswith(str(tmp_path)):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SAEError, match="No space left on device.*saved to .*diffusion-sae-rescued-sae-") as e:
+        t.fit([torch.randn(256, 16)], progress=False)
+    rescued = Path(re.search(r"saved to (\S+) instead", str(e.value)).group(1))
+    try:
+        assert torch.equal(load_sae(rescued).W_dec, t.sae.W_dec)
+        assert not list((tmp_path / "run").rglob(".tmp-*"))
+    finally:
+        import shutil
+
+        shutil.rmtree(rescued.parent, ignore_errors=True)

@@ -465,9 +465,12 @@ class SAETrainer:
                 sae.eval()
                 sae.calibrate_threshold(list(tail), gather=_all_gather_cat if self.world > 1 else None)
             if self.run_dir is not None:
-                self.save_checkpoint()
-                if self.rank == 0:
-                    sae.save_pretrained(self.run_dir / (sae.cfg.hookpoint or "sae"))
+                try:
+                    self.save_checkpoint()
+                    if self.rank == 0:
+                        sae.save_pretrained(self.run_dir / (sae.cfg.hookpoint or "sae"))
+                except (SAEError, OSError, RuntimeError) as e:
+                    self._rescue(e)
         finally:
             sae.workspace = None
             if bar is not None:
@@ -476,6 +479,21 @@ class SAETrainer:
                 writer.close()
         sae.eval()
         return sae
+
+    def _rescue(self, error: Exception) -> None:
+        """The trained SAE could not be written to --out (disk full, folder made read-only): write it to
+        a fresh temporary folder so that the training is not lost, then raise one line naming both."""
+        import tempfile
+
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix="diffusion-sae-rescued-sae-"))
+            self.sae.save_pretrained(rescue / (self.sae.cfg.hookpoint or "sae"))
+        except Exception:  # nowhere to write at all
+            raise SAEError(f"cannot save the trained SAE to {self.run_dir} ({why}) nor to a temporary folder; "
+                           "free disk space and rerun to resume from the last checkpoint") from None
+        raise SAEError(f"cannot save the trained SAE to {self.run_dir} ({why}); it was saved to "
+                       f"{rescue / (self.sae.cfg.hookpoint or 'sae')} instead") from None
 
     # ------------------------------------------------------------------ logging
     def _log(self, window: dict, x: Tensor, out, writer, t0: float, start_step: int) -> None:
