@@ -268,3 +268,21 @@ def test_a_kill_during_concepts_build_never_leaves_a_mixed_or_partial_dictionary
     assert code == 0, err
     again = dmod.ConceptDictionary.load(out, name="concept_dictionary")
     assert torch.equal(again.means, first.means)
+
+
+def test_steer_onto_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from diffusion_sae.eval import report
+
+    def full(fig, path, dpi=120):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "save_figure", full)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["steer", "--concept", "striped", "--prompt", "a circle", "--steps", "1", "--strength",
+                             "-1", "--out", tmp_path / "grid.png"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot write {tmp_path / 'grid.png'}: No space left on device")
+    assert list(tmp_path.iterdir()) == []
