@@ -1395,8 +1395,10 @@ def main() -> None:
     try:
         app()
     except DiffusionSAEError as e:
-        # One line: the message may carry newlines from a library below us.
-        typer.echo("error: " + " ".join(str(e).split()), err=True)
+        # One line: the message may carry newlines (and terminal colour codes) from a library below us.
+        import re
+
+        typer.echo("error: " + " ".join(re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(e)).split()), err=True)
         sys.exit(2)
 
 
