@@ -862,8 +862,6 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
     if top_n is not None and percentile is not None:
         fail("give either --top-n or --percentile, not both")
-    if min_fire < 1:
-        fail(f"--min-fire must be at least 1, got {min_fire}")
     _check_out_file(out)
 
     pipe = _load_model(model, device, dtype, offload)

@@ -13,8 +13,8 @@ Configurations are the `config.json` values of the public checkpoints:
 
 `build_real_pipeline(family, device="meta")` costs no memory (hookpoints, widths); `device="cpu"`
 materialises random weights (normal, std 1/sqrt(fan_in); norms 1, biases 0), e.g. SD 1.5 is
-~1.07 B parameters = 4.3 GB in float32. `blocks=` shortens the SD3 / FLUX transformers and T5 (the
-widths stay real). Run `python -m diffusion_sae.models.realscale hookpoints docs/hookpoints.md` to
+~1.07 B parameters = 4.3 GB in float32. `blocks=` shortens the SD3 / FLUX transformers, T5 and SDXL's
+transformer depths (the widths stay real). Run `python -m diffusion_sae.models.realscale hookpoints docs/hookpoints.md` to
 regenerate the hookpoint table, `python -m diffusion_sae.models.realscale dry-run` for the SD 1.5
 dry run (collect → train → dictionary → steer and unlearn) with its timings and peak memory.
 """
@@ -138,7 +138,9 @@ def build_real_pipeline(family: str, device: str = "meta", seed: int = 0, blocks
                                                    device, next(s)),
                                          text_encoder=_clip(CLIP_L, False, device, next(s)), tokenizer=tok,
                                          text_encoder_2=_clip(CLIP_G, True, device, next(s)), tokenizer_2=tok,
-                                         unet=_make(UNet2DConditionModel, SDXL_UNET, device, next(s)), scheduler=sched)
+                                         unet=_make(UNet2DConditionModel, dict(SDXL_UNET, **(
+                                             {"transformer_layers_per_block": (1, min(2, blocks), blocks)} if blocks else {})),
+                                             device, next(s)), scheduler=sched)
     elif family == "sd3":
         cfg = dict(SD3_TRANSFORMER, num_layers=blocks or SD3_TRANSFORMER["num_layers"])
         pipe = StableDiffusion3Pipeline(
@@ -213,9 +215,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def dry_run(out: str | Path, dtype: str = "float32", steps: int = 2, size: int = 64, seed: int = 0) -> dict:
-    """SD 1.5 at real widths with random weights on the CPU: collect (1 prompt, `steps` steps, size²) →
+# family: (block hookpoint, block SAE expansion, blocks kept) for the dry runs; text SAE: CLIP-L layer 9 (4x).
+DRY_RUN = {"sd15": ("unet.up_blocks.1.attentions.1", 16, None),
+           "sdxl": ("unet.up_blocks.0.attentions.1", 16, 1),
+           "sd3": ("transformer.transformer_blocks.0", 16, 2),
+           "flux": ("transformer.single_transformer_blocks.0", 4, 1)}
+
+
+def dry_run(out: str | Path, dtype: str = "float32", steps: int = 2, size: int = 64, seed: int = 0,
+            family: str = "sd15") -> dict:
+    """A real-width pipeline with random weights on the CPU: collect (1 prompt, `steps` steps, size²) →
     train a block SAE and a text SAE for a few steps → concept dictionary → steer and unlearn.
+    SD 1.5 is complete; SDXL keeps one transformer layer per block (its real 1/2/10 depths cost 10 GB
+    in fp32), SD3 two joint blocks and two T5 blocks, FLUX one block of each kind and one T5 block
+    (widths stay real).
     Returns shapes, dtypes, seconds per stage and the process's peak resident memory."""
     from dataclasses import replace
 
@@ -235,15 +248,20 @@ def dry_run(out: str | Path, dtype: str = "float32", steps: int = 2, size: int =
         rep.setdefault("seconds", {})[name] = round(now - t, 2)
         t = now
 
-    pipe = build_real_pipeline("sd15", "cpu", seed=seed)
+    from .devices import parse_dtype
+
+    block, expansion, blocks = DRY_RUN[family]
+    rep["family"] = family
+    pipe = build_real_pipeline(family, "cpu", seed=seed, blocks=blocks, dtype=parse_dtype(dtype) or torch.float32)
     pl = place_pipeline(pipe, "cpu", dtype, "none")
-    rep["parameters"] = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in ("unet", "text_encoder", "vae")}
+    rep["parameters"] = {c: sum(p.numel() for p in m.parameters()) for c, m in pipe.components.items()
+                         if isinstance(m, torch.nn.Module)}
     lap("build")
-    block, text = "unet.up_blocks.1.attentions.1", "text_encoder.text_model.encoder.layers.9"
+    text = "text_encoder.text_model.encoder.layers.9"
     ps = PromptSet.from_list(["a photo of a cat"], seeds=[seed])
     bsae = train_block_sae(pipe, ps, out / "block", hookpoint=block, train_progress=False,
                            recipe=replace(BLOCK_DEFAULTS, steps=steps, height=size, width=size, batch_size=4,
-                                          batch_prompts=1, guidance=7.5))
+                                          batch_prompts=1, guidance=7.5, expansion=expansion))
     lap("collect+train block SAE")
     tsae = train_text_sae(pipe, ps, out / "text", layer=9, train_progress=False,
                           recipe=replace(TEXT_DEFAULTS, batch_size=32, batch_prompts=1))
@@ -252,8 +270,9 @@ def dry_run(out: str | Path, dtype: str = "float32", steps: int = 2, size: int =
                         "tokens": bsae.train_metrics.get("tokens"), "steps": bsae.train_metrics.get("steps")}
     rep["text_sae"] = {"W_dec": list(tsae.W_dec.shape), "dtype": str(tsae.dtype),
                        "tokens": tsae.train_metrics.get("tokens"), "steps": tsae.train_metrics.get("steps")}
-    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="pt")
-    d = build_concept_dictionary(pipe, bsae, block, {"cat": ["a cat"], "dog": ["a dog"]}, steps=steps, guidance=7.5,
+    g = 3.5 if family == "flux" else 7.5
+    kw = dict(num_inference_steps=steps, guidance_scale=g, height=size, width=size, output_type="pt")
+    d = build_concept_dictionary(pipe, bsae, block, {"cat": ["a cat"], "dog": ["a dog"]}, steps=steps, guidance=g,
                                  height=size, width=size)
     rep["dictionary"] = list(d.means.shape)
     lap("concept dictionary")
@@ -268,7 +287,8 @@ def dry_run(out: str | Path, dtype: str = "float32", steps: int = 2, size: int =
         unlearned = gen()
     lap("plain+steer+unlearn images")
     rep["image"] = {"shape": list(plain.shape), "dtype": str(plain.dtype),
-                    "pipeline_dtype": str(pipe.unet.dtype), "device": str(pl.device),
+                    "pipeline_dtype": str((getattr(pipe, "unet", None) or pipe.transformer).dtype),
+                    "device": str(pl.device),
                     "finite": bool(torch.isfinite(plain).all() and torch.isfinite(steered).all()
                                    and torch.isfinite(unlearned).all()),
                     "steer_max_change": float((steered.float() - plain.float()).abs().max()),
@@ -286,7 +306,8 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hookpoints", help="write the hookpoint table (Markdown)")
     h.add_argument("out", nargs="?", default="docs/hookpoints.md")
-    d = sub.add_parser("dry-run", help="SD 1.5 at real widths, random weights, CPU")
+    d = sub.add_parser("dry-run", help="a real-width pipeline, random weights, CPU")
+    d.add_argument("--family", default="sd15", choices=list(DRY_RUN))
     d.add_argument("--dtype", default="float32")
     d.add_argument("--steps", type=int, default=2)
     d.add_argument("--size", type=int, default=64)
@@ -298,7 +319,7 @@ def main(argv=None) -> None:
         print(f"wrote {a.out}")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        rep = dry_run(tmp, dtype=a.dtype, steps=a.steps, size=a.size)
+        rep = dry_run(tmp, dtype=a.dtype, steps=a.steps, size=a.size, family=a.family)
     text = json.dumps(rep, indent=1)
     if a.json:
         Path(a.json).write_text(text)
