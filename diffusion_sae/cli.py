@@ -510,6 +510,8 @@ def train_text_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, 
     from .sae.recipes import TEXT_DEFAULTS, train_text_sae
     from dataclasses import replace
 
+    if not epochs > 0 or epochs != epochs:
+        fail(f"--epochs must be a positive number of passes, got {epochs}")
     pipe = _load_model(model, device, dtype, offload)
     ps = _prompt_set(prompts, None, seed)
     recipe = replace(TEXT_DEFAULTS, expansion=expansion, k=k, batch_size=batch_size, lr=lr, epochs=epochs,
@@ -540,6 +542,8 @@ def train_block_sae_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder,
     from .sae import SAEError
     from .sae.recipes import BLOCK_DEFAULTS, train_block_sae
 
+    if not epochs > 0 or epochs != epochs:
+        fail(f"--epochs must be a positive number of passes, got {epochs}")
     pipe = _load_model(model, device, dtype, offload)
     ps = _prompt_set(prompts, None, seed)
     recipe = replace(BLOCK_DEFAULTS, expansion=expansion, k=k, batch_topk=batch_topk, batch_size=batch_size, lr=lr,
@@ -919,7 +923,9 @@ def _eval_source(images: Optional[Path], model: Optional[str], steps: int, heigh
         fail("give exactly one of --images DIR or --model PATH")
     if images is not None and not images.is_dir():
         fail(f"--images {images}: no such folder")
-    return images, (ModelSource(model, steps=steps, height=height, width=width, scheduler=scheduler) if model else None)
+    # The generating pipeline is placed by models/devices.py's auto rules (cuda:LOCAL_RANK → mps → cpu, the family's dtype).
+    return images, (ModelSource(model, steps=steps, height=height, width=width, scheduler=scheduler, device="auto")
+                    if model else None)
 
 
 def _eval_run(fn, **kw):
@@ -1292,6 +1298,10 @@ def _ui_engine(model: str, text_sae: Optional[Path], block_sae: Optional[Path], 
     from .app.shapescanvas import default_prompts, sae_folders
     from .sae import SAEError
 
+    if stats_steps <= 0:
+        fail(f"--stats-steps must be a positive number of denoising steps, got {stats_steps}")
+    if per_concept <= 0:
+        fail(f"--per-concept must be a positive number of prompts, got {per_concept}")
     if model not in (None, "", SHAPES) and block_sae is None:
         fail("give --block-sae FOLDER (its concept dictionaries are read from the same folder) for a model "
              "other than the bundled one")
