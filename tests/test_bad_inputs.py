@@ -145,6 +145,13 @@ CASES = [
     ("train-huge-activations", ["train-sae", "{i}/huge", "--batch-size", "256", "--k", "4"], "too large for float32"),
     ("train-out-a-file", ["train-sae", "{i}/good_acts", "--out", "{i}/a_file"], "is a file"),
     ("train-batch-size-0", ["train-sae", "{i}/good_acts", "--batch-size", "0"], "batch_size"),
+    ("train-synthetic-k-0", ["train-sae", "--synthetic", "--k", "0", "--synthetic-tokens", "1000"], "k must be"),
+    ("train-text-sae-epochs-0", ["train-text-sae", "--model", "tiny:sd", "--prompts", "{i}/prompts.txt", "--out",
+                                 "{o}/t", "--epochs", "0"], "--epochs"),
+    ("train-block-sae-steps-0", ["train-block-sae", "--model", "tiny:sd", "--prompts", "{i}/prompts.txt", "--out",
+                                 "{o}/b", "--steps", "0"], "--steps"),
+    ("dashboard-stats-steps-0", ["dashboard", "export", "--out", "{o}/d", "--stats-steps", "0"], "--stats-steps"),
+    ("dashboard-per-concept-0", ["dashboard", "export", "--out", "{o}/d", "--per-concept", "0"], "--per-concept"),
     # --- steer: every option checked before an image is made
     ("steer-strength-nan", [*STEER, "--strength", "nan"], "--strength"),
     ("steer-strength-inf", [*STEER, "--strength", "inf"], "--strength"),
