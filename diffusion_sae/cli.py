@@ -923,6 +923,11 @@ def _eval_source(images: Optional[Path], model: Optional[str], steps: int, heigh
         fail("give exactly one of --images DIR or --model PATH")
     if images is not None and not images.is_dir():
         fail(f"--images {images}: no such folder")
+    if model is not None and steps <= 0:
+        fail(f"--steps must be a positive number of denoising steps, got {steps}")
+    for option, v in (("--height", height), ("--width", width)):
+        if model is not None and v is not None and (v <= 0 or v % 8):
+            fail(f"{option} must be a positive multiple of 8, got {v}")
     # The generating pipeline is placed by models/devices.py's auto rules (cuda:LOCAL_RANK → mps → cpu, the family's dtype).
     return images, (ModelSource(model, steps=steps, height=height, width=width, scheduler=scheduler, device="auto")
                     if model else None)

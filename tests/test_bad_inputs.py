@@ -190,6 +190,10 @@ CASES = [
     ("world-prompts-onto-folder", ["world", "prompts", "--out", "{i}/a_folder"], "is a folder"),
     ("world-prompts-unwritable", ["world", "prompts", "--out", "{i}/a_file/p.csv", "--n", "5"], "cannot write"),
     ("world-prompts-n-0", ["world", "prompts", "--out", "{o}/p.csv", "--n", "0"], "--n"),
+    ("eval-fid-steps-0", ["eval", "fid", "--out", "{o}/r", "--reference", "{i}/a_folder", "--model", "tiny:sd",
+                          "--steps", "0"], "--steps"),
+    ("eval-clip-height-odd", ["eval", "clip-score", "--out", "{o}/r", "--prompts", "{i}/prompts.txt", "--clip",
+                              "{i}/a_folder", "--model", "tiny:sd", "--height", "30"], "--height"),
     # --- ui
     ("ui-port-out-of-range", ["ui", "--port", "99999"], "--port"),
     ("ui-port-0", ["ui", "--port", "0"], "--port"),
