@@ -29,6 +29,8 @@ _EXPORTS = {
     # interventions
     "ConceptSteering": "diffusion_sae.interventions.api:ConceptSteering",
     "SAeUron": "diffusion_sae.interventions.api:SAeUron",
+    "FeatureScaling": "diffusion_sae.interventions.scale:FeatureScaling",
+    "FeatureScalingConfig": "diffusion_sae.interventions.scale:FeatureScalingConfig",
     "SteeringConfig": "diffusion_sae.configs:SteeringConfig",
     "SAeUronConfig": "diffusion_sae.configs:SAeUronConfig",
     "apply": "diffusion_sae.interventions.api:apply",

@@ -37,7 +37,9 @@ def _as_tuple(value) -> tuple:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-class _Config:
+class Config:
+    """Base of the typed configs: `kind` names the config in JSON; subclasses are frozen dataclasses."""
+
     kind: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +79,7 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class SteeringConfig(_Config):
+class SteeringConfig(Config):
     """Concept Steerers (interventions/steer.py: concept_steering + steer_text_encoder)."""
 
     kind: ClassVar[str] = "steering"
@@ -103,7 +105,7 @@ class SteeringConfig(_Config):
 
 
 @dataclass(frozen=True)
-class SAeUronConfig(_Config):
+class SAeUronConfig(Config):
     """SAeUron (interventions/ablate.py: unlearn_concepts); field meanings as in ConceptEdit."""
 
     kind: ClassVar[str] = "saeuron"

@@ -184,3 +184,35 @@ def test_interventions_chain_with_other_registry_hooks_and_leave_them_in_place(s
     finally:
         registry.remove_hook("foreign", recurse=False)
     assert torch.equal(_gen(pipe), plain)
+
+
+def test_feature_scaling_in_a_step_window(shapes):
+    # The intervention of interventions/scale.py, added in that one file: factor 1 is exact, a window edits
+    # only its steps, and the UI's feature scaling (app/engine.py) is the same edit.
+    from diffusion_sae.app.engine import scale_block_features
+    from diffusion_sae.interventions.scale import FeatureScalingConfig
+
+    pipe, _ = shapes
+    block = bundle.load_block_sae()
+    off = {j: 0.0 for j in range(block.cfg.num_latents)}
+    plain = _gen(pipe, STEPS)
+    with ds.intervene(pipe, ds.FeatureScaling(block, features={3: 1.0, 7: 1.0})):
+        assert torch.equal(_gen(pipe, STEPS), plain)
+    with ds.intervene(pipe, ds.FeatureScaling(block, features=off)):
+        full = _gen(pipe, STEPS)
+    with scale_block_features(pipe, block, bundle.BLOCK_HOOKPOINT, off):
+        assert torch.equal(_gen(pipe, STEPS), full)
+    with ds.intervene(pipe, ds.FeatureScaling(block, features=off, steps=(0, STEPS))):
+        assert torch.equal(_gen(pipe, STEPS), full)
+    with ds.intervene(pipe, ds.FeatureScaling(block, features=off, steps=(0, 5))):
+        early = _gen(pipe, STEPS)
+    assert (full - plain).abs().mean() > 1e-2
+    assert 1e-4 < (early - plain).abs().mean() and not torch.equal(early, full)
+    assert _registered(pipe) == [] and torch.equal(_gen(pipe, STEPS), plain)
+    cfg = FeatureScalingConfig(features={12: 0.0, 3: 2.5}, steps=[2, 9])
+    assert FeatureScalingConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="first < last"):
+        FeatureScalingConfig(features={1: 0.0}, steps=(5, 5))
+    with pytest.raises(ds.DiffusionSAEError, match="a step window needs a denoiser hookpoint"):
+        ds.apply(pipe, ds.FeatureScaling(shapes[1], features={1: 0.0}, steps=(0, 5)))
+    assert ds.applied(pipe) == []

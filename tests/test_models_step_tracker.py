@@ -85,3 +85,28 @@ def test_hooks_and_patches_removed_even_when_the_pipeline_raises():
     assert registered(pipe.unet) == {} and registered(pipe.text_encoder) == {}
     assert "encode_prompt" not in pipe.__dict__ and "check_inputs" not in pipe.__dict__
     pipe("a", num_inference_steps=1, output_type="latent")  # still a working pipeline
+
+
+def test_shared_tracker_is_one_hook_whoever_leaves_first():
+    from contextlib import ExitStack
+
+    from diffusion_sae.models import registered
+
+    pipe = tiny("sd")
+    first, second = ExitStack(), ExitStack()
+    a = first.enter_context(StepTracker.shared(pipe))
+    b = second.enter_context(StepTracker.shared(pipe))
+    assert a is b and len(registered(pipe.unet)) == 1
+    first.close()                                   # the first user leaves first: the tracker stays
+    assert len(registered(pipe.unet)) == 1
+    steps = []
+    h = pipe.unet.register_forward_hook(lambda m, args, kw, out: steps.append(b.step_index), with_kwargs=True)
+    try:
+        pipe("a", num_inference_steps=3, output_type="latent")
+    finally:
+        h.remove()
+    assert steps == [0, 1, 2]
+    second.close()
+    assert registered(pipe.unet) == {} and "encode_prompt" not in pipe.__dict__
+    with StepTracker.shared(pipe) as c:             # a later user gets a fresh tracker
+        assert c is not a and len(registered(pipe.unet)) == 1

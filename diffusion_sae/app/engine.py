@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..concepts.features import ConceptIndex, FeatureError, collect_feature_stats
-from ..models import as_tokens, from_tokens, register_edit, resolve_hookpoint
+from ..models import register_edit, resolve_hookpoint
 from .paths import PathError, resolve_inside
 from ..errors import DiffusionSAEError
 
@@ -49,24 +49,13 @@ class Edit:
 def scale_block_features(pipe, sae, hookpoint: str, factors: dict[int, float]):
     """Within the block, the block's output has feature j's activation multiplied by factors[j].
 
-    Only the change is decoded and added (x + W_dec Δz), so the SAE's reconstruction error stays in.
+    Only the change is decoded and added (x + W_dec Δz), so the SAE's reconstruction error stays in
+    (interventions/scale.py, the same edit as `ds.FeatureScaling`).
     """
+    from ..interventions.scale import scale_features_edit
+
     hp = resolve_hookpoint(pipe, hookpoint)
-    L = sae.cfg.num_latents
-    cols = torch.tensor(sorted(factors), dtype=torch.long)
-    mult = torch.tensor([factors[int(j)] - 1.0 for j in cols], dtype=sae.dtype, device=sae.device)
-
-    def edit(h):
-        tok, grid = as_tokens(h)
-        b, n, d = tok.shape
-        xs = tok.reshape(b * n, d).to(sae.device, sae.dtype)
-        z = sae.dense_latents(xs)
-        delta = torch.zeros(b * n, L, dtype=sae.dtype, device=sae.device)
-        delta[:, cols] = z[:, cols] * mult
-        new = xs + sae.decode_dense(delta, add_bias=False, x=xs)
-        return from_tokens(new.to(h.dtype).reshape(b, n, d), grid)
-
-    handle = register_edit(hp, edit, "diffusion_sae.scale_features")
+    handle = register_edit(hp, scale_features_edit(sae, factors), "diffusion_sae.scale_features")
     try:
         yield
     finally:

@@ -242,15 +242,14 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
             raise DictionaryError(f"SAE width {s_.cfg.d_in} != width {hp.width} of block {hp.name!r}")
         hooks.append(SAeUronHook(s_, d_, edits, mode, faithful))
         targets.append(hp)
-    tracker = StepTracker(pipe)
-    for h in hooks:
-        h.tracker = tracker
-    with tracker:
+    with StepTracker.shared(pipe) as tracker:
+        for h in hooks:
+            h.tracker = tracker
         handles = []
         try:
             # The SAE edits what it was trained on: the block's output, input or update (":input" / ":update").
             for h, hp in zip(hooks, targets):
-                handles.append(register_edit(hp, h))
+                handles.append(register_edit(hp, h, "diffusion_sae.saeuron"))
             yield hooks[0] if len(hooks) == 1 else hooks
         finally:
             for handle in handles:

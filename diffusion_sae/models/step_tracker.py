@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
+from contextlib import contextmanager
 
 import torch
 from diffusers.hooks import ModelHook
@@ -27,6 +29,10 @@ def _texts(x) -> list[str] | None:
     if x is None:
         return None
     return [x] if isinstance(x, str) else list(x)
+
+
+# pipe -> [tracker, users] for StepTracker.shared
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _ContextName(StateManager):
@@ -116,6 +122,25 @@ class StepTracker:
             self.close()
             raise
         return self
+
+    @classmethod
+    @contextmanager
+    def shared(cls, pipe):
+        """The pipeline's one shared tracker: the first user installs it, the last one to leave removes it
+        (in any order), so several interventions on one pipeline read one set of hooks."""
+        entry = _SHARED.get(pipe)
+        if entry is None:
+            tracker = cls(pipe).__enter__()
+            entry = _SHARED[pipe] = [tracker, 0]
+        entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                if _SHARED.get(pipe) is entry:
+                    del _SHARED[pipe]
+                entry[0].close()
 
     def __exit__(self, *exc):
         self.close()
