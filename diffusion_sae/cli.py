@@ -1132,7 +1132,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
         from .eval.attack import AttackConfig
         from .world import generalization as gen
 
-        gcfg = gen.GeneralizationConfig(concepts_per_kind=gen_concepts or (3 if quick else None), steps=steps,
+        gcfg = gen.GeneralizationConfig(concepts_per_kind=gen_concepts or concepts_per_kind or (3 if quick else None), steps=steps,
                                         guidance=guidance, implicit=12 if quick else 16, empty=12 if quick else 16)
         methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params())
         with _progress() as p:
@@ -1178,14 +1178,25 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
              contrast: Optional[bool] = typer.Option(None, help="steer (gated): build each steering from matched example prompts, the concept against its rivals (ours; the kind is listed under \"contrast\" in params.json); default: as params.json says."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
-             save: bool = typer.Option(True, help="Write the winners into the bundled params.json.")):
-    """Pick intervention strengths on a small tuning prompt set (seeds disjoint from the benchmark)."""
+             out: Optional[Path] = typer.Option(None, "--out", help="Write the shipped params updated with the winners "
+                                                "to this JSON file (a preset; never the package's own params.json). "
+                                                "Without it the winners are only printed.")):
+    """Pick intervention strengths on the tuning split (seeds 500-999, canonical names; evaluation never uses them)."""
     from .eval.shapes import contrast_kind, orthogonal_kind, other_attribute_drop
     from .eval.tune import sweep_steering, tune_saeuron
     from .world import assets, bundle
 
     if kind not in bundle.KINDS:
         fail(f"--kind must be one of {', '.join(bundle.KINDS)}, not {kind!r}")
+    if out is not None:
+        # checked before hours of tuning, not after
+        target = out.resolve()
+        if target.is_dir():
+            fail(f"--out {out}: is a folder; give a JSON file path")
+        if assets.ASSETS.resolve().parent in target.parents:
+            fail(f"--out {out}: inside the installed package; write the preset elsewhere")
+        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            fail(f"--out {out}: folder {target.parent} does not exist or is not writable")
     pipe, clf = _load_model(SHAPES), assets.load_classifier()
     params = bundle.load_params()
     with _progress() as p:
@@ -1265,9 +1276,11 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             typer.echo(f"picked λ={params['steer']['add_style']:g} for adding a style")
         else:
             fail(f"--method must be saeuron, steer or steer-add, not {method!r}")
-    if save:
-        bundle.save_params(params)
-        typer.echo(f"saved {bundle.params_path()}")
+    if out is not None:
+        bundle.save_params(params, out)
+        typer.echo(f"saved {out}")
+    else:
+        typer.echo("not saved (give --out FILE.json to write these params as a preset)")
 
 
 @app.command("demo")
@@ -1290,6 +1303,11 @@ def demo_cmd(out: Path = typer.Option(Path("demo"), help="Output folder."),
                f"other objects keep {pct(r2['others_after'])} (was {pct(r2['others_before'])})")
     typer.echo(f"Concept Steerers adds '{r3['concept']}' (λ={r3['strength']:g}): present {pct(r3['present_before'])} -> "
                f"{pct(r3['present_after'])}")
+    for m, rows in res.get("generalization", {}).get("rows", {}).items():
+        for r in rows:
+            typer.echo(f"  {m} on prompts that do not name '{r['concept']}': {r['kind']} left out "
+                       f"{pct(r['implicit_plain'])} -> {pct(r['implicit'])}, empty prompt {pct(r['empty_plain'])} -> "
+                       f"{pct(r['empty'])}, other concepts kept {pct(r['rest_accuracy'])}")
     typer.echo(f"{res['images_generated']} images in {_time.perf_counter() - t0:.0f} s")
     typer.echo(f"wrote {out}/before_after.png, {out}/strength_sweep.png, {out}/report.md")
 

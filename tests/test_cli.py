@@ -118,27 +118,56 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
 
 def test_tune_both_methods_small(tmp_path):
     out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
-             "--images", 8, "--top-n", "1", "--gammas", "-5", "--no-save")
+             "--images", 8, "--top-n", "1", "--gammas", "-5")
     assert "striped" in out and "top_n=1" in out
     out = ok("tune", "--method", "saeuron", "--kind", "object", "--concept", "star", "--search", "halving",
-             "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--no-save", "--scalings", "mean,latent",
+             "--images", 8, "--top-n", "1,2", "--gammas", "-5", "--scalings", "mean,latent",
              "--blocks", "unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1",
              "--min-fires", "1,2")
     assert "star" in out and "blocks=" in out and "min_fire=" in out
-    r = run("tune", "--method", "steer", "--kind", "colour", "--no-gated", "--orthogonal", "--no-save")
+    r = run("tune", "--method", "steer", "--kind", "colour", "--no-gated", "--orthogonal")
     assert isinstance(r.exception, UserError) and "--orthogonal" in str(r.exception)
-    r = run("tune", "--method", "steer", "--kind", "colour", "--contrast", "--orthogonal", "--no-save")
+    r = run("tune", "--method", "steer", "--kind", "colour", "--contrast", "--orthogonal")
     assert isinstance(r.exception, UserError) and "--contrast replaces" in str(r.exception)
-    out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5", "--images", 4, "--no-save",
-             "--per-concept")
+    out = ok("tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5", "--images", 4,
+             "--per-concept", "--out", tmp_path / "preset.json")
     assert "picked" in out
+    preset = json.loads((tmp_path / "preset.json").read_text())
+    assert set(preset["steer"]["concepts"]["colour"].values()) <= {-1.0, -0.5}
     # one line per colour with the λ chosen for it, from the swept strengths
     per = [ln for ln in out.splitlines() if ln.strip().startswith(("red ", "green ", "blue "))]
     assert len(per) == 3 and all("λ=-1:" in ln or "λ=-0.5:" in ln for ln in per)
 
 
+def test_tune_never_writes_into_the_package(tmp_path):
+    from diffusion_sae.world import assets
+
+    r = run("tune", "--method", "steer", "--kind", "colour", "--out", assets.sae_dir() / "params.json")
+    assert isinstance(r.exception, UserError) and "inside the installed package" in str(r.exception)
+    r = run("tune", "--method", "steer", "--kind", "colour", "--out", tmp_path)
+    assert isinstance(r.exception, UserError) and "is a folder" in str(r.exception)
+
+
+def test_kill_during_tune_leaves_no_partial_preset(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = os.path.join(os.path.dirname(sys.executable), "diffusion-sae")
+    out = tmp_path / "preset.json"
+    proc = subprocess.Popen([exe, "tune", "--method", "steer", "--kind", "colour", "--strengths", "-1,-0.5",
+                             "--images", "4", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(8)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL          # killed mid-run, not finished
+    assert list(tmp_path.iterdir()) == []          # nothing half-written: the preset is written once, atomically
+
+
 def test_eval_shapes_smoke(tmp_path):
-    out = ok("eval", "shapes", "--quick", "--concepts-per-kind", 1, "--no-faithful", "--out", tmp_path / "r")
+    out = ok("eval", "shapes", "--quick", "--concepts-per-kind", 1, "--no-faithful", "--attack-steps", 2,
+             "--out", tmp_path / "r")
     assert "SAeUron style (ours)" in out and "Concept Steerers remove colour" in out
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Style unlearning" in md and "UA" in md
@@ -149,6 +178,12 @@ def test_eval_shapes_smoke(tmp_path):
     assert all(r["fd_rest"] >= 0 for r in res["saeuron"]["style"]["ours"])
     assert res["cost"]["SAeUron"]["per_image_s"] > 0 and res["cost"]["storage_bytes"]["SAeUron"] > 0
     assert "steer_paper" in res and "gated on the concept word" in md
+    # the generalization table: every method, named / implicit / adversarial columns, worst per axis
+    g = res["generalization"]
+    assert len(g["rows"]) == 4 and "Generalization" in md and "worst:" in out
+    solid = next(r for r in g["rows"]["SAeUron (shipped)"] if r["concept"] == "solid")
+    assert 0 <= solid["implicit_plain"] <= 1 and 0 <= solid["adversarial"] <= 1 and 0 <= solid["tv_other"] <= 1
+    assert all(r["kind"] != "colour" for r in g["rows"]["SAeUron (shipped)"])
 
 
 def test_demo_writes_its_files(tmp_path):

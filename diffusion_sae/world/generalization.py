@@ -54,8 +54,11 @@ class GeneralizationConfig:
     guidance: float = 5.0
     batch_size: int = 80
     kinds: tuple = ("style", "object", "colour")
+    only: dict | None = None             # {kind: (concept, ...)}: just these (overrides concepts_per_kind)
 
     def concepts(self, kind: str) -> tuple:
+        if self.only is not None:
+            return tuple(self.only.get(kind, ()))
         c = KINDS[kind]
         return c[: self.concepts_per_kind] if self.concepts_per_kind else c
 
