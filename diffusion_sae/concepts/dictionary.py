@@ -219,7 +219,8 @@ class ConceptDictionary:
             raise DictionaryError("give exactly one of percentile (e.g. 99.9) or top_n (e.g. 2)")
         if method not in ("paper", "specific"):
             raise DictionaryError(f"selection must be 'paper' or 'specific', not {method!r}")
-        if top_n is not None and (isinstance(top_n, bool) or not 0 < int(top_n) <= self.means.shape[-1]):
+        # top_n = 0 selects nothing: an exact no-op edit that the library allows (the CLI refuses it).
+        if top_n is not None and (isinstance(top_n, bool) or not 0 <= int(top_n) <= self.means.shape[-1]):
             raise DictionaryError(f"--top-n must lie in 1..{self.means.shape[-1]} (the SAE's latents), got {top_n}")
         if percentile is not None and not 0 < percentile < 100:
             raise DictionaryError(f"percentile must be in (0, 100), got {percentile}")
