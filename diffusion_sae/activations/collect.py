@@ -178,7 +178,7 @@ def _run(pipe, ids: list[int], prompts: PromptSet, cfg: CollectConfig, text_only
         params = inspect.signature(fn).parameters
         kw = {k: None for k, p in params.items() if p.default is inspect.Parameter.empty and k != "self"
               and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
-        kw.update(_call_kwargs(fn, prompt=texts, device=pipe.device, num_images_per_prompt=1,
+        kw.update(_call_kwargs(fn, prompt=texts, device=getattr(pipe, "_execution_device", pipe.device), num_images_per_prompt=1,
                                do_classifier_free_guidance="uncond" in cfg.branches, negative_prompt=neg,
                                max_sequence_length=cfg.max_sequence_length))
         with torch.no_grad():
