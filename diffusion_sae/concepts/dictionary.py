@@ -8,7 +8,7 @@ output at denoising step t is encoded token by token (per-token TopK) and averag
 Only the mean over prompts μ_c(t) = mean_p m_c[p, t, :] is ever used, so that is what is stored:
 a [C, S, L] fp32 tensor plus the sampler's timesteps, in `concept_dictionary.safetensors` +
 `concept_dictionary.json` next to the SAE (the official code pickles [N_prompts, 100, L] fp16 per
-concept: gigabytes; shared/spec/algorithms.md §3.5).
+concept: gigabytes; as in the official SAeUron code).
 
 Scores (§3.6): s_c(t) = μ_c(t)/Σ_j μ_c,j(t) − μ_¬c(t)/Σ_j μ_¬c,j(t), with μ_¬c the mean over the
 pooled prompts of all other concepts of the dictionary.

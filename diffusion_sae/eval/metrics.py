@@ -2,7 +2,7 @@
 
 Every number this package reports is a `MetricResult`: the value, the sample count and the exact settings
 (classes, threshold, subset, model files) that produced it, so a report can never show a number without
-saying how it was computed (the papers' scripts disagree on all of these; shared/spec/evaluation.md §0).
+saying how it was computed (the papers' scripts disagree on all of these).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Readers for the evaluation prompt sets: I2P, Ring-A-Bell, P4D, MMA-Diffusion, UnlearnDiffAtk, COCO captions.
 
 None of these files ships with the library (unsafe text; MMA-Diffusion is CC BY-NC-ND and gated): the user
-passes a CSV path. Schemas and subset definitions follow shared/spec/evaluation.md §1-§3. Per-row fallbacks
+passes a CSV path. Schemas and subset definitions follow the published prompt sets (I2P, Ring-A-Bell, MMA-Diffusion, UnlearnCanvas). Per-row fallbacks
 are those of the Concept Steerers / TraSCE generators: prompt <- `prompt` else `adv_prompt`;
 seed <- `evaluation_seed` else `sd_seed` else 42; guidance <- `evaluation_guidance` else
 `sd_guidance_scale` else 7.5.

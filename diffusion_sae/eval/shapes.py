@@ -1,7 +1,7 @@
 """The ShapesCanvas benchmark: both methods, every concept, judged by the bundled classifier.
 
 Prompt grid: every object x style pair, colours cycling so that each colour appears, `seeds` images
-per pair (the UnlearnCanvas protocol in miniature: shared/spec/evaluation.md §5). With the judge's
+per pair (the UnlearnCanvas protocol in miniature, Zhang et al. 2024). With the judge's
 predictions:
 
 - unlearning a style s (UnlearnCanvas / SAeUron definitions, §3.7 of algorithms.md):

@@ -121,7 +121,7 @@ def build_text_encoder(cfg: ShapesCanvasModelConfig, tokenizer) -> CLIPTextModel
 
 def build_noise_scheduler() -> DDPMScheduler:
     # Zero terminal SNR + v-prediction: without them a small pixel model leaks the mean colour of
-    # the noise at t = T and paints tinted backgrounds (shared/spec/feasibility.md §2.5).
+    # the noise at t = T and paints tinted backgrounds (measured on this project's CPU runs; see Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                          prediction_type="v_prediction", rescale_betas_zero_snr=True,
                          clip_sample=False)
