@@ -57,8 +57,10 @@ def test_front_door_names_point_at_the_library():
     from diffusion_sae.sae.io import load_sae
     from diffusion_sae.sae.train import SAETrainer
 
+    from diffusion_sae.eval.shapes import run_shapes_benchmark
+
     assert ds.load_sae is load_sae and ds.collect is collect and ds.Trainer is SAETrainer
-    assert ds.build_concept_dictionary is build_concept_dictionary
+    assert ds.build_concept_dictionary is build_concept_dictionary and ds.evaluate is run_shapes_benchmark
 
 
 def test_configs_round_trip_and_reject_bad_values(tmp_path):
@@ -216,3 +218,45 @@ def test_feature_scaling_in_a_step_window(shapes):
     with pytest.raises(ds.DiffusionSAEError, match="a step window needs a denoiser hookpoint"):
         ds.apply(pipe, ds.FeatureScaling(shapes[1], features={1: 0.0}, steps=(0, 5)))
     assert ds.applied(pipe) == []
+
+
+def test_two_interventions_removed_by_name_in_any_order(shapes):
+    pipe, sae = shapes
+    block, dictionary = bundle.load_block_sae(), bundle.load_dictionary("object")
+    steer = ds.ConceptSteering(sae, concept="striped style", strength=-2.0)
+    unlearn = ds.SAeUron(block, dictionary, concepts=["star"], multiplier=-10, top_n=2)
+    plain = _gen(pipe, STEPS)
+    with ds.intervene(pipe, unlearn):
+        unlearn_only = _gen(pipe, STEPS)
+    ds.apply(pipe, unlearn, steer)
+    try:
+        assert ds.applied(pipe) == ["saeuron:star", "steering:striped style"]
+        both = _gen(pipe, STEPS)
+        ds.remove(pipe, "saeuron:star")          # the older one first
+        steer_only = _gen(pipe, STEPS)
+    finally:
+        ds.remove(pipe)
+    with ds.intervene(pipe, steer):
+        assert torch.equal(_gen(pipe, STEPS), steer_only)   # what is left is exactly the steering alone
+    assert not torch.equal(both, unlearn_only) and not torch.equal(both, steer_only)
+    assert not torch.equal(steer_only, plain)
+    ds.apply(pipe, unlearn)
+    assert ds.remove(pipe) == ["saeuron:star"]
+    assert _registered(pipe) == [] and torch.equal(_gen(pipe, STEPS), plain)
+
+
+def test_two_steerings_removed_newest_first_leave_the_older_one_working(shapes):
+    pipe, sae = shapes
+    striped = ds.ConceptSteering(sae, concept="striped style", strength=-2.0)
+    red = ds.ConceptSteering(sae, concept="red", strength=-2.0)
+    with ds.intervene(pipe, striped):
+        striped_only = _gen(pipe)
+    ds.apply(pipe, striped, red)
+    try:
+        both = _gen(pipe)
+        ds.remove(pipe, "steering:red")
+        assert torch.equal(_gen(pipe), striped_only)
+    finally:
+        ds.remove(pipe)
+    assert not torch.equal(both, striped_only)
+    assert _registered(pipe) == [] and "encode_prompt" not in pipe.__dict__

@@ -19,12 +19,13 @@ Which encoding is the prompt and which the negative prompt is decided by encodin
 explicit calls (prompt first, then `prompt_embeds` handed back to the pipeline's own
 `encode_prompt` so that only the negative prompt is encoded under the −S hooks) — never by counting
 hook calls, which breaks on SDXL's zeroed negative branch, on batched prompts and on FLUX
-(shared/spec/algorithms.md §2.7). `faithful=True` reproduces the official call-counting hooks.
+(the Concept Steerers repository, issue tracker). `faithful=True` reproduces the official call-counting hooks.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import numbers
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 from ..models import resolve_hookpoint
 from ..errors import DiffusionSAEError
 from ..models.hookpoints import PreForwardHook, register_edit, register_hook
+from ..models.step_tracker import patch_attribute, unpatch_attribute
 from ..models.text_layers import encode_prompts as _encode_positive
 from ..models.text_layers import layer_activations as _layer_activations
 from ..models.text_layers import pipeline_family as _family
@@ -364,6 +366,7 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     sig = inspect.signature(orig)
     fam = _family(pipe)
 
+    @functools.wraps(orig)     # the real signature stays readable for a wrapper stacked on this one
     def encode_prompt(*args, **kwargs):
         ba = sig.bind(*args, **kwargs)
         ba.apply_defaults()
@@ -395,14 +398,14 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
         finally:
             state.sign = 0.0
 
-    pipe.encode_prompt = encode_prompt
+    # Several steerings (and the step tracker) may wrap encode_prompt and be removed in any order (ds.remove).
+    patch_attribute(pipe, "encode_prompt", encode_prompt)
     try:
         yield pipe
     finally:
         for h in handles:
             h.remove()
-        if pipe.__dict__.get("encode_prompt") is encode_prompt:
-            del pipe.__dict__["encode_prompt"]
+        unpatch_attribute(pipe, "encode_prompt", encode_prompt)
 
 
 def steered_generate(pipe, steerings, prompt, negative_steering: bool = True, faithful: bool = False, **kwargs):

@@ -11,6 +11,7 @@ prompt that the pipeline passed to `encode_prompt`.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import weakref
@@ -29,6 +30,33 @@ def _texts(x) -> list[str] | None:
     if x is None:
         return None
     return [x] if isinstance(x, str) else list(x)
+
+
+def patch_attribute(obj, attr: str, fn) -> None:
+    """Shadow obj.attr (a method) by the instance attribute `fn`, remembering what it shadowed."""
+    fn._shadowed = obj.__dict__.get(attr)
+    fn._removed = False
+    obj.__dict__[attr] = fn
+
+
+def unpatch_attribute(obj, attr: str, fn) -> None:
+    """Undo patch_attribute, in any order among several patches of the same attribute.
+
+    On top: the newest patch that is still wanted comes back (the class method when none is). Under
+    a newer patch: `fn` is marked removed and left in that patch's chain (the wrappers here only
+    observe, or split an encode into the same two calls, so a removed one changes no number), and it
+    is skipped when the newer one goes.
+    """
+    fn._removed = True
+    if obj.__dict__.get(attr) is not fn:
+        return
+    previous = fn._shadowed
+    while previous is not None and getattr(previous, "_removed", False):
+        previous = previous._shadowed
+    if previous is None:
+        del obj.__dict__[attr]
+    else:
+        obj.__dict__[attr] = previous
 
 
 # pipe -> [tracker, users] for StepTracker.shared
@@ -85,7 +113,7 @@ class StepTracker:
                                    if isinstance(getattr(pipe, c, None), torch.nn.Module)), None)
         self.denoiser = getattr(pipe, self.denoiser_name) if self.denoiser_name else None
         self._handles: list = []
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, object]] = []
         self._reset_call()
 
     # -- state ------------------------------------------------------------------------------------
@@ -150,14 +178,13 @@ class StepTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for obj, attr in reversed(self._patched):
-            # The patch is an instance attribute shadowing the class method: deleting it restores the original.
-            obj.__dict__.pop(attr, None)
+        for obj, attr, fn in reversed(self._patched):
+            unpatch_attribute(obj, attr, fn)
         self._patched.clear()
 
     def _patch(self, obj, attr, fn):
-        obj.__dict__[attr] = fn
-        self._patched.append((obj, attr))
+        patch_attribute(obj, attr, fn)
+        self._patched.append((obj, attr, fn))
 
     # -- denoiser ---------------------------------------------------------------------------------
     def _on_denoiser(self, module, args, kwargs):
@@ -232,6 +259,8 @@ class StepTracker:
     def _wrap(self, original, from_call: bool):
         sig = inspect.signature(original)
 
+        # functools.wraps: a wrapper stacked on this one (a steering's) reads the real signature through it.
+        @functools.wraps(original)
         def wrapper(*args, **kwargs):
             try:
                 bound = sig.bind_partial(*args, **kwargs).arguments
