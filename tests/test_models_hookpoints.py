@@ -119,3 +119,20 @@ def test_tiny_pipelines_generate_square_and_non_square_and_seeded(family):
     a = torch.cat([p.flatten() for p in getattr(pipe, den).parameters()])
     assert torch.equal(a, torch.cat([p.flatten() for p in getattr(again, den).parameters()]))
     assert not torch.equal(a, torch.cat([p.flatten() for p in getattr(other, den).parameters()]))
+
+
+def test_registry_hooks_stack_by_name_and_leave_the_module_as_it_was():
+    from diffusion_sae.models import Hookpoint, register_edit, registered
+
+    torch.manual_seed(0)
+    m, x = torch.nn.Linear(3, 3), torch.randn(2, 3)
+    y = m(x).detach()
+    hp = Hookpoint("m", "m", m, "unet", "denoiser", "output", 3)
+    double = register_edit(hp, lambda t: 2 * t, "double")
+    shift = register_edit(hp, lambda t: t + 1, "shift")
+    assert [n.split("#")[0] for n in registered(m)] == ["double", "shift"]
+    assert torch.allclose(m(x), 2 * y + 1, atol=1e-6)      # the later hook edits what the earlier one returned
+    double.remove()                                         # by name, from under the newer one
+    assert torch.allclose(m(x), y + 1, atol=1e-6)
+    shift.remove()
+    assert registered(m) == {} and "forward" not in m.__dict__ and torch.equal(m(x), y)

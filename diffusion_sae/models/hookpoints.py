@@ -232,6 +232,12 @@ class HookHandle:
             registry.remove_hook(self.name, recurse=False)
             # Stateful hooks above this module cache which children carry registries.
             registry.invalidate_child_registries_cache()
+            # The registry leaves the module's own bound forward as an instance attribute once empty;
+            # drop it so the module is exactly as before (any other wrapper, e.g. accelerate's, stays).
+            fwd = self.module.__dict__.get("forward")
+            if not registry.hooks and getattr(fwd, "__self__", None) is self.module and \
+                    getattr(fwd, "__func__", None) is type(self.module).forward:
+                del self.module.__dict__["forward"]
 
 
 def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> HookHandle:
