@@ -1,7 +1,8 @@
 """Where a running pipeline call is: denoising step, timestep, and which batch rows are which branch.
 
-The official SAeUron/Steerers code counts hook calls to infer the step and the guidance branch, which
-breaks with other step counts, schedulers, batch sizes or guidance off (spec/algorithms.md §2.7, §3.8).
+The official code of SAeUron (arXiv 2501.18052) and Concept Steerers (arXiv 2501.19066) counts hook calls
+to infer the step and the guidance branch, which breaks with other step counts, schedulers, batch sizes
+or guidance off.
 Here the step comes from the timestep value the denoiser actually receives, matched against
 `pipe.scheduler.timesteps`, and the branch from how the pipeline batches: diffusers SD/SDXL/SD3
 concatenate [negative; positive] when `pipe.do_classifier_free_guidance`; FLUX runs the conditional
