@@ -7,7 +7,7 @@ rescaled where they fire above the all-concept average ν_j(t):
     z'_j = z_j · γ_c · μ_c,j(t)    if j ∈ F_c(t) and z_j > ν_j(t),   else z'_j = z_j
 
 (the scale is γ·μ, an activation-scaled factor, exactly as the official code and the paper do it —
-shared/spec/algorithms.md §3.6; γ < 0 flips the feature). `scaling="latent"` uses z'_j = γ_c · z_j
+the official SAeUron repository; γ < 0 flips the feature). `scaling="latent"` uses z'_j = γ_c · z_j
 instead: a dimensionless knob (γ = 0 deletes the feature, γ = −1 flips it) whose meaning does not
 depend on how large the concept's mean activation happens to be at step t. The block output becomes
 
