@@ -178,7 +178,7 @@ CASES = [
     ("unlearn-percentile-100", [*UNLEARN, "--percentile", "100"], "--percentile"),
     ("unlearn-out-extension", [*UNLEARN[:-1], "{o}/u.gif"], "unknown file type"),
     ("unlearn-guidance-nan", [*UNLEARN, "--guidance", "nan"], "--guidance"),
-    ("unlearn-sae-cfg-list", [*UNLEARN, "--sae", "{i}/sae_cfg_list"], "not a valid SAE folder"),
+    ("unlearn-sae-cfg-list", [*UNLEARN, "--sae", "{i}/sae_cfg_list"], "expected a JSON object"),
     ("unlearn-sae-nan", [*UNLEARN, "--sae", "{i}/sae_nan"], "NaN or inf"),
     ("unlearn-dictionary-missing", [*UNLEARN, "--dictionary", "{i}/a_folder"], "no concept dictionary"),
     ("unlearn-dictionary-corrupt", [*UNLEARN, "--dictionary", "{i}/dict_corrupt", *STYLE_DICT],

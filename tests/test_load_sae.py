@@ -126,3 +126,15 @@ def test_half_precision_checkpoint_loads_in_fp32_and_hooks_keep_the_activation_d
     # fp32 maths on bf16 input equals the fp32 path on the same (bf16-representable) values up to output rounding
     ref = got.decode_dense(got.pre_acts(x.float()))
     torch.testing.assert_close(got.decode_dense(got.pre_acts(x)).float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_cfg_json_holding_a_list_is_one_error_in_the_library(tmp_path):
+    from diffusion_sae.sae import SAEConfig, TopKSAE
+    from diffusion_sae.sae.io import load_sae
+    from diffusion_sae.sae.model import SAEError
+
+    folder = tmp_path / "sae"
+    TopKSAE(cfg=SAEConfig(d_in=8, num_latents=16, k=2), seed=0).save_pretrained(folder)
+    (folder / "cfg.json").write_text("[1, 2, 3]")
+    with pytest.raises(SAEError, match="expected a JSON object"):
+        load_sae(folder)

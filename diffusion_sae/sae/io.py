@@ -80,9 +80,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise SAEError(f"missing checkpoint file {path}")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAEError(f"{path}: not valid JSON (truncated or corrupt): {e.msg if hasattr(e, 'msg') else e}") from None
+    if not isinstance(raw, dict):
+        raise SAEError(f"{path}: expected a JSON object of SAE settings, found a {type(raw).__name__}; "
+                       "the checkpoint's config is damaged")
+    return raw
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
