@@ -154,6 +154,11 @@ class SAeUronHook:
     def edit_tokens(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """x: [N, d] block-output tokens at step t -> edited tokens."""
         sae = self.sae
+        if self.selected.device != x.device:
+            # An SAE left on the CPU under a GPU pipeline: its encode/decode return results on the
+            # activations' device, so the selection tables follow them there (once).
+            self.selected, self.scale, self.bar, self.exclusive = (
+                t_.to(x.device) for t_ in (self.selected, self.scale, self.bar, self.exclusive))
         xs = x.to(sae.dtype)
         acts, idx = sae.encode(xs)
         if self.mode == "ablate":
