@@ -78,6 +78,7 @@ def alias_prompts(per_alias: int = 5, base_seed: int = 0) -> tuple[PromptSet, li
     return ps, alias_kind
 
 
+# The template of a prompt that leaves one attribute out.
 LEFT_OUT = {"style": "a {colour} {object}", "object": "a {colour} shape in {style} style",
             "colour": "a {object} in {style} style"}
 
