@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..eval.metrics import artifact_rate, classifier_frechet_distance, histogram_tv_distance, paired_change_rate
+from .bundle import KINDS
 from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, OBJECTS, STYLES, caption
 from .evaluate import LEFT_OUT, PromptSet
 from .splits import GENERALIZATION_SEED, check_evaluation
 
-KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 _ATTR = {"style": "styles", "object": "objects", "colour": "colours"}
 # The template of an implicit prompt: the kind's attribute left out (the same as `world eval` uses).
 LEFT_OUT_TEMPLATES = LEFT_OUT
