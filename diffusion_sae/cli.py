@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from .errors import DiffusionSAEError
+from .world.config import GUIDANCE as WORLD_GUIDANCE
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -137,6 +138,7 @@ def world_rebuild(out: Path = typer.Option(..., help="Folder for the rebuilt ass
                   unet_steps: int = 4000, unet_lr: float = 5e-4,
                   keep_classifier: Optional[Path] = typer.Option(None, help="Copy this classifier instead of training one."),
                   only: Optional[list[str]] = typer.Option(None, help="Run only these steps (repeatable)."),
+                  guidance: float = typer.Option(WORLD_GUIDANCE, help="Guidance of every generation in the rebuild."),
                   threads: int = 0):
     """Rebuild every ShapesCanvas asset (pipeline, judge, SAEs, dictionaries, evaluation) with recorded seeds
     and wall times; resumable: a rerun skips finished steps and continues the UNet run."""
@@ -144,11 +146,12 @@ def world_rebuild(out: Path = typer.Option(..., help="Folder for the rebuilt ass
 
     if unet_steps <= 0 or not unet_lr > 0:
         fail(f"--unet-steps must be > 0 and --unet-lr > 0, got {unet_steps} and {unet_lr}")
+    _check_generation(25, guidance)
     if init_from is not None and not (init_from / "model_index.json").exists():
         fail(f"--init-from {init_from}: no pipeline there (model_index.json missing)")
     cfg = RebuildConfig(unet_steps=unet_steps, unet_lr=unet_lr, init_from=str(init_from) if init_from else None,
                         keep_classifier=str(keep_classifier) if keep_classifier else None,
-                        only=tuple(only or ()), threads=threads)
+                        only=tuple(only or ()), threads=threads, guidance=guidance)
     rec = Rebuild(out, cfg, log=lambda m: typer.echo(m)).run()
     total = sum(v.get("seconds", 0) for v in rec["steps"].values())
     typer.echo(f"rebuild record: {out / 'rebuild.json'} ({total:.0f} s of steps)")
@@ -156,7 +159,7 @@ def world_rebuild(out: Path = typer.Option(..., help="Folder for the rebuilt ass
 
 @world_app.command("eval")
 def world_eval(model: Path = typer.Option(None, help="Pipeline folder (default: the shipped one)."),
-               seeds: int = 3, steps: int = 25, guidance: float = 5.0,
+               seeds: int = 3, steps: int = 25, guidance: float = WORLD_GUIDANCE,
                per_alias: int = typer.Option(5, help="Prompts per held-out name (world v2 aliases)."),
                left_out: int = typer.Option(60, help="Prompts per left-out attribute (and of the empty prompt)."),
                out: Path = typer.Option(Path("world-eval.png"), help="Objects x styles grid PNG."),
@@ -375,6 +378,13 @@ def train_sae_cmd(activations: Optional[Path] = typer.Argument(None, help="Activ
 SHAPES = "shapescanvas"
 
 
+def _guidance_for(model, guidance: float | None) -> float:
+    """The bundled model samples at its own guidance (world.config.GUIDANCE); diffusers' 7.5 otherwise."""
+    if guidance is not None:
+        return guidance
+    return WORLD_GUIDANCE if str(model) == SHAPES else 7.5
+
+
 def _load_model(model: Optional[str], device: Optional[str] = None, dtype: Optional[str] = None,
                 offload: Optional[str] = None):
     """The bundled ShapesCanvas pipeline (default), a local folder, a hub id, or tiny:<family>,
@@ -569,7 +579,7 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
                    hookpoint: Optional[str] = typer.Option(None, help="Denoiser block (default: the SAE's)."),
                    concepts: Optional[Path] = typer.Option(None, help="JSON {concept: [prompts]}."),
                    shapes: Optional[str] = typer.Option(None, help="ShapesCanvas concept kind: style, object or colour."),
-                   per_concept: int = 20, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                   per_concept: int = 20, steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
                    out: Optional[Path] = typer.Option(None, help="Folder (default: next to --sae; required with the bundled SAE)."),
                    name: Optional[str] = typer.Option(None, help="File stem (default concept_dictionary[_kind])."),
                    device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
@@ -590,6 +600,7 @@ def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = type
         fail(f"--per-concept must be a positive number of prompts, got {per_concept}")
     if steps <= 0:
         fail(f"--steps must be a positive number of denoising steps, got {steps}")
+    guidance = _guidance_for(model, guidance)
     if not _math.isfinite(guidance):
         fail(f"--guidance must be a finite number, got {guidance}")
     if name is not None and (not name or Path(name).name != name or name.startswith(".")):
@@ -732,7 +743,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               strengths: str = typer.Option("-1,-0.5,0,0.5", help="Strengths for the grid's columns."),
               prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
               prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
-              steps: int = 25, guidance: float = 5.0, seed: int = 0, no_negative_steering: bool = False,
+              steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0, no_negative_steering: bool = False,
               gate: Optional[str] = typer.Option(None, help="Steer only prompts containing this text's tokens (e.g. 'striped'); "
                                                  "default: every prompt, as the paper does."),
               baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S."),
@@ -773,6 +784,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         concepts = {concept_file.name: _prompt_lines(concept_file, "--concept-file")}
     base_prompts = _prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
     # Before the model loads and any image is made: the outputs must be writable files of a known type.
+    guidance = _guidance_for(model, guidance)
     _check_generation(steps, guidance)
     _prompt_set(prompts, prompt, seed)  # (read again below) a bad prompt file fails before the model loads
     if save_images is not None and len(lams) != 1:
@@ -849,7 +861,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
                 prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
-                steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
                 out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt."),
                 device: str = _DEVICE_OPT, dtype: str = _DTYPE_OPT, offload: str = _OFFLOAD_OPT):
     """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
@@ -859,6 +871,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     from .interventions.ablate import StepGridError, unlearn_concepts
     from .world import bundle
 
+    guidance = _guidance_for(model, guidance)
     _check_generation(steps, guidance, multiplier=multiplier)
     if top_n is not None and top_n <= 0:
         fail(f"--top-n must be a positive number of features per step, got {top_n}")
@@ -1108,7 +1121,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                                                               "(default 1 with --quick, 3 otherwise; 0 = none)."),
                 attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "
                                                            "(default 10 with --quick, 40 otherwise)."),
-                steps: int = 25, guidance: float = 5.0):
+                steps: int = 25, guidance: float = WORLD_GUIDANCE):
     """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
     import json as _json
     import time as _time

@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..world.config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
+from ..world.config import COLOUR_NAMES, GUIDANCE, OBJECTS, STYLES, eval_prompt
 
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 GRADIENTS = ("bpda", "exact", "cut")
@@ -63,7 +63,7 @@ class AttackConfig:
     seed: int = 0                 # seeds init tokens, target images, noise and timesteps
     n_targets: int = 32           # rendered target images
     sampler_steps: int = 25       # the sampler's step grid (bundle.STEPS): timesteps are drawn from it
-    guidance: float = 5.0         # classifier-free guidance of the final generation (bundle.GUIDANCE)
+    guidance: float = GUIDANCE    # classifier-free guidance of the final generation
     n_images: int = 16            # images generated per prompt for the ASR
     image_seed: int = 0           # generation seeds image_seed .. image_seed + n_images - 1
     eval_timesteps: int = 5       # fixed (t, ε) probe for loss_before / loss_after

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..world.config import COLOUR_NAMES, OBJECTS, STYLES, caption
+from ..world.config import COLOUR_NAMES, GUIDANCE, OBJECTS, STYLES, caption
 from ..world.evaluate import PromptSet, grid_prompts
 
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
@@ -61,7 +61,7 @@ class Judged:
 class ShapesBench:
     """Generates a prompt set under an intervention (a context manager factory) and judges it."""
 
-    def __init__(self, pipe, classifier, steps: int = 25, guidance: float = 5.0, batch_size: int = 80,
+    def __init__(self, pipe, classifier, steps: int = 25, guidance: float = GUIDANCE, batch_size: int = 80,
                  keep_images: bool = False, progress=None):
         self.pipe, self.clf, self.steps, self.guidance = pipe, classifier, steps, guidance
         self.batch_size, self.keep_images, self.progress = batch_size, keep_images, progress
@@ -310,7 +310,7 @@ class ShapesConfig:
     quick: bool = True
     seeds: int = 1                       # images per (object, style) pair
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float = GUIDANCE
     steer_kinds: tuple = ("style", "object", "colour")
     unlearn_kinds: tuple = ("style", "object")
     sweep: tuple = ()                    # Concept Steerers strengths to sweep (full mode)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..world.evaluate import PromptSet, grid_prompts
+from ..world.config import GUIDANCE
 from ..world.splits import TUNING_SEEDS, check_tuning
 from .shapes import KINDS, ShapesBench, SweepResult, concept_text, removal_row, unlearning_row
 
@@ -74,7 +75,7 @@ def _score_trial(bench: ShapesBench, pipe, blocks: dict, kind, concept, trial: T
 
 
 def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, search: str = "halving",
-                 images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = 5.0,
+                 images: int = 64, top_n=TOP_N, gammas=GAMMAS, steps: int = 25, guidance: float = GUIDANCE,
                  progress=None, scalings=("mean",), block_sets=None, selections=("paper",), min_fires=(1,)) -> dict:
     """{concept: best trial as a dict}; `images` is the final (halving) or per-config (grid) set size.
 
@@ -119,7 +120,7 @@ def tune_saeuron(pipe, classifier, sae, dictionary, kind: str, concepts=None, se
 
 
 def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, strengths, n: int = 24,
-                   steps: int = 25, guidance: float = 5.0, progress=None, baseline: str | None = None,
+                   steps: int = 25, guidance: float = GUIDANCE, progress=None, baseline: str | None = None,
                    gate: bool = False, orthogonal: bool = False, contrast: bool = False) -> SweepResult:
     """Concept Steerers removal at each strength for every concept of a kind (tuning prompts); orthogonal:
     each steering keeps the other kinds' concepts (see `concept_steering`'s `keep`); contrast: built from
@@ -143,7 +144,7 @@ def sweep_steering(pipe, classifier, text_sae, hookpoint: str, kind: str, streng
 
 
 def sweep_adding(pipe, classifier, text_sae, hookpoint: str, strengths, seeds: int = 1, steps: int = 25,
-                 guidance: float = 5.0, progress=None, baseline: str | None = None) -> dict[float, dict]:
+                 guidance: float = GUIDANCE, progress=None, baseline: str | None = None) -> dict[float, dict]:
     """Concept Steerers addition: for each λ > 0, the share of style-free prompts that get each style."""
     from ..interventions.steer import concept_steering, steer_text_encoder
     from ..world.config import STYLES

@@ -66,8 +66,11 @@ def load_pipeline(path: Path | None = None):
     return pipe
 
 
-def training_evaluator(n_seeds: int = 1, steps: int = 25, guidance: float = 5.0):
+def training_evaluator(n_seeds: int = 1, steps: int = 25, guidance: float | None = None):
     """A callback for UNetTrainer.run: classifier agreement of the EMA weights, or None."""
+    from .config import GUIDANCE
+
+    guidance = GUIDANCE if guidance is None else guidance
     if not (classifier_dir() / "config.json").exists():
         return None
     clf = load_classifier()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
+from .config import COLOUR_NAMES, GUIDANCE, OBJECTS, STEPS, STYLES, eval_prompt  # noqa: F401  (re-exported: bundle.GUIDANCE)
 from .data import make_captions, sample_concepts
 from .splits import check_tuning
 
@@ -29,8 +29,6 @@ BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_b
                     CROSS_ATTN.format("unet.up_blocks.1.attentions.0"), CROSS_ATTN.format(BLOCK_HOOKPOINT),
                     CROSS_ATTN.format("unet.up_blocks.0.attentions.1"),
                     CROSS_ATTN.format("unet.mid_block.attentions.0"), CROSS_ATTN.format("unet.down_blocks.2.attentions.0"))
-STEPS = 25
-GUIDANCE = 5.0
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 
 

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import COLOUR_NAMES, EVAL_TEMPLATE, OBJECTS, STYLES, eval_prompt
+from .config import COLOUR_NAMES, EVAL_TEMPLATE, GUIDANCE, OBJECTS, STEPS, STYLES, eval_prompt
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_STEPS = STEPS
+DEFAULT_GUIDANCE = GUIDANCE
 
 
 @dataclass

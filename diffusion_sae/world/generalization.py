@@ -32,7 +32,7 @@ import torch
 
 from ..eval.metrics import artifact_rate, classifier_frechet_distance, histogram_tv_distance, paired_change_rate
 from .bundle import KINDS
-from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, OBJECTS, STYLES, caption
+from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, GUIDANCE, OBJECTS, STYLES, caption
 from .evaluate import LEFT_OUT, PromptSet
 from .splits import GENERALIZATION_SEED, check_evaluation
 
@@ -50,7 +50,7 @@ class GeneralizationConfig:
     empty: int = 16                      # images of the empty prompt
     rest: int = 8                        # images per concept naming another concept of its kind
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float = GUIDANCE
     batch_size: int = 80
     kinds: tuple = ("style", "object", "colour")
     only: dict | None = None             # {kind: (concept, ...)}: just these (overrides concepts_per_kind)

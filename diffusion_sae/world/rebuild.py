@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DiffusionSAEError
+from .config import GUIDANCE
 from .splits import TUNING_SEEDS
 
 STEPS = ("classifier", "unet", "prompts", "text_sae", "block_saes", "dictionaries", "world_eval")
@@ -67,7 +68,7 @@ class RebuildConfig:
     eval_per_alias: int = 5
     eval_left_out: int = 60
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float = GUIDANCE
     only: tuple = ()                    # run only these steps (others must already be there)
     extra: dict = field(default_factory=dict)
 
