@@ -189,3 +189,13 @@ def test_an_out_folder_that_fails_at_the_end_keeps_the_trained_sae(tmp_path, mon
         import shutil
 
         shutil.rmtree(rescued.parent, ignore_errors=True)
+
+
+def test_run_dir_of_another_hookpoint_is_refused(tmp_path):
+    """A finished run for one hookpoint must not be 'resumed' as the SAE of another one."""
+    data = SyntheticSparseData(d=8, num_atoms=16, active=2, num_tokens=4 * 64, batch_size=64, seed=1)
+    tcfg = TrainConfig(lr=3e-3, batch_size=64, max_tokens=4 * 64, seed=0, ckpt_every=2)
+    train_sae(SAEConfig(d_in=8, num_latents=16, k=2, hookpoint="unet.a"), data, tcfg, run_dir=tmp_path / "r",
+              progress=False)
+    with pytest.raises(SAEError, match="checkpoint is an SAE for unet.a"):
+        SAETrainer(SAEConfig(d_in=8, num_latents=16, k=2, hookpoint="unet.b"), tcfg, run_dir=tmp_path / "r")

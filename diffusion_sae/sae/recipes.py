@@ -74,7 +74,9 @@ def train_on_store(store: ActivationStore, hookpoint: str, out: str | Path, reci
                        batch_size=batch, seed=recipe.seed, max_tokens=max_tokens, log_every=50,
                        ckpt_every=max(1, max_tokens // batch // 4))
     out = Path(out)
-    trainer = SAETrainer(scfg, tcfg, run_dir=out / "run")
+    # One run folder per hookpoint: several SAEs trained into one --out (the world rebuild trains twelve)
+    # must not resume each other's finished run.
+    trainer = SAETrainer(scfg, tcfg, run_dir=out / "runs" / store_dirname(hookpoint))
     sae = trainer.fit(_cycle_batches(store, batch, recipe.seed), progress=progress)
     sae.save_pretrained(out / store_dirname(hookpoint))
     sae.train_metrics = dict(trainer.metrics, tokens=trainer.tokens, steps=trainer.step)

@@ -208,6 +208,9 @@ class SAETrainer:
                 raise SAEError(f"{ckpt}: checkpoint is d_in={self.sae.cfg.d_in}, L={self.sae.cfg.num_latents}, "
                                f"k={self.sae.cfg.k} but the requested SAE is d_in={given.d_in}, "
                                f"L={given.num_latents}, k={given.k}; use another run_dir")
+            if given is not None and given.hookpoint and self.sae.cfg.hookpoint and given.hookpoint != self.sae.cfg.hookpoint:
+                raise SAEError(f"{ckpt}: checkpoint is an SAE for {self.sae.cfg.hookpoint} but the requested SAE is for "
+                               f"{given.hookpoint}; use another run_dir")
         elif isinstance(sae_or_cfg, TopKSAE):
             self.sae = sae_or_cfg.to(self.device)
         elif isinstance(sae_or_cfg, SAEConfig):

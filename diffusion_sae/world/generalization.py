@@ -34,7 +34,7 @@ from ..eval.metrics import artifact_rate, classifier_frechet_distance, histogram
 from .bundle import KINDS
 from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, GUIDANCE, OBJECTS, STYLES, caption
 from .evaluate import LEFT_OUT, PromptSet
-from .splits import GENERALIZATION_SEED, check_evaluation
+from .splits import GENERALIZATION_SEED, TUNING_SEEDS, check_evaluation, check_tuning
 
 _ATTR = {"style": "styles", "object": "objects", "colour": "colours"}
 # The template of an implicit prompt: the kind's attribute left out (the same as `world eval` uses).
@@ -54,6 +54,13 @@ class GeneralizationConfig:
     batch_size: int = 80
     kinds: tuple = ("style", "object", "colour")
     only: dict | None = None             # {kind: (concept, ...)}: just these (overrides concepts_per_kind)
+    # "evaluation": seeds from GENERALIZATION_SEED up and the held-out names; "tuning": the same prompt
+    # sets at tuning seeds, canonical names only (no held-out-name column), checked by `check_tuning`.
+    split: str = "evaluation"
+
+    def __post_init__(self):
+        if self.split not in ("evaluation", "tuning"):
+            raise ValueError(f"split must be 'evaluation' or 'tuning', not {self.split!r}")
 
     def concepts(self, kind: str) -> tuple:
         if self.only is not None:
@@ -66,7 +73,12 @@ def _draw(g: torch.Generator, names) -> str:
     return names[int(torch.randint(len(names), (1,), generator=g))]
 
 
-def _seeds(offset: int, n: int) -> list[int]:
+def _seeds(offset: int, n: int, split: str = "evaluation") -> list[int]:
+    if split == "tuning":
+        # The tuning split's 500 seeds are shared by every set (a set never repeats a seed within itself).
+        seeds = [TUNING_SEEDS.start + (offset + i) % len(TUNING_SEEDS) for i in range(n)]
+        check_tuning(seeds, where="generalization tuning")
+        return seeds
     seeds = [GENERALIZATION_SEED + offset + i for i in range(n)]
     check_evaluation(seeds, where="generalization benchmark")
     return seeds
@@ -97,31 +109,42 @@ def _prompt_set(attrs: list[dict], seeds: list[int], template: str, names: dict 
     return ps
 
 
-def named_prompts(kind: str, concept: str, n: int, alias: str | None = None) -> PromptSet:
+# Attribute draws differ between the splits too (the tuning split's draws are offset by this).
+_TUNING_DRAWS = 77_777
+
+
+def _draw_seed(seed: int, split: str) -> int:
+    return seed + (_TUNING_DRAWS if split == "tuning" else 0)
+
+
+def named_prompts(kind: str, concept: str, n: int, alias: str | None = None, split: str = "evaluation") -> PromptSet:
     """n evaluation-template prompts naming `concept` (or its `alias`, same attributes and seeds)."""
     ki, ci = list(KINDS).index(kind), KINDS[kind].index(concept)
-    attrs = _attrs(kind, concept, n, seed=1_000 * ki + ci)
+    attrs = _attrs(kind, concept, n, seed=_draw_seed(1_000 * ki + ci, split))
     names = {kind: alias} if alias else None
-    return _prompt_set(attrs, _seeds(10_000 * ki + 100 * ci, n), EVAL_TEMPLATE, names)
+    ps = _prompt_set(attrs, _seeds(10_000 * ki + 100 * ci, n, split), EVAL_TEMPLATE, names)
+    if split == "tuning":
+        check_tuning(prompts=ps.prompts, where="generalization tuning")
+    return ps
 
 
-def rest_prompts(kind: str, concept: str, n: int) -> PromptSet:
+def rest_prompts(kind: str, concept: str, n: int, split: str = "evaluation") -> PromptSet:
     """n prompts naming another concept of the same kind (what the erasure must leave alone)."""
     ki, ci = list(KINDS).index(kind), KINDS[kind].index(concept)
-    attrs = _attrs(kind, concept, n, seed=5_000 + 1_000 * ki + ci, exclude=concept)
-    return _prompt_set(attrs, _seeds(40_000 + 10_000 * ki + 100 * ci, n), EVAL_TEMPLATE)
+    attrs = _attrs(kind, concept, n, seed=_draw_seed(5_000 + 1_000 * ki + ci, split), exclude=concept)
+    return _prompt_set(attrs, _seeds(40_000 + 10_000 * ki + 100 * ci, n, split), EVAL_TEMPLATE)
 
 
-def implicit_prompts(kind: str, n: int) -> PromptSet:
+def implicit_prompts(kind: str, n: int, split: str = "evaluation") -> PromptSet:
     """n prompts that leave the kind's attribute out; its label is unknown (−1)."""
     ki = list(KINDS).index(kind)
-    attrs = _attrs(kind, KINDS[kind][0], n, seed=9_000 + ki)
-    return _prompt_set(attrs, _seeds(80_000 + 1_000 * ki, n), LEFT_OUT_TEMPLATES[kind], unknown=(kind,))
+    attrs = _attrs(kind, KINDS[kind][0], n, seed=_draw_seed(9_000 + ki, split))
+    return _prompt_set(attrs, _seeds(80_000 + 1_000 * ki, n, split), LEFT_OUT_TEMPLATES[kind], unknown=(kind,))
 
 
-def empty_prompts(n: int) -> PromptSet:
-    attrs = _attrs("style", STYLES[0], n, seed=9_999)
-    return _prompt_set(attrs, _seeds(90_000, n), "", unknown=tuple(KINDS))
+def empty_prompts(n: int, split: str = "evaluation") -> PromptSet:
+    attrs = _attrs("style", STYLES[0], n, seed=_draw_seed(9_999, split))
+    return _prompt_set(attrs, _seeds(90_000, n, split), "", unknown=tuple(KINDS))
 
 
 def _presence(j, kind: str, ci: int) -> float:
@@ -210,14 +233,17 @@ def run_generalization(pipe, classifier, methods: dict, cfg: GeneralizationConfi
             plain[key] = bench.run(ps)
         return plain[key]
 
-    empty = empty_prompts(cfg.empty)
+    sp = cfg.split
+    empty = empty_prompts(cfg.empty, sp)
     rows: dict[str, list] = {m: [] for m in methods}
     for kind in cfg.kinds:
-        imp = implicit_prompts(kind, cfg.implicit)
+        imp = implicit_prompts(kind, cfg.implicit, sp)
         for concept in cfg.concepts(kind):
-            named = named_prompts(kind, concept, cfg.named)
-            aliases = [named_prompts(kind, concept, cfg.named, alias=a) for a in known_aliases(pipe, concept)]
-            rest = rest_prompts(kind, concept, cfg.rest)
+            named = named_prompts(kind, concept, cfg.named, split=sp)
+            # Held-out names are for evaluation only: the tuning split has no such column.
+            aliases = [] if sp == "tuning" else [named_prompts(kind, concept, cfg.named, alias=a)
+                                                for a in known_aliases(pipe, concept)]
+            rest = rest_prompts(kind, concept, cfg.rest, sp)
             sets = {"named": named, "aliases": aliases, "implicit": imp, "empty": empty, "rest": rest}
             base = {"named": plain_of(("named", kind, concept), named),
                     "aliases": [plain_of(("alias", kind, concept, i), a) for i, a in enumerate(aliases)],

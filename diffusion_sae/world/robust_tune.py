@@ -1,0 +1,82 @@
+"""Tuning for erasure that holds on every prompt: one score over named and implicit prompts of the
+tuning split, under a collateral budget.
+
+The generalization benchmark (`generalization.py`) judges an erasure on named prompts, held-out
+names, implicit prompts (the attribute left out, the empty prompt) and adversarial prompts, with the
+damage to everything else. Tuning a method on named prompts alone picks a keyword filter, so this
+module scores every candidate setting on the same axes, computed on the *tuning* split (tuning seeds,
+canonical names: `GeneralizationConfig(split="tuning")`), and picks the one that violates the bars
+least. The held-out names and the evaluation seeds stay unseen until the benchmark's own run.
+
+The bars are the targets of the project's erasure issue; the score of a concept is the sum over axes
+of how far each axis is past its bar, relative to the bar (0 when every bar holds), and a method's
+score is the mean over its concepts. Ties (several candidates within every bar) go to the candidate
+with the smallest raw damage (paired change + TV + FD ratio), so the gentlest sufficient edit wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .generalization import GeneralizationConfig, implicit_relative, run_generalization
+
+# (axis, bar, "max" = the value must stay below the bar, "min" = above it)
+BARS = (("named", 0.05, "max"), ("held_out", 0.05, "max"), ("implicit_rel", 0.2, "max"),
+        ("rest_accuracy", 0.95, "min"), ("paired_change", 0.05, "max"), ("tv_other", 0.15, "max"),
+        ("fd_ratio", 0.3, "max"), ("adversarial", 0.10, "max"))
+
+
+def axis_value(row: dict, axis: str):
+    v = implicit_relative(row) if axis == "implicit_rel" else row.get(axis)
+    return None if v is None or v != v else float(v)
+
+
+def violation(row: dict, paired: bool = True) -> float:
+    """Sum over axes of (distance past the bar) / bar; 0 when every bar holds. `paired=False` leaves
+    the paired-change axis out (Concept Steerers edits the text, so it touches every sample: the issue
+    reports its paired figure without a bar)."""
+    total = 0.0
+    for axis, bar, kind in BARS:
+        if axis == "paired_change" and not paired:
+            continue
+        v = axis_value(row, axis)
+        if v is None:
+            continue
+        if kind == "max":
+            total += max(0.0, v - bar) / bar
+        else:
+            total += max(0.0, bar - v) / (1.0 - bar)
+    return total
+
+
+def damage(row: dict) -> float:
+    return sum(axis_value(row, a) or 0.0 for a in ("paired_change", "tv_other", "fd_ratio"))
+
+
+def method_score(rows: list[dict], paired: bool = True) -> tuple[float, float]:
+    """(mean violation, mean damage) over a method's concepts: lower is better, compared in that order."""
+    if not rows:
+        return float("inf"), float("inf")
+    return (sum(violation(r, paired) for r in rows) / len(rows), sum(damage(r) for r in rows) / len(rows))
+
+
+@dataclass
+class TuneResult:
+    best: str
+    scores: dict = field(default_factory=dict)   # candidate -> (violation, damage)
+    rows: dict = field(default_factory=dict)     # candidate -> concept rows (tuning split)
+
+    def table(self) -> list[tuple[str, float, float]]:
+        return sorted(((n, *s) for n, s in self.scores.items()), key=lambda x: (x[1], x[2]))
+
+
+def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: bool = True,
+         progress=None) -> TuneResult:
+    """candidates: {name: {kind: builder}} as for `run_generalization`. Every candidate is judged on
+    the tuning split (cfg.split is forced to "tuning"); returns the best by `method_score`."""
+    from dataclasses import replace
+
+    tcfg = replace(cfg, split="tuning")
+    res = run_generalization(pipe, classifier, candidates, tcfg, progress=progress)
+    scores = {n: method_score(r, paired) for n, r in res["rows"].items()}
+    best = min(scores, key=lambda n: scores[n])
+    return TuneResult(best, scores, res["rows"])
