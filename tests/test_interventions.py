@@ -74,7 +74,10 @@ def test_explicit_branches_equal_faithful_call_counting_on_sd(pipes):
         ours = _gen(pipe, negative_prompt=None)
     with steer_text_encoder(pipe, st, faithful=True):
         faithful = _gen(pipe)
+        # a second generation in the same context starts its count again, as the official per-image hooks do
+        faithful_again = _gen(pipe)
     assert (ours - faithful).abs().max() < 1e-5
+    assert (faithful_again - faithful).abs().max() < 1e-5
     # negative steering off differs: the unconditional branch is then unsteered
     with steer_text_encoder(pipe, st, negative_steering=False):
         pos_only = _gen(pipe)
@@ -509,3 +512,20 @@ def test_exclusive_edits_apply_only_the_concept_with_most_firing_features(sd_dic
         torch.testing.assert_close(got[one], union.edit_tokens(x, t)[one])
         both_seen += int(((nc > 0) & (nd > 0)).sum())
     assert both_seen > 0   # patches where both concepts fire were exercised
+
+
+def test_saeuron_faithful_encodes_per_token_topk_even_for_batch_topk_sae():
+    """The official loader encodes with per-token TopK(k); a calibrated BatchTopK SAE's own encoding
+    (threshold over the top inference_k) differs, so faithful mode must not use it."""
+    from diffusion_sae.sae import SAEConfig, TopKSAE
+
+    sae = TopKSAE(cfg=SAEConfig(d_in=16, num_latents=64, k=4, batch_topk=True, threshold=0.05), seed=1)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    acts, idx = sae.encode_topk(x)
+    assert acts.shape == (32, 4)
+    w = sae.W_enc if sae.W_enc.shape == (64, 16) else sae.W_enc.T
+    pre = torch.relu((x - sae.b_dec) @ w.T + sae.b_enc)
+    torch.testing.assert_close(acts.sort(-1).values, pre.topk(4, dim=-1).values.sort(-1).values, rtol=1e-4, atol=1e-5)
+    thr_acts, _ = sae.encode(x)
+    assert thr_acts.shape[-1] == 16           # inference_k = 4k latents, thresholded
+    assert not torch.equal((thr_acts > 0).sum(-1), torch.full((32,), 4))   # the threshold's L0 varies

@@ -364,7 +364,8 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
                              f"here (have {', '.join(blocks)})")
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
-                           p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)))
+                           p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)),
+                           tuple(p["window"]) if p.get("window") else None)
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:

@@ -72,6 +72,10 @@ class ConceptEdit:
     # the most firing features is applied (a patch shows one style; two concepts' flips summed on it break
     # a third concept that each alone leaves intact).
     exclusive: bool = False
+    # Timestep window (ours): edit only at denoising steps start <= t < stop (step indices, 0 = the first,
+    # noisiest step); None edits every step as the paper does. The concept's layout is decided early and its
+    # texture late, so a window trades removal against how much of the rest of the image moves.
+    window: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
@@ -80,6 +84,11 @@ class ConceptEdit:
             raise DictionaryError(f"min_fire must be a positive integer (features firing together), not {self.min_fire!r}")
         if self.scaling not in ("mean", "latent"):
             raise DictionaryError(f"scaling must be 'mean' (z·γ·μ, official) or 'latent' (z·γ), not {self.scaling!r}")
+        if self.window is not None:
+            w = tuple(self.window)
+            if len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in w) or not 0 <= w[0] < w[1]:
+                raise DictionaryError(f"window must be two step indices (start, stop) with 0 <= start < stop, not {self.window!r}")
+            self.window = w
         if self.selection not in ("paper", "specific"):
             raise DictionaryError(f"selection must be 'paper' (official scores, bar ν) or 'specific' (per-patch "
                                   f"specificity), not {self.selection!r}")
@@ -131,6 +140,8 @@ class SAeUronHook:
             if e.selection == "specific":
                 bar[i] = dictionary.concept_bar(e.concept).float()
             for t, ids in enumerate(idx):
+                if e.window is not None and not e.window[0] <= t < e.window[1]:
+                    continue
                 selected[i, t, ids] = True
                 scale[i, t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
         dev, dt = sae.device, sae.dtype
@@ -160,7 +171,9 @@ class SAeUronHook:
             self.selected, self.scale, self.bar, self.exclusive = (
                 t_.to(x.device) for t_ in (self.selected, self.scale, self.bar, self.exclusive))
         xs = x.to(sae.dtype)
-        acts, idx = sae.encode(xs)
+        # faithful: per-token TopK(k) as the official loader encodes (ours: the SAE's own inference encoding,
+        # the calibrated threshold for a BatchTopK SAE)
+        acts, idx = sae.encode_topk(xs) if self.faithful else sae.encode(xs)
         if self.mode == "ablate":
             fires = []
             for e in range(len(self.min_fire)):

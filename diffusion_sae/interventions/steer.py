@@ -353,6 +353,14 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
             return 1.0 if counts[name] == 1 else -1.0
 
         handles = _add_hooks(pipe, steerings, sign_of_call)
+        # The official script installs its hooks per image, so every generation starts with +S. Here one
+        # context may serve several pipeline calls: the first denoiser call ends an encoding phase, and the
+        # next text-encoder call starts a new generation's count (without this, a second `pipe(...)` in
+        # the same context got −S on its prompt).
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is not None:
+            handles.append(register_hook(denoiser, PreForwardHook(lambda *_: counts.clear()),
+                                         "diffusion_sae.steering_faithful_reset"))
         try:
             yield pipe
         finally:

@@ -242,6 +242,16 @@ class TopKSAE(nn.Module):
         return EncoderOutput(self._back(out.top_acts.reshape(*lead, -1), x),
                              out.top_indices.reshape(*lead, -1).to(x.device))
 
+    def encode_topk(self, x: Tensor, k: int | None = None) -> EncoderOutput:
+        """Plain per-token TopK(k) (default cfg.k), no BatchTopK threshold: how the official SAeUron loader
+        encodes every SAE, also one trained as BatchTopK (its faithful mode uses this)."""
+        xf = self._flat(x)
+        xn, _ = self.normalize(xf)
+        vals, cols, _, _, _ = topk_encode(xn, self.W_enc, self.b_enc, int(k or self.cfg.k), shift=self.b_dec,
+                                          compute_dtype=_autocast_dtype(xn))
+        lead = x.shape[:-1]
+        return EncoderOutput(self._back(vals.reshape(*lead, -1), x), cols.reshape(*lead, -1).to(x.device))
+
     def decode(self, top_acts: Tensor, top_indices: Tensor, x: Tensor | None = None) -> Tensor:
         """Reconstruction [..., d] in the original units from a sparse code.
 

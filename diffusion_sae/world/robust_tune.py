@@ -80,3 +80,44 @@ def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: 
     scores = {n: method_score(r, paired) for n, r in res["rows"].items()}
     best = min(scores, key=lambda n: scores[n])
     return TuneResult(best, scores, res["rows"])
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate settings
+# ---------------------------------------------------------------------------------------------
+def steering_candidates(pipe, text_sae, strengths, kinds=("style", "object", "colour"), contrast: bool = True,
+                        gate: bool = False, prefix: str = "CS") -> dict:
+    """Concept Steerers removal at each λ: contrastive S (the concept's matched caption contexts against
+    its rivals') added to every prompt (gate=False) or only to prompts that contain the concept's word."""
+    from ..eval.shapes import steering_unit
+    from ..interventions.steer import steer_text_encoder
+
+    def for_kind(kind, lam):
+        def build(concept):
+            st = steering_unit(text_sae, pipe, kind, concept, lam, contrast=contrast, gate=gate)
+            return lambda: steer_text_encoder(pipe, st)
+        return build
+
+    tag = ("contrast" if contrast else "word") + (", gated" if gate else ", ungated")
+    return {f"{prefix} {tag} λ={lam:g}": {k: for_kind(k, lam) for k in kinds} for lam in strengths}
+
+
+def saeuron_name(p: dict) -> str:
+    blocks = "+".join(b.replace("unet.", "").replace(".attentions.", "a").replace("_blocks", "")
+                      .replace(".transformer_blocks.0.attn2", ":attn2") for b in p["blocks"])
+    win = f" steps {p['window'][0]}-{p['window'][1]}" if p.get("window") else ""
+    return (f"SAeUron {blocks} n={p['top_n']} γ={p['multiplier']:g} {p.get('scaling', 'mean')}/"
+            f"{p.get('selection', 'paper')} fire≥{p.get('min_fire', 1)}{win}")
+
+
+def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=("style", "object")) -> dict:
+    """SAeUron with each setting ({"blocks", "top_n", "multiplier", "scaling", "selection", "min_fire",
+    "window"}) for every concept of the kinds; blocks_by_kind = {kind: {hookpoint: (sae, dictionary)}}."""
+    from ..eval.shapes import saeuron_context
+
+    def for_kind(kind, p):
+        def build(concept):
+            return lambda: saeuron_context(pipe, blocks_by_kind[kind], {concept: p})
+        return build
+
+    return {saeuron_name(p): {k: for_kind(k, p) for k in kinds if k in blocks_by_kind} for p in settings}
