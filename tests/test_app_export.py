@@ -132,12 +132,12 @@ def test_export_failure_leaves_no_temp_folder_and_keeps_the_old_export(engine, t
 
 
 def test_export_cli_refuses_a_user_folder_before_any_work(tmp_path, capsys, monkeypatch):
-    from diffusion_sae import cli
+    from diffusion_sae.cli import ui as cli_ui
 
     user = tmp_path / "results"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
-    monkeypatch.setattr(cli, "_ui_engine", lambda *a, **k: pytest.fail("computed stats before checking --out"))
+    monkeypatch.setattr(cli_ui, "_ui_engine", lambda *a, **k: pytest.fail("computed stats before checking --out"))
     code, out, err = _cli(["dashboard", "export", "--out", user], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("error: --out") and "not a dashboard export" in err

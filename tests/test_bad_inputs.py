@@ -300,13 +300,13 @@ def test_steer_onto_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, mo
 
 
 def test_error_lines_carry_no_terminal_codes(tmp_path, monkeypatch, capsys):
-    from diffusion_sae import cli
+    from diffusion_sae.cli import ui as cli_ui
     from diffusion_sae.errors import DiffusionSAEError
 
     def coloured(*a, **k):
         raise DiffusionSAEError("\x1b[1;31mbad\x1b[0m value\nsecond line")
 
-    monkeypatch.setattr(cli, "_ui_engine", coloured)
+    monkeypatch.setattr(cli_ui, "_ui_engine", coloured)
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(["dashboard", "export", "--out", "fresh-dir-never-made"], capsys)
     assert (code, err) == (2, "error: bad value second line")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 
 @dataclass
@@ -62,3 +62,22 @@ def generate_to_folder(pipe, items: Sequence[GenItem], out_dir: str | Path, cfg:
         if progress:
             progress(i + 1, len(items))
     return paths
+
+
+def images_under(pipe, rows, conditions: Sequence[Callable[[], ContextManager]], steps: int, guidance: float):
+    """The one loop behind the CLI's image grids: for each prompt row (activations.prompts.PromptRow) and
+    each condition (a zero-argument callable returning a context manager, e.g. an intervention opened on
+    `pipe`, or contextlib.nullcontext for the plain model), yield (row, condition index, image) with the
+    image a [3, H, W] float CPU tensor in [0, 1].
+
+    Every condition of a row uses the row's seed on a CPU generator, so the images of one row differ only
+    by the condition; the row's own guidance wins over `guidance`.
+    """
+    import torch
+
+    for row in rows:
+        for j, condition in enumerate(conditions):
+            with condition():
+                r = pipe(row.prompt, num_inference_steps=steps, guidance_scale=row.guidance or guidance,
+                         generator=torch.Generator().manual_seed(row.seed), output_type="pt")
+            yield row, j, r.images[0].float().cpu()

@@ -1,0 +1,4 @@
+"""`python -m diffusion_sae ...`, the same as the `diffusion-sae` script."""
+from .cli import main
+
+main()

@@ -1,0 +1,4 @@
+"""`python -m diffusion_sae.cli ...`, the same as the `diffusion-sae` script."""
+from . import main
+
+main()

@@ -1,0 +1,100 @@
+"""`diffusion-sae steer`: Concept Steerers over a grid of prompts x strengths."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file,
+                     check_writable_parent, fail, guidance_for, label_grid, load_model, load_sae_arg, parse_strengths,
+                     progress_bar, prompt_lines, prompt_set, save_image)
+
+
+def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Text SAE folder (default: bundled)."),
+              hookpoint: Optional[str] = typer.Option(None, help="Text-encoder layer (default: the SAE's)."),
+              concept: Optional[list[str]] = typer.Option(None, help="Concept prompt (repeatable; each gets the same strength)."),
+              strength: Optional[str] = typer.Option(None, help="One strength λ (λ<0 removes, λ>0 adds)."),
+              strengths: str = typer.Option("-1,-0.5,0,0.5", help="Strengths for the grid's columns."),
+              prompt: Optional[list[str]] = typer.Option(None, help="Prompt (repeatable)."),
+              prompts: Optional[Path] = typer.Option(None, help="Prompt file with per-row seeds."),
+              steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0, no_negative_steering: bool = False,
+              gate: Optional[str] = typer.Option(None, help="Steer only prompts containing this text's tokens (e.g. 'striped'); "
+                                                 "default: every prompt, as the paper does."),
+              baseline: Optional[str] = typer.Option(None, help="Subtract this prompt's matrix (e.g. '') from S."),
+              concept_file: Optional[Path] = typer.Option(None, help="Example prompts naming the concept, one per line: their "
+                                                          "matrices are averaged into one concept (instead of --concept)."),
+              baseline_file: Optional[Path] = typer.Option(None, help="The same prompts without the concept, one per line: their "
+                                                           "mean is subtracted (contrastive pairs, ours; instead of --baseline)."),
+              keep: Optional[list[str]] = typer.Option(None, help="Concept to leave alone (repeatable, e.g. --keep circle "
+                                                       "--keep 'striped style'): S is made orthogonal to its rows (ours)."),
+              save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
+                                                         "the layout `eval nudity --images` reads)."),
+              out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
+                                                 "default steer.png unless --save-images is given."),
+              device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
+    """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
+    from ..eval.generate import images_under
+    from ..interventions.steer import SteeringError, concept_steering, steer_text_encoder
+    from ..world import bundle
+
+    if strength is not None:
+        try:
+            lams = [float(strength)]
+        except ValueError:
+            fail(f"--strength must be a number, got {strength!r}")
+        if not math.isfinite(lams[0]):
+            fail(f"--strength must be a finite number, got {strength!r}")
+    else:
+        lams = parse_strengths(strengths)
+    if not concept and concept_file is None:
+        fail("no concept: give --concept 'striped' (repeatable) or --concept-file with example prompts")
+    if concept and concept_file is not None:
+        fail("give either --concept or --concept-file, not both")
+    if baseline is not None and baseline_file is not None:
+        fail("give either --baseline or --baseline-file, not both")
+    concepts = {c: c for c in concept or []}
+    if concept_file is not None:
+        concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
+    base_prompts = prompt_lines(baseline_file, "--baseline-file") if baseline_file is not None else baseline
+    # Before the model loads and any image is made: the outputs must be writable files of a known type.
+    guidance = guidance_for(model, guidance)
+    check_generation(steps, guidance)
+    prompt_set(prompts, prompt, seed)  # (read again below) a bad prompt file fails before the model loads
+    if save_images is not None and len(lams) != 1:
+        fail("--save-images needs a single --strength")
+    if out is not None or save_images is None:
+        check_out_file(out or Path("steer.png"))
+    if save_images is not None:
+        if save_images.exists() and not save_images.is_dir():
+            fail(f"--save-images {save_images} is a file; give a folder")
+        check_writable_parent(save_images / "0.png", "--save-images")
+    pipe = load_model(model, device, dtype, offload)
+    sae_obj = load_sae_arg(sae, hookpoint, bundle.load_text_sae, pipe)
+    hp = hookpoint or sae_obj.cfg.hookpoint or bundle.TEXT_HOOKPOINT
+    ps = prompt_set(prompts, prompt, seed)
+    if save_images is None and out is None:
+        out = Path("steer.png")
+    imgs = []
+    try:
+        base = {c: concept_steering(sae_obj, pipe, hp, text, 1.0, baseline=base_prompts, gate=gate, keep=keep or None)
+                for c, text in concepts.items()}
+        conditions = [lambda lam=lam: steer_text_encoder(pipe, [s.scaled(lam) for s in base.values()],
+                                                         negative_steering=not no_negative_steering)
+                      for lam in lams]
+        with progress_bar() as p:
+            task = p.add_task("steer", total=len(ps) * len(lams), info="")
+            for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance):
+                if save_images is not None:
+                    save_image(img, save_images / f"{len(imgs)}.png")
+                imgs.append(img if out is not None else None)   # a counter only when no grid is drawn
+                p.advance(task)
+    except (SteeringError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    if out is not None:
+        label_grid(imgs, [r.prompt for r in ps.rows], [f"λ={lam:g}" for lam in lams], out)
+        typer.echo(f"grid ({len(ps)} prompts x {len(lams)} strengths, concept {', '.join(concepts)!r}): {out}")
+    if save_images is not None:
+        typer.echo(f"saved {len(ps)} images to {save_images}/<row>.png")
+

@@ -1,0 +1,80 @@
+"""`diffusion-sae unlearn`: SAeUron, original and unlearned image side by side per prompt."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file, fail, guidance_for,
+                     label_grid, load_model, load_sae_arg, prompt_set, sae_folder)
+
+
+def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = typer.Option(None, help="Block SAE folder (default: bundled); repeat it to edit several blocks at once (each folder holds its dictionary)."),
+                dictionary: Optional[Path] = typer.Option(None, help="Concept dictionary folder (default: next to the SAE)."),
+                dictionary_name: Optional[str] = typer.Option(None, help="Dictionary file stem (ShapesCanvas: concept_dictionary_style|object|colour)."),
+                concept: list[str] = typer.Option(..., help="Concept to unlearn (repeatable: several at once)."),
+                multiplier: float = typer.Option(-1.0, help="γ: the scale of selected features is γ·μ_c(t) (--scaling mean) or γ (latent)."),
+                scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
+                selection: str = typer.Option("paper", help="paper: official scores, bar ν; specific: per-patch specificity (ours)."),
+                min_fire: int = typer.Option(1, help="Edit a patch only where this many selected features fire together (ours; 1 = the paper)."),
+                exclusive: bool = typer.Option(False, help="Several concepts: on each patch apply only the concept with the most firing features (ours; the paper applies every one)."),
+                percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
+                faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
+                add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
+                prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
+                steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
+                out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt."),
+                device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
+    """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
+    from ..concepts.dictionary import ConceptDictionary, DictionaryError
+    from ..eval.generate import images_under
+    from ..interventions.ablate import StepGridError, unlearn_concepts
+    from ..world import bundle
+
+    guidance = guidance_for(model, guidance)
+    check_generation(steps, guidance, multiplier=multiplier)
+    if top_n is not None and top_n <= 0:
+        fail(f"--top-n must be a positive number of features per step, got {top_n}")
+    if percentile is not None and not 0 < percentile < 100:
+        fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
+    if top_n is not None and percentile is not None:
+        fail("give either --top-n or --percentile, not both")
+    check_out_file(out)
+
+    pipe = load_model(model, device, dtype, offload)
+    if scaling not in ("mean", "latent"):
+        fail(f"--scaling must be mean or latent, not {scaling!r}")
+    if selection not in ("paper", "specific"):
+        fail(f"--selection must be paper or specific, not {selection!r}")
+    if sae and len(sae) > 1 and dictionary is not None:
+        fail("--dictionary names one folder: with several --sae, keep each dictionary next to its SAE")
+    saes = [load_sae_arg(f, None, bundle.load_block_sae, pipe) for f in (sae or [None])]
+    try:
+        if dictionary is None and not sae:
+            kinds = [k for k, names in bundle.KINDS.items() if concept[0] in names]
+            dicts = [bundle.load_dictionary(dictionary_name or (kinds[0] if kinds else "style"))]
+        else:
+            dicts = [ConceptDictionary.load(dictionary or sae_folder(f), name=dictionary_name or "concept_dictionary")
+                     for f in (sae or [None])]  # --dictionary alone: with the bundled SAE
+    except DictionaryError as e:
+        fail(str(e))
+    ps = prompt_set(prompts, prompt, seed)
+    if top_n is None and percentile is None:
+        top_n = 1
+    if top_n is not None and top_n > min(s.cfg.num_latents for s in saes):
+        fail(f"--top-n must lie in 1..{min(s.cfg.num_latents for s in saes)} (the SAE's latents), got {top_n}")
+    conditions = [contextlib.nullcontext,
+                  lambda: unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier,
+                                           percentile=percentile, top_n=top_n, faithful=faithful,
+                                           mode="add" if add else "ablate", scaling=scaling, selection=selection,
+                                           min_fire=min_fire, exclusive=exclusive)]
+    try:
+        imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
+    except (DictionaryError, StepGridError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    label = ("added " if add else "unlearned ") + ", ".join(concept)
+    label_grid(imgs, [r.prompt for r in ps.rows], ["original", label], out)
+    typer.echo(f"grid ({len(ps)} prompts): {out}")
+

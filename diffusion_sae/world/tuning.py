@@ -1,0 +1,113 @@
+"""What `diffusion-sae tune` decides: how each method's sweep winners go into the shipped-params table
+(params.json layout, world/bundle.py), and which variant a sweep runs when an option is left out.
+
+Each `tune_*` function runs one sweep on the tuning split (eval/tune.py), writes the winners into
+`params` in place and returns the lines to print; the CLI only checks options, loads and prints.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..errors import DiffusionSAEError
+
+Advance = Optional[Callable[[int], None]]
+
+
+class TuneOptionError(DiffusionSAEError, ValueError):
+    """Tuning options that contradict each other (named in one line)."""
+
+
+def tune_saeuron_params(pipe, clf, params: dict, kind: str, *, concepts, search: str, images: int, top_n: list[int],
+                        gammas: list[float], scalings: list[str], selections: list[str], min_fires: list[int],
+                        block_sets: list[tuple[str, ...]], progress: Advance = None) -> list[str]:
+    """Per-concept SAeUron settings (top-n, γ, scaling, selection, evidence gate, blocks) into params["saeuron"]."""
+    from ..eval.tune import tune_saeuron
+    from . import bundle
+
+    names = sorted({b for bs in block_sets for b in bs})
+    got = bundle.load_blocks(kind, names)
+    best = tune_saeuron(pipe, clf, [got[b][0] for b in names], [got[b][1] for b in names], kind,
+                        concepts=concepts or None, search=search, images=images, progress=progress,
+                        top_n=top_n, gammas=gammas, scalings=scalings, block_sets=block_sets, selections=selections,
+                        min_fires=min_fires)
+    lines = []
+    for c, b in best.items():
+        lines.append(f"{c:10s} blocks={'+'.join(x.split('.', 1)[1] for x in b['blocks'])} {b['selection']} "
+                     f"{b['scaling']} min_fire={b['min_fire']} top_n={b['top_n']} γ={b['multiplier']:g}  "
+                     f"UA {100*b['UA']:.1f} IRA {100*b['IRA']:.1f} CRA {100*b['CRA']:.1f}  score {100*b['score']:.1f}")
+        params["saeuron"][c] = {k: b[k] for k in ("top_n", "multiplier", "scaling", "selection", "min_fire", "blocks")}
+    return lines
+
+
+def steer_variant(cs_params: dict, kind: str, gated: bool, orthogonal: bool | None,
+                  contrast: bool | None) -> tuple[bool, bool]:
+    """(orthogonal, contrast) of a steering sweep: an option left out (None) follows what params list for
+    the kind, and only for the gated variant; contradicting options raise TuneOptionError."""
+    from ..eval.shapes import contrast_kind, orthogonal_kind
+
+    if contrast is None:
+        contrast = contrast_kind(cs_params, kind) and gated and not orthogonal
+    if contrast and orthogonal:
+        raise TuneOptionError("--contrast replaces --orthogonal (matched prompts already cancel the other kinds); "
+                              "give one of them")
+    if orthogonal is None:
+        orthogonal = orthogonal_kind(cs_params, kind) and gated and not contrast
+    if orthogonal and not gated:
+        raise TuneOptionError("--orthogonal is an option of the gated (ours) steering; drop --no-gated or --orthogonal")
+    if contrast and not gated:
+        raise TuneOptionError("--contrast is an option of the gated (ours) steering; drop --no-gated or --contrast")
+    return bool(orthogonal), bool(contrast)
+
+
+def tune_steer_params(pipe, clf, params: dict, kind: str, strengths: list[float], *, images: int, gated: bool,
+                      orthogonal: bool, contrast: bool, per_concept: bool, progress: Advance = None) -> list[str]:
+    """The removal λ of a kind (and per concept) into params["steer"] (the gated table, or "paper" for the
+    ungated variant when params' own table is the other one)."""
+    from ..eval.shapes import contrast_kind, orthogonal_kind, other_attribute_drop
+    from ..eval.tune import sweep_steering
+    from . import bundle
+
+    cs = params["steer"]
+    res = sweep_steering(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, kind, strengths,
+                         n=images // 2 or 8, progress=progress, baseline=cs.get("baseline"),
+                         gate=gated, orthogonal=orthogonal, contrast=contrast)
+    if gated:
+        for key, on, listed in (("orthogonal", orthogonal, orthogonal_kind), ("contrast", contrast, contrast_kind)):
+            kinds = [k for k in bundle.KINDS if listed(cs, k) and k != kind]
+            cs[key] = kinds + [kind] if on else kinds
+    lines = []
+    for lam in res.strengths:
+        r = res.rows[lam]
+        lines.append(f"λ={lam:g}: present {100*sum(x['presence_after'] for x in r)/len(r):.1f} %, "
+                     f"others kept {100*sum(x['others_agreement'] for x in r)/len(r):.1f} %")
+    # the other variant's λ is kept beside ("paper": every prompt steered)
+    table = cs if gated == bool(cs.get("gate")) else cs.setdefault("paper", {})
+    table[kind] = res.pick()
+    lines.append(f"picked λ={res.pick():g} for {kind} ({'gated' if gated else 'ungated'})")
+    per = table.setdefault("concepts", {})
+    per.pop(kind, None)
+    if per_concept:
+        per[kind] = res.pick_per_concept()
+        for i, (c, lam) in enumerate(per[kind].items()):
+            r = res.rows[lam][i]
+            lines.append(f"  {c:10s} λ={lam:g}: present {100*r['presence_after']:.1f} %, worst other-attribute "
+                         f"drop {100*other_attribute_drop(r):.1f} pts, prompts without it {100*r['others_agreement']:.1f} %")
+    if not per:
+        table.pop("concepts")
+    return lines
+
+
+def tune_steer_add_params(pipe, clf, params: dict, strengths: list[float], progress: Advance = None) -> list[str]:
+    """The λ > 0 that adds a style into params["steer"]["add_style"]: the weakest that adds it to ≥ 70 % of
+    images while keeping ≥ 90 % of the rest, else the best sum of both."""
+    from ..eval.tune import sweep_adding
+    from . import bundle
+
+    res = sweep_adding(pipe, clf, bundle.load_text_sae(), bundle.TEXT_HOOKPOINT, strengths,
+                       progress=progress, baseline=params["steer"].get("baseline"))
+    lines = [f"λ={lam:g}: style found {100*r['found']:.1f} %, object/colour kept {100*r['kept']:.1f} %"
+             for lam, r in res.items()]
+    good = [lam for lam, r in res.items() if r["found"] >= 0.7 and r["kept"] >= 0.9]
+    params["steer"]["add_style"] = min(good) if good else max(res, key=lambda k: res[k]["found"] + res[k]["kept"])
+    lines.append(f"picked λ={params['steer']['add_style']:g} for adding a style")
+    return lines
