@@ -105,8 +105,8 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
        "--multiplier", -2, "--scaling", "latent", "--top-n", 8, "--selection", "specific", "--min-fire", 2,
        "--prompt", "a red star in striped style", "--out", tmp_path / "u4.png")
     # a cross-attention layer's SAE, two concepts at once, one per patch
-    attn2 = str(assets.sae_dir() / bundle.CROSS_ATTN.format("unet.up_blocks.1.attentions.0"))
-    ok("unlearn", "--sae", attn2, "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
+    block = str(assets.sae_dir() / "unet.up_blocks.1.attentions.0")
+    ok("unlearn", "--sae", block, "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
        "--concept", "dotted", "--multiplier", -2, "--scaling", "latent", "--top-n", 32, "--selection", "specific",
        "--exclusive", "--prompt", "a red star in dotted style", "--out", tmp_path / "u5.png")
     assert (tmp_path / "u5.png").stat().st_size > 1000

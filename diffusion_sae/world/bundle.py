@@ -17,18 +17,13 @@ from .splits import check_tuning
 TEXT_LAYER = 2
 TEXT_HOOKPOINT = f"text_encoder.text_model.encoder.layers.{TEXT_LAYER}"
 BLOCK_HOOKPOINT = "unet.up_blocks.1.attentions.1"
-# Every block with a shipped SAE; per-concept params name the ones their edit uses.
-# Every cross-attention block of the ShapesCanvas UNet, the paper's SD 1.x block first: this small
-# UNet spreads a style over all of them (benchmarks/block_swap.py), so each has a shipped SAE.
+# Every block with a shipped SAE, the paper's SD 1.x block first; per-concept presets name the ones
+# their edit uses. Block outputs only (world v2): an edit of a cross-attention layer's own output
+# (`CROSS_ATTN`, what the text writes into the image tokens) acts only when the prompt names the concept
+# (a prompt filter, measured in world v1); the down_blocks.1 SAE was never picked by any tuning.
 CROSS_ATTN = "{}.transformer_blocks.0.attn2"
 BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_blocks.0.attentions.1",
-                    "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0",
-                    "unet.down_blocks.2.attentions.0", "unet.down_blocks.1.attentions.0",
-                    # the cross-attention layers themselves (what the text writes into the image tokens): the
-                    # up_blocks carry the style, the two lowest-resolution blocks the object
-                    CROSS_ATTN.format("unet.up_blocks.1.attentions.0"), CROSS_ATTN.format(BLOCK_HOOKPOINT),
-                    CROSS_ATTN.format("unet.up_blocks.0.attentions.1"),
-                    CROSS_ATTN.format("unet.mid_block.attentions.0"), CROSS_ATTN.format("unet.down_blocks.2.attentions.0"))
+                    "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0", "unet.down_blocks.2.attentions.0")
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 
 
