@@ -271,6 +271,23 @@ def test_unlearning_noop_is_exact_and_faithful_is_not(sd_dictionary):
     assert _no_hooks(pipe)
 
 
+def test_unlearning_timestep_window(sd_dictionary):
+    """An edit restricted to a step window changes the image only through those steps: a window past the
+    last step is an exact no-op, the first step alone differs from both plain and every step."""
+    from diffusion_sae.interventions.ablate import ConceptEdit
+
+    pipe, sae, d = sd_dictionary
+    base = _gen(pipe, "a cat")
+    def run(window):
+        with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, None, 3, window=window)]):
+            return _gen(pipe, "a cat")
+    every, first, past = run(None), run((0, 1)), run((50, 60))
+    assert torch.equal(past, base)
+    assert (first - base).abs().max() > 1e-4 and (first - every).abs().max() > 1e-4
+    with pytest.raises(DictionaryError, match="window"):
+        ConceptEdit("cat", window=(3, 1))
+
+
 def test_unlearning_step_grid_mismatch_and_hook_removal(sd_dictionary):
     pipe, sae, d = sd_dictionary
     with pytest.raises(StepGridError, match="3 steps"):
