@@ -367,3 +367,114 @@ def test_saeuron_bad_inputs_are_one_error_and_write_nothing(tmp_path):
     with pytest.raises(AssetError, match="style50.pth"):
         run_saeuron_unlearncanvas(SAeUronCanvasConfig(**{**base, "style_classifier": tmp_path / "nope.pth"}))
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+# ---------------------------------------------------------------------------------------------
+def _bad(code, err, pattern):
+    assert code == 2, err
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    assert pattern in err, err
+
+
+def test_reproduce_steerers_command_plans_runs_and_refuses_bad_input(tmp_path, capsys):
+    from _cli import run_main
+
+    _fresh_sd()
+    csv_path = _i2p_csv(tmp_path / "i2p.csv")
+    capsys.readouterr()
+    code, out, err = run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", csv_path,
+                               "--out", tmp_path / "plan", "--plan"], capsys)
+    assert code == 0, err
+    assert "4 prompts x 2 (plain and steered) = 8 images at 50 steps" in out and "estimate, not measured" in out
+    assert not (tmp_path / "plan").exists()
+    from diffusion_sae.sae import TopKSAE
+
+    TopKSAE(32, 64, 4, seed=3, hookpoint=TEXT_HP).save_pretrained(tmp_path / "sae")
+    common = ["--threshold", "0.5", "--steps", "2", "--no-baseline", "--device", "cpu"]
+    _bad(*run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", tmp_path / "nope.csv",
+                    "--out", tmp_path / "r"], capsys)[::2], "nope.csv does not exist")
+    _bad(*run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", csv_path, "--out", tmp_path / "r",
+                    "--clip", tmp_path], capsys)[::2], "Q16 needs both --clip")
+    _bad(*run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", csv_path, "--out", tmp_path / "r",
+                    "--device", "cuda:7"], capsys)[::2], "--device cuda:7")
+    pytest.importorskip("nudenet", reason="nudenet (the test extra) is not installed")
+    _bad(*run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", csv_path, "--out", tmp_path / "r",
+                    "--sae", "org/not-cached", *common], capsys)[::2], "org/not-cached")
+    assert not (tmp_path / "r").exists()
+    code, out, err = run_main(["reproduce", "steerers-nudity", "--model", "tiny:sd", "--prompts", csv_path,
+                               "--out", tmp_path / "run", "--sae", tmp_path / "sae", *common], capsys)
+    assert code == 0, err
+    assert "steered    nudity_asr     0.0000   (N=4)" in out and "report:" in out
+    assert sorted(p.name for p in (tmp_path / "run" / "images" / "steered").glob("*.png")) == [f"{i}.png" for i in range(4)]
+
+
+def test_reproduce_saeuron_command_with_classifier_folder(tmp_path, capsys):
+    from _cli import run_main
+
+    _fresh_sd()
+    clf = _classifiers(tmp_path)
+    folder = tmp_path / "classifiers"
+    folder.mkdir()
+    clf["style"].rename(folder / "style50.pth")
+    clf["object"].rename(folder / "style50_cls.pth")
+    args = ["reproduce", "saeuron-unlearncanvas", "--model", "tiny:sd", "--classifiers", folder, "--heads", "4",
+            "--styles", "Monet,Cubism", "--objects", "Cats,Dogs", "--seeds", "188", "--steps", "3",
+            "--target", "Monet", "--expansion", "2", "--k", "4", "--epochs", "1", "--sae-batch-size", "32",
+            "--percentile", "90", "--no-original"]
+    capsys.readouterr()
+    code, out, err = run_main([*args, "--out", tmp_path / "plan", "--plan"], capsys)
+    assert code == 0, err
+    assert "1 style target(s): 6 answer-set images (6 each), 0 tuning images" in out and "estimate, not measured" in out
+    assert not (tmp_path / "plan").exists()
+    _bad(*run_main([*args, "--out", tmp_path / "r", "--seeds", "188,x"], capsys)[::2], "--seeds must be comma-separated integers")
+    _bad(*run_main([*args, "--out", tmp_path / "r", "--dictionary-seeds", "188"], capsys)[::2],
+         "evaluation and dictionary seeds overlap")
+    _bad(*run_main([*args, "--out", tmp_path / "r", "--classifiers", tmp_path / "none"], capsys)[::2], "--classifiers")
+    assert not (tmp_path / "r").exists()
+    code, out, err = run_main([*args, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("Monet "))
+    assert "UA " in line and "(percentile 90, γ -1)" in line
+    assert len(list((tmp_path / "run" / "images" / "Monet").glob("*.jpg"))) == 6
+
+
+def test_unlearn_save_images_writes_an_indexed_resumable_image_set(tmp_path, capsys):
+    from _cli import run_main
+
+    from diffusion_sae.concepts.dictionary import build_concept_dictionary
+    from diffusion_sae.sae import TopKSAE
+
+    pipe = _fresh_sd()
+    hp = "unet.up_blocks.1.attentions.1"
+    sae = TopKSAE(64, 128, 4, seed=5, hookpoint=hp)
+    sae.save_pretrained(tmp_path / "sae")
+    build_concept_dictionary(pipe, sae, hp, {"cat": ["a cat", "a small cat"], "dog": ["a dog", "a big dog"]},
+                             steps=2).save(tmp_path / "sae")
+    prompts = _i2p_csv(tmp_path / "p.csv", ["a cat on a sofa", "a dog in the snow"], seeds=[7, 8], guidance=6.0)
+    args = ["unlearn", "--model", "tiny:sd", "--sae", tmp_path / "sae", "--concept", "cat", "--prompts", prompts,
+            "--steps", "2", "--top-n", "8", "--device", "cpu", "--multiplier"]
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()  # what building the assets printed
+    _bad(*run_main([*args, "-20", "--save-images", tmp_path / "file"], capsys)[::2], "is a file")
+    code, out, err = run_main([*args, "-20", "--save-images", tmp_path / "set"], capsys)
+    assert code == 0, err
+    assert "(4 new)" in out and "grid" not in out
+    s = tmp_path / "set"
+    rows = list(csv.DictReader(open(s / "index.csv", encoding="utf-8")))
+    assert [(r["file"], r["prompt"], r["seed"], r["guidance"]) for r in rows] == [
+        ("original/0.png", "a cat on a sofa", "7", "6.0"), ("original/1.png", "a dog in the snow", "8", "6.0"),
+        ("unlearned/0.png", "a cat on a sofa", "7", "6.0"), ("unlearned/1.png", "a dog in the snow", "8", "6.0")]
+    direct = pipe("a dog in the snow", num_inference_steps=2, guidance_scale=6.0,
+                  generator=torch.Generator().manual_seed(8)).images[0]
+    assert np.array_equal(_pixels(s / "original" / "1.png"), np.asarray(direct, dtype=np.int16))
+    assert np.abs(_pixels(s / "original" / "0.png") - _pixels(s / "unlearned" / "0.png")).max() > 0
+    settings = json.loads((s / "unlearned" / ".settings.json").read_text())
+    assert settings["concepts"] == ["cat"] and settings["multiplier"] == -20.0 and settings["top_n"] == 8
+    # resumed with a grid as well: nothing generated again; another γ into the same folder is refused
+    code, out, err = run_main([*args, "-20", "--save-images", s, "--out", tmp_path / "grid.png"], capsys)
+    assert code == 0, err
+    assert "(0 new)" in out and (tmp_path / "grid.png").stat().st_size > 1000
+    code, _, err = run_main([*args, "-1", "--save-images", s], capsys)
+    _bad(code, err, "other settings (multiplier differ)")

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from ..errors import DiffusionSAEError
-from . import benchmark, collect, concepts, evaluate, steer, train, ui, unlearn, world
+from . import benchmark, collect, concepts, evaluate, reproduce, steer, train, ui, unlearn, world
 from .common import UserError, fail
 
 __all__ = ["app", "main", "UserError", "fail"]
@@ -34,6 +34,7 @@ app.command("unlearn")(unlearn.unlearn_cmd)
 evaluate.eval_app.command("attack")(benchmark.eval_attack)
 evaluate.eval_app.command("shapes")(benchmark.eval_shapes)
 app.add_typer(evaluate.eval_app, name="eval")
+app.add_typer(reproduce.reproduce_app, name="reproduce")
 app.command("tune")(benchmark.tune_cmd)
 app.command("demo")(benchmark.demo_cmd)
 app.command("ui")(ui.ui_cmd)

@@ -25,7 +25,11 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
                 prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
                 steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
-                out: Path = typer.Option(Path("unlearn.png"), help="Grid PNG: original | unlearned per prompt."),
+                out: Optional[Path] = typer.Option(None, help="Grid PNG: original | unlearned per prompt (default "
+                                                   "unlearn.png unless --save-images is given)."),
+                save_images: Optional[Path] = typer.Option(None, help="Also save every image: DIR/original/<row>.png and "
+                                                           "DIR/unlearned/<row>.png (one per prompt and seed) with "
+                                                           "DIR/index.csv; resumable (the layout `eval nudity --images` reads)."),
                 device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
     from ..concepts.dictionary import ConceptDictionary, DictionaryError
@@ -41,7 +45,13 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
     if top_n is not None and percentile is not None:
         fail("give either --top-n or --percentile, not both")
-    check_out_file(out)
+    if out is not None or save_images is None:
+        out = out or Path("unlearn.png")
+        check_out_file(out)
+    if save_images is not None:
+        from ..eval.imageset import check_image_folder
+
+        check_image_folder(save_images)
 
     pipe = load_model(model, device, dtype, offload)
     if scaling not in ("mean", "latent"):
@@ -71,10 +81,44 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                            mode="add" if add else "ablate", scaling=scaling, selection=selection,
                                            min_fire=min_fire, exclusive=exclusive)]
     try:
-        imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
+        if save_images is not None:
+            imgs = _save_image_set(pipe, ps, save_images, conditions, steps, guidance, out is not None, model=model,
+                                   sae=[str(f) for f in sae] if sae else "bundled", dictionary=dictionary,
+                                   dictionary_name=dictionary_name, concepts=list(concept), multiplier=multiplier,
+                                   percentile=percentile, top_n=top_n, faithful=faithful, add=add, scaling=scaling,
+                                   selection=selection, min_fire=min_fire, exclusive=exclusive)
+        else:
+            imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
     except (DictionaryError, StepGridError, ValueError) as e:
         fail(str(e).splitlines()[0])
     label = ("added " if add else "unlearned ") + ", ".join(concept)
-    label_grid(imgs, [r.prompt for r in ps.rows], ["original", label], out)
-    typer.echo(f"grid ({len(ps)} prompts): {out}")
+    if out is not None:
+        label_grid(imgs, [r.prompt for r in ps.rows], ["original", label], out)
+        typer.echo(f"grid ({len(ps)} prompts): {out}")
+
+
+def _save_image_set(pipe, ps, folder: Path, conditions, steps: int, guidance: float, grid: bool, model, **settings):
+    """--save-images: the original and unlearned image of every prompt row into `folder` (eval/imageset.py,
+    resumable, with an index); returns the images for the grid ([3, H, W] in [0, 1], row by row) when asked."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..eval.imageset import Condition, ImageItem, generate_image_set
+
+    edited = "added" if settings["add"] else "unlearned"
+    items = [ImageItem(str(i), r.prompt, r.seed, r.guidance or guidance) for i, r in enumerate(ps.rows)]
+    res = generate_image_set(pipe, items, folder, [Condition("original", conditions[0]),
+                                                   Condition(edited, conditions[1], settings)],
+                             steps, settings={"model": str(model)})
+    typer.echo(f"saved {len(items)} x 2 images to {folder}/original|{edited}/<row>.png ({res['generated']} new), "
+               f"index {folder}/index.csv")
+    if not grid:
+        return []
+    imgs = []
+    for a, b in zip(res["files"]["original"], res["files"][edited]):
+        for f in (a, b):
+            with Image.open(f) as im:
+                imgs.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1))
+    return imgs
 

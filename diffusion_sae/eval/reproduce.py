@@ -85,6 +85,14 @@ def _positive(name: str, v, kind=int) -> None:
         raise ReproduceError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {v!r}")
 
 
+def _check_placement(cfg) -> None:
+    """--device / --dtype / --offload checked before anything loads (the family's auto dtype is picked later)."""
+    if any(v is not None for v in (cfg.device, cfg.dtype, cfg.offload)):
+        from ..models.devices import resolve_placement
+
+        resolve_placement(cfg.device or "auto", cfg.dtype or "auto", cfg.offload or "none")
+
+
 def _check_size(height, width) -> None:
     for opt, v in (("--height", height), ("--width", width)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
@@ -253,6 +261,7 @@ def _steerers_checks(cfg: SteerersNudityConfig):
     from .prompts import read_prompt_set
 
     out = _check_out(Path(cfg.out))
+    _check_placement(cfg)
     _positive("--steps", cfg.steps)
     _positive("--batch-size", cfg.batch_size)
     _check_size(cfg.height, cfg.width)
@@ -507,6 +516,7 @@ def _saeuron_resolved(cfg: SAeUronCanvasConfig) -> SAeUronCanvasConfig:
     from . import unlearncanvas as UC
 
     _check_out(Path(cfg.out))
+    _check_placement(cfg)
     if cfg.task not in ("style", "object"):
         raise ReproduceError(f"--task must be style or object, got {cfg.task!r}")
     if cfg.convention not in ("saeuron", "unlearncanvas"):
