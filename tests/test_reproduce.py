@@ -478,3 +478,16 @@ def test_unlearn_save_images_writes_an_indexed_resumable_image_set(tmp_path, cap
     assert "(0 new)" in out and (tmp_path / "grid.png").stat().st_size > 1000
     code, _, err = run_main([*args, "-1", "--save-images", s], capsys)
     _bad(code, err, "other settings (multiplier differ)")
+
+
+def test_dashboard_export_takes_device_dtype_and_refuses_a_missing_device(tmp_path, capsys):
+    from _cli import run_main
+
+    args = ["dashboard", "export", "--n-features", "2", "--per-concept", "1", "--stats-steps", "2"]
+    if not torch.cuda.is_available():
+        _bad(*run_main([*args, "--out", tmp_path / "gpu", "--device", "cuda"], capsys)[::2], "--device cuda")
+        assert not (tmp_path / "gpu").exists()
+    code, out, err = run_main([*args, "--out", tmp_path / "dash", "--device", "cpu", "--dtype", "bfloat16"], capsys)
+    assert code == 0, err
+    feats = json.loads((tmp_path / "dash" / "features.json").read_text())
+    assert (tmp_path / "dash" / "index.html").is_file() and len(feats["features"]) == 2

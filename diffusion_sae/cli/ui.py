@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from .common import SHAPES, fail, load_model, progress_bar, prompt_set
+from .common import DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, fail, load_model, progress_bar, prompt_set
 
 
 def _ui_engine(model: str, text_sae: Optional[Path], block_sae: Optional[Path], stats_prompts: Optional[Path],
-               per_concept: int, stats_steps: int):
+               per_concept: int, stats_steps: int, device=None, dtype=None, offload=None):
     from ..app.engine import Engine
     from ..app.shapescanvas import default_prompts, sae_folders
     from ..sae import SAEError
@@ -27,7 +27,7 @@ def _ui_engine(model: str, text_sae: Optional[Path], block_sae: Optional[Path], 
         prompts, seeds = [r.prompt for r in ps.rows], [r.seed for r in ps.rows]
     else:
         prompts, seeds = default_prompts(per_concept)
-    pipe = load_model(model)
+    pipe = load_model(model, device, dtype, offload)
     try:
         return Engine.from_folders(pipe, *sae_folders(block_sae, text_sae),
                                    model_dir=Path(model) if model and model != SHAPES else None,
@@ -43,7 +43,8 @@ def ui_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id or sh
            port: int = 7860,
            stats_prompts: Optional[Path] = typer.Option(None, help="Prompt file for the feature explorer (default: ShapesCanvas concept prompts)."),
            per_concept: int = typer.Option(4, help="Default explorer prompts per concept."),
-           stats_steps: int = typer.Option(25, help="Denoising steps of the explorer's prompt set.")):
+           stats_steps: int = typer.Option(25, help="Denoising steps of the explorer's prompt set."),
+           device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Web UI: steer / erase concepts with sliders, explore block-SAE features (Gradio)."""
     try:
         import gradio  # noqa: F401
@@ -61,7 +62,7 @@ def ui_cmd(model: str = typer.Option(SHAPES, help="Pipeline folder, hub id or sh
         except OSError as e:
             fail(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another program may use it, "
                  "give another --port")
-    engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps)
+    engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps, device, dtype, offload)
     typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)")
     launch(engine, host=host, port=port, block=True)
 
@@ -75,7 +76,8 @@ def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (a 
                          n_features: int = typer.Option(16, help="How many features when --features is not given."),
                          model: str = typer.Option(SHAPES), text_sae: Optional[Path] = None,
                          block_sae: Optional[Path] = None, stats_prompts: Optional[Path] = None,
-                         per_concept: int = 8, stats_steps: int = 25):
+                         per_concept: int = 8, stats_steps: int = 25,
+                         device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Write a feature dashboard folder (index.html + one page per feature) that opens offline."""
     from ..app.export import check_target, export_dashboard
     from ..concepts.features import FeatureError
@@ -87,7 +89,7 @@ def dashboard_export_cmd(out: Path = typer.Option(..., help="Folder to write (a 
     if n_features <= 0:
         fail(f"--n-features must be a positive number of features, got {n_features}")
     check_target(out)  # before the feature statistics: refuse a folder that is not a previous export
-    engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps)
+    engine = _ui_engine(model, text_sae, block_sae, stats_prompts, per_concept, stats_steps, device, dtype, offload)
     with progress_bar() as p:
         task = p.add_task("feature stats", total=len(engine.stats_prompts), info="")
         stats = engine.stats(progress=lambda i, n: p.update(task, completed=i))
