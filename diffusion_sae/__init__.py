@@ -37,6 +37,9 @@ _EXPORTS = {
     "remove": "diffusion_sae.interventions.api:remove",
     "intervene": "diffusion_sae.interventions.api:intervene",
     "applied": "diffusion_sae.interventions.api:applied",
+    "register_intervention": "diffusion_sae.interventions.registry:register_intervention",
+    "build_intervention": "diffusion_sae.interventions.registry:build_intervention",
+    "intervention_names": "diffusion_sae.interventions.registry:intervention_names",
     # evaluation: every concept, both methods, on the bundled ShapesCanvas benchmark
     "evaluate": "diffusion_sae.eval.shapes:run_shapes_benchmark",
     # the bundled ShapesCanvas model (a tiny StableDiffusionPipeline), its judge and its shipped SAEs

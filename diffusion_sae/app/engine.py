@@ -190,13 +190,27 @@ class Engine:
         for d, mode, ces in groups.values():
             stack.enter_context(unlearn_concepts(self.pipe, self.block_sae, d, ces, mode=mode))
 
+    def registered(self, name: str, settings: str = ""):
+        """A registered intervention (interventions/registry.py) on this engine's SAEs — the text SAE for a
+        method registered with sae="text", else the block SAE (whose folder holds the dictionaries) — with
+        settings written `key=value`, separated by ';' or new lines."""
+        from ..interventions.registry import BuildContext, get_intervention, make_config, split_settings
+
+        spec = get_intervention(name.strip())
+        if spec.sae == "text" and self.text_sae is None:
+            raise EditError(f"{spec.name} needs a text SAE: start the UI with --text-sae FOLDER")
+        sae = self.text_sae if spec.sae == "text" else self.block_sae
+        return spec.factory(sae, make_config(spec, split_settings(settings)), BuildContext(sae_folder=self.block_folder))
+
     def _run(self, prompt: str, seed: int, steps: int) -> np.ndarray:
         out = self.pipe(prompt, num_inference_steps=steps, guidance_scale=self.guidance,
                         generator=torch.Generator().manual_seed(seed), output_type="pt")
         return to_pixels(out.images)[0]
 
-    def generate(self, prompt: str, seed: int, steps: int, edits: list[Edit]) -> tuple[np.ndarray, np.ndarray]:
-        """(original, edited) uint8 images for one prompt and seed."""
+    def generate(self, prompt: str, seed: int, steps: int, edits: list[Edit],
+                 registered: list[tuple[str, str]] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(original, edited) uint8 images for one prompt and seed; `registered`: (name, settings) of
+        registered interventions applied on top of the edits (see `registered`)."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise EditError("the prompt is empty")
@@ -204,15 +218,20 @@ class Engine:
         if not 1 <= steps <= 200:
             raise EditError(f"steps must be between 1 and 200, got {steps}")
         live = self._check(edits)
+        extra = [self.registered(n, st) for n, st in registered if n and n.strip()]   # built before any image
         with self._lock:
             key = (prompt, seed, steps)
             if key not in self._originals:
                 self._originals = {key: self._run(prompt, seed, steps)}   # keep one: the current prompt
             original = self._originals[key]
-            if not live:
+            if not live and not extra:
                 return original, original
             with contextlib.ExitStack() as stack:
                 self._edit_context(stack, live)
+                if extra:
+                    from ..interventions.api import intervene
+
+                    stack.enter_context(intervene(self.pipe, *extra))
                 edited = self._run(prompt, seed, steps)
         return original, edited
 

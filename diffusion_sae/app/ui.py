@@ -27,29 +27,36 @@ def _err(e: Exception) -> str:
     return f"**error:** {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
-def settings_label(prompt, seed, steps, edits) -> str:
+NONE = "(none)"
+
+
+def settings_label(prompt, seed, steps, edits, registered=()) -> str:
     """The settings that made a result, as shown beside it (so that a result never passes for another's)."""
     live = [e for e in edits if e.target.strip() and e.strength != 0]
-    what = "; ".join(f"{e.target.strip()} ({e.method}, λ={e.strength:g})" for e in live) or "no edit"
+    what = "; ".join([f"{e.target.strip()} ({e.method}, λ={e.strength:g})" for e in live]
+                     + [f"{n} ({st.strip() or 'defaults'})" for n, st in registered]) or "no edit"
     return f"{what} · seed {seed} · {steps} steps · {prompt!r}"
 
 
 def build_app(engine):
     import gradio as gr
 
+    from ..interventions.registry import intervention_names
     from .engine import ERRORS, METHODS, Edit
 
     concepts = ", ".join(engine.concept_names()) or "(no concept dictionaries loaded)"
 
     def generate(prompt, seed, steps, *rows):
+        *rows, method, method_settings = rows
         edits = [Edit(str(rows[3 * i] or ""), str(rows[3 * i + 1]), float(rows[3 * i + 2] or 0)) for i in range(N_EDITS)]
+        registered = [(str(method), str(method_settings or ""))] if method and method != NONE else []
         try:
-            orig, res = engine.generate(prompt, int(seed or 0), int(steps), edits)
+            orig, res = engine.generate(prompt, int(seed or 0), int(steps), edits, registered)
         except ERRORS as e:
             return gr.update(), gr.update(), _err(e), gr.update()
         # Labelled with the very settings it was made with: after quick slider moves the last run's
         # values are what the image shows, and the label says so.
-        label = settings_label(prompt, int(seed or 0), int(steps), edits)
+        label = settings_label(prompt, int(seed or 0), int(steps), edits, registered)
         return _show(orig), _show(res), f"done: {label}", f"Result made with: {label}"
 
     def show_feature(f, progress=gr.Progress()):
@@ -116,6 +123,12 @@ def build_app(engine):
                 rows.append(gr.Textbox(label=f"Concept or feature {i + 1}", value="", elem_id=f"target-{i}", scale=3))
                 rows.append(gr.Radio(list(METHODS), value=METHODS[0], label="Method", elem_id=f"method-{i}", scale=2))
                 rows.append(gr.Slider(-3, 3, value=0, step=0.1, label="Strength", elem_id=f"strength-{i}", scale=3))
+        # Any registered intervention (interventions/registry.py) by name; its settings as key=value.
+        with gr.Row():
+            method = gr.Dropdown([NONE] + intervention_names(), value=NONE, label="Registered intervention",
+                                 elem_id="registered-method", scale=2)
+            method_settings = gr.Textbox(label="Settings (key=value; ...)", value="", elem_id="registered-settings",
+                                         placeholder="e.g. features=12:0,873:3; steps=0,10", scale=5)
         go = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown("", elem_id="status")
         with gr.Row():
@@ -141,7 +154,7 @@ def build_app(engine):
             exp = gr.Button("Export dashboard (zip)", elem_id="export")
             exported = gr.File(label="Dashboard", elem_id="dashboard-file")
 
-        inputs = [prompt, seed, steps, *rows]
+        inputs = [prompt, seed, steps, *rows, method, method_settings]
         made = [original, result, status, result_settings]
         go.click(generate, inputs, made)
         # Every user change of a strength (drag, click, arrow keys, typed number) regenerates, latest

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from ..errors import DiffusionSAEError
-from . import benchmark, collect, concepts, evaluate, reproduce, steer, train, ui, unlearn, world
+from . import benchmark, collect, concepts, evaluate, intervene, reproduce, steer, train, ui, unlearn, world
 from .common import UserError, fail
 
 __all__ = ["app", "main", "UserError", "fail"]
@@ -31,6 +31,7 @@ app.command("train-block-sae")(train.train_block_sae_cmd)
 app.add_typer(concepts.concepts_app, name="concepts")
 app.command("steer")(steer.steer_cmd)
 app.command("unlearn")(unlearn.unlearn_cmd)
+app.command("intervene")(intervene.intervene_cmd)
 evaluate.eval_app.command("attack")(benchmark.eval_attack)
 evaluate.eval_app.command("shapes")(benchmark.eval_shapes)
 app.add_typer(evaluate.eval_app, name="eval")

@@ -10,7 +10,8 @@ import typer
 
 from ..world.benchmark import ATTACK_KINDS
 from ..world.config import GUIDANCE as WORLD_GUIDANCE
-from .common import SHAPES, fail, load_model, parse_strengths, progress_bar
+from .common import (METHOD_HELP, METHOD_SAE_HELP, SET_HELP, SHAPES, fail, load_model, method_config, method_context,
+                     method_intervention, parse_strengths, progress_bar)
 
 
 def eval_attack(kind: str = typer.Option("style", help="style or object."),
@@ -19,7 +20,12 @@ def eval_attack(kind: str = typer.Option("style", help="style or object."),
                 images: int = typer.Option(16, help="Images judged per concept and condition."),
                 tokens: int = typer.Option(5, help="Adversarial tokens prepended to the prompt."),
                 seed: int = 0,
-                out: Path = typer.Option(Path("eval-attack"), help="Report folder.")):
+                out: Path = typer.Option(Path("eval-attack"), help="Report folder."),
+                method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP + " Measured beside the built-in methods."),
+                set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+                method_sae: Optional[Path] = typer.Option(None, "--sae", help=METHOD_SAE_HELP),
+                builtin: bool = typer.Option(True, help="Run the two papers' methods (--no-builtin with --method: "
+                                             "only the registered one).")):
     """UnlearnDiffAtk-style adversarial prompts on ShapesCanvas: concept presence before / after unlearning, both methods."""
     from ..eval.attack import AttackConfig
     from ..world import assets
@@ -27,13 +33,17 @@ def eval_attack(kind: str = typer.Option("style", help="style or object."),
 
     if kind not in ATTACK_KINDS:
         fail(f"--kind must be style or object, not {kind!r}")
+    spec, config = method_config(method, set_) if method else (None, None)
+    if not builtin and spec is None:
+        fail("--no-builtin leaves nothing to attack: give --method NAME")
     pipe, clf = load_model(SHAPES), assets.load_classifier()
+    extra = {method: method_context(pipe, method_intervention(spec, config, method_sae, pipe))} if spec else None
     try:
         cfg = AttackConfig(steps=steps, n_images=images, n_tokens=tokens, seed=seed)
         with progress_bar() as p:
             task = p.add_task("attack", total=None, info="concepts")
-            res, paths = run_attack_eval(out, kind, concept or None, cfg, pipe=pipe, clf=clf,
-                                         progress=lambda stage, n: p.advance(task, n))
+            res, paths = run_attack_eval(out, kind, concept or None, cfg, extra=extra, builtin=builtin, pipe=pipe,
+                                         clf=clf, progress=lambda stage, n: p.advance(task, n))
     except ValueError as e:
         fail(str(e))
     for line in attack_lines(res):
@@ -57,7 +67,12 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                                                               "(default 1 with --quick, 3 otherwise; 0 = none)."),
                 attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "
                                                            "(default 10 with --quick, 40 otherwise)."),
-                steps: int = 25, guidance: float = WORLD_GUIDANCE):
+                steps: int = 25, guidance: float = WORLD_GUIDANCE,
+                method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP + " Measured beside the built-in methods."),
+                set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+                method_sae: Optional[Path] = typer.Option(None, "--sae", help=METHOD_SAE_HELP),
+                builtin: bool = typer.Option(True, help="Run the two papers' methods (--no-builtin with --method: "
+                                             "only the registered one).")):
     """ShapesCanvas benchmark: remove / add / unlearn every concept with both methods, judged by the classifier."""
     from ..world import assets
     from ..world.benchmark import ShapesEvalOptions, run_shapes_eval, shapes_eval_lines
@@ -65,8 +80,12 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
     opts = ShapesEvalOptions(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful,
                              concepts_per_kind=concepts_per_kind, steer_seeds=steer_seeds,
                              generalization=generalization, gen_concepts=gen_concepts,
-                             attack_concepts=attack_concepts, attack_steps=attack_steps)
+                             attack_concepts=attack_concepts, attack_steps=attack_steps, builtin=builtin)
+    spec, config = method_config(method, set_) if method else (None, None)
+    if not builtin and spec is None:
+        fail("--no-builtin leaves nothing to measure: give --method NAME")
     pipe, clf = load_model(SHAPES), assets.load_classifier()
+    extra = {method: method_context(pipe, method_intervention(spec, config, method_sae, pipe))} if spec else None
     with progress_bar() as p:
         tasks: dict = {}
 
@@ -75,7 +94,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 tasks[stage] = p.add_task(stage, total=None, info="images")
             p.advance(tasks[stage], n)
 
-        res, paths = run_shapes_eval(out, opts, pipe=pipe, clf=clf, progress=advance)
+        res, paths = run_shapes_eval(out, opts, extra=extra, pipe=pipe, clf=clf, progress=advance)
     for line in shapes_eval_lines(res):
         typer.echo(line)
     typer.echo(f"{res['images_generated']} images in {res['wall_seconds']:.0f} s; report: {paths['md']}")

@@ -247,3 +247,56 @@ def prompt_lines(path: Path, option: str) -> list[str]:
     if not lines:
         fail(f"{option}: {path} has no prompts; write one prompt per line")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# registered interventions (interventions/registry.py): `intervene`, `eval shapes`, `eval attack`
+# ---------------------------------------------------------------------------------------------
+METHOD_HELP = "A registered intervention (interventions/registry.py), e.g. scale, steer, saeuron."
+SET_HELP = "A setting of --method as key=value (repeatable), e.g. --set features=12:0,873:3 --set steps=0,10."
+METHOD_SAE_HELP = "SAE folder or hub id for --method (default: the bundled model's text or block SAE, as the method needs)."
+
+
+def method_config(method: str, settings: Optional[list[str]]):
+    """(spec, typed config) of --method / --set, checked before any model loads."""
+    from ..interventions.registry import RegistryError, get_intervention, make_config
+
+    try:
+        spec = get_intervention(method)
+        return spec, make_config(spec, list(settings or []))
+    except RegistryError as e:
+        fail(f"--method {method}: {e}")
+    except ValueError as e:     # a config's own check (ConfigError), e.g. an empty feature table
+        fail(f"--method {method}: {str(e).splitlines()[0]}")
+
+
+def method_intervention(spec, config, sae: Optional[Path], pipe, model: Optional[str] = SHAPES):
+    """The intervention of --method on `pipe`: the SAE given by --sae, else the bundled one of the kind the
+    method registered (text or block)."""
+    from ..interventions.registry import BuildContext, RegistryError
+
+    if sae is None and model not in (None, "", SHAPES):
+        fail(f"--method {spec.name}: give --sae FOLDER (the bundled SAEs belong to the bundled model)")
+    if sae is None:
+        from ..sae import TopKSAE
+        from ..world import assets, bundle
+
+        folder = assets.sae_dir() / (bundle.TEXT_HOOKPOINT if spec.sae == "text" else bundle.BLOCK_HOOKPOINT)
+        sae_obj = load_sae_arg(None, None, lambda: TopKSAE.from_pretrained(folder), pipe)
+    else:
+        folder = sae_folder(sae)
+        sae_obj = load_sae_arg(sae, None, None, pipe)
+    try:
+        iv = spec.factory(sae_obj, config, BuildContext(sae_folder=folder))
+        with iv.context(pipe):   # opened once: a feature out of range or a wrong hookpoint fails before any image
+            pass
+    except (RegistryError, ValueError) as e:
+        fail(f"--method {spec.name}: {str(e).splitlines()[0]}")
+    return iv
+
+
+def method_context(pipe, intervention):
+    """A zero-argument context-manager factory that opens `intervention` on `pipe` (the benchmarks' form)."""
+    from ..interventions.api import intervene
+
+    return lambda: intervene(pipe, intervention)

@@ -21,6 +21,7 @@ import torch
 from ..configs import Config, ConfigError
 from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve_hookpoint
 from .api import Intervention, InterventionError
+from .registry import register_intervention
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,10 @@ class FeatureScaling(Intervention):
                                    "diffusion_sae.feature_scaling")
             stack.callback(handle.remove)
             yield self
+
+
+# Reachable by name from the CLI (`intervene --method scale --set features=12:0`), the web UI, `eval shapes`
+# and `eval attack` (interventions/registry.py).
+register_intervention("scale", FeatureScalingConfig, lambda sae, config, context: FeatureScaling(sae, config),
+                      sae="block", summary="multiply chosen SAE features by a factor, optionally inside a "
+                                           "denoising-step window (features=12:0,873:3 steps=0,10)")
