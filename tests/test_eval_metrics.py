@@ -120,7 +120,7 @@ def test_unlearncanvas_names_prompts_and_files():
     assert len(UC.STYLES) == 50 and len(UC.THEMES) == 51 and UC.THEMES[38] == "Seed_Images"
     assert len(UC.OBJECTS) == 20 and UC.SEEDS == (188, 288, 588, 688, 888)
     assert UC.prompt("Van_Gogh", "Cats", "unlearncanvas") == "A Cats image in Van Gogh style."
-    assert UC.prompt("Van_Gogh", "Cats") == "An image of Cats in Van_Gogh style."
+    assert UC.prompt("Van_Gogh", "Cats") == "An image of Cats in Van Gogh style."   # as SAeUron's scripts write it
     assert UC.prompt(None, "Cats") == "An image of Cats."
     assert UC.parse_filename("Van_Gogh_Cats_seed188.jpg") == ("Van_Gogh", "Cats", 188)
     assert UC.parse_filename("Red_Blue_Ink_Sea_seed888.png") == ("Red_Blue_Ink", "Sea", 888)

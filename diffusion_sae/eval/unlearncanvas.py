@@ -44,10 +44,11 @@ assert THEMES.index("Seed_Images") == 38 and len(THEMES) == 51
 
 
 def prompt(style: str | None, obj: str, convention: str = "saeuron") -> str:
-    """The generation prompt. saeuron: `An image of {object} in {style} style.` / `An image of {object}.`;
+    """The generation prompt. saeuron: `An image of {object} in {style with spaces} style.` / `An image of
+    {object}.` (the official SAeUron sampling, sweep and dictionary scripts all write `theme.replace('_', ' ')`);
     unlearncanvas: `A {object} image in {style with spaces} style.`"""
     if convention == "saeuron":
-        return f"An image of {obj}." if style is None else f"An image of {obj} in {style} style."
+        return f"An image of {obj}." if style is None else f"An image of {obj} in {style.replace('_', ' ')} style."
     if convention == "unlearncanvas":
         if style is None:
             raise MetricInputError("the original UnlearnCanvas protocol has no unstyled prompts")
