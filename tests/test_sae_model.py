@@ -88,7 +88,7 @@ def test_at_most_k_nonzeros_any_leading_shape_and_consistent_views():
 
 def test_input_normalisation_returns_original_units():
     sae = TopKSAE(8, 32, 32, normalize_input=True, seed=0)  # k = L: the SAE is a linear map
-    sae.cfg.input_scale = 0.01
+    sae.replace_cfg(input_scale=0.01)
     with torch.no_grad():
         sae.W_dec.copy_(torch.eye(32, 8))
         sae.W_enc.copy_(torch.eye(32, 8))
@@ -117,3 +117,22 @@ def test_bad_inputs_are_one_line_errors():
     for fn in (sae.pre_acts, sae, sae.dense_latents):
         with pytest.raises(SAEError):
             fn(torch.randn(4, 17))
+
+
+def test_config_is_immutable_and_the_model_holds_no_trainer_state():
+    import dataclasses
+
+    from diffusion_sae.sae import SAETrainer, SyntheticSparseData, TrainConfig
+
+    cfg = SAEConfig(d_in=16, num_latents=64, k=4, batch_topk=True, normalize_input=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.k = 8
+    data = SyntheticSparseData(d=16, num_atoms=64, active=3, num_tokens=4096, batch_size=512, seed=0)
+    tr = SAETrainer(cfg, TrainConfig(lr=3e-3, batch_size=512, seed=0, calibrate_tokens=1024))
+    sae = tr.fit(data, progress=False)
+    # the trainer changed the SAE's config by replacing it; the caller's config is as it was
+    assert sae.cfg is not cfg and cfg.threshold == 0.0 and cfg.input_scale == 1.0
+    assert sae.cfg.threshold > 0 and sae.cfg.input_scale != 1.0
+    assert sae.threshold == sae.cfg.threshold                         # one home: the config
+    assert "threshold" not in dict(sae.named_buffers()) and not hasattr(sae, "workspace")
+    assert tr.workspace is None                                       # freed when fit ends

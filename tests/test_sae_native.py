@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TopKSAE, TrainConfig, native
+from diffusion_sae.sae import SAEConfig, SAETrainer, SyntheticSparseData, TopKSAE, TrainConfig, cpu_backend, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels unavailable: {native.why_unavailable()}")
 
@@ -52,13 +52,9 @@ def test_topk_rows_ties_and_all_negative_rows():
 
 def _loss_and_grads(sae, x, dead, k_aux, workspace):
     sae.zero_grad(set_to_none=True)
-    sae.workspace = workspace
-    try:
-        out = sae(x, dead_mask=dead, k_aux=k_aux)
-        (out.fvu + 0.25 * out.auxk_loss).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-    finally:
-        sae.workspace = None
+    out = cpu_backend.training_forward(sae, x, dead_mask=dead, k_aux=k_aux, workspace=workspace)
+    (out.fvu + 0.25 * out.auxk_loss).backward()
+    cpu_backend.project_decoder_grad(sae, workspace)
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     return out, grads
 
@@ -108,11 +104,10 @@ def test_fused_backward_accumulates_into_existing_gradients():
     x = torch.randn(128, 32)
     _, once = _loss_and_grads(sae, x, None, None, {})
     sae.zero_grad(set_to_none=True)
-    sae.workspace = {}
+    ws = {}
     for _ in range(2):  # no zero_grad in between: the second backward must add, not overwrite or double
-        out = sae(x)
+        out = cpu_backend.training_forward(sae, x, workspace=ws)
         out.fvu.backward()
-    sae.workspace = None
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -299,18 +294,10 @@ def test_screen_smooths_outlier_dimensions():
 def test_screening_skips_small_products(screen_calls, monkeypatch):
     monkeypatch.setattr(native, "SCREEN_MIN_SIZE", 1 << 18)
     sae = TopKSAE(48, 400, 6, seed=1)  # d * L = 19,200: the dense product is as fast
-    sae.workspace = {"screen": True}
-    try:
-        sae(torch.randn(64, 48))
-    finally:
-        sae.workspace = None
+    cpu_backend.training_forward(sae, torch.randn(64, 48), workspace={"screen": True})
     assert screen_calls == []
     big = TopKSAE(256, 1024, 16, seed=1)
-    big.workspace = {"screen": True}
-    try:
-        big(torch.randn(64, 256))
-    finally:
-        big.workspace = None
+    cpu_backend.training_forward(big, torch.randn(64, 256), workspace={"screen": True})
     assert len(screen_calls) == 1
 
 
@@ -318,15 +305,12 @@ def test_screening_skips_small_products(screen_calls, monkeypatch):
 def test_screening_pauses_when_the_certificate_fails_often(screen_calls):
     sae = TopKSAE(48, 400, 6, seed=1)
     x = torch.randn(64, 48)
-    sae.workspace = {"screen": True, "screen_last_dense_fraction": 0.6}
-    try:
-        sae(x)
-        assert screen_calls == [] and sae.workspace["screen_paused_steps"] == 63
-        sae.workspace["screen_paused_steps"] = 0
-        sae(x)
-        assert len(screen_calls) == 1
-    finally:
-        sae.workspace = None
+    ws = {"screen": True, "screen_last_dense_fraction": 0.6}
+    cpu_backend.training_forward(sae, x, workspace=ws)
+    assert screen_calls == [] and ws["screen_paused_steps"] == 63
+    ws["screen_paused_steps"] = 0
+    cpu_backend.training_forward(sae, x, workspace=ws)
+    assert len(screen_calls) == 1
 
 
 @needs_vnni

@@ -51,7 +51,7 @@ def config_dict(sae: TopKSAE) -> dict:
     """Our cfg.json: every SAEConfig field plus sparsify's / SAeUron's field names, so their loaders work."""
     c = sae.cfg
     d = c.to_dict()
-    d.update(format="diffusion-sae", threshold=float(sae.threshold),
+    d.update(format="diffusion-sae",
              # sparsify SparseCoderConfig fields
              expansion_factor=max(c.num_latents // c.d_in, 1), normalize_decoder=True, multi_topk=False,
              skip_connection=False, transcode=False,
@@ -133,7 +133,6 @@ def _build(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, device="cpu") -> TopKSAE:
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec.contiguous())
         sae.b_dec.copy_(b_dec)
-        sae.threshold.fill_(cfg.threshold)
     return sae.to(device).eval()
 
 
@@ -389,7 +388,7 @@ def load_sae(path_or_repo_id, hookpoint: str | None = None, subfolder: str | Non
     if hookpoint is not None:
         if named is not None and named != hookpoint:
             raise SAEError(f"{folder}: the checkpoint was trained at hookpoint {named!r}, not {hookpoint!r}")
-        sae.cfg.hookpoint = hookpoint
+        sae.replace_cfg(hookpoint=hookpoint)
     if dtype is not None and sae.dtype != dtype:
         sae = sae.to(dtype)
     return sae

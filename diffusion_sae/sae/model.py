@@ -26,15 +26,14 @@ with plain per-token TopK(k), which is what SAeUron does.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import DiffusionSAEError
-from . import native
-from .kernels import sparse_decode, token_offsets, topk_encode, workspace_buffer
+from .kernels import sparse_decode, token_offsets, topk_encode
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -50,8 +49,11 @@ class SAEError(DiffusionSAEError, ValueError):
 TOKEN_NORMS = ("none", "standardize", "rescale_norm")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAEConfig:
+    """What an SAE is (cfg.json). Immutable: a change is a new config, `dataclasses.replace(cfg, ...)`
+    (`TopKSAE.replace_cfg`), so a config handed to several SAEs or kept by a caller never changes under them."""
+
     d_in: int
     num_latents: int
     k: int
@@ -65,6 +67,7 @@ class SAEConfig:
     token_norm: str = "none"
     # BatchTopK SAEs: width of the per-token selection at inference (None → min(4k, L)).
     inference_k: int | None = None
+    # The calibrated BatchTopK inference threshold (calibrate_threshold); its one home (TopKSAE.threshold reads it).
     threshold: float = 0.0
 
     def __post_init__(self):
@@ -105,6 +108,19 @@ class EncoderOutput(NamedTuple):
     top_indices: Tensor   # [..., w] latent ids
 
 
+class ForwardInputs(NamedTuple):
+    """A training / loss forward's inputs once normalised and its selection sizes fixed (`prepare_forward`):
+    shared by the torch path (`TopKSAE.forward`) and the trainer's compiled CPU path (native.training_forward)."""
+    xn: Tensor                  # [N, d] normalised input
+    stats: object               # normalisation statistics for `denormalize`
+    k: int                      # latents kept per token (the batch mean under BatchTopK training)
+    batch_mode: bool            # BatchTopK over the batch (training) instead of per token
+    dead_mask: Tensor | None    # AuxK's dead latents (None: no AuxK this step)
+    k_aux: int                  # AuxK's latents per token (0: none)
+    aux_scale: float            # min(#dead / k_aux, 1)
+    total_variance: Tensor      # the FVU denominator
+
+
 class ForwardOutput(NamedTuple):
     sae_out: Tensor         # [..., d] reconstruction in the input's units
     latent_acts: Tensor     # [..., k] per-token; flat [M] for a BatchTopK training batch
@@ -124,7 +140,8 @@ class TopKSAE(nn.Module):
     """TopK / BatchTopK sparse autoencoder (see the module docstring for the maths).
 
     W_enc [L, d], b_enc [L], W_dec [L, d] (row j = unit-norm direction of latent j), b_dec [d];
-    `threshold` is a buffer used by calibrated BatchTopK SAEs at inference.
+    `cfg.threshold` is the calibrated BatchTopK SAEs' inference threshold. The module holds no training
+    state: the trainer keeps its buffers and its CPU backend's policy (sae/native.py, sae/train.py).
     """
 
     def __init__(self, d_in: int | None = None, num_latents: int | None = None, k: int | None = None,
@@ -147,15 +164,21 @@ class TopKSAE(nn.Module):
         # Tied init: decoder row j = encoder row j, normalised (contiguous row-major: gathers are fast).
         self.W_dec = nn.Parameter((w / w.norm(dim=1, keepdim=True)).contiguous().to(device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
-        self.register_buffer("threshold", torch.tensor(float(cfg.threshold), device=device, dtype=dtype))
         # Optional per-latent statistics shipped with some foreign checkpoints (sdxl-unbox mean.pt/std.pt).
         self.latent_mean: Tensor | None = None
         self.latent_std: Tensor | None = None
-        # Set to a dict by the trainer while it fits: the training forward keeps its [N, L]
-        # pre-activation buffer there between steps (see kernels.TopKEncoder); None frees it.
-        self.workspace: dict | None = None
 
     # ------------------------------------------------------------------ basics
+    @property
+    def threshold(self) -> float:
+        """The calibrated BatchTopK inference threshold (0: not calibrated); stored in `cfg.threshold` only."""
+        return self.cfg.threshold
+
+    def replace_cfg(self, **changes) -> SAEConfig:
+        """Give the SAE a new config with these fields changed (the config itself is immutable)."""
+        self.cfg = replace(self.cfg, **changes)
+        return self.cfg
+
     @property
     def d_in(self) -> int:
         return self.cfg.d_in
@@ -226,7 +249,7 @@ class TopKSAE(nn.Module):
         vals, cols, _, _, _ = topk_encode(xn, self.W_enc, self.b_enc, w, shift=self.b_dec,
                                           compute_dtype=_autocast_dtype(xn))
         if self.cfg.batch_topk and self.cfg.threshold > 0:
-            vals = vals * (vals > self.threshold)
+            vals = vals * (vals > self.cfg.threshold)
         return EncoderOutput(vals, cols)
 
     def encode(self, x: Tensor) -> EncoderOutput:
@@ -291,20 +314,11 @@ class TopKSAE(nn.Module):
         return z.scatter_(-1, idx, acts)
 
     # ------------------------------------------------------------------ forward (training)
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                total_variance: Tensor | None = None) -> ForwardOutput:
-        """Encode, decode and compute the losses.
-
-        dead_mask [L] bool enables AuxK: the top-k_aux dead latents (k_aux default d_in/2, capped at the
-        number of dead latents) reconstruct the detached residual x_n − x̂_n without b_dec; the loss
-        is scaled by min(#dead / k_aux, 1) and normalised like the FVU (spec §7, corrected form).
-        total_variance overrides the FVU denominator (the trainer passes the global one under DDP).
-        """
-        xf = self._flat(x)
-        xn, stats = self.normalize(xf)
-        num_tokens = xn.shape[0]
+    def prepare_forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                        total_variance: Tensor | None = None) -> ForwardInputs:
+        """Normalise x and fix the selection sizes of a forward (see `forward` for the arguments)."""
+        xn, stats = self.normalize(self._flat(x))
         batch_mode = self.training and self.cfg.batch_topk
-
         ka, scale = 0, 1.0
         if dead_mask is not None:
             n_dead = int(dead_mask.sum())
@@ -316,103 +330,43 @@ class TopKSAE(nn.Module):
             else self.cfg.encode_width
         if total_variance is None:
             total_variance = (xn - xn.mean(0)).pow(2).sum()
-        if self._use_native(xn, batch_mode):
-            return self._forward_native(x, xn, stats, k, dead_mask if ka else None, ka, scale, total_variance)
+        return ForwardInputs(xn, stats, k, batch_mode, dead_mask if ka else None, ka, scale, total_variance)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                total_variance: Tensor | None = None, workspace: dict | None = None) -> ForwardOutput:
+        """Encode, decode and compute the losses.
+
+        dead_mask [L] bool enables AuxK: the top-k_aux dead latents (k_aux default d_in/2, capped at the
+        number of dead latents) reconstruct the detached residual x_n − x̂_n without b_dec; the loss
+        is scaled by min(#dead / k_aux, 1) and normalised like the FVU (spec §7, corrected form).
+        total_variance overrides the FVU denominator (the trainer passes the global one under DDP).
+        `workspace`: a caller's dict that keeps the [N, L] pre-activation buffer between calls
+        (kernels.TopKEncoder); the trainer's CPU forward is native.training_forward.
+        """
+        return self.forward_prepared(x, self.prepare_forward(x, dead_mask, k_aux, total_variance), workspace)
+
+    def forward_prepared(self, x: Tensor, p: ForwardInputs, workspace: dict | None = None) -> ForwardOutput:
+        """The torch path of `forward` (differentiable, any device and dtype)."""
+        xn, num_tokens = p.xn, p.xn.shape[0]
         vals, cols, rows, aux_vals, aux_cols = topk_encode(
-            xn, self.W_enc, self.b_enc, k, batch_mode, dead_mask if ka else None, ka, shift=self.b_dec,
-            compute_dtype=_autocast_dtype(xn), workspace=self.workspace)
-        if not batch_mode and self.cfg.batch_topk and self.cfg.threshold > 0:
-            vals = vals * (vals > self.threshold)
-        offsets = token_offsets(rows, num_tokens) if batch_mode else None
+            xn, self.W_enc, self.b_enc, p.k, p.batch_mode, p.dead_mask, p.k_aux, shift=self.b_dec,
+            compute_dtype=_autocast_dtype(xn), workspace=workspace)
+        if not p.batch_mode and self.cfg.batch_topk and self.cfg.threshold > 0:
+            vals = vals * (vals > self.cfg.threshold)
+        offsets = token_offsets(rows, num_tokens) if p.batch_mode else None
         recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
 
         resid = xn - recon
-        fvu = resid.pow(2).sum() / total_variance
-        if ka:
+        fvu = resid.pow(2).sum() / p.total_variance
+        if p.k_aux:
             aux_recon = sparse_decode(aux_vals, aux_cols, self.W_dec)
-            auxk = scale * (aux_recon - resid.detach()).pow(2).sum() / total_variance
+            auxk = p.aux_scale * (aux_recon - resid.detach()).pow(2).sum() / p.total_variance
         else:
             auxk = fvu.new_zeros(())
-        out = self.denormalize(recon, stats).reshape(x.shape).to(x.dtype)
+        out = self.denormalize(recon, p.stats).reshape(x.shape).to(x.dtype)
         lead = x.shape[:-1]
-        if batch_mode:
+        if p.batch_mode:
             return ForwardOutput(out, vals, cols, fvu, auxk, rows)
-        return ForwardOutput(out, vals.reshape(*lead, -1), cols.reshape(*lead, -1), fvu, auxk, None)
-
-    def _use_native(self, xn: Tensor, batch_mode: bool) -> bool:
-        """The compiled CPU path (native.py) is the trainer's: it runs while a trainer fits (`workspace`
-        set), for per-token TopK with fp32 weights and no input gradient. Other calls use the torch path,
-        whose reconstruction is differentiable."""
-        if self.workspace is None or batch_mode or (self.cfg.batch_topk and self.cfg.threshold > 0):
-            return False
-        if xn.requires_grad:
-            return False
-        if self.dtype != torch.float32 or xn.dtype != torch.float32:
-            return False
-        return native.usable(xn, self.W_enc, self.W_dec)
-
-    def _screen_candidates(self, k: int, dead_mask: Tensor | None) -> int:
-        """Candidates per token for the int8-screened selection (native.screened_topk), or 0 for the
-        dense product. The trainer asks for screening (`workspace["screen"]`); it pays off when the
-        2k candidates are few against L and the product is large (native.SCREEN_MIN_SIZE), while few
-        latents are dead (AuxK then needs the exact
-        product of the dead ones), and while few tokens fail its certificate."""
-        ws, L = self.workspace, self.cfg.num_latents
-        m = 2 * k
-        if not ws or not ws.get("screen") or 8 * m > L or self.cfg.d_in * L < native.SCREEN_MIN_SIZE:
-            return 0
-        if not native.screen_supported():
-            return 0
-        if dead_mask is not None and int(dead_mask.sum()) * 4 > L:
-            return 0
-        # Data the int8 product ranks poorly (its certificate sent over a quarter of a batch to the
-        # dense product) costs more screened than dense: pause screening, then try again.
-        if ws.pop("screen_last_dense_fraction", 0.0) > 0.25:
-            ws["screen_paused_steps"] = 64
-        if ws.get("screen_paused_steps", 0) > 0:
-            ws["screen_paused_steps"] -= 1
-            return 0
-        return m
-
-    def _forward_native(self, x, xn, stats, k, dead_mask, ka, scale, total_variance) -> ForwardOutput:
-        # Every per-step tensor lives in the trainer's workspace (kernels.workspace_buffer explains why).
-        ws = self.workspace
-        n, L = xn.shape[0], self.cfg.num_latents
-        cdt = _autocast_dtype(xn) or self.dtype
-        if cdt not in (torch.float32, torch.bfloat16):
-            cdt = torch.float32  # fp16 products on CPU are slow and not what the kernels read
-        native.recycle_grads(ws, W_enc=self.W_enc, W_dec=self.W_dec)
-        with torch.no_grad():
-            xs = torch.sub(xn, self.b_dec, out=workspace_buffer(ws, "xs", xn.shape))
-            xs_c = workspace_buffer(ws, "xs_c", xn.shape, cdt).copy_(xs) if cdt != torch.float32 else xs
-            b_enc, W_enc = self.b_enc.detach(), self.W_enc.detach()
-            m = self._screen_candidates(k, dead_mask)
-            if m:
-                # the screen makes the bf16 copy of W_enc (when it needs one) in its own pass over W_enc
-                vals, cols = native.screened_topk(xs, W_enc, b_enc, k, m, cdt, xs_c, ws)
-                if ka:
-                    # AuxK needs the exact pre-activations of the dead latents only (few, by _screen_candidates).
-                    dead = dead_mask.nonzero().squeeze(1)
-                    pre = torch.mm(xs_c, W_enc[dead].to(cdt).t(),
-                                   out=workspace_buffer(ws, "pre_dead", (n, dead.numel()), cdt))
-                    aux_vals, aux_c = native.topk_rows(pre, ka, bias=b_enc[dead])
-                    aux_cols = dead[aux_c]
-            else:
-                W_c = workspace_buffer(ws, "W_enc_c", W_enc.shape, cdt).copy_(W_enc) if cdt != torch.float32 else W_enc
-                # The bias is added inside the selection (in fp32): addmm would first broadcast it into
-                # the whole [N, L] buffer, a pass as long as the selection itself.
-                pre = torch.mm(xs_c, W_c.t(), out=workspace_buffer(ws, "pre", (n, L), cdt))
-                vals, cols = native.topk_rows(pre, k, bias=b_enc)
-                if ka:
-                    aux_vals, aux_cols = native.topk_rows(pre, ka, dead_mask, bias=b_enc)
-            if not ka:
-                aux_vals, aux_cols = vals.new_empty(n, 0), cols.new_empty(n, 0)
-        recon, fvu, auxk = native.FusedDecodeLoss.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xn, xs,
-                                                        vals, cols, aux_vals, aux_cols,
-                                                        total_variance.detach().float(), scale, ws,
-                                                        xs_c if cdt == torch.bfloat16 else None)
-        out = self.denormalize(recon, stats).reshape(x.shape).to(x.dtype)
-        lead = x.shape[:-1]
         return ForwardOutput(out, vals.reshape(*lead, -1), cols.reshape(*lead, -1), fvu, auxk, None)
 
     # ------------------------------------------------------------------ decoder constraint
@@ -426,8 +380,6 @@ class TopKSAE(nn.Module):
         """g_j ← g_j − (g_j·w_j) w_j: the step cannot change a decoder row's norm to first order."""
         if self.W_dec.grad is None:
             return
-        if self.workspace is not None and self.workspace.pop("decoder_grad_projected", False):
-            return  # the fused backward (native.FusedDecodeLoss) already did it, row by row
         # vecdot + addcmul_: no [L, d] temporaries (at L = 12288 they cost more than the arithmetic)
         parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)
         self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
@@ -462,9 +414,7 @@ class TopKSAE(nn.Module):
         thr = float(vals.reshape(-1).topk(m, sorted=False).values.min())
         # Ties at the threshold are dropped by the strict ">" rule; a tiny floor keeps zero activations out.
         thr = max(thr, 1e-12)
-        self.cfg.inference_k = w
-        self.cfg.threshold = thr
-        self.threshold.fill_(thr)
+        self.replace_cfg(inference_k=w, threshold=thr)
         return thr
 
     # ------------------------------------------------------------------ checkpoints

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import metrics
+from . import cpu_backend, metrics
 from .kernels import workspace_buffer
 from .model import SAEConfig, SAEError, TopKSAE
 
@@ -181,6 +181,7 @@ class SAETrainer:
     def __init__(self, sae_or_cfg: TopKSAE | SAEConfig, cfg: TrainConfig | None = None, run_dir=None):
         _maybe_init_distributed()
         self.cfg = cfg or TrainConfig()
+        self.workspace: dict | None = None   # the CPU backend's buffers while `fit` runs (cpu_backend.py)
         self.world, self.rank = _dist_info()
         self.device = _resolve_device(self.cfg.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -290,7 +291,7 @@ class SAETrainer:
         x = _all_gather_cat(x_local)
         sae = self.sae
         if sae.cfg.normalize_input:
-            sae.cfg.input_scale = float(math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(1).mean().clamp_min(1e-300)))
+            sae.replace_cfg(input_scale=float(math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(1).mean().clamp_min(1e-300))))
         xn, _ = sae.normalize(x)
         center = geometric_median(xn) if self.cfg.b_dec_init == "geometric_median" else xn.mean(0)
         if not bool(torch.isfinite(center).all()):
@@ -320,7 +321,7 @@ class SAETrainer:
         _all_reduce_sum_(stats)
         mean = (stats[1:] / stats[0]).to(xd.dtype)
         # a reused [N, d] buffer while fitting: no page faults per step (kernels.workspace_buffer)
-        centred = torch.sub(xd, mean, out=workspace_buffer(self.sae.workspace, "centred", xd.shape, xd.dtype, xd.device))
+        centred = torch.sub(xd, mean, out=workspace_buffer(self.workspace, "centred", xd.shape, xd.dtype, xd.device))
         tv = torch.linalg.vector_norm(centred).double().pow(2)
         return _all_reduce_sum_(tv).to(xn.dtype)
 
@@ -372,7 +373,7 @@ class SAETrainer:
                   "counts": torch.zeros(L, dtype=torch.long, device=self.device)}
         t0, start_step = time.perf_counter(), self.step
         sae.train()
-        sae.workspace = {"screen": c.int8_screen}
+        self.workspace = cpu_backend.new_workspace(c.int8_screen)
         try:
             for i, gbatch in enumerate(rebatch(batches, c.batch_size, self.world)):
                 if gbatch.shape[-1] != d:
@@ -405,7 +406,7 @@ class SAETrainer:
                                "values underflow float32): there is nothing for an SAE to learn; check the data")
                 try:
                     with self._autocast():
-                        out = sae(x, dead_mask=dead, k_aux=k_aux, total_variance=tv)
+                        out = cpu_backend.training_forward(sae, x, dead, k_aux, tv, self.workspace)
                 except SAEError as e:  # the compiled kernels refuse NaN pre-activations
                     self._fail(str(e))
                 loss = out.fvu + c.auxk_alpha * out.auxk_loss
@@ -422,7 +423,7 @@ class SAETrainer:
                     for g in grads:
                         g.copy_(flat[off:off + g.numel()].view_as(g))
                         off += g.numel()
-                sae.remove_gradient_parallel_to_decoder_directions()
+                cpu_backend.project_decoder_grad(sae, self.workspace)
                 if c.grad_clip:
                     # clip_grad_norm_'s rule: scale by max/(norm + 1e-6) when that is < 1.
                     # On CPU (no device sync to avoid) the multiply pass is skipped when nothing is clipped.
@@ -475,7 +476,7 @@ class SAETrainer:
                 except (SAEError, OSError, RuntimeError) as e:
                     self._rescue(e)
         finally:
-            sae.workspace = None
+            self.workspace = None
             if bar is not None:
                 bar.stop()
             if writer is not None:
@@ -509,10 +510,9 @@ class SAETrainer:
                "dead_fraction": metrics.dead_fraction(self.tokens_since_fired, self.cfg.dead_tokens_threshold),
                "fired_in_window_fraction": float((freq > 0).float().mean()),
                "tokens_per_s": (self.step - start_step) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)}
-        ws = self.sae.workspace or {}
-        if ws.get("screen_tokens"):  # int8-screened selection: share of tokens its certificate sent to the dense product
-            rec["screen_dense_fraction"] = ws["screen_dense_tokens"] / ws["screen_tokens"]
-            ws["screen_tokens"] = ws["screen_dense_tokens"] = 0
+        frac = cpu_backend.pop_screen_stats(self.workspace)
+        if frac is not None:  # int8-screened selection: share of tokens its certificate sent to the dense product
+            rec["screen_dense_fraction"] = frac
         self.history.append(rec)
         self.last_firing_frequency = freq.cpu()
         window.update(fvu=0.0, auxk=0.0, l0=0.0, n=0, tokens=0)
