@@ -546,3 +546,31 @@ def test_saeuron_faithful_encodes_per_token_topk_even_for_batch_topk_sae():
     thr_acts, _ = sae.encode(x)
     assert thr_acts.shape[-1] == 16           # inference_k = 4k latents, thresholded
     assert not torch.equal((thr_acts > 0).sum(-1), torch.full((32,), 4))   # the threshold's L0 varies
+
+
+def test_family_gate_scales_s_per_prompt(pipes):
+    """FamilyGate: the concept named -> steered; only a rival named -> exactly plain; none of the family
+    named -> steered at the implicit fraction (0: plain, 1: as ungated)."""
+    from diffusion_sae.interventions.steer import family_gate
+
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    st = concept_steering(sae, pipe, name, "a cat", -2.0)
+    plain = {p: _gen(pipe, p) for p in ("a photo of a cat", "a photo of a dog", "a photo of a car")}
+
+    def under(implicit, prompt):
+        gated = st.scaled(1.0)
+        gated.rows = family_gate(pipe, name, ["cat"], ["dog"], implicit)
+        with steer_text_encoder(pipe, gated):
+            return _gen(pipe, prompt)
+
+    assert (under(0.0, "a photo of a cat") - plain["a photo of a cat"]).abs().max() > 1e-3
+    assert torch.equal(under(1.0, "a photo of a dog"), plain["a photo of a dog"])
+    assert torch.equal(under(0.0, "a photo of a car"), plain["a photo of a car"])
+    with steer_text_encoder(pipe, st):
+        ungated_car = _gen(pipe, "a photo of a car")
+    assert (under(1.0, "a photo of a car") - ungated_car).abs().max() < 1e-5
+    half = under(0.5, "a photo of a car")
+    assert 1e-4 < (half - plain["a photo of a car"]).abs().max()
+    assert _no_hooks(pipe)

@@ -65,15 +65,19 @@ class Steering:
     meta: dict = field(default_factory=dict)
     # gate: steer only the prompts containing these token ids (None: every prompt, the paper)
     gate: list[int] | None = None
+    # rows (ours): a per-prompt scale of S read from the prompt's token ids, e.g. `FamilyGate` (1 where the
+    # concept is named, 0 where a rival is, a fraction where none of its family is); the negative branch
+    # reuses the prompt's scales. Exclusive with `gate`.
+    rows: object = None
 
     def scaled(self, factor: float) -> "Steering":
         return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta),
-                        self.gate)
+                        self.gate, self.rows)
 
     def __add__(self, other: "Steering") -> "Steering":
         if other.hookpoints != self.hookpoints:
             raise SteeringError(f"cannot add steerings at {self.hookpoints} and {other.hookpoints}")
-        if self.gate != other.gate:
+        if self.gate != other.gate or self.rows is not other.rows:
             raise SteeringError("steerings with different gates cannot be summed: pass them as a list")
         return Steering(self.hookpoints, self.matrix + other.matrix, self.widths,
                         f"{self.label}+{other.label}", {})
@@ -148,6 +152,41 @@ def _gate_tokens(pipe, hps, text: str) -> list[int]:
     if not toks:
         raise SteeringError(f"gate text {text!r} has no tokens of its own")
     return toks
+
+
+def _contains(row: list[int], seq: tuple) -> bool:
+    n = len(seq)
+    return any(tuple(row[i:i + n]) == seq for i in range(len(row) - n + 1))
+
+
+class FamilyGate:
+    """Per-prompt scale of a removal S from the prompt's tokens (ours): 1 where the concept is named, 0
+    where only a rival of its family is named (the user asked for something else: leave it alone), and
+    `implicit` where none of the family is named — the model then picks one of them itself, the concept
+    among them, so S acts at that fraction (0 gives the plain token gate, 1 the paper on such prompts)."""
+
+    def __init__(self, target: list[tuple], rivals: list[tuple], implicit: float):
+        self.target, self.rivals, self.implicit = target, rivals, float(implicit)
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        out = []
+        for r in tok.tolist():
+            if any(_contains(r, t) for t in self.target):
+                out.append(1.0)
+            elif any(_contains(r, t) for t in self.rivals):
+                out.append(0.0)
+            else:
+                out.append(self.implicit)
+        return torch.tensor(out)
+
+
+def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], rival_words: list[str],
+                implicit: float) -> FamilyGate:
+    """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them)."""
+    hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
+    implicit = _check_strength(implicit)
+    return FamilyGate([tuple(_gate_tokens(pipe, hps, w)) for w in concept_words],
+                      [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words], implicit)
 
 
 def layer_activations(pipe, hookpoint: str | list[str], prompts: list[str]) -> torch.Tensor:
@@ -273,7 +312,7 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     Gated steerings add S only to the batch rows whose token ids contain the gate; the rows picked
     on the prompt call (+S) are reused for the negative call (−S), expanded to its batch.
     """
-    terms: dict[str, list[tuple[torch.Tensor, tuple | None]]] = {}
+    terms: dict[str, list[tuple]] = {}
     hookpoints, components = {}, {}
     for st in steerings:
         hps = _text_hookpoints(pipe, st.hookpoints)
@@ -283,7 +322,8 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
                                 f"at {st.hookpoints}")
         off = 0
         for hp, w in zip(hps, widths):
-            terms.setdefault(hp.name, []).append((st.matrix[..., off:off + w], tuple(st.gate) if st.gate else None))
+            gate = tuple(st.gate) if st.gate else st.rows
+            terms.setdefault(hp.name, []).append((st.matrix[..., off:off + w], gate))
             hookpoints[hp.name] = dataclasses.replace(hp, read="output")   # S is added to the layer's output
             components[hp.name] = hp.component
             off += w
@@ -298,8 +338,11 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
         tok = ids.get(components[name])
         if tok is None or tok.shape[0] != batch:
             raise SteeringError(f"a gated steering could not read the token ids of {components[name]}")
-        n = len(gate)
-        m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
+        if isinstance(gate, tuple):
+            n = len(gate)
+            m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
+        else:
+            m = gate(tok).flatten()
         if sign > 0:
             masks[key] = m
         return m

@@ -121,3 +121,32 @@ def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=(
         return build
 
     return {saeuron_name(p): {k: for_kind(k, p) for k in kinds if k in blocks_by_kind} for p in settings}
+
+
+
+def family_steering(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float):
+    """Contrastive removal S scaled per prompt by a `FamilyGate`: full where the concept is named, none
+    where a rival of its kind is, `implicit`·S where the kind is left out (canonical words only: built
+    from the tuning split's names, so held-out names count as "none named")."""
+    from ..eval.shapes import steering_unit
+    from ..interventions.steer import family_gate
+    from .bundle import KINDS, TEXT_HOOKPOINT
+
+    st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True, gate=False)
+    st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept], implicit)
+    st.meta["family_gate"] = {"implicit": implicit}
+    return st
+
+
+def family_candidates(pipe, text_sae, settings: list[tuple[float, float]], kinds=("style", "object", "colour")) -> dict:
+    """Concept Steerers with a FamilyGate at each (λ, implicit fraction)."""
+    from ..interventions.steer import steer_text_encoder
+
+    def for_kind(kind, lam, imp):
+        def build(concept):
+            st = family_steering(text_sae, pipe, kind, concept, lam, imp)
+            return lambda: steer_text_encoder(pipe, st)
+        return build
+
+    return {f"CS family gate λ={lam:g} implicit×{imp:g}": {k: for_kind(k, lam, imp) for k in kinds}
+            for lam, imp in settings}
