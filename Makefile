@@ -30,6 +30,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	# The public API as users call it (tests/typing/public_api.py), type-checked ([tool.mypy] in pyproject.toml).
+	$(BIN)/python -m mypy --config-file pyproject.toml tests/typing/public_api.py
 	$(BIN)/python -m pytest -q
 
 # Rebuild every shipped ShapesCanvas asset from nothing (hours of CPU; resumable: rerun after a kill),

@@ -12,6 +12,7 @@ neither torch nor diffusers, and each name imports only the module it lives in.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,39 @@ _EXPORTS = {
     "SHAPESCANVAS_COLOURS": "diffusion_sae.world.config:COLOUR_NAMES",
     "DiffusionSAEError": "diffusion_sae.errors:DiffusionSAEError",
 }
+
+if TYPE_CHECKING:
+    # The same names for static checkers and IDEs (mypy, pyright): at run time they resolve lazily through
+    # `__getattr__` below. tests/test_typing.py checks that this block and _EXPORTS agree.
+    from .sae.io import load_sae as load_sae
+    from .sae.model import TopKSAE as TopKSAE
+    from .activations.collect import collect as collect
+    from .activations.collect import CollectConfig as CollectConfig
+    from .sae.train import SAETrainer as Trainer  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .sae.train import TrainConfig as TrainConfig
+    from .concepts.dictionary import build_concept_dictionary as build_concept_dictionary
+    from .concepts.dictionary import ConceptDictionary as ConceptDictionary
+    from .interventions.api import ConceptSteering as ConceptSteering
+    from .interventions.api import SAeUron as SAeUron
+    from .interventions.scale import FeatureScaling as FeatureScaling
+    from .interventions.scale import FeatureScalingConfig as FeatureScalingConfig
+    from .configs import SteeringConfig as SteeringConfig
+    from .configs import SAeUronConfig as SAeUronConfig
+    from .interventions.api import apply as apply
+    from .interventions.api import remove as remove
+    from .interventions.api import intervene as intervene
+    from .interventions.api import applied as applied
+    from .interventions.registry import register_intervention as register_intervention
+    from .interventions.registry import build_intervention as build_intervention
+    from .interventions.registry import intervention_names as intervention_names
+    from .eval.shapes import run_shapes_benchmark as evaluate  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.assets import load_pipeline as load_shapescanvas  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.assets import load_classifier as load_shapescanvas_classifier  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.assets import sae_dir as shapescanvas_sae_dir  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.config import STYLES as SHAPESCANVAS_STYLES  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.config import OBJECTS as SHAPESCANVAS_OBJECTS  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .world.config import COLOUR_NAMES as SHAPESCANVAS_COLOURS  # noqa: F401 (re-exported: __all__ is built from _EXPORTS)
+    from .errors import DiffusionSAEError as DiffusionSAEError
 
 __all__ = sorted(_EXPORTS)
 

@@ -84,12 +84,12 @@ class SteeringConfig(Config):
 
     kind: ClassVar[str] = "steering"
 
-    concept: tuple[str, ...]                 # one prompt, or several whose matrices are averaged
+    concept: str | tuple[str, ...]           # one prompt, or several whose matrices are averaged (kept as a tuple)
     strength: float = -1.0                   # λ: < 0 removes the concept, > 0 adds it
     hookpoint: str | None = None             # None: the SAE's own cfg.hookpoint
-    baseline: tuple[str, ...] | None = None  # prompts whose matrix is subtracted ("" : the empty prompt)
+    baseline: str | tuple[str, ...] | None = None  # prompts whose matrix is subtracted ("" : the empty prompt)
     gate: str | None = None                  # steer only prompts containing these tokens (ours)
-    keep: tuple[str, ...] = ()               # concepts projected out of S row by row (ours)
+    keep: str | tuple[str, ...] = ()         # concepts projected out of S row by row (ours)
     negative_steering: bool = True           # subtract S from the negative prompt's encoding
     faithful: bool = False                   # the official call-counting hooks instead of two explicit calls
 
@@ -110,7 +110,7 @@ class SAeUronConfig(Config):
 
     kind: ClassVar[str] = "saeuron"
 
-    concepts: tuple[str, ...]
+    concepts: str | tuple[str, ...]                       # one concept or several (kept as a tuple)
     multiplier: float = -1.0                              # γ (ablate) or α (add)
     percentile: float | None = None
     top_n: int | None = None                              # None with no percentile: 1 feature per step

@@ -137,6 +137,9 @@ def parse_value(text: str, hint) -> Any:
         return None
     hint = _strip_optional(hint)
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):   # e.g. str | tuple[str, ...]: the richest member decides
+        members = {typing.get_origin(a) for a in typing.get_args(hint)}
+        origin = dict if dict in members else tuple if tuple in members else None
     try:
         value = json.loads(text)
         if not isinstance(value, str):
