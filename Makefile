@@ -36,13 +36,16 @@ test: $(STAMP)
 
 # Rebuild every shipped ShapesCanvas asset from nothing (hours of CPU; resumable: rerun after a kill),
 # then copy it over diffusion_sae/world/assets/ (a developer step: the library never writes there).
-# WORLD_FLAGS="--init-from diffusion_sae/world/assets/shapescanvas --unet-steps 4000" fine-tunes instead.
+# The shipped v2 was fine-tuned from the v1 pipeline (git history, before world v2 landed):
+# WORLD_FLAGS="--init-from <v1 pipeline> --unet-steps 1500 --keep-classifier <v1 classifier>".
 WORLD_OUT   ?= build/world
 WORLD_FLAGS ?= --unet-steps 8000
 world: $(STAMP)
 	$(BIN)/diffusion-sae world rebuild --out $(WORLD_OUT) $(WORLD_FLAGS)
 	rm -rf diffusion_sae/world/assets/shapescanvas diffusion_sae/world/assets/classifier
 	cp -r $(WORLD_OUT)/shapescanvas $(WORLD_OUT)/classifier diffusion_sae/world/assets/
+	# every SAE folder is replaced (the presets file, params.json, stays: `tune` makes it)
+	find diffusion_sae/world/assets/saes -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 	cp -r $(WORLD_OUT)/saes/. diffusion_sae/world/assets/saes/
 	cp $(WORLD_OUT)/rebuild.json $(WORLD_OUT)/world-eval.json diffusion_sae/world/assets/
 

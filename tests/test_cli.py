@@ -139,6 +139,25 @@ def test_tune_both_methods_small(tmp_path):
     assert len(per) == 3 and all("λ=-1:" in ln or "λ=-0.5:" in ln for ln in per)
 
 
+def test_tune_robust_presets_small(tmp_path):
+    """robust-steer / robust-saeuron score candidates on named, implicit and rest prompts of the tuning split
+    and write the kind's winner, from the swept values, into the preset."""
+    r = run("tune", "--method", "robust-steer", "--kind", "colour", "--implicit", "0,2")
+    assert isinstance(r.exception, UserError) and "--implicit" in str(r.exception)
+    r = run("tune", "--method", "robust-saeuron", "--kind", "colour")
+    assert isinstance(r.exception, UserError) and "colour" in str(r.exception)
+    out = ok("tune", "--method", "robust-steer", "--kind", "colour", "--strengths=-1", "--implicit", "0,0.5",
+             "--concepts-per-kind", 1, "--out", tmp_path / "p.json")
+    assert "winner (colour)" in out
+    steer = json.loads((tmp_path / "p.json").read_text())["steer"]
+    assert steer["colour"] == -1.0 and steer["family"]["colour"] in (0.0, 0.5)
+    out = ok("tune", "--method", "robust-saeuron", "--kind", "style", "--top-n", "16", "--gammas=-1", "--min-fires", "3",
+             "--blocks", "unet.up_blocks.1.attentions.0", "--concepts-per-kind", 1, "--out", tmp_path / "q.json")
+    sa = json.loads((tmp_path / "q.json").read_text())["saeuron"]
+    assert sa["striped"] == {"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 16, "multiplier": -1.0,
+                             "scaling": "latent", "selection": "specific", "min_fire": 3}
+
+
 def test_tune_never_writes_into_the_package(tmp_path):
     from diffusion_sae.world import assets
 

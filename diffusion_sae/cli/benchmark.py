@@ -100,7 +100,8 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
     typer.echo(f"{res['images_generated']} images in {res['wall_seconds']:.0f} s; report: {paths['md']}")
 
 
-def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept top-n and γ), steer (removal λ per kind) or steer-add (λ > 0 adding a style)."),
+def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept top-n and γ), steer (removal λ per kind), steer-add (λ > 0 adding a style), "
+                                        "robust-steer / robust-saeuron (the shipped presets: one score over named, implicit and rest prompts)."),
              kind: str = typer.Option("style", help="style, object or colour."),
              concept: Optional[list[str]] = typer.Option(None, help="Concepts to tune (default: all of the kind)."),
              search: str = typer.Option("halving", help="saeuron: grid (official, (UA+IRA)/2) or halving (mean of UA, IRA, CRA)."),
@@ -115,18 +116,25 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
              contrast: Optional[bool] = typer.Option(None, help="steer (gated): build each steering from matched example prompts, the concept against its rivals (ours; the kind is listed under \"contrast\" in params.json); default: as params.json says."),
+             implicit: str = typer.Option("0,0.1,0.25", help="robust-steer: fractions of S on prompts that name no concept of the kind."),
+             concepts_per_kind: int = typer.Option(2, help="robust-*: concepts of the kind scored (the first N)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              out: Optional[Path] = typer.Option(None, "--out", help="Write the shipped params updated with the winners "
                                                 "to this JSON file (a preset; never the package's own params.json). "
                                                 "Without it the winners are only printed.")):
     """Pick intervention strengths on the tuning split (seeds 500-999, canonical names; evaluation never uses them)."""
     from ..world import assets, bundle
-    from ..world.tuning import TuneOptionError, steer_variant, tune_saeuron_params, tune_steer_add_params, tune_steer_params
+    from ..world.tuning import (TuneOptionError, steer_variant, tune_robust_params, tune_saeuron_params,
+                                tune_steer_add_params, tune_steer_params)
 
     if kind not in bundle.KINDS:
         fail(f"--kind must be one of {', '.join(bundle.KINDS)}, not {kind!r}")
-    if method not in ("saeuron", "steer", "steer-add"):
-        fail(f"--method must be saeuron, steer or steer-add, not {method!r}")
+    if method not in ("saeuron", "steer", "steer-add", "robust-steer", "robust-saeuron"):
+        fail(f"--method must be saeuron, steer, steer-add, robust-steer or robust-saeuron, not {method!r}")
+    if method == "robust-saeuron" and kind == "colour":
+        fail("--kind colour: SAeUron presets cover style and object (its dictionaries' benchmark kinds)")
+    if method.startswith("robust") and concepts_per_kind < 1:
+        fail(f"--concepts-per-kind must be >= 1, got {concepts_per_kind}")
     if out is not None:
         # checked before hours of tuning, not after
         target = out.resolve()
@@ -137,7 +145,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
             fail(f"--out {out}: folder {target.parent} does not exist or is not writable")
     params = bundle.load_params()
-    if method == "saeuron":
+    if method in ("saeuron", "robust-saeuron"):
         if search not in ("grid", "halving"):
             fail(f"--search must be grid or halving, not {search!r}")
         sets = [tuple(x.strip() for x in bs.split("+") if x.strip()) for bs in blocks.split(";") if bs.strip()]
@@ -152,6 +160,10 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             fail(f"--selections must list 'paper' and/or 'specific', not {selections!r}")
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
+    elif method == "robust-steer":
+        lams, imps = parse_strengths(strengths), parse_strengths(implicit, "--implicit")
+        if any(not 0 <= x <= 1 for x in imps):
+            fail(f"--implicit fractions must lie in [0, 1], got {implicit!r}")
     elif method == "steer":
         lams = parse_strengths(strengths)
         try:
@@ -164,7 +176,14 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
     with progress_bar() as p:
         task = p.add_task(f"tune {method} {kind}", total=None, info="images")
         prog = lambda n: p.advance(task, n)  # noqa: E731
-        if method == "saeuron":
+        if method == "robust-steer":
+            lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
+                                       strengths=lams, implicit=imps, progress=prog)
+        elif method == "robust-saeuron":
+            lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
+                                       top_n=grid["top_n"], gammas=grid["gammas"], min_fires=grid["min_fires"],
+                                       block_sets=sets, progress=prog)
+        elif method == "saeuron":
             lines = tune_saeuron_params(pipe, clf, params, kind, concepts=concept, search=search, images=images,
                                         scalings=scs, selections=sels, block_sets=sets, progress=prog, **grid)
         elif method == "steer":

@@ -398,6 +398,16 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
     prompt steered with the concept's word alone, as in the paper (paper=True, with its own λ)."""
     if paper:
         return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"))
+    family = cs_params.get("family", {})
+    if kind in family:
+        # the shipped removal (v2): contrastive S, per prompt 1 / 0 / family[kind] by what the prompt names
+        from ..interventions.steer import family_gate
+        from ..world.bundle import TEXT_HOOKPOINT
+
+        st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True)
+        st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept],
+                              float(family[kind]))
+        return st
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))

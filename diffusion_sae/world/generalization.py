@@ -331,10 +331,12 @@ def default_methods(pipe, text_sae, blocks: dict, params: dict) -> dict:
     cs = params.get("steer", {})
     sa = params.get("saeuron", {})
 
-    def steer(paper: bool):
+    def steer(paper: bool, table=None):
+        table = cs if table is None else table
+
         def for_kind(kind):
             def build(concept):
-                st = removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept, paper), cs, paper)
+                st = removal_steering(text_sae, pipe, kind, concept, steer_strength(table, kind, concept, paper), table, paper)
                 return lambda: steer_text_encoder(pipe, st)
             return build
         return for_kind
@@ -350,6 +352,11 @@ def default_methods(pipe, text_sae, blocks: dict, params: dict) -> dict:
         return build
 
     out = {"Concept Steerers (shipped)": {k: steer(False)(k) for k in KINDS}}
+    if cs.get("family"):
+        # the token-match gate alone, as an explicit option: a prompt filter (no S without the word)
+        token_gate = {k: v for k, v in cs.items() if k != "family"}
+        token_gate.update(gate=True, contrast=list(KINDS))
+        out["Concept Steerers (token gate: prompt filter)"] = {k: steer(False, token_gate)(k) for k in KINDS}
     if cs.get("paper"):
         out["Concept Steerers (paper: ungated, paper λ)"] = {k: steer(True)(k) for k in KINDS}
     out["SAeUron (shipped)"] = {k: saeuron(k, False) for k in ("style", "object") if k in blocks}

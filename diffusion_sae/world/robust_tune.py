@@ -64,9 +64,20 @@ class TuneResult:
     best: str
     scores: dict = field(default_factory=dict)   # candidate -> (violation, damage)
     rows: dict = field(default_factory=dict)     # candidate -> concept rows (tuning split)
+    paired: bool = True
 
     def table(self) -> list[tuple[str, float, float]]:
         return sorted(((n, *s) for n, s in self.scores.items()), key=lambda x: (x[1], x[2]))
+
+    def best_per_kind(self) -> dict[str, tuple[str, float, float]]:
+        """{kind: (candidate, violation, damage)}: presets are per kind, so each kind gets its own winner."""
+        out: dict = {}
+        for name, rows in self.rows.items():
+            for kind in {r["kind"] for r in rows}:
+                v, d = method_score([r for r in rows if r["kind"] == kind], self.paired)
+                if kind not in out or (v, d) < out[kind][1:]:
+                    out[kind] = (name, v, d)
+        return out
 
 
 def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: bool = True,
@@ -79,7 +90,7 @@ def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: 
     res = run_generalization(pipe, classifier, candidates, tcfg, progress=progress)
     scores = {n: method_score(r, paired) for n, r in res["rows"].items()}
     best = min(scores, key=lambda n: scores[n])
-    return TuneResult(best, scores, res["rows"])
+    return TuneResult(best, scores, res["rows"], paired)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,3 +111,41 @@ def tune_steer_add_params(pipe, clf, params: dict, strengths: list[float], progr
     params["steer"]["add_style"] = min(good) if good else max(res, key=lambda k: res[k]["found"] + res[k]["kept"])
     lines.append(f"picked λ={params['steer']['add_style']:g} for adding a style")
     return lines
+
+
+def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, concepts_per_kind: int,
+                       strengths: list[float] = (), implicit: list[float] = (), top_n: list[int] = (),
+                       gammas: list[float] = (), min_fires: list[int] = (),
+                       block_sets: list[tuple[str, ...]] = (), progress: Advance = None) -> list[str]:
+    """The generalization score (world/robust_tune.py) over named, implicit and rest prompts of the tuning
+    split, one winner for the kind: robust-steer picks (λ, implicit fraction) of the FamilyGate removal
+    into params["steer"] ({kind: λ, "family": {kind: fraction}}); robust-saeuron picks (blocks, top-n, γ,
+    evidence gate) of the block-output edit with "specific" selection for every concept of the kind."""
+    import itertools
+
+    from . import bundle, robust_tune
+    from .generalization import GeneralizationConfig
+
+    cfg = GeneralizationConfig(concepts_per_kind=concepts_per_kind, kinds=(kind,))
+    if method == "robust-steer":
+        text_sae = bundle.load_text_sae()
+        cands = robust_tune.family_candidates(pipe, text_sae, list(itertools.product(strengths, implicit)), kinds=(kind,))
+        keys = dict(zip(cands, itertools.product(strengths, implicit)))
+        res = robust_tune.tune(pipe, clf, cands, cfg, paired=False, progress=progress)
+        lam, imp = keys[res.best]
+        params["steer"][kind] = lam
+        params["steer"].setdefault("family", {})[kind] = imp
+        params["steer"].get("concepts", {}).pop(kind, None)
+    elif method == "robust-saeuron":
+        names = sorted({b for bs in block_sets for b in bs})
+        blocks = {kind: bundle.load_blocks(kind, names)}
+        settings = [{"blocks": list(b), "top_n": n, "multiplier": g, "scaling": "latent", "selection": "specific",
+                     "min_fire": mf} for b, n, g, mf in itertools.product(block_sets, top_n, gammas, min_fires)]
+        cands = robust_tune.saeuron_candidates(pipe, blocks, settings, kinds=(kind,))
+        keys = dict(zip(cands, settings))
+        res = robust_tune.tune(pipe, clf, cands, cfg, paired=True, progress=progress)
+        for c in bundle.KINDS[kind]:
+            params["saeuron"][c] = dict(keys[res.best])
+    else:
+        raise TuneOptionError(f"method must be robust-steer or robust-saeuron, not {method!r}")
+    return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + [f"winner ({kind}): {res.best}"]
