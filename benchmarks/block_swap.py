@@ -13,7 +13,7 @@ import sys
 import torch
 
 from diffusion_sae.world.assets import load_classifier, load_pipeline
-from diffusion_sae.world.config import COLOUR_NAMES, OBJECTS, STYLES, eval_prompt
+from diffusion_sae.world.config import COLOUR_NAMES, GUIDANCE, OBJECTS, STYLES, eval_prompt
 
 
 def main(kind: str = "style") -> None:
@@ -58,7 +58,7 @@ def main(kind: str = "style") -> None:
             active.update(names)
             gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
             with torch.no_grad():
-                img = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, output_type="pt").images
+                img = pipe(prompts, num_inference_steps=25, guidance_scale=GUIDANCE, generator=gens, output_type="pt").images
             pred = clf.predict(img)
             moved = (pred[kind] == torch.tensor(target)).float().mean().item()
             kept = (pred[other_kind] == torch.tensor(objects)).float().mean().item()

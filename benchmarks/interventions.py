@@ -32,7 +32,7 @@ def bundled(repeats: int) -> None:
                "an orange arrow in solid style"]
 
     def gen():
-        return pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
+        return pipe(prompts, num_inference_steps=25, guidance_scale=bundle.GUIDANCE,
                     generator=[torch.Generator().manual_seed(i) for i in range(4)], output_type="pt")
 
     params = bundle.load_params()

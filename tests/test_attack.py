@@ -94,7 +94,7 @@ def test_injection_with_the_placeholder_embedding_is_the_text_prompt(pipe, targe
     att = PromptAttack(pipe, PROMPT, targets, _small())
     same = att.W[[att.marker] * 5].float()
     got = att.generate(same, None, seeds=[0, 1])
-    want = pipe([att.adv_text] * 2, num_inference_steps=25, guidance_scale=5.0, output_type="pt",
+    want = pipe([att.adv_text] * 2, num_inference_steps=25, guidance_scale=att.cfg.guidance, output_type="pt",
                 generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images.float()
     torch.testing.assert_close(got, want)
     assert not torch.allclose(att.generate(same * 3, None, seeds=[0, 1]), want)

@@ -7,6 +7,7 @@ image is generated (or after at most one 1-step image), so the module stays fast
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -83,6 +84,12 @@ def inputs(tmp_path_factory):
     t["means"] = t["means"].clone()
     t["means"].view(-1)[0] = float("nan")
     save_file(t, str(d / "dict_nan" / "concept_dictionary_style.safetensors"))
+    # a dictionary written whole with NaN in it (its JSON records the new file's hash), not a torn pair
+    meta_path = d / "dict_nan" / "concept_dictionary_style.json"
+    meta = json.loads(meta_path.read_text())
+    if "tensors_sha256" in meta:
+        meta["tensors_sha256"] = hashlib.sha256((d / "dict_nan" / "concept_dictionary_style.safetensors").read_bytes()).hexdigest()
+        meta_path.write_text(json.dumps(meta))
     return d
 
 

@@ -133,7 +133,9 @@ def test_tune_both_methods_small(tmp_path):
              "--per-concept", "--out", tmp_path / "preset.json")
     assert "picked" in out
     preset = json.loads((tmp_path / "preset.json").read_text())
-    assert set(preset["steer"]["concepts"]["colour"].values()) <= {-1.0, -0.5}
+    # the gated sweep's table: params' own when they gate on the word, else beside it (v2 presets use a FamilyGate)
+    table = preset["steer"] if preset["steer"].get("gate") else preset["steer"]["paper"]
+    assert set(table["concepts"]["colour"].values()) <= {-1.0, -0.5}
     # one line per colour with the λ chosen for it, from the swept strengths
     per = [ln for ln in out.splitlines() if ln.strip().startswith(("red ", "green ", "blue "))]
     assert len(per) == 3 and all("λ=-1:" in ln or "λ=-0.5:" in ln for ln in per)
@@ -196,10 +198,10 @@ def test_eval_shapes_smoke(tmp_path):
     assert "NOT FID" in md and res["fd_base_vs_rendered"] > 0
     assert all(r["fd_rest"] >= 0 for r in res["saeuron"]["style"]["ours"])
     assert res["cost"]["SAeUron"]["per_image_s"] > 0 and res["cost"]["storage_bytes"]["SAeUron"] > 0
-    assert "steer_paper" in res and "gated on the concept word" in md
+    assert "steer_paper" in res and "family gate: implicit" in md
     # the generalization table: every method, named / implicit / adversarial columns, worst per axis
     g = res["generalization"]
-    assert len(g["rows"]) == 4 and "Generalization" in md and "worst:" in out
+    assert len(g["rows"]) == 5 and "Generalization" in md and "worst:" in out
     solid = next(r for r in g["rows"]["SAeUron (shipped)"] if r["concept"] == "solid")
     assert 0 <= solid["implicit_plain"] <= 1 and 0 <= solid["adversarial"] <= 1 and 0 <= solid["tv_other"] <= 1
     assert all(r["kind"] != "colour" for r in g["rows"]["SAeUron (shipped)"])

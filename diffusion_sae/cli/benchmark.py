@@ -62,7 +62,7 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 generalization: bool = typer.Option(True, help="Also judge every erasure on held-out names, implicit "
                                                     "and adversarial prompts (the generalization table)."),
                 gen_concepts: Optional[int] = typer.Option(None, help="Generalization table: first N concepts per kind "
-                                                           "(default 3 with --quick, all otherwise)."),
+                                                           "(default 2 with --quick, all otherwise)."),
                 attack_concepts: Optional[int] = typer.Option(None, help="Adversarial column: concepts attacked per kind "
                                                               "(default 1 with --quick, 3 otherwise; 0 = none)."),
                 attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "

@@ -525,8 +525,10 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                     n_steer += len(ps_c.prompts)
                 rows.append(dict(removal_row(j, kind, c, base_c), strength=lam_c))
                 urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base_c, kind, c)))
+            family = cs_params.get("family", {}).get(kind) if not paper else None
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
-                              "gated": bool(cs_params.get("gate")) and not paper}
+                              "gated": bool(cs_params.get("gate")) and not paper and family is None,
+                              "family": family}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
 
     # Concept Steerers: add each style (λ > 0) to prompts that name no style.
@@ -611,7 +613,9 @@ def shapes_report_sections(res: dict) -> list:
         cols = ["concept"] + (["λ"] if per else []) + ["images", "present before", "present after"] \
             + [f"{k} drop (pts)" for k in KINDS if k != kind] + ["prompts without it: agreement before", "after"]
         lam_txt = "λ per concept, default " if per else "λ = "
-        tables.append(Table(f"Remove each {kind} ({lam_txt}{r['strength']:g}{', gated on the concept word' if r.get('gated') else ''}){how}, %", cols, rows,
+        gate_txt = (", gated on the concept word" if r.get("gated") else
+                    f", family gate: implicit × {r['family']:g}" if r.get("family") is not None else "")
+        tables.append(Table(f"Remove each {kind} ({lam_txt}{r['strength']:g}{gate_txt}){how}, %", cols, rows,
                             "present = the judge finds the concept in images whose prompt asks for it (images: how "
                             "many; drops are measured on them)"))
     if tables:

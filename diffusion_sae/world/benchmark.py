@@ -51,7 +51,7 @@ class ShapesEvalOptions:
     concepts_per_kind: int | None = None
     steer_seeds: int | None = None          # default 8, 4 with quick
     generalization: bool = True
-    gen_concepts: int | None = None          # default 3 with quick, all otherwise
+    gen_concepts: int | None = None          # default 2 with quick (keeps --quick under 12 min), all otherwise
     attack_concepts: int | None = None       # default 1 with quick, 3 otherwise; 0 = none
     attack_steps: int | None = None          # default 10 with quick, 40 otherwise
     builtin: bool = True                     # the two papers' methods (False: only `extra` methods)
@@ -126,7 +126,7 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
             from . import generalization as gen
 
             gcfg = gen.GeneralizationConfig(
-                concepts_per_kind=opts.gen_concepts or opts.concepts_per_kind or (3 if quick else None),
+                concepts_per_kind=opts.gen_concepts or opts.concepts_per_kind or (2 if quick else None),
                 steps=opts.steps, guidance=opts.guidance, implicit=12 if quick else 16, empty=12 if quick else 16)
             methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params())
             tick = (lambda *a: progress("generalization", 1)) if progress else None

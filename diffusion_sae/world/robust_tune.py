@@ -25,8 +25,13 @@ BARS = (("named", 0.05, "max"), ("held_out", 0.05, "max"), ("implicit_rel", 0.2,
         ("fd_ratio", 0.3, "max"), ("adversarial", 0.10, "max"))
 
 
+# A concept the plain model never drew on the implicit prompts but the edit did makes the ratio infinite;
+# the score counts it as this many times the base rate (a few images of a small sample).
+IMPLICIT_REL_CAP = 5.0
+
+
 def axis_value(row: dict, axis: str):
-    v = implicit_relative(row) if axis == "implicit_rel" else row.get(axis)
+    v = min(implicit_relative(row), IMPLICIT_REL_CAP) if axis == "implicit_rel" else row.get(axis)
     return None if v is None or v != v else float(v)
 
 
