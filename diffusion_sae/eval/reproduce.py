@@ -20,6 +20,8 @@ training resumes from its run folder, so rerunning the same command continues an
 made with other settings is refused instead of mixed. Each report states the expected GPU time of the run
 as an estimate (not measured) with the assumptions it rests on; `plan_*` gives the same figures without running.
 """
+# Over 600 lines on purpose: both papers' experiments share the seed-split checks, the resumable
+# image sets and the report writer; split per experiment when a third one lands.
 from __future__ import annotations
 
 import contextlib

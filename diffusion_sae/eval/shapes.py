@@ -13,6 +13,8 @@ predictions:
   still labels c; "kept" = agreement on the other attributes; prompts without c must keep all
   attributes. Addition (λ > 0): share of images without c in the prompt that the judge labels c.
 """
+# Over 600 lines on purpose: the ShapesCanvas benchmark's tables share one prompt grid, one judge
+# pass and one report layout; the generalization benchmark and tuning already live in world/.
 from __future__ import annotations
 
 import contextlib

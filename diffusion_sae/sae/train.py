@@ -23,6 +23,8 @@ Distributed: start with `accelerate launch` (or any torchrun-style launcher); th
 initialised here if the environment asks for it. Each process takes its contiguous slice of every
 global batch. BatchTopK selection is per process (like sparsify); per-token TopK is exact.
 """
+# Over 600 lines on purpose: one training loop with its checkpointing, resume, DDP reduction and
+# failure-safe final save; split apart they would share most of their state through arguments.
 from __future__ import annotations
 
 import collections
