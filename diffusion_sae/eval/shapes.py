@@ -402,17 +402,23 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"))
     family = cs_params.get("family", {})
     if kind in family:
-        # the shipped removal (v2): contrastive S, per prompt 1 / 0 / family[kind] by what the prompt names
-        from ..interventions.steer import family_gate
-        from ..world.bundle import TEXT_HOOKPOINT
-
-        st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True)
-        st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept],
-                              float(family[kind]))
-        return st
+        return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
+
+
+def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float):
+    """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
+    names the concept, 0 where it names only a rival of its kind, `implicit` where it names none (canonical
+    words only, so a held-out name counts as none)."""
+    from ..interventions.steer import family_gate
+    from ..world.bundle import TEXT_HOOKPOINT
+
+    st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True)
+    st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept], implicit)
+    st.meta["family_gate"] = {"implicit": implicit}
+    return st
 
 
 def steering_unit(text_sae, pipe, kind: str, concept: str, strength: float = 1.0, baseline: str | None = None,

@@ -101,23 +101,6 @@ def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: 
 # ---------------------------------------------------------------------------------------------
 # candidate settings
 # ---------------------------------------------------------------------------------------------
-def steering_candidates(pipe, text_sae, strengths, kinds=("style", "object", "colour"), contrast: bool = True,
-                        gate: bool = False, prefix: str = "CS") -> dict:
-    """Concept Steerers removal at each λ: contrastive S (the concept's matched caption contexts against
-    its rivals') added to every prompt (gate=False) or only to prompts that contain the concept's word."""
-    from ..eval.shapes import steering_unit
-    from ..interventions.steer import steer_text_encoder
-
-    def for_kind(kind, lam):
-        def build(concept):
-            st = steering_unit(text_sae, pipe, kind, concept, lam, contrast=contrast, gate=gate)
-            return lambda: steer_text_encoder(pipe, st)
-        return build
-
-    tag = ("contrast" if contrast else "word") + (", gated" if gate else ", ungated")
-    return {f"{prefix} {tag} λ={lam:g}": {k: for_kind(k, lam) for k in kinds} for lam in strengths}
-
-
 def saeuron_name(p: dict) -> str:
     blocks = "+".join(b.replace("unet.", "").replace(".attentions.", "a").replace("_blocks", "")
                       .replace(".transformer_blocks.0.attn2", ":attn2") for b in p["blocks"])
@@ -140,27 +123,14 @@ def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=(
 
 
 
-def family_steering(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float):
-    """Contrastive removal S scaled per prompt by a `FamilyGate`: full where the concept is named, none
-    where a rival of its kind is, `implicit`·S where the kind is left out (canonical words only: built
-    from the tuning split's names, so held-out names count as "none named")."""
-    from ..eval.shapes import steering_unit
-    from ..interventions.steer import family_gate
-    from .bundle import KINDS, TEXT_HOOKPOINT
-
-    st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True, gate=False)
-    st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept], implicit)
-    st.meta["family_gate"] = {"implicit": implicit}
-    return st
-
-
 def family_candidates(pipe, text_sae, settings: list[tuple[float, float]], kinds=("style", "object", "colour")) -> dict:
     """Concept Steerers with a FamilyGate at each (λ, implicit fraction)."""
+    from ..eval.shapes import family_removal
     from ..interventions.steer import steer_text_encoder
 
     def for_kind(kind, lam, imp):
         def build(concept):
-            st = family_steering(text_sae, pipe, kind, concept, lam, imp)
+            st = family_removal(text_sae, pipe, kind, concept, lam, imp)
             return lambda: steer_text_encoder(pipe, st)
         return build
 
