@@ -152,12 +152,16 @@ def test_tune_robust_presets_small(tmp_path):
              "--concepts-per-kind", 1, "--out", tmp_path / "p.json")
     assert "winner (colour)" in out
     steer = json.loads((tmp_path / "p.json").read_text())["steer"]
-    assert steer["colour"] == -1.0 and steer["family"]["colour"] in (0.0, 0.5)
-    out = ok("tune", "--method", "robust-saeuron", "--kind", "style", "--top-n", "16", "--gammas=-1", "--min-fires", "3",
-             "--blocks", "unet.up_blocks.1.attentions.0", "--concepts-per-kind", 1, "--out", tmp_path / "q.json")
+    assert steer["colour"] == -1.0 and steer["family"]["colour"] in (0.0, 0.5) and steer["match"] == "embedding"
+    r = run("tune", "--method", "robust-steer", "--kind", "colour", "--match", "fuzzy")
+    assert isinstance(r.exception, UserError) and "--match" in str(r.exception)
+    out = ok("tune", "--method", "robust-saeuron", "--kind", "style", "--top-n", "16", "--gammas=-1,-2", "--min-fires", "3",
+             "--blocks", "unet.up_blocks.1.attentions.0", "--concepts-per-kind", 1, "--per-concept", "--out", tmp_path / "q.json")
+    assert "winner (solid)" in out
     sa = json.loads((tmp_path / "q.json").read_text())["saeuron"]
-    assert sa["striped"] == {"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 16, "multiplier": -1.0,
-                             "scaling": "latent", "selection": "specific", "min_fire": 3}
+    for c in ("solid", "striped"):   # solid: its own winner; striped (not scored): the kind's
+        assert sa[c] in [{"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 16, "multiplier": g,
+                          "scaling": "latent", "selection": "specific", "min_fire": 3} for g in (-1.0, -2.0)]
 
 
 def test_tune_never_writes_into_the_package(tmp_path):

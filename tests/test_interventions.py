@@ -574,3 +574,63 @@ def test_family_gate_scales_s_per_prompt(pipes):
     half = under(0.5, "a photo of a car")
     assert 1e-4 < (half - plain["a photo of a car"]).abs().max()
     assert _no_hooks(pipe)
+
+
+def test_embedding_match_labels_synonyms_by_nearest_reference():
+    """EmbeddingMatch: a token whose embedding sits next to the target word's is the target (a synonym the
+    token gate misses); one next to a rival is a rival; one next to a neutral word, or special, is neither."""
+    from diffusion_sae.interventions.steer import EmbeddingMatch
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(10, 16, generator=g)
+    e[5] = e[1] + 0.1 * torch.randn(16, generator=g)     # 5: a synonym of the target (1)
+    e[6] = e[2] + 0.1 * torch.randn(16, generator=g)     # 6: a synonym of the rival (2)
+    e[7] = e[3] + 0.1 * torch.randn(16, generator=g)     # 7: near the neutral word (3)
+    m = EmbeddingMatch(e, target=[1], rivals=[2], neutral=[3, 4], special={0, 9})
+    tok = torch.tensor([[0, 5, 3, 9], [0, 6, 3, 9], [0, 7, 4, 9], [0, 6, 5, 9], [0, 9, 9, 9]])
+    assert m(tok) == ["target", "rival", None, "target", None]
+    # a similarity floor above every match sends all tokens to "names nothing"
+    assert EmbeddingMatch(e, [1], [2], [3, 4], {0, 9}, min_similarity=1.01)(tok) == [None] * 5
+
+
+def test_family_gate_embedding_match_and_negative_branch(pipes):
+    """match="embedding" steers a prompt that names the concept only by a word the text encoder embeds next to
+    it (the token gate leaves that prompt plain); implicit_negative steers the negative branch alone."""
+    from diffusion_sae.interventions.steer import family_gate
+
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    st = concept_steering(sae, pipe, name, "a cat", -2.0)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    car = pipe.tokenizer("car", add_special_tokens=False).input_ids
+    cat = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    assert len(car) == len(cat) == 1
+    saved = emb.data[car[0]].clone()
+    try:
+        emb.data[car[0]] = emb.data[cat[0]] * 1.01           # "car" becomes the model's synonym of "cat"
+        plain = _gen(pipe, "a photo of a car")
+
+        def under(**kw):
+            gated = st.scaled(1.0)
+            gated.rows = family_gate(pipe, name, ["cat"], ["dog"], 0.0, **kw)
+            with steer_text_encoder(pipe, gated):
+                return _gen(pipe, "a photo of a car")
+
+        assert torch.equal(under(match="tokens"), plain)
+        with steer_text_encoder(pipe, st):
+            ungated = _gen(pipe, "a photo of a car")
+        assert (under(match="embedding", neutral_words=["a", "photo", "of"]) - ungated).abs().max() < 1e-5
+    finally:
+        emb.data[car[0]] = saved
+    # implicit 0 on the prompt, 1 on its negative branch: the prompt's encoding is plain, the negative one is not
+    gated = st.scaled(1.0)
+    gated.rows = family_gate(pipe, name, ["cat"], ["dog"], 0.0, implicit_negative=1.0)
+    kw = dict(device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    p0, n0 = pipe.encode_prompt("a photo of a car", **kw)
+    with steer_text_encoder(pipe, gated):
+        p1, n1 = pipe.encode_prompt("a photo of a car", **kw)
+    assert torch.equal(p0, p1) and (n1 - n0).abs().max() > 1e-3
+    with pytest.raises(SteeringError, match="match must be"):
+        family_gate(pipe, name, ["cat"], ["dog"], 0.0, match="fuzzy")
+    assert _no_hooks(pipe)

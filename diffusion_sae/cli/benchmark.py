@@ -113,7 +113,10 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              selections: str = typer.Option("paper", help="saeuron: 'paper' (official scores, bar ν), 'specific' (per-patch specificity) or both, comma-separated."),
              min_fires: str = typer.Option("1", help="saeuron: evidence gates to try: edit a patch only where this many selected features fire together (1 = the paper)."),
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
-             per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default)."),
+             per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default); "
+                                              "robust-saeuron: each scored concept gets its own winning setting."),
+             match: str = typer.Option("embedding", help="robust-steer: how the FamilyGate finds a name in a prompt: 'embedding' (nearest word in the "
+                                       "text encoder's token embeddings: follows learned synonyms) or 'tokens' (exact words: a prompt filter)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
              contrast: Optional[bool] = typer.Option(None, help="steer (gated): build each steering from matched example prompts, the concept against its rivals (ours; the kind is listed under \"contrast\" in params.json); default: as params.json says."),
              implicit: str = typer.Option("0,0.1,0.25", help="robust-steer: fractions of S on prompts that name no concept of the kind."),
@@ -161,6 +164,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
     elif method == "robust-steer":
+        if match not in ("tokens", "embedding"):
+            fail(f"--match must be tokens or embedding, not {match!r}")
         lams, imps = parse_strengths(strengths), parse_strengths(implicit, "--implicit")
         if any(not 0 <= x <= 1 for x in imps):
             fail(f"--implicit fractions must lie in [0, 1], got {implicit!r}")
@@ -178,11 +183,11 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         prog = lambda n: p.advance(task, n)  # noqa: E731
         if method == "robust-steer":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
-                                       strengths=lams, implicit=imps, progress=prog)
+                                       strengths=lams, implicit=imps, match=match, progress=prog)
         elif method == "robust-saeuron":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
                                        top_n=grid["top_n"], gammas=grid["gammas"], min_fires=grid["min_fires"],
-                                       block_sets=sets, progress=prog)
+                                       block_sets=sets, per_concept=per_concept, progress=prog)
         elif method == "saeuron":
             lines = tune_saeuron_params(pipe, clf, params, kind, concepts=concept, search=search, images=images,
                                         scalings=scs, selections=sels, block_sets=sets, progress=prog, **grid)

@@ -402,22 +402,33 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"))
     family = cs_params.get("family", {})
     if kind in family:
-        return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]))
+        neg = cs_params.get("family_negative", {}).get(kind)
+        return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
+                              None if neg is None else float(neg), cs_params.get("match", "tokens"))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
 
 
-def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float):
+def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
+                   implicit_negative: float | None = None, match: str = "tokens"):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
-    names the concept, 0 where it names only a rival of its kind, `implicit` where it names none (canonical
-    words only, so a held-out name counts as none)."""
+    names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
+    (`implicit_negative` on that prompt's negative branch). match="tokens" reads canonical words only (a
+    held-out name counts as none); "embedding" finds the names by the text encoder's token embeddings,
+    with every other non-held-out word of the world's vocabulary as a neutral reference."""
     from ..interventions.steer import family_gate
     from ..world.bundle import TEXT_HOOKPOINT
+    from ..world.config import vocabulary_words
+    from ..world.splits import HELD_OUT_NAMES
 
     st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True)
-    st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], [c for c in KINDS[kind] if c != concept], implicit)
-    st.meta["family_gate"] = {"implicit": implicit}
+    rivals = [c for c in KINDS[kind] if c != concept]
+    # the references an EmbeddingMatch compares against: canonical names and template words, never a held-out name
+    neutral = [w for w in vocabulary_words() if w not in HELD_OUT_NAMES and w not in KINDS[kind]]
+    st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
+                          neutral_words=neutral)
+    st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match}
     return st
 
 

@@ -84,6 +84,18 @@ class TuneResult:
                     out[kind] = (name, v, d)
         return out
 
+    def best_per_concept(self) -> dict[tuple[str, str], tuple[str, float, float]]:
+        """{(kind, concept): (candidate, violation, damage)}: each concept's own winner (per-concept presets).
+        Judged on the tuning split like everything here, so a concept's winner is still tested on unseen seeds."""
+        out: dict = {}
+        for name, rows in self.rows.items():
+            for r in rows:
+                key = (r["kind"], r["concept"])
+                score = (violation(r, self.paired), damage(r))
+                if key not in out or score < out[key][1:]:
+                    out[key] = (name, *score)
+        return out
+
 
 def tune(pipe, classifier, candidates: dict, cfg: GeneralizationConfig, paired: bool = True,
          progress=None) -> TuneResult:
@@ -123,16 +135,25 @@ def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=(
 
 
 
-def family_candidates(pipe, text_sae, settings: list[tuple[float, float]], kinds=("style", "object", "colour")) -> dict:
-    """Concept Steerers with a FamilyGate at each (λ, implicit fraction)."""
+def family_name(lam: float, imp: float, neg: float | None = None, match: str = "tokens") -> str:
+    branch = "" if neg is None or neg == imp else f"/neg×{neg:g}"
+    return f"CS family gate ({match}) λ={lam:g} implicit×{imp:g}{branch}"
+
+
+def family_candidates(pipe, text_sae, settings: list[tuple], kinds=("style", "object", "colour")) -> dict:
+    """Concept Steerers with a FamilyGate at each (λ, implicit fraction[, negative-branch fraction[, match]])."""
     from ..eval.shapes import family_removal
     from ..interventions.steer import steer_text_encoder
 
-    def for_kind(kind, lam, imp):
+    def for_kind(kind, lam, imp, neg, match):
         def build(concept):
-            st = family_removal(text_sae, pipe, kind, concept, lam, imp)
+            st = family_removal(text_sae, pipe, kind, concept, lam, imp, neg, match)
             return lambda: steer_text_encoder(pipe, st)
         return build
 
-    return {f"CS family gate λ={lam:g} implicit×{imp:g}": {k: for_kind(k, lam, imp) for k in kinds}
-            for lam, imp in settings}
+    out = {}
+    for setting in settings:
+        lam, imp, neg, match = (*setting, None, "tokens")[:4] if len(setting) == 2 else (
+            (*setting, "tokens") if len(setting) == 3 else tuple(setting))
+        out[family_name(lam, imp, neg, match)] = {k: for_kind(k, lam, imp, neg, match) for k in kinds}
+    return out

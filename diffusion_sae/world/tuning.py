@@ -116,11 +116,14 @@ def tune_steer_add_params(pipe, clf, params: dict, strengths: list[float], progr
 def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, concepts_per_kind: int,
                        strengths: list[float] = (), implicit: list[float] = (), top_n: list[int] = (),
                        gammas: list[float] = (), min_fires: list[int] = (),
-                       block_sets: list[tuple[str, ...]] = (), progress: Advance = None) -> list[str]:
+                       block_sets: list[tuple[str, ...]] = (), match: str = "embedding", per_concept: bool = False,
+                       progress: Advance = None) -> list[str]:
     """The generalization score (world/robust_tune.py) over named, implicit and rest prompts of the tuning
     split, one winner for the kind: robust-steer picks (λ, implicit fraction) of the FamilyGate removal
     into params["steer"] ({kind: λ, "family": {kind: fraction}}); robust-saeuron picks (blocks, top-n, γ,
-    evidence gate) of the block-output edit with "specific" selection for every concept of the kind."""
+    evidence gate) of the block-output edit with "specific" selection for every concept of the kind, or with
+    per_concept each scored concept's own winner (the others get the kind's). `match` is the FamilyGate's
+    word matcher ("embedding" follows the synonyms the text encoder learned; "tokens" is a prompt filter)."""
     import itertools
 
     from . import bundle, robust_tune
@@ -129,12 +132,14 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
     cfg = GeneralizationConfig(concepts_per_kind=concepts_per_kind, kinds=(kind,))
     if method == "robust-steer":
         text_sae = bundle.load_text_sae()
-        cands = robust_tune.family_candidates(pipe, text_sae, list(itertools.product(strengths, implicit)), kinds=(kind,))
-        keys = dict(zip(cands, itertools.product(strengths, implicit)))
+        settings = [(lam, imp, None, match) for lam, imp in itertools.product(strengths, implicit)]
+        cands = robust_tune.family_candidates(pipe, text_sae, settings, kinds=(kind,))
+        keys = dict(zip(cands, settings))
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=False, progress=progress)
-        lam, imp = keys[res.best]
+        lam, imp, _, _ = keys[res.best]
         params["steer"][kind] = lam
         params["steer"].setdefault("family", {})[kind] = imp
+        params["steer"]["match"] = match
         params["steer"].get("concepts", {}).pop(kind, None)
     elif method == "robust-saeuron":
         names = sorted({b for bs in block_sets for b in bs})
@@ -146,6 +151,12 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=True, progress=progress)
         for c in bundle.KINDS[kind]:
             params["saeuron"][c] = dict(keys[res.best])
+        if per_concept:
+            lines = []
+            for (_, c), (name, v, d) in res.best_per_concept().items():
+                params["saeuron"][c] = dict(keys[name])
+                lines.append(f"winner ({c}): {name}  violation {v:.2f} damage {d:.2f}")
+            return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + lines
     else:
         raise TuneOptionError(f"method must be robust-steer or robust-saeuron, not {method!r}")
     return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + [f"winner ({kind}): {res.best}"]
