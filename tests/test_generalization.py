@@ -183,3 +183,30 @@ class _StubJudge:
 
     def train(self, mode=True):
         return self
+
+
+def test_rest_prompts_avoid_every_concept_erased_together():
+    rest = gen.rest_prompts("style", "solid", 30, erased=("striped", "dotted"))
+    assert not {STYLES.index(c) for c in ("solid", "striped", "dotted")} & set(rest.styles)
+
+
+def test_several_concepts_at_once_and_one_after_another():
+    """Both shipped methods removing two styles together, at once and stacked: every concept of the group
+    gets its own row; Concept Steerers removes each named concept (the judge's verdict) while prompts naming
+    a third style stay right, and the group's rest prompts never name a concept it erases."""
+    from diffusion_sae.world import assets, bundle
+
+    pipe, clf = assets.load_pipeline(), assets.load_classifier()
+    blocks = {"style": bundle.load_blocks("style", bundle.load_params()["saeuron"]["solid"]["blocks"])}
+    methods = gen.group_methods(pipe, bundle.load_text_sae(), blocks, bundle.load_params(), size=2)
+    assert set(methods) == {f"{m} (shipped, 2 {how})" for m in ("Concept Steerers", "SAeUron")
+                            for how in ("at once", "one after another")}
+    methods = {k: v for k, v in methods.items() if k.startswith("Concept Steerers") or "at once" in k}
+    cfg = gen.GeneralizationConfig(only={"style": ("solid", "striped")}, kinds=("style",), named=4, implicit=2,
+                                   empty=2, rest=4, batch_size=64)
+    res = gen.run_generalization(pipe, clf, methods, cfg)
+    for name, rows in res["rows"].items():
+        assert [r["concept"] for r in rows] == ["solid", "striped"], name
+    for r in res["rows"]["Concept Steerers (shipped, 2 at once)"] + res["rows"]["Concept Steerers (shipped, 2 one after another)"]:
+        assert r["named_plain"] >= 0.75 and r["named"] <= 0.25, r
+        assert r["rest_accuracy"] >= 0.75, r

@@ -65,6 +65,9 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                                                            "(default 2 with --quick, all otherwise)."),
                 attack_concepts: Optional[int] = typer.Option(None, help="Adversarial column: concepts attacked per kind "
                                                               "(default 1 with --quick, 3 otherwise; 0 = none)."),
+                gen_groups: Optional[int] = typer.Option(None, help="Generalization table: both shipped methods also remove "
+                                                         "the first N styles and objects together, at once and one after "
+                                                         "another (default 3, 0 with --quick; 0 = none)."),
                 attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "
                                                            "(default 10 with --quick, 40 otherwise)."),
                 steps: int = 25, guidance: float = WORLD_GUIDANCE,
@@ -80,7 +83,8 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
     opts = ShapesEvalOptions(quick=quick, seeds=seeds, steps=steps, guidance=guidance, faithful=not no_faithful,
                              concepts_per_kind=concepts_per_kind, steer_seeds=steer_seeds,
                              generalization=generalization, gen_concepts=gen_concepts,
-                             attack_concepts=attack_concepts, attack_steps=attack_steps, builtin=builtin)
+                             attack_concepts=attack_concepts, attack_steps=attack_steps, builtin=builtin,
+                             gen_groups=gen_groups)
     spec, config = method_config(method, set_) if method else (None, None)
     if not builtin and spec is None:
         fail("--no-builtin leaves nothing to measure: give --method NAME")

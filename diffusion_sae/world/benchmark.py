@@ -53,6 +53,8 @@ class ShapesEvalOptions:
     generalization: bool = True
     gen_concepts: int | None = None          # default 2 with quick (keeps --quick under 12 min), all otherwise
     attack_concepts: int | None = None       # default 1 with quick, 3 otherwise; 0 = none
+    gen_groups: int | None = None            # several at once / one after another: first N styles and objects
+                                             # (default 3; 0 with quick, and 0 = none)
     attack_steps: int | None = None          # default 10 with quick, 40 otherwise
     builtin: bool = True                     # the two papers' methods (False: only `extra` methods)
 
@@ -106,6 +108,13 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
 
     if not opts.builtin and not extra:
         raise BenchmarkOptionError("nothing to run: the built-in methods are off and no other method is given")
+    group = opts.gen_groups if opts.gen_groups is not None else (0 if opts.quick else 3)
+    scored = opts.gen_concepts or opts.concepts_per_kind or (2 if opts.quick else None)
+    if opts.generalization and group and (group < 2 or group > len(bundle.STYLES)):
+        raise BenchmarkOptionError(f"--gen-groups {group}: give 0 (none) or 2 to {len(bundle.STYLES)} concepts")
+    if opts.generalization and group and scored and group > scored:
+        raise BenchmarkOptionError(f"--gen-groups {group} is more than the {scored} concepts per kind the "
+                                   "generalization table scores: raise --gen-concepts or lower --gen-groups")
     t0 = time.perf_counter()
     if pipe is None:
         pipe, clf = _load_world()
@@ -128,7 +137,7 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
             gcfg = gen.GeneralizationConfig(
                 concepts_per_kind=opts.gen_concepts or opts.concepts_per_kind or (2 if quick else None),
                 steps=opts.steps, guidance=opts.guidance, implicit=12 if quick else 16, empty=12 if quick else 16)
-            methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params())
+            methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params(), group_size=group)
             tick = (lambda *a: progress("generalization", 1)) if progress else None
             g = gen.run_generalization(pipe, clf, methods, gcfg,
                                        progress=(lambda n: progress("generalization", n)) if progress else None)

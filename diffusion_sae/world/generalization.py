@@ -84,13 +84,14 @@ def _seeds(offset: int, n: int, split: str = "evaluation") -> list[int]:
     return seeds
 
 
-def _attrs(kind: str, concept: str, n: int, seed: int, exclude: str | None = None) -> list[dict]:
+def _attrs(kind: str, concept: str, n: int, seed: int, exclude: str | tuple | None = None) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
+    excluded = (exclude,) if isinstance(exclude, str) else exclude
     for _ in range(n):
         a = {"object": _draw(g, OBJECTS), "style": _draw(g, STYLES), "colour": _draw(g, COLOUR_NAMES)}
-        if exclude is not None:
-            a[kind] = _draw(g, [c for c in KINDS[kind] if c != exclude])
+        if excluded is not None:
+            a[kind] = _draw(g, [c for c in KINDS[kind] if c not in excluded])
         else:
             a[kind] = concept
         out.append(a)
@@ -128,10 +129,12 @@ def named_prompts(kind: str, concept: str, n: int, alias: str | None = None, spl
     return ps
 
 
-def rest_prompts(kind: str, concept: str, n: int, split: str = "evaluation") -> PromptSet:
-    """n prompts naming another concept of the same kind (what the erasure must leave alone)."""
+def rest_prompts(kind: str, concept: str, n: int, split: str = "evaluation", erased: tuple = ()) -> PromptSet:
+    """n prompts naming another concept of the same kind (what the erasure must leave alone); `erased`:
+    the other concepts removed with it (several at once), which the rest prompts avoid too."""
     ki, ci = list(KINDS).index(kind), KINDS[kind].index(concept)
-    attrs = _attrs(kind, concept, n, seed=_draw_seed(5_000 + 1_000 * ki + ci, split), exclude=concept)
+    attrs = _attrs(kind, concept, n, seed=_draw_seed(5_000 + 1_000 * ki + ci, split),
+                   exclude=tuple(dict.fromkeys((concept, *erased))))
     return _prompt_set(attrs, _seeds(40_000 + 10_000 * ki + 100 * ci, n, split), EVAL_TEMPLATE)
 
 
@@ -218,8 +221,15 @@ def known_aliases(pipe, concept: str) -> list[str]:
     return [a for a in ALIASES[concept] if len(tok.tokenize(a)) == 1]
 
 
+GROUP = "erases together"
+
+
 def run_generalization(pipe, classifier, methods: dict, cfg: GeneralizationConfig, progress=None) -> dict:
     """methods: {name: {kind: builder}}; builder(concept) -> zero-argument context-manager factory.
+
+    A method that removes several concepts at once (or one after another) says so with
+    methods[name][GROUP] = {kind: (concepts)}: its builder(concept) erases the whole group, only the
+    group's concepts get rows, and their rest prompts avoid every concept of the group.
 
     Returns {"settings", "rows": {method: [concept rows]}, "summary": {method: worst per axis}}.
     """
@@ -243,15 +253,19 @@ def run_generalization(pipe, classifier, methods: dict, cfg: GeneralizationConfi
             # Held-out names are for evaluation only: the tuning split has no such column.
             aliases = [] if sp == "tuning" else [named_prompts(kind, concept, cfg.named, alias=a)
                                                 for a in known_aliases(pipe, concept)]
-            rest = rest_prompts(kind, concept, cfg.rest, sp)
-            sets = {"named": named, "aliases": aliases, "implicit": imp, "empty": empty, "rest": rest}
-            base = {"named": plain_of(("named", kind, concept), named),
-                    "aliases": [plain_of(("alias", kind, concept, i), a) for i, a in enumerate(aliases)],
-                    "implicit": plain_of(("implicit", kind), imp), "empty": plain_of(("empty",), empty),
-                    "rest": plain_of(("rest", kind, concept), rest)}
             for name, builders in methods.items():
                 if kind not in builders:
                     continue
+                group = tuple(builders.get(GROUP, {}).get(kind, ()))
+                if group and concept not in group:
+                    continue
+                erased = tuple(c for c in group if c != concept)
+                rest = rest_prompts(kind, concept, cfg.rest, sp, erased)
+                sets = {"named": named, "aliases": aliases, "implicit": imp, "empty": empty, "rest": rest}
+                base = {"named": plain_of(("named", kind, concept), named),
+                        "aliases": [plain_of(("alias", kind, concept, i), a) for i, a in enumerate(aliases)],
+                        "implicit": plain_of(("implicit", kind), imp), "empty": plain_of(("empty",), empty),
+                        "rest": plain_of(("rest", kind, concept, erased), rest)}
                 factory = builders[kind](concept)
                 run = {k: ([bench.run(p, factory) for p in v] if k == "aliases" else bench.run(v, factory))
                        for k, v in sets.items()}
@@ -271,7 +285,8 @@ def add_adversarial(pipe, classifier, methods: dict, res: dict, concepts_per_kin
     cfg = attack_cfg or AttackConfig()
     out = {}
     for kind in kinds:
-        interventions = {name: b[kind] for name, b in methods.items() if kind in b}
+        # (several-at-once methods are not attacked: the attack targets one concept's removal)
+        interventions = {name: b[kind] for name, b in methods.items() if kind in b and GROUP not in b}
         if not interventions:
             continue
         concepts = list(KINDS[kind][:concepts_per_kind])
@@ -322,8 +337,57 @@ def summarize(rows: list[dict]) -> dict:
 SAEURON_PAPER = {"percentile": 99.999, "multiplier": -1.0, "selection": "paper"}
 
 
-def default_methods(pipe, text_sae, blocks: dict, params: dict) -> dict:
-    """{name: {kind: builder}} for ours and the papers' settings, from shipped params."""
+def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> dict:
+    """Both shipped methods removing the first `size` styles and objects together: at once (one hook per
+    layer holding every edit; SAeUron with the presets' "saeuron_multi" options) and one after another
+    (each concept's own hook stacked on the previous ones, as a user erasing them in turn would)."""
+    import contextlib
+
+    from ..eval.shapes import removal_steering, saeuron_context, steer_strength
+    from ..interventions.steer import steer_text_encoder
+
+    cs, sa = params.get("steer", {}), params.get("saeuron", {})
+    together = params.get("saeuron_multi", {})
+    groups = {k: tuple(KINDS[k][:size]) for k in ("style", "object")}
+
+    def steering(kind, c):
+        return removal_steering(text_sae, pipe, kind, c, steer_strength(cs, kind, c), cs)
+
+    @contextlib.contextmanager
+    def stacked(factories):
+        with contextlib.ExitStack() as stack:
+            for f in factories:
+                stack.enter_context(f())
+            yield
+
+    def cs_builder(kind, sequential):
+        def build(concept):
+            sts = [steering(kind, c) for c in groups[kind]]
+            if sequential:
+                return lambda: stacked([lambda st=st: steer_text_encoder(pipe, st) for st in sts])
+            return lambda: steer_text_encoder(pipe, sts)
+        return build
+
+    def sa_builder(kind, sequential):
+        def build(concept):
+            if sequential:
+                return lambda: stacked([lambda c=c: saeuron_context(pipe, blocks[kind], {c: sa[c]}) for c in groups[kind]])
+            pc = {c: dict(sa[c], **together) for c in groups[kind]}
+            return lambda: saeuron_context(pipe, blocks[kind], pc)
+        return build
+
+    out = {}
+    for how, seq in (("at once", False), ("one after another", True)):
+        out[f"Concept Steerers (shipped, {size} {how})"] = {
+            **{k: cs_builder(k, seq) for k in groups}, GROUP: groups}
+        out[f"SAeUron (shipped, {size} {how})"] = {
+            **{k: sa_builder(k, seq) for k in groups if k in blocks and all(c in sa for c in groups[k])}, GROUP: groups}
+    return out
+
+
+def default_methods(pipe, text_sae, blocks: dict, params: dict, group_size: int = 0) -> dict:
+    """{name: {kind: builder}} for ours and the papers' settings, from shipped params; with group_size,
+    also both shipped methods removing that many styles and objects together (`group_methods`)."""
     from ..eval.shapes import removal_steering, saeuron_context, steer_strength
     from ..interventions.steer import steer_text_encoder
     from .bundle import BLOCK_HOOKPOINT
@@ -360,6 +424,8 @@ def default_methods(pipe, text_sae, blocks: dict, params: dict) -> dict:
     if cs.get("paper"):
         out["Concept Steerers (paper: ungated, paper λ)"] = {k: steer(True)(k) for k in KINDS}
     out["SAeUron (shipped)"] = {k: saeuron(k, False) for k in ("style", "object") if k in blocks}
+    if group_size:
+        out.update(group_methods(pipe, text_sae, blocks, params, group_size))
     out["SAeUron (paper: p 99.999, γ −1, faithful)"] = {k: saeuron(k, True) for k in ("style", "object") if k in blocks}
     return out
 
