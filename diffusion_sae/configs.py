@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,22 @@ def _check_literals(cfg) -> None:
 
 def _as_tuple(value) -> tuple:
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _words(cfg, name: str) -> tuple[str, ...]:
+    """A word-list field as a tuple of non-empty strings (an empty word names nothing: refuse it)."""
+    words = _as_tuple(getattr(cfg, name))
+    bad = [w for w in words if not isinstance(w, str) or not w.strip()]
+    if bad:
+        raise ConfigError(f"{type(cfg).__name__}.{name} holds {bad[0]!r}: give non-empty words such as 'dog'")
+    return words
+
+
+def _finite(cfg, name: str) -> float:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be a finite number, not {v!r}")
+    return float(v)
 
 
 class Config:
@@ -92,6 +110,13 @@ class SteeringConfig(Config):
     keep: str | tuple[str, ...] = ()         # concepts projected out of S row by row (ours)
     negative_steering: bool = True           # subtract S from the negative prompt's encoding
     faithful: bool = False                   # the official call-counting hooks instead of two explicit calls
+    # FamilyGate (ours, steer.family_gate): S scaled per prompt by which of the concept's family it names.
+    rivals: str | tuple[str, ...] = ()       # words of the concept's rivals; non-empty turns the family gate on
+    concept_words: str | tuple[str, ...] = ()  # the words that name the concept (required with rivals)
+    implicit: float = 0.0                    # scale of S on prompts naming none of the family (0: leave them)
+    implicit_negative: float | None = None   # the same on their negative branch (None: as implicit)
+    match: Literal["tokens", "embedding"] = "embedding"  # exact tokens, or nearest word in the token embeddings
+    neutral: str | tuple[str, ...] | None = None  # match="embedding": words that name nothing (None: the defaults)
 
     def __post_init__(self):
         object.__setattr__(self, "concept", _as_tuple(self.concept))
@@ -102,6 +127,29 @@ class SteeringConfig(Config):
         if not self.concept:
             raise ConfigError("SteeringConfig.concept is empty: give a prompt such as 'striped style'")
         _check_literals(self)
+        object.__setattr__(self, "rivals", _words(self, "rivals"))
+        object.__setattr__(self, "concept_words", _words(self, "concept_words"))
+        if self.neutral is not None:
+            object.__setattr__(self, "neutral", _words(self, "neutral"))
+        object.__setattr__(self, "implicit", _finite(self, "implicit"))
+        if self.implicit_negative is not None:
+            object.__setattr__(self, "implicit_negative", _finite(self, "implicit_negative"))
+        if self.rivals:
+            if self.gate is not None:
+                raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "
+                                  "steers only the prompts that name the concept; drop gate")
+            if not self.concept_words:
+                raise ConfigError("SteeringConfig.rivals needs concept_words: the words that name the concept, "
+                                  "e.g. concept_words=('cat',)")
+            if self.neutral is not None and self.match != "embedding":
+                raise ConfigError("SteeringConfig.neutral only acts with match='embedding'")
+        else:
+            unused = [n for n, on in (("concept_words", bool(self.concept_words)), ("implicit", self.implicit != 0.0),
+                                      ("implicit_negative", self.implicit_negative is not None),
+                                      ("neutral", self.neutral is not None)) if on]
+            if unused:
+                raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "
+                                  "give rivals=('dog', ...) or leave it out")
 
 
 @dataclass(frozen=True)
@@ -120,6 +168,7 @@ class SAeUronConfig(Config):
     exclusive: bool = False
     mode: Literal["ablate", "add"] = "ablate"
     faithful: bool = False
+    window: tuple[int, int] | None = None                 # edit only at step indices start <= t < stop (ours)
 
     def __post_init__(self):
         object.__setattr__(self, "concepts", _as_tuple(self.concepts))
@@ -128,4 +177,10 @@ class SAeUronConfig(Config):
             raise ConfigError("SAeUronConfig.concepts is empty: name at least one concept of the dictionary")
         if not isinstance(self.min_fire, int) or isinstance(self.min_fire, bool) or self.min_fire < 1:
             raise ConfigError(f"SAeUronConfig.min_fire must be a positive integer, not {self.min_fire!r}")
+        if self.window is not None:
+            w = tuple(self.window) if isinstance(self.window, (list, tuple)) else ()
+            if len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in w) or not 0 <= w[0] < w[1]:
+                raise ConfigError(f"SAeUronConfig.window must be two step indices [start, stop] with "
+                                  f"0 <= start < stop, not {self.window!r}")
+            object.__setattr__(self, "window", w)
         _check_literals(self)

@@ -85,6 +85,32 @@ def test_configs_round_trip_and_reject_bad_values(tmp_path):
         SteeringConfig.from_dict({**d, "schema_version": 2})
 
 
+def test_family_gate_and_window_settings_round_trip_and_are_checked(tmp_path):
+    s = SteeringConfig(concept="a cat", strength=-2, concept_words="cat", rivals=["dog", "horse"], implicit=0.5,
+                       implicit_negative=1, match="tokens")
+    assert s.rivals == ("dog", "horse") and s.concept_words == ("cat",) and s.implicit_negative == 1.0
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["rivals"] == ["dog", "horse"] and d["match"] == "tokens"
+    assert SteeringConfig.from_dict(d) == s
+    assert SteeringConfig.from_json(s.to_json(tmp_path / "s.json")) == s
+    with pytest.raises(ConfigError, match="gate and rivals are exclusive"):
+        SteeringConfig(concept="a cat", gate="cat", concept_words="cat", rivals="dog")
+    with pytest.raises(ConfigError, match="rivals needs concept_words"):
+        SteeringConfig(concept="a cat", rivals="dog")
+    with pytest.raises(ConfigError, match="implicit only acts with rivals"):
+        SteeringConfig(concept="a cat", implicit=0.5)
+    with pytest.raises(ConfigError, match="implicit_negative must be a finite number"):
+        SteeringConfig(concept="a cat", concept_words="cat", rivals="dog", implicit_negative=float("inf"))
+    with pytest.raises(ConfigError, match="match must be one of 'tokens', 'embedding'"):
+        SteeringConfig(concept="a cat", concept_words="cat", rivals="dog", match="fuzzy")
+    u = SAeUronConfig(concepts="star", window=[5, 25])
+    assert u.window == (5, 25) and u.to_dict()["window"] == [5, 25]
+    assert SAeUronConfig.from_json(u.to_json(tmp_path / "u.json")) == u
+    for bad in ((3, 1), (5,), (-1, 2), (0.0, 2), "5-25"):
+        with pytest.raises(ConfigError, match="window must be two step indices"):
+            SAeUronConfig(concepts="star", window=bad)
+
+
 def test_apply_then_remove_restores_the_plain_image_bit_for_bit(shapes):
     pipe, sae = shapes
     plain = _gen(pipe)

@@ -223,6 +223,29 @@ def test_steering_bad_inputs(pipes):
         concept_steering(sae, pipe, name, "striped", "strong")
 
 
+def test_family_gate_through_concept_steering_leaves_a_rival_prompt_alone(pipes):
+    """rivals in SteeringConfig put a FamilyGate on S: a prompt naming only a rival is generated exactly as
+    without steering, one naming the concept is steered."""
+    from diffusion_sae.interventions.api import ConceptSteering, intervene
+    from diffusion_sae.interventions.steer import FamilyGate
+
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    iv = ConceptSteering(sae, concept="a cat", strength=-2, hookpoint=name, concept_words=("cat",),
+                         rivals=("dog",), implicit=0.0, match="tokens")
+    assert isinstance(iv.steering(pipe).rows, FamilyGate)
+    dog, cat = _gen(pipe, "a photo of a dog"), _gen(pipe, "a photo of a cat")
+    with intervene(pipe, iv):
+        s_dog, s_cat = _gen(pipe, "a photo of a dog"), _gen(pipe, "a photo of a cat")
+    assert torch.equal(s_dog, dog)
+    assert (s_cat - cat).abs().max() > 1e-3
+    # without the gate the same S changes the rival's prompt too
+    with intervene(pipe, ConceptSteering(sae, concept="a cat", strength=-2, hookpoint=name)):
+        assert (_gen(pipe, "a photo of a dog") - dog).abs().max() > 1e-3
+    assert _no_hooks(pipe)
+
+
 # ------------------------------------------------------------------------------------------ SAeUron
 CONCEPTS = {"cat": ["a cat", "a small cat"], "dog": ["a dog", "a big dog"], "car": ["a car", "a red car"]}
 
@@ -286,6 +309,26 @@ def test_unlearning_timestep_window(sd_dictionary):
     assert (first - base).abs().max() > 1e-4 and (first - every).abs().max() > 1e-4
     with pytest.raises(DictionaryError, match="window"):
         ConceptEdit("cat", window=(3, 1))
+
+
+def test_saeuron_window_through_the_config_and_unlearn_concepts(sd_dictionary):
+    """SAeUronConfig.window reaches the edit: a window covering no step is an exact no-op, the first step
+    alone differs from both plain and every step, and unlearn_concepts(window=) gives the same images."""
+    from diffusion_sae.interventions.api import SAeUron, intervene
+
+    pipe, sae, d = sd_dictionary
+    base = _gen(pipe, "a cat")
+
+    def run(**kw):
+        with intervene(pipe, SAeUron(sae, d, concepts="cat", multiplier=-20.0, top_n=3, **kw)):
+            return _gen(pipe, "a cat")
+    every, first, past = run(), run(window=(0, 1)), run(window=(50, 60))
+    assert torch.equal(past, base)
+    assert (first - base).abs().max() > 1e-4 and (first - every).abs().max() > 1e-4
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, window=(0, 1)) as hook:
+        assert torch.equal(_gen(pipe, "a cat"), first)
+    assert hook.edits[0].window == (0, 1)
+    assert _no_hooks(pipe)
 
 
 def test_unlearning_step_grid_mismatch_and_hook_removal(sd_dictionary):

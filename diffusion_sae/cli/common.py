@@ -157,6 +157,33 @@ def parse_strengths(text: str, option: str = "--strengths") -> list[float]:
     return vals
 
 
+def parse_number(text: str, option: str) -> float:
+    """A finite number given as text (so that a typo is one line, not click's usage box)."""
+    import math as _math
+
+    try:
+        v = float(text)
+    except ValueError:
+        fail(f"{option} must be a number, got {text!r}")
+    if not _math.isfinite(v):
+        fail(f"{option} must be a finite number, got {text!r}")
+    return v
+
+
+def parse_window(text: str, option: str = "--window") -> tuple[int, int]:
+    """START-STOP as (start, stop): the step indices start <= t < stop of a timestep window."""
+    parts = text.strip().split("-")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        fail(f"{option} must be START-STOP (two step indices, e.g. 5-25), got {text!r}")
+    if not 0 <= a < b:
+        fail(f"{option} {text}: needs 0 <= START < STOP")
+    return a, b
+
+
 def check_generation(steps: int, guidance: float, **numbers) -> None:
     """Options every generating command shares, checked before the model loads."""
     import math as _math

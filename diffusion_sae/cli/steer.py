@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file,
-                     check_writable_parent, fail, guidance_for, label_grid, load_model, load_sae_arg, parse_strengths,
-                     progress_bar, prompt_lines, prompt_set, save_image)
+                     check_writable_parent, fail, guidance_for, label_grid, load_model, load_sae_arg, parse_number,
+                     parse_strengths, progress_bar, prompt_lines, prompt_set, save_image)
 
 
 def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Text SAE folder (default: bundled)."),
@@ -29,6 +29,18 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                                            "mean is subtracted (contrastive pairs, ours; instead of --baseline)."),
               keep: Optional[list[str]] = typer.Option(None, help="Concept to leave alone (repeatable, e.g. --keep circle "
                                                        "--keep 'striped style'): S is made orthogonal to its rows (ours)."),
+              rival: Optional[list[str]] = typer.Option(None, help="A rival of the concept (repeatable, e.g. --rival dog "
+                                                        "--rival horse): turns on the family gate (ours): S acts fully "
+                                                        "where the concept is named, not where only a rival is."),
+              concept_word: Optional[list[str]] = typer.Option(None, help="A word that names the concept for the family "
+                                                               "gate (repeatable; needed with --rival)."),
+              implicit: Optional[str] = typer.Option(None, help="Family gate: the scale of S on prompts naming none of "
+                                                     "the family (default 0: leave them as they are; 1: the paper)."),
+              implicit_negative: Optional[str] = typer.Option(None, help="Family gate: the same on those prompts' "
+                                                              "negative branch (default: as --implicit)."),
+              match: Optional[str] = typer.Option(None, help="Family gate: how a name is found in a prompt: embedding "
+                                                  "(nearest word in the text encoder's token embeddings: follows "
+                                                  "learned synonyms; default) or tokens (exact words: a prompt filter)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -36,7 +48,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
     from ..eval.generate import images_under
-    from ..interventions.steer import SteeringError, concept_steering, steer_text_encoder
+    from ..interventions.steer import SteeringError, concept_steering, family_gate, steer_text_encoder
     from ..world import bundle
 
     if strength is not None:
@@ -54,6 +66,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail("give either --concept or --concept-file, not both")
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
+    family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate)
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -80,6 +93,10 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     try:
         base = {c: concept_steering(sae_obj, pipe, hp, text, 1.0, baseline=base_prompts, gate=gate, keep=keep or None)
                 for c, text in concepts.items()}
+        if family is not None:
+            rows = family_gate(pipe, hp, **family)
+            for s in base.values():
+                s.rows = rows
         conditions = [lambda lam=lam: steer_text_encoder(pipe, [s.scaled(lam) for s in base.values()],
                                                          negative_steering=not no_negative_steering)
                       for lam in lams]
@@ -98,3 +115,27 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if save_images is not None:
         typer.echo(f"saved {len(ps)} images to {save_images}/<row>.png")
 
+
+def _family_options(rival, concept_word, implicit, implicit_negative, match, gate) -> dict | None:
+    """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
+    loads; None without --rival."""
+    if match is not None and match not in ("tokens", "embedding"):
+        fail(f"--match must be tokens or embedding, not {match!r}")
+    imp = parse_number(implicit, "--implicit") if implicit is not None else 0.0
+    imp_neg = parse_number(implicit_negative, "--implicit-negative") if implicit_negative is not None else None
+    words = {"--rival": list(rival or []), "--concept-word": list(concept_word or [])}
+    for opt, ws in words.items():
+        if any(not w.strip() for w in ws):
+            fail(f"{opt} is empty: give a word such as 'dog'")
+    if not words["--rival"]:
+        given = [opt for opt, v in (("--concept-word", concept_word), ("--implicit", implicit),
+                                    ("--implicit-negative", implicit_negative), ("--match", match)) if v]
+        if given:
+            fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
+        return None
+    if gate is not None:
+        fail("--gate and --rival are exclusive: the family gate already steers only the prompts naming the concept")
+    if not words["--concept-word"]:
+        fail("--rival needs --concept-word: the word(s) that name the concept, e.g. --concept-word cat")
+    return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
+                implicit_negative=imp_neg, match=match or "embedding")

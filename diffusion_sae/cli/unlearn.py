@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file, fail, guidance_for,
-                     label_grid, load_model, load_sae_arg, prompt_set, sae_folder)
+                     label_grid, load_model, load_sae_arg, parse_window, prompt_set, sae_folder)
 
 
 def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = typer.Option(None, help="Block SAE folder (default: bundled); repeat it to edit several blocks at once (each folder holds its dictionary)."),
@@ -19,6 +19,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 scaling: str = typer.Option("mean", help="mean: z·γ·μ_c(t) (official); latent: z·γ."),
                 selection: str = typer.Option("paper", help="paper: official scores, bar ν; specific: per-patch specificity (ours)."),
                 min_fire: int = typer.Option(1, help="Edit a patch only where this many selected features fire together (ours; 1 = the paper)."),
+                window: Optional[str] = typer.Option(None, help="Edit only at denoising step indices START <= t < STOP, "
+                                                     "given as START-STOP, e.g. 5-25 (ours; default: every step, the paper)."),
                 exclusive: bool = typer.Option(False, help="Several concepts: on each patch apply only the concept with the most firing features (ours; the paper applies every one)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
@@ -45,6 +47,9 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
     if top_n is not None and percentile is not None:
         fail("give either --top-n or --percentile, not both")
+    win = parse_window(window) if window is not None else None
+    if win is not None and win[0] >= steps:
+        fail(f"--window {window}: starts past the last of the {steps} steps, so nothing would be edited")
     if out is not None or save_images is None:
         out = out or Path("unlearn.png")
         check_out_file(out)
@@ -79,14 +84,15 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                   lambda: unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier,
                                            percentile=percentile, top_n=top_n, faithful=faithful,
                                            mode="add" if add else "ablate", scaling=scaling, selection=selection,
-                                           min_fire=min_fire, exclusive=exclusive)]
+                                           min_fire=min_fire, exclusive=exclusive, window=win)]
     try:
         if save_images is not None:
             imgs = _save_image_set(pipe, ps, save_images, conditions, steps, guidance, out is not None, model=model,
                                    sae=[str(f) for f in sae] if sae else "bundled", dictionary=dictionary,
                                    dictionary_name=dictionary_name, concepts=list(concept), multiplier=multiplier,
                                    percentile=percentile, top_n=top_n, faithful=faithful, add=add, scaling=scaling,
-                                   selection=selection, min_fire=min_fire, exclusive=exclusive)
+                                   selection=selection, min_fire=min_fire, exclusive=exclusive,
+                                   **({"window": list(win)} if win is not None else {}))  # unset: old folders resume
         else:
             imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
     except (DictionaryError, StepGridError, ValueError) as e:

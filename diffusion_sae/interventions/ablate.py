@@ -95,7 +95,7 @@ class ConceptEdit:
 
 
 def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper",
-              min_fire=1, exclusive=False) -> list[ConceptEdit]:
+              min_fire=1, exclusive=False, window=None) -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -104,7 +104,7 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection
             edits.append(c)
         else:
             edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling,
-                                     selection, min_fire, exclusive))
+                                     selection, min_fire, exclusive, window))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
@@ -241,16 +241,17 @@ def block_pairs(sae, dictionary) -> list[tuple]:
 def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
                      percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
                      mode: str = "ablate", scaling: str = "mean", selection: str = "paper", min_fire: int = 1,
-                     exclusive: bool = False):
+                     exclusive: bool = False, window: tuple[int, int] | None = None):
     """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
 
     `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
     `concepts`: a name, a list of names (sharing multiplier / selection / scaling), or ConceptEdit
-    objects (each with its own γ and selection). Yields the hook (one block) or the list of hooks.
-    Hooks are removed on exit, also when generation raises.
+    objects (each with its own γ, selection and window). `window` (start, stop): edit the named concepts
+    only at step indices start <= t < stop (ConceptEdit.window). Yields the hook (one block) or the list
+    of hooks. Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)
-    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive, window)
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)

@@ -64,15 +64,21 @@ class ConceptSteering(Intervention):
         return hp
 
     def steering(self, pipe):
-        """The Steering (matrix S) for this pipeline, built once per pipeline."""
-        from .steer import concept_steering
+        """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
+        (steer.family_gate) decides per prompt how much of S applies."""
+        from .steer import concept_steering, family_gate
 
         if pipe not in self._built:
             c = self.config
             concept = c.concept[0] if len(c.concept) == 1 else list(c.concept)
             baseline = None if c.baseline is None else c.baseline[0] if len(c.baseline) == 1 else list(c.baseline)
-            self._built[pipe] = concept_steering(self.sae, pipe, self.hookpoint, concept, c.strength,
-                                                 baseline=baseline, gate=c.gate, keep=list(c.keep) or None)
+            st = concept_steering(self.sae, pipe, self.hookpoint, concept, c.strength,
+                                  baseline=baseline, gate=c.gate, keep=list(c.keep) or None)
+            if c.rivals:
+                st.rows = family_gate(pipe, self.hookpoint, list(c.concept_words), list(c.rivals), c.implicit,
+                                      c.implicit_negative, match=c.match,
+                                      neutral_words=None if c.neutral is None else list(c.neutral))
+            self._built[pipe] = st
         return self._built[pipe]
 
     def context(self, pipe) -> ContextManager:
