@@ -119,6 +119,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              gated: bool = typer.Option(True, help="steer: gate each concept's steering on its word (ours) or steer every prompt (--no-gated, the paper)."),
              per_concept: bool = typer.Option(False, help="steer: also pick a λ per concept (saved under \"concepts\"; the kind's λ stays the default); "
                                               "robust-saeuron: each scored concept gets its own winning setting."),
+             windows: str = typer.Option("none", help="robust-saeuron: timestep windows to try, ';' between them: 'none' (every step) "
+                                         "or 'START-STOP' (edit at step indices START <= t < STOP), e.g. 'none;5-25;10-25'."),
              match: str = typer.Option("embedding", help="robust-steer: how the FamilyGate finds a name in a prompt: 'embedding' (nearest word in the "
                                        "text encoder's token embeddings: follows learned synonyms) or 'tokens' (exact words: a prompt filter)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
@@ -165,6 +167,18 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         sels = [x.strip() for x in selections.split(",") if x.strip()]
         if not sels or any(x not in ("paper", "specific") for x in sels):
             fail(f"--selections must list 'paper' and/or 'specific', not {selections!r}")
+        wins: list = []
+        for w in (x.strip() for x in windows.split(";") if x.strip()):
+            if w == "none":
+                wins.append(None)
+                continue
+            try:
+                a, b = (int(v) for v in w.split("-"))
+            except ValueError:
+                fail(f"--windows: {w!r} is not 'none' or START-STOP (two step indices, e.g. 5-25)")
+            if not 0 <= a < b:
+                fail(f"--windows: {w!r} needs 0 <= START < STOP")
+            wins.append((a, b))
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
     elif method == "robust-steer":
@@ -191,7 +205,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         elif method == "robust-saeuron":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
                                        top_n=grid["top_n"], gammas=grid["gammas"], min_fires=grid["min_fires"],
-                                       block_sets=sets, per_concept=per_concept, progress=prog)
+                                       block_sets=sets, windows=wins or [None], per_concept=per_concept, progress=prog)
         elif method == "saeuron":
             lines = tune_saeuron_params(pipe, clf, params, kind, concepts=concept, search=search, images=images,
                                         scalings=scs, selections=sels, block_sets=sets, progress=prog, **grid)

@@ -116,7 +116,8 @@ def tune_steer_add_params(pipe, clf, params: dict, strengths: list[float], progr
 def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, concepts_per_kind: int,
                        strengths: list[float] = (), implicit: list[float] = (), top_n: list[int] = (),
                        gammas: list[float] = (), min_fires: list[int] = (),
-                       block_sets: list[tuple[str, ...]] = (), match: str = "embedding", per_concept: bool = False,
+                       block_sets: list[tuple[str, ...]] = (), windows: list = (None,), match: str = "embedding",
+                       per_concept: bool = False,
                        progress: Advance = None) -> list[str]:
     """The generalization score (world/robust_tune.py) over named, implicit and rest prompts of the tuning
     split, one winner for the kind: robust-steer picks (λ, implicit fraction) of the FamilyGate removal
@@ -145,7 +146,8 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
         names = sorted({b for bs in block_sets for b in bs})
         blocks = {kind: bundle.load_blocks(kind, names)}
         settings = [{"blocks": list(b), "top_n": n, "multiplier": g, "scaling": "latent", "selection": "specific",
-                     "min_fire": mf} for b, n, g, mf in itertools.product(block_sets, top_n, gammas, min_fires)]
+                     "min_fire": mf, **({"window": list(w)} if w else {})}
+                    for b, n, g, mf, w in itertools.product(block_sets, top_n, gammas, min_fires, windows or (None,))]
         cands = robust_tune.saeuron_candidates(pipe, blocks, settings, kinds=(kind,))
         keys = dict(zip(cands, settings))
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=True, progress=progress)
