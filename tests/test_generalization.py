@@ -210,3 +210,13 @@ def test_several_concepts_at_once_and_one_after_another():
     for r in res["rows"]["Concept Steerers (shipped, 2 at once)"] + res["rows"]["Concept Steerers (shipped, 2 one after another)"]:
         assert r["named_plain"] >= 0.75 and r["named"] <= 0.25, r
         assert r["rest_accuracy"] >= 0.75, r
+
+
+def test_mean_violation_by_hand():
+    """0 when every bar holds; a named presence of 10 % is one bar (5 %) past it; Concept Steerers' paired change
+    carries no bar (its text edit touches every sample), SAeUron's does (5 %: 20 % is 3 bars past)."""
+    ok = {"named": 0.0, "held_out": 0.0, "implicit_all": 0.0, "implicit_all_plain": 0.5, "rest_accuracy": 1.0,
+          "paired_change": 0.2, "tv_other": 0.0, "fd_ratio": 0.0}
+    res = {"rows": {"Concept Steerers (x)": [ok, dict(ok, named=0.10)], "SAeUron (x)": [ok]}}
+    v = gen.mean_violations(res)
+    assert v["Concept Steerers (x)"] == pytest.approx(0.5) and v["SAeUron (x)"] == pytest.approx(3.0)

@@ -465,10 +465,20 @@ def report_section(res: dict):
             "seeds whose plain image lacks the concept (an ideal eraser changes nothing there); FD ratio = "
             "judge-space Fréchet distance to plain / the same plain images' distance to rendered ones. "
             "Artifacts: images whose least confident judge head is below 50 %.")
-    summary = Table("Worst concept per axis", ["method", "worst"],
-                    [[line.split(" — worst: ")[0], line.split(" — worst: ")[1]] for line in summary_lines(res)])
+    scores = mean_violations(res)
+    summary = Table("Worst concept per axis, and the mean bar violation (0 = every bar held for every concept)",
+                    ["method", "worst", "mean bar violation"],
+                    [[m, w, f"{scores[m]:.1f}"] for m, w in (line.split(" — worst: ") for line in summary_lines(res))])
     return Section("Generalization: named, held-out names, implicit and adversarial prompts", text,
                    [summary, Table("Per concept, %", cols, rows)])
+
+
+def mean_violations(res: dict) -> dict[str, float]:
+    """{method: mean over its concepts of robust_tune.violation}: how far past the erasure bars, summed over
+    axes. Concept Steerers edits the text and touches every sample, so its paired change has no bar."""
+    from .robust_tune import method_score
+
+    return {m: method_score(rs, paired=not m.startswith("Concept Steerers"))[0] for m, rs in res["rows"].items() if rs}
 
 
 def summary_lines(res: dict) -> list[str]:
