@@ -220,3 +220,32 @@ def test_mean_violation_by_hand():
     res = {"rows": {"Concept Steerers (x)": [ok, dict(ok, named=0.10)], "SAeUron (x)": [ok]}}
     v = gen.mean_violations(res)
     assert v["Concept Steerers (x)"] == pytest.approx(0.5) and v["SAeUron (x)"] == pytest.approx(3.0)
+
+
+def test_embedding_match_finds_held_out_names_on_the_bundled_model():
+    """The shipped FamilyGate finds a concept's held-out names (never used to build it) by the text encoder's token
+    embeddings: at least 46 of the 48 aliases make their prompt count as naming the concept, and an alias of a
+    rival as naming a rival; exact token matching finds none of them."""
+    from diffusion_sae.eval.shapes import family_removal
+    from diffusion_sae.world import assets, bundle
+    from diffusion_sae.world.config import ALIASES, eval_prompt
+
+    pipe, sae = assets.load_pipeline(), bundle.load_text_sae()
+    base = {"object": "ring", "style": "solid", "colour": "red"}
+    found = rival_found = token_found = total = 0
+    for kind, concepts in bundle.KINDS.items():
+        for concept in concepts:
+            gates = {m: family_removal(sae, pipe, kind, concept, -1.0, 0.1, match=m).rows for m in ("embedding", "tokens")}
+            rival = next(c for c in concepts if c != concept and c != base[kind])
+            def say(name):
+                a = dict(base, **{kind: name})
+                return eval_prompt(a["object"], a["style"], a["colour"])
+            prompts, rival_prompts = [say(a) for a in ALIASES[concept]], [say(a) for a in ALIASES[rival]]
+            ids = pipe.tokenizer(prompts + rival_prompts, padding="max_length",
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            emb, tok = gates["embedding"].matcher(ids), gates["tokens"].matcher(ids)
+            found += sum(x == "target" for x in emb[:2])
+            rival_found += sum(x == "rival" for x in emb[2:])
+            token_found += sum(x == "target" for x in tok[:2])
+            total += 2
+    assert total == 48 and found >= 46 and rival_found >= 46 and token_found == 0
