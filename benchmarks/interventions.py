@@ -107,7 +107,8 @@ def sd15(repeats: int) -> None:
     pipe.scheduler.set_timesteps(2)
     steps = [float(t) for t in pipe.scheduler.timesteps]
     means = torch.rand(2, 2, 20480) * 0.1
-    d = ConceptDictionary(hp, ["target", "other"], means, [1, 1], steps, {"scheduler": "DDIMScheduler"})
+    d = ConceptDictionary(hp, ["target", "other"], means, [1, 1], steps, {"scheduler": "DDIMScheduler"},
+                          bars=torch.rand(2, 2, 20480) * 0.1, excess=torch.rand(2, 2, 20480) * 0.1)
 
     def gen():
         return pipe("a photo", num_inference_steps=2, guidance_scale=7.5, height=512, width=512,
