@@ -11,7 +11,7 @@ import typer
 from ..world.benchmark import ATTACK_KINDS
 from ..world.config import GUIDANCE as WORLD_GUIDANCE
 from .common import (METHOD_HELP, METHOD_SAE_HELP, SET_HELP, SHAPES, fail, load_model, method_config, method_context,
-                     method_intervention, parse_strengths, progress_bar)
+                     method_intervention, parse_strengths, parse_window, progress_bar)
 
 
 def eval_attack(kind: str = typer.Option("style", help="style or object."),
@@ -167,18 +167,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         sels = [x.strip() for x in selections.split(",") if x.strip()]
         if not sels or any(x not in ("paper", "specific") for x in sels):
             fail(f"--selections must list 'paper' and/or 'specific', not {selections!r}")
-        wins: list = []
-        for w in (x.strip() for x in windows.split(";") if x.strip()):
-            if w == "none":
-                wins.append(None)
-                continue
-            try:
-                a, b = (int(v) for v in w.split("-"))
-            except ValueError:
-                fail(f"--windows: {w!r} is not 'none' or START-STOP (two step indices, e.g. 5-25)")
-            if not 0 <= a < b:
-                fail(f"--windows: {w!r} needs 0 <= START < STOP")
-            wins.append((a, b))
+        wins = [None if w == "none" else parse_window(w, "--windows")
+                for w in (x.strip() for x in windows.split(";")) if w]
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
     elif method == "robust-steer":

@@ -153,7 +153,6 @@ def family_candidates(pipe, text_sae, settings: list[tuple], kinds=("style", "ob
 
     out = {}
     for setting in settings:
-        lam, imp, neg, match = (*setting, None, "tokens")[:4] if len(setting) == 2 else (
-            (*setting, "tokens") if len(setting) == 3 else tuple(setting))
+        lam, imp, neg, match = (*setting, *(None, "tokens")[len(setting) - 2:])
         out[family_name(lam, imp, neg, match)] = {k: for_kind(k, lam, imp, neg, match) for k in kinds}
     return out
