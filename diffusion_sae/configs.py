@@ -169,6 +169,7 @@ class SAeUronConfig(Config):
     mode: Literal["ablate", "add"] = "ablate"
     faithful: bool = False
     window: tuple[int, int] | None = None                 # edit only at step indices start <= t < stop (ours)
+    edit: Literal["scale", "replace"] = "scale"           # replace: firing features -> the others' mean (ours)
 
     def __post_init__(self):
         object.__setattr__(self, "concepts", _as_tuple(self.concepts))
@@ -184,3 +185,6 @@ class SAeUronConfig(Config):
                                   f"0 <= start < stop, not {self.window!r}")
             object.__setattr__(self, "window", w)
         _check_literals(self)
+        if self.edit == "replace" and (self.faithful or self.mode != "ablate"):
+            raise ConfigError("SAeUronConfig.edit='replace' needs mode='ablate' and faithful=False "
+                              "(the official path and 'add' scale features)")

@@ -114,6 +114,13 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert isinstance(r.exception, UserError) and "min_fire" in str(r.exception)
     r = run("unlearn", "--concept", "striped", "--scaling", "big", "--prompt", "a red star", "--out", tmp_path / "x.png")
     assert isinstance(r.exception, UserError) and "scaling" in str(r.exception)
+    # detect-then-replace: the firing features set to the other concepts' mean (γ ignored)
+    ok("unlearn", "--sae", block, "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
+       "--top-n", 16, "--selection", "specific", "--min-fire", 3, "--edit", "replace",
+       "--prompt", "a red star in striped style", "--out", tmp_path / "u6.png")
+    assert (tmp_path / "u6.png").stat().st_size > 1000
+    r = run("unlearn", "--concept", "striped", "--edit", "swap", "--prompt", "a red star", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "--edit" in str(r.exception)
 
 
 def test_tune_both_methods_small(tmp_path):
@@ -158,14 +165,18 @@ def test_tune_robust_presets_small(tmp_path):
     r = run("tune", "--method", "robust-saeuron", "--kind", "style", "--windows", "5")
     assert isinstance(r.exception, UserError) and "--windows" in str(r.exception)
     out = ok("tune", "--method", "robust-saeuron", "--kind", "style", "--top-n", "16", "--gammas=-1", "--min-fires", "3",
-             "--windows", "none;5-25", "--blocks", "unet.up_blocks.1.attentions.0", "--concepts-per-kind", 1,
-             "--per-concept", "--out", tmp_path / "q.json")
+             "--windows", "none;5-25", "--edits", "scale;replace", "--blocks", "unet.up_blocks.1.attentions.0",
+             "--concepts-per-kind", 1, "--per-concept", "--out", tmp_path / "q.json")
     assert "winner (solid)" in out and "steps 5-25" in out
+    # every candidate's axes per concept; replace ignores γ, so its candidates carry no γ in their names
+    assert "named (plain)" in out and "n=16 replace latent/specific fire≥3 steps 5-25" in out
+    assert sum(line.startswith("solid ") for line in out.splitlines()) == 4
     sa = json.loads((tmp_path / "q.json").read_text())["saeuron"]
     setting = {"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 16, "multiplier": -1.0, "scaling": "latent",
                "selection": "specific", "min_fire": 3}
+    swept = [dict(setting, **w, **e) for w in ({}, {"window": [5, 25]}) for e in ({}, {"edit": "replace"})]
     for c in ("solid", "striped"):   # solid: its own winner; striped (not scored): the kind's
-        assert sa[c] in (setting, dict(setting, window=[5, 25]))
+        assert sa[c] in swept
 
 
 def test_tune_never_writes_into_the_package(tmp_path):

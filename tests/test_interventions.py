@@ -495,6 +495,84 @@ def test_min_fire_gates_patches_on_several_features_firing_together(sd_dictionar
         ConceptEdit("cat", -1.0, min_fire=0)
 
 
+def test_replace_edit_sets_firing_features_to_the_other_concepts_mean(sd_dictionary):
+    """edit="replace": where the gate fires, each firing selected latent becomes ref[t, j] = the mean over the
+    other concepts of μ_c',j(t) (the decoded delta is exactly decode(ref − z)); where it does not fire the patch
+    is bitwise unchanged; γ is ignored; the same detection as the scale edit decides which patches move."""
+    from diffusion_sae.interventions.ablate import ConceptEdit, SAeUronHook, reference_means
+
+    pipe, sae, d = sd_dictionary
+    g = torch.Generator().manual_seed(2)
+    kw = dict(top_n=6, scaling="latent", min_fire=2)
+    rep = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, edit="replace", **kw)])
+    rep_g = SAeUronHook(sae, d, [ConceptEdit("cat", 3.0, edit="replace", **kw)])       # γ plays no part
+    scl = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, **kw)])
+    ref = reference_means(d, "cat")
+    torch.testing.assert_close(ref, (d.means[1] + d.means[2]) / 2)                        # dog and car, equally
+    w = sae.W_dec.detach()
+    gated = ungated = 0
+    for t in range(len(d.timesteps)):
+        ids = rep.selected[0, t].nonzero().flatten()
+        assert torch.equal(rep.offset[0, t, ids], ref[t, ids].to(rep.offset.dtype)) and not rep.scale[0, t, ids].any()
+        x = torch.cat([4 * (w[ids[0]] + w[ids[1]] + w[ids[2]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
+                       torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
+        acts, idx = sae.encode(x)
+        fire = rep.selected[0, t][idx] & (acts > rep.bar[0, t][idx])
+        fire &= fire.sum(-1, keepdim=True) >= 2
+        touched = fire.any(-1)
+        got = rep.edit_tokens(x, t)
+        assert torch.equal(got, rep_g.edit_tokens(x, t))
+        # (b) patches where the gate stays shut: bitwise the input
+        assert torch.equal(got[~touched], x[~touched])
+        # (a) the firing latents go to the reference exactly, the others keep their value
+        new = torch.where(fire, ref[t].to(acts.dtype)[idx], acts)
+        rows = touched.nonzero().flatten()
+        want = x[rows] + sae.decode(new[rows] - acts[rows], idx[rows], x=x[rows]) \
+            - sae.decode(torch.zeros_like(acts[rows]), idx[rows], x=x[rows])
+        torch.testing.assert_close(got[rows], want, rtol=0, atol=1e-6)
+        # the scale edit touches the same patches, farther
+        e_scale = scl.edit_tokens(x, t)
+        assert torch.equal((e_scale - x).abs().amax(-1) > 0, touched)
+        assert (got[rows] - x[rows]).norm() < (e_scale[rows] - x[rows]).norm()
+        gated, ungated = gated + int(touched.sum()), ungated + int((~touched).sum())
+    assert gated > 0 and ungated > 0
+
+
+def test_replace_edit_is_checked_and_reaches_the_pipeline(sd_dictionary):
+    from diffusion_sae.configs import ConfigError, SAeUronConfig
+    from diffusion_sae.interventions.ablate import ConceptEdit, reference_means
+    from diffusion_sae.interventions.api import SAeUron, intervene
+
+    pipe, sae, d = sd_dictionary
+    with pytest.raises(DictionaryError, match="edit must be 'scale'.*or 'replace'"):
+        ConceptEdit("cat", -1.0, edit="swap")
+    with pytest.raises(DictionaryError, match="faithful=False"):
+        with unlearn_concepts(pipe, sae, d, "cat", top_n=2, edit="replace", faithful=True):
+            pass
+    with pytest.raises(DictionaryError, match="mode='ablate'"):
+        with unlearn_concepts(pipe, sae, d, "cat", top_n=2, edit="replace", mode="add"):
+            pass
+    with pytest.raises(ConfigError, match="edit"):
+        SAeUronConfig(concepts="cat", edit="swap")
+    with pytest.raises(ConfigError, match="faithful"):
+        SAeUronConfig(concepts="cat", edit="replace", faithful=True)
+    one = ConceptDictionary(d.hookpoint, ["cat"], d.means[:1], d.counts[:1], d.timesteps)
+    with pytest.raises(DictionaryError, match="other concepts"):
+        reference_means(one, "cat")
+    assert _no_hooks(pipe)
+    base = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, edit="replace") as hook:
+        rep = _gen(pipe, "a cat")
+    assert hook.edits[0].edit == "replace" and (rep - base).abs().max() > 1e-4
+    with intervene(pipe, SAeUron(sae, d, concepts="cat", top_n=3, edit="replace")):
+        assert torch.equal(_gen(pipe, "a cat"), rep)                 # the config reaches the edit; γ ignored
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, edit="scale"):
+        scale = _gen(pipe, "a cat")
+    with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3):
+        assert torch.equal(_gen(pipe, "a cat"), scale)               # "scale" is the default
+    assert _no_hooks(pipe)
+
+
 def test_register_edit_replaces_what_each_read_mode_reads():
     from diffusion_sae.models import Hookpoint, register_edit
 

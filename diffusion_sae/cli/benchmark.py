@@ -121,6 +121,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                                               "robust-saeuron: each scored concept gets its own winning setting."),
              windows: str = typer.Option("none", help="robust-saeuron: timestep windows to try, ';' between them: 'none' (every step) "
                                          "or 'START-STOP' (edit at step indices START <= t < STOP), e.g. 'none;5-25;10-25'."),
+             edits: str = typer.Option("scale", help="robust-saeuron: edits to try, ';' between them: 'scale' (firing features "
+                                       "become z·γ, the paper) or 'replace' (they become the other concepts' mean; γ ignored), e.g. 'scale;replace'."),
              match: str = typer.Option("embedding", help="robust-steer: how the FamilyGate finds a name in a prompt: 'embedding' (nearest word in the "
                                        "text encoder's token embeddings: follows learned synonyms) or 'tokens' (exact words: a prompt filter)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
@@ -169,6 +171,9 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
             fail(f"--selections must list 'paper' and/or 'specific', not {selections!r}")
         wins = [None if w == "none" else parse_window(w, "--windows")
                 for w in (x.strip() for x in windows.split(";")) if w]
+        eds = [x.strip() for x in edits.split(";") if x.strip()]
+        if not eds or any(x not in ("scale", "replace") for x in eds):
+            fail(f"--edits must list 'scale' and/or 'replace' (';' between them), not {edits!r}")
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
     elif method == "robust-steer":
@@ -195,7 +200,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         elif method == "robust-saeuron":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
                                        top_n=grid["top_n"], gammas=grid["gammas"], min_fires=grid["min_fires"],
-                                       block_sets=sets, windows=wins or [None], per_concept=per_concept, progress=prog)
+                                       block_sets=sets, windows=wins or [None], per_concept=per_concept,
+                                       edits=list(dict.fromkeys(eds)), progress=prog)
         elif method == "saeuron":
             lines = tune_saeuron_params(pipe, clf, params, kind, concepts=concept, search=search, images=images,
                                         scalings=scs, selections=sels, block_sets=sets, progress=prog, **grid)

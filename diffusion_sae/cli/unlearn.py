@@ -21,6 +21,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 min_fire: int = typer.Option(1, help="Edit a patch only where this many selected features fire together (ours; 1 = the paper)."),
                 window: Optional[str] = typer.Option(None, help="Edit only at denoising step indices START <= t < STOP, "
                                                      "given as START-STOP, e.g. 5-25 (ours; default: every step, the paper)."),
+                edit: str = typer.Option("scale", help="scale: firing features become z·γ·μ or z·γ (the paper); replace: "
+                                         "they become the other concepts' mean at the step, γ ignored (ours)."),
                 exclusive: bool = typer.Option(False, help="Several concepts: on each patch apply only the concept with the most firing features (ours; the paper applies every one)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
@@ -47,6 +49,10 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
     if top_n is not None and percentile is not None:
         fail("give either --top-n or --percentile, not both")
+    if edit not in ("scale", "replace"):
+        fail(f"--edit must be scale or replace, not {edit!r}")
+    if edit == "replace" and (add or faithful):
+        fail(f"--edit replace removes features (ours): drop {'--add' if add else '--faithful'}")
     win = parse_window(window) if window is not None else None
     if win is not None and win[0] >= steps:
         fail(f"--window {window}: starts past the last of the {steps} steps, so nothing would be edited")
@@ -84,7 +90,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                   lambda: unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier,
                                            percentile=percentile, top_n=top_n, faithful=faithful,
                                            mode="add" if add else "ablate", scaling=scaling, selection=selection,
-                                           min_fire=min_fire, exclusive=exclusive, window=win)]
+                                           min_fire=min_fire, exclusive=exclusive, window=win, edit=edit)]
     try:
         if save_images is not None:
             imgs = _save_image_set(pipe, ps, save_images, conditions, steps, guidance, out is not None, model=model,
@@ -92,7 +98,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                    dictionary_name=dictionary_name, concepts=list(concept), multiplier=multiplier,
                                    percentile=percentile, top_n=top_n, faithful=faithful, add=add, scaling=scaling,
                                    selection=selection, min_fire=min_fire, exclusive=exclusive,
-                                   **({"window": list(win)} if win is not None else {}))  # unset: old folders resume
+                                   **({"window": list(win)} if win is not None else {}),  # unset: old folders resume
+                                   **({"edit": edit} if edit != "scale" else {}))
         else:
             imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
     except (DictionaryError, StepGridError, ValueError) as e:

@@ -353,7 +353,7 @@ def quick_grid(ps: PromptSet) -> PromptSet:
 @contextlib.contextmanager
 def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     """Unlearn every concept of `params` ({concept: {"top_n" | "percentile", "multiplier", "scaling",
-    "selection", "min_fire", "blocks"}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
+    "selection", "min_fire", "blocks"[, "window", "exclusive", "edit"]}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
     without "blocks" uses the first block (the paper's single hookpoint)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
 
@@ -367,7 +367,7 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
                            p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)),
-                           tuple(p["window"]) if p.get("window") else None)
+                           tuple(p["window"]) if p.get("window") else None, p.get("edit", "scale"))
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:

@@ -37,6 +37,16 @@ Any read mode works: an SAE trained on a block's `:update` (or `:input`) edits t
 a cross-attention layer's own output (`…transformer_blocks.0.attn2`, what the text writes into the
 image tokens) edits only the text-injected part of the block.
 
+`edit="replace"` (ours, "detect-then-replace") keeps the detection (selection, bars, evidence gate,
+window) but sets each firing selected latent to a concept-free reference value instead of scaling it:
+
+    z'_j = ref_c,j(t) = mean over the other concepts c' ≠ c of μ_c',j(t)
+
+The scale edit with γ < 0 flips a feature to a large negative value that no real patch ever encodes, which
+pushes the block output off the activation manifold (and changes images whose plain version never showed
+the concept where the gate misfires); the replacement is a value the other concepts' patches do produce on
+average, so a misfire moves a patch only by the feature's own excess. The multiplier is ignored by replace.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
 prompt); several concepts add up.
@@ -55,6 +65,9 @@ from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve
 
 class StepGridError(DiffusionSAEError, ValueError):
     """The dictionary was built on another step grid than the sampler uses."""
+
+
+EDITS = ("scale", "replace")   # ConceptEdit.edit
 
 
 @dataclass
@@ -76,6 +89,9 @@ class ConceptEdit:
     # noisiest step); None edits every step as the paper does. The concept's layout is decided early and its
     # texture late, so a window trades removal against how much of the rest of the image moves.
     window: tuple[int, int] | None = None
+    # How a firing selected latent is edited: "scale" (the paper's z·γ·μ or z·γ) or "replace" (ours: set it
+    # to the concept-free reference, the other concepts' mean activation at the step; γ is ignored).
+    edit: str = "scale"
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
@@ -92,10 +108,13 @@ class ConceptEdit:
         if self.selection not in ("paper", "specific"):
             raise DictionaryError(f"selection must be 'paper' (official scores, bar ν) or 'specific' (per-patch "
                                   f"specificity), not {self.selection!r}")
+        if self.edit not in EDITS:
+            raise DictionaryError(f"edit must be 'scale' (z·γ·μ or z·γ, the paper) or 'replace' (set the firing "
+                                  f"features to the other concepts' mean), not {self.edit!r}")
 
 
 def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper",
-              min_fire=1, exclusive=False, window=None) -> list[ConceptEdit]:
+              min_fire=1, exclusive=False, window=None, edit="scale") -> list[ConceptEdit]:
     if isinstance(concepts, (str, ConceptEdit)):
         concepts = [concepts]
     edits = []
@@ -104,14 +123,39 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection
             edits.append(c)
         else:
             edits.append(ConceptEdit(str(c), multiplier, percentile, top_n if percentile is None else None, scaling,
-                                     selection, min_fire, exclusive, window))
+                                     selection, min_fire, exclusive, window, edit))
     if not edits:
         raise DictionaryError("no concept to unlearn given")
     return edits
 
 
+def reference_means(dictionary: ConceptDictionary, concept: str) -> torch.Tensor:
+    """ref_c(t) of edit="replace": the mean over the other concepts (each weighted equally, as ν and the
+    'specific' bars weight them) of their per-step mean activations μ_c',j(t), [S, L].
+
+    The dictionary's means are patch means with the zeros included (a latent TopK dropped on a patch counts
+    as 0), so ref is what a latent contributes to an average patch of another concept, not its typical value
+    where it fires. A "mean where active" would need the firing rate, which the dictionary does not keep (the
+    per-patch histograms are reduced to bars and excess at build time); and the zero-inclusive mean is the
+    better reference anyway: it is the least-squares estimate of z_j on a concept-free patch, so a firing
+    feature is brought back to what the rest of the dictionary looks like on average rather than to another
+    concept's firing level.
+    """
+    c = dictionary.index(concept)
+    if len(dictionary.concepts) < 2:
+        raise DictionaryError(f"edit='replace' needs other concepts in the dictionary at {dictionary.hookpoint} "
+                              f"for its reference; it holds only {concept!r}")
+    means = dictionary.means.float()
+    keep = torch.ones(means.shape[0], dtype=torch.bool)
+    keep[c] = False
+    return means[keep].mean(0)
+
+
 class SAeUronHook:
-    """Precomputed per-step tables (selected mask, scale, bar) and the forward hook itself."""
+    """Precomputed per-step tables (selected mask, scale, offset, bar) and the forward hook itself.
+
+    A firing selected latent becomes z·scale + offset: (γ·μ or γ, 0) for edit="scale", (0, ref) for
+    edit="replace" (0·z + ref is ref exactly for the non-negative, finite z of a TopK SAE)."""
 
     def __init__(self, sae, dictionary: ConceptDictionary, edits: list[ConceptEdit], mode: str = "ablate",
                  faithful: bool = False):
@@ -121,6 +165,10 @@ class SAeUronHook:
         if dictionary.means.shape[-1] != L:
             raise DictionaryError(f"dictionary has {dictionary.means.shape[-1]} latents but the SAE has {L}: "
                                   "build the dictionary with this SAE")
+        replace = [e.concept for e in edits if e.edit == "replace"]
+        if replace and (faithful or mode != "ablate"):
+            raise DictionaryError(f"edit='replace' ({replace[0]}) is an ablation of ours: use it with mode='ablate' "
+                                  "and faithful=False (the official sign-flipped path and 'add' scale features)")
         self.sae, self.dictionary, self.edits, self.mode, self.faithful = sae, dictionary, edits, mode, faithful
         S = len(dictionary.timesteps)
         nu = dictionary.average()
@@ -131,21 +179,29 @@ class SAeUronHook:
         E = len(edits)
         selected = torch.zeros(E, S, L, dtype=torch.bool)
         scale = torch.ones(E, S, L)
+        offset = torch.zeros(E, S, L)
         bar = nu.float().expand(E, S, L).clone()
         for i, e in enumerate(edits):
             c = dictionary.index(e.concept)
             idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n, method=e.selection)
             self.features[e.concept] = [ids.tolist() for ids in idx]
             mu = dictionary.means[c].float()
+            ref = reference_means(dictionary, e.concept) if e.edit == "replace" else None
             if e.selection == "specific":
                 bar[i] = dictionary.concept_bar(e.concept).float()
             for t, ids in enumerate(idx):
                 if e.window is not None and not e.window[0] <= t < e.window[1]:
                     continue
                 selected[i, t, ids] = True
-                scale[i, t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
+                if ref is None:
+                    scale[i, t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
+                else:
+                    scale[i, t, ids] = 0.0
+                    offset[i, t, ids] = ref[t, ids]
         dev, dt = sae.device, sae.dtype
         self.selected, self.scale, self.bar = selected.to(dev), scale.to(dev, dt), bar.to(dev, dt)  # [E, S, L]
+        self.offset = offset.to(dev, dt)
+        self.replace = bool(replace)
         self.min_fire = [e.min_fire for e in edits]
         self.exclusive = torch.tensor([e.exclusive for e in edits], device=dev)
         self.tracker: StepTracker | None = None
@@ -168,8 +224,8 @@ class SAeUronHook:
         if self.selected.device != x.device:
             # An SAE left on the CPU under a GPU pipeline: its encode/decode return results on the
             # activations' device, so the selection tables follow them there (once).
-            self.selected, self.scale, self.bar, self.exclusive = (
-                t_.to(x.device) for t_ in (self.selected, self.scale, self.bar, self.exclusive))
+            self.selected, self.scale, self.offset, self.bar, self.exclusive = (
+                t_.to(x.device) for t_ in (self.selected, self.scale, self.offset, self.bar, self.exclusive))
         xs = x.to(sae.dtype)
         # faithful: per-token TopK(k) as the official loader encodes (ours: the SAE's own inference encoding,
         # the calibrated threshold for a BatchTopK SAE)
@@ -188,7 +244,10 @@ class SAeUronHook:
             fire = torch.zeros_like(idx, dtype=torch.bool)
             new = acts
             for e, f in enumerate(fires):
-                new = torch.where(f, acts * self.scale[e, t][idx], new)
+                val = acts * self.scale[e, t][idx]
+                if self.replace:                     # scale-only hooks keep the paper's arithmetic bit for bit
+                    val = val + self.offset[e, t][idx]
+                new = torch.where(f, val, new)
                 fire |= f
             if self.faithful:
                 recon_new = sae.decode(new, idx, x=xs)
@@ -241,17 +300,18 @@ def block_pairs(sae, dictionary) -> list[tuple]:
 def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
                      percentile: float | None = None, top_n: int | None = None, faithful: bool = False,
                      mode: str = "ablate", scaling: str = "mean", selection: str = "paper", min_fire: int = 1,
-                     exclusive: bool = False, window: tuple[int, int] | None = None):
+                     exclusive: bool = False, window: tuple[int, int] | None = None, edit: str = "scale"):
     """Within the block, `pipe(...)` generates with the concepts' features scaled at the block(s).
 
     `sae` / `dictionary`: one SAE and its concept dictionary, or lists of them (one per block).
     `concepts`: a name, a list of names (sharing multiplier / selection / scaling), or ConceptEdit
     objects (each with its own γ, selection and window). `window` (start, stop): edit the named concepts
-    only at step indices start <= t < stop (ConceptEdit.window). Yields the hook (one block) or the list
+    only at step indices start <= t < stop (ConceptEdit.window). `edit`: "scale" (the paper) or "replace"
+    (set firing features to the other concepts' mean, ConceptEdit.edit; needs faithful=False, mode="ablate"). Yields the hook (one block) or the list
     of hooks. Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)
-    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive, window)
+    edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive, window, edit)
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)

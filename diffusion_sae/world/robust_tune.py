@@ -117,13 +117,14 @@ def saeuron_name(p: dict) -> str:
     blocks = "+".join(b.replace("unet.", "").replace(".attentions.", "a").replace("_blocks", "")
                       .replace(".transformer_blocks.0.attn2", ":attn2") for b in p["blocks"])
     win = f" steps {p['window'][0]}-{p['window'][1]}" if p.get("window") else ""
-    return (f"SAeUron {blocks} n={p['top_n']} γ={p['multiplier']:g} {p.get('scaling', 'mean')}/"
+    edit = "replace" if p.get("edit") == "replace" else f"γ={p['multiplier']:g}"   # replace ignores γ
+    return (f"SAeUron {blocks} n={p['top_n']} {edit} {p.get('scaling', 'mean')}/"
             f"{p.get('selection', 'paper')} fire≥{p.get('min_fire', 1)}{win}")
 
 
 def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=("style", "object")) -> dict:
     """SAeUron with each setting ({"blocks", "top_n", "multiplier", "scaling", "selection", "min_fire",
-    "window"}) for every concept of the kinds; blocks_by_kind = {kind: {hookpoint: (sae, dictionary)}}."""
+    "window", "edit"}) for every concept of the kinds; blocks_by_kind = {kind: {hookpoint: (sae, dictionary)}}."""
     from ..eval.shapes import saeuron_context
 
     def for_kind(kind, p):

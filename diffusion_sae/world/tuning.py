@@ -117,13 +117,15 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
                        strengths: list[float] = (), implicit: list[float] = (), top_n: list[int] = (),
                        gammas: list[float] = (), min_fires: list[int] = (),
                        block_sets: list[tuple[str, ...]] = (), windows: list = (None,), match: str = "embedding",
-                       per_concept: bool = False,
+                       per_concept: bool = False, edits: list[str] = ("scale",),
                        progress: Advance = None) -> list[str]:
     """The generalization score (world/robust_tune.py) over named, implicit and rest prompts of the tuning
     split, one winner for the kind: robust-steer picks (λ, implicit fraction) of the FamilyGate removal
     into params["steer"] ({kind: λ, "family": {kind: fraction}}); robust-saeuron picks (blocks, top-n, γ,
-    evidence gate) of the block-output edit with "specific" selection for every concept of the kind, or with
-    per_concept each scored concept's own winner (the others get the kind's). `match` is the FamilyGate's
+    evidence gate, window, edit) of the block-output edit with "specific" selection for every concept of the kind,
+    or with per_concept each scored concept's own winner (the others get the kind's), and prints every candidate's
+    axes per concept. `edits`: "scale" (z·γ) and/or "replace" (firing features set to the other concepts' mean;
+    γ is ignored, so a replace setting is run once per other setting, at the first γ). `match` is the FamilyGate's
     word matcher ("embedding" follows the synonyms the text encoder learned; "tokens" is a prompt filter)."""
     import itertools
 
@@ -146,11 +148,14 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
         names = sorted({b for bs in block_sets for b in bs})
         blocks = {kind: bundle.load_blocks(kind, names)}
         settings = [{"blocks": list(b), "top_n": n, "multiplier": g, "scaling": "latent", "selection": "specific",
-                     "min_fire": mf, **({"window": list(w)} if w else {})}
-                    for b, n, g, mf, w in itertools.product(block_sets, top_n, gammas, min_fires, windows or (None,))]
+                     "min_fire": mf, **({"window": list(w)} if w else {}), **({"edit": e} if e != "scale" else {})}
+                    for e, b, n, g, mf, w in itertools.product(edits or ("scale",), block_sets, top_n, gammas, min_fires,
+                                                               windows or (None,))
+                    if e == "scale" or g == gammas[0]]   # replace ignores γ: one run, not one per γ
         cands = robust_tune.saeuron_candidates(pipe, blocks, settings, kinds=(kind,))
         keys = dict(zip(cands, settings))
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=True, progress=progress)
+        axes = concept_axes_lines(res)
         for c in bundle.KINDS[kind]:
             params["saeuron"][c] = dict(keys[res.best])
         if per_concept:
@@ -158,7 +163,26 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
             for (_, c), (name, v, d) in res.best_per_concept().items():
                 params["saeuron"][c] = dict(keys[name])
                 lines.append(f"winner ({c}): {name}  violation {v:.2f} damage {d:.2f}")
-            return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + lines
+            return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + axes + lines
+        return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + axes + [f"winner ({kind}): {res.best}"]
     else:
         raise TuneOptionError(f"method must be robust-steer or robust-saeuron, not {method!r}")
     return [f"{v:7.2f} {d:6.2f}  {n}" for n, v, d in res.table()] + [f"winner ({kind}): {res.best}"]
+
+
+def concept_axes_lines(res) -> list[str]:
+    """Every candidate's axes per concept (tuning split): violation, named and implicit presence with the plain
+    model's in brackets, held-out names, rest accuracy, paired change, TV and FD ratio."""
+    from .robust_tune import violation
+
+    pct = lambda v: "  –  " if v is None or v != v else f"{100 * v:4.0f}%"  # noqa: E731
+    lines = [f"{'concept':10s} {'viol':>5s} {'named (plain)':>13s} {'implicit (plain)':>16s} {'held-out':>8s} "
+             f"{'rest':>5s} {'paired':>6s} {'TV':>5s} {'FD':>5s}  candidate"]
+    for name, rows in res.rows.items():
+        for r in rows:
+            fd = r.get("fd_ratio")
+            lines.append(f"{r['concept']:10s} {violation(r, res.paired):5.2f} {pct(r['named']):>6s} ({pct(r['named_plain'])}) "
+                         f"{pct(r['implicit_all']):>9s} ({pct(r['implicit_all_plain'])}) {pct(r.get('held_out')):>8s} "
+                         f"{pct(r['rest_accuracy']):>5s} {pct(r['paired_change']):>6s} {r['tv_other']:5.2f} "
+                         f"{'  –  ' if fd is None or fd != fd else f'{fd:5.2f}'}  {name}")
+    return lines
