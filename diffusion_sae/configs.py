@@ -115,6 +115,7 @@ class SteeringConfig(Config):
     concept_words: str | tuple[str, ...] = ()  # the words that name the concept (required with rivals)
     implicit: float = 0.0                    # scale of S on prompts naming none of the family (0: leave them)
     implicit_negative: float | None = None   # the same on their negative branch (None: as implicit)
+    implicit_from_step: int = 0              # the implicit fractions act from this denoising step on (0: every step)
     match: Literal["tokens", "embedding"] = "embedding"  # exact tokens, or nearest word in the token embeddings
     neutral: str | tuple[str, ...] | None = None  # match="embedding": words that name nothing (None: the defaults)
 
@@ -134,6 +135,11 @@ class SteeringConfig(Config):
         object.__setattr__(self, "implicit", _finite(self, "implicit"))
         if self.implicit_negative is not None:
             object.__setattr__(self, "implicit_negative", _finite(self, "implicit_negative"))
+        k = self.implicit_from_step
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ConfigError(f"SteeringConfig.implicit_from_step must be a non-negative whole number of denoising "
+                              f"steps (0: every step), not {k!r}")
+        object.__setattr__(self, "implicit_from_step", int(k))
         if self.rivals:
             if self.gate is not None:
                 raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "
@@ -146,6 +152,7 @@ class SteeringConfig(Config):
         else:
             unused = [n for n, on in (("concept_words", bool(self.concept_words)), ("implicit", self.implicit != 0.0),
                                       ("implicit_negative", self.implicit_negative is not None),
+                                      ("implicit_from_step", self.implicit_from_step != 0),
                                       ("neutral", self.neutral is not None)) if on]
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "

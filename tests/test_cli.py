@@ -86,6 +86,10 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert (tmp_path / "u3.png").stat().st_size > 1000
     ok("steer", "--concept", "striped style", "--strength", "-1", "--gate", "striped", "--prompt", "a red star in striped style",
        "--steps", 5, "--out", tmp_path / "s2.png")
+    # the family gate with its implicit fraction from step 2 of 5 (a prompt naming no style)
+    ok("steer", "--concept", "striped style", "--strength", "-1", "--concept-word", "striped", "--rival", "solid",
+       "--implicit", "0.2", "--implicit-from-step", "2", "--prompt", "a red star", "--steps", 5, "--out", tmp_path / "s5.png")
+    assert (tmp_path / "s5.png").stat().st_size > 1000
     ok("steer", "--concept", "red", "--strength", "-1", "--keep", "star", "--keep", "striped style", "--baseline", "",
        "--prompt", "a red star in striped style", "--steps", 5, "--out", tmp_path / "s3.png")
     assert (tmp_path / "s3.png").stat().st_size > 1000

@@ -249,3 +249,25 @@ def test_embedding_match_finds_held_out_names_on_the_bundled_model():
             token_found += sum(x == "target" for x in tok[:2])
             total += 2
     assert total == 48 and found >= 46 and rival_found >= 46 and token_found == 0
+
+
+def test_family_first_step_reaches_the_gate_from_params_and_candidates():
+    """params["steer"]["family_from_step"] ({kind: step}) reaches the FamilyGate of removal_steering; a kind it
+    does not list, and the shipped params (no such key), keep the implicit fraction at every step (0). A 5th
+    element of a family_candidates setting is the same step."""
+    from diffusion_sae.eval.shapes import removal_steering, steer_strength
+    from diffusion_sae.world import assets, bundle, robust_tune
+
+    pipe, sae = assets.load_pipeline(), bundle.load_text_sae()
+    style, obj = bundle.KINDS["style"][0], bundle.KINDS["object"][0]
+    cs = {"family": {"style": 0.2, "object": 0.1}, "family_from_step": {"style": 8}, "match": "tokens"}
+    st = removal_steering(sae, pipe, "style", style, -1.0, cs)
+    assert st.rows.implicit_from_step == 8 and st.meta["family_gate"]["implicit_from_step"] == 8
+    assert removal_steering(sae, pipe, "object", obj, -1.0, cs).rows.implicit_from_step == 0
+    shipped = bundle.load_params()["steer"]
+    kind = next(iter(shipped["family"]))
+    c = bundle.KINDS[kind][0]
+    assert removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows.implicit_from_step == 0
+    cands = robust_tune.family_candidates(pipe, sae, [(-1.0, 0.2), (-1.0, 0.2, None, "tokens", 8)], kinds=("style",))
+    assert list(cands) == ["CS family gate (tokens) λ=-1 implicit×0.2",
+                           "CS family gate (tokens) λ=-1 implicit×0.2 from step 8"]

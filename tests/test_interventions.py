@@ -755,3 +755,157 @@ def test_family_gate_embedding_match_and_negative_branch(pipes):
     with pytest.raises(SteeringError, match="match must be"):
         family_gate(pipe, name, ["cat"], ["dog"], 0.0, match="fuzzy")
     assert _no_hooks(pipe)
+
+
+# ------------------------------------------------------------------------------- implicit fraction from step k
+def _ours(pipe) -> list[str]:
+    """Names of our hooks left in the diffusers registries of the text encoders and the denoiser."""
+    from diffusion_sae.models import registered
+
+    mods = [m for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
+            if getattr(pipe, c, None) is not None for m in getattr(pipe, c).modules()]
+    return [n for m in mods for n in registered(m) if n.startswith("diffusion_sae")]
+
+
+def _from_step(pipe):
+    """under(implicit, k, prompt): a 3-step image with a cat-vs-dog FamilyGate whose implicit fraction acts from k."""
+    from diffusion_sae.interventions.steer import family_gate
+
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+
+    def under(implicit, k=None, prompt="a photo of a car", **kw):
+        gated = st.scaled(1.0)
+        extra = {} if k is None else {"implicit_from_step": k}
+        gated.rows = family_gate(pipe, name, ["cat"], ["dog"], implicit, **extra)
+        with steer_text_encoder(pipe, gated):
+            return _gen(pipe, prompt, **kw)
+    return under
+
+
+def test_implicit_from_step_zero_is_the_implicit_fraction_at_every_step(pipes):
+    """implicit_from_step=0 (the default) is the FamilyGate as before, bit for bit, with no denoiser hook; a
+    later step with an implicit fraction of 0 has nothing to wait for and adds no hook either."""
+    from diffusion_sae.interventions.steer import FamilyGate
+
+    pipe = pipes("sd")
+    under = _from_step(pipe)
+    for prompt in ("a photo of a car", "a photo of a cat"):
+        assert torch.equal(under(0.5, 0, prompt), under(0.5, None, prompt))
+    assert torch.equal(under(0.0, 5), under(0.0, None))
+    assert FamilyGate([(1,)], [(2,)], 0.5).implicit_from_step == 0
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+    for k, imp in ((0, 0.5), (4, 0.0)):
+        st.rows = FamilyGate([(1,)], [(2,)], imp, implicit_from_step=k)
+        with steer_text_encoder(pipe, st):
+            assert not [n for n in _ours(pipe) if "implicit_from_step" in n]
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+@pytest.mark.parametrize("fam", ["sd", "sdxl", "sd3"])
+def test_implicit_from_step_past_the_last_step_is_implicit_zero(pipes, fam):
+    """From a step the generation never reaches, a prompt naming none of the family is generated as with
+    implicit 0 (SDXL: the pooled embeddings of text_encoder_2 are swapped too), while a prompt naming the
+    concept is steered exactly as with the implicit fraction at every step."""
+    pipe = pipes(fam)
+    under = _from_step(pipe)
+    zero, full, late = under(0.0), under(1.0), under(1.0, 3)
+    assert (full - zero).abs().max() > 1e-3
+    torch.testing.assert_close(late, zero, rtol=0, atol=1e-6)
+    cat = under(1.0, 3, "a photo of a cat")
+    assert torch.equal(cat, under(1.0, 0, "a photo of a cat"))
+    assert (cat - _gen(pipe, "a photo of a cat")).abs().max() > 1e-3
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_implicit_from_step_in_the_middle_swaps_the_first_k_denoiser_calls(pipes):
+    """k=1 of 3 steps: the image differs from implicit 0 and from the fraction at every step; the UNet receives
+    the implicit-0 encoding on its first call only (one call per step: guidance batches both branches), and the
+    count starts again with every pipeline call."""
+    from diffusion_sae.models import PreForwardHook, register_hook
+
+    pipe = pipes("sd")
+    under = _from_step(pipe)
+    zero, full = under(0.0), under(1.0)
+    mid = under(1.0, 1)
+    assert (mid - zero).abs().max() > 1e-4 and (mid - full).abs().max() > 1e-4
+    assert (under(1.0, 2) - mid).abs().max() > 1e-4
+    seen: list = []
+    # registered first, so it runs after the steering's pre-hook and sees what the UNet gets
+    handle = register_hook(pipe.unet, PreForwardHook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"])),
+                           "test.record")
+    try:
+        under(0.0), under(1.0)
+        ehs0, ehs1 = seen[0], seen[3]
+        seen.clear()
+        again = [under(1.0, 1) for _ in range(2)]
+    finally:
+        handle.remove()
+    assert (ehs0 - ehs1).abs().max() > 1e-3
+    assert len(seen) == 6 and torch.equal(seen[0], ehs0) and torch.equal(seen[3], ehs0)
+    assert all(torch.equal(seen[i], ehs1) for i in (1, 2, 4, 5))
+    assert torch.equal(again[0], mid) and torch.equal(again[1], mid)
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_implicit_from_step_hooks_removed_when_generation_raises(pipes):
+    """A generation that raises mid-way leaves no hook and no encode_prompt wrapper after the block; inside
+    the block, the next generation counts its steps from 0 again."""
+    from diffusion_sae.interventions.steer import family_gate
+
+    pipe = pipes("sd")
+    under = _from_step(pipe)
+    plain, mid = _gen(pipe, "a photo of a car"), under(1.0, 2)
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+    st.rows = family_gate(pipe, name, ["cat"], ["dog"], 1.0, implicit_from_step=2)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+    with steer_text_encoder(pipe, st):
+        with pytest.raises(RuntimeError, match="boom"):
+            _gen(pipe, "a photo of a car", callback_on_step_end=boom)
+        assert torch.equal(_gen(pipe, "a photo of a car"), mid)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer_text_encoder(pipe, st):
+            _gen(pipe, "a photo of a car", callback_on_step_end=boom)
+    assert _no_hooks(pipe) and not _ours(pipe) and "encode_prompt" not in pipe.__dict__
+    assert torch.equal(_gen(pipe, "a photo of a car"), plain)
+
+
+def test_implicit_from_step_bad_values_and_unsupported_setups(pipes):
+    import dataclasses
+
+    from diffusion_sae.configs import ConfigError, SteeringConfig
+    from diffusion_sae.interventions.api import ConceptSteering
+    from diffusion_sae.interventions.steer import FamilyGate, family_gate
+
+    for bad in (-1, 1.5, True, "3", None):
+        with pytest.raises(SteeringError, match="implicit_from_step must be a non-negative whole number"):
+            FamilyGate([(1,)], [(2,)], 0.1, implicit_from_step=bad)
+        with pytest.raises(ConfigError, match="implicit_from_step must be a non-negative whole number"):
+            SteeringConfig(concept="a cat", concept_words="cat", rivals="dog", implicit=0.1, implicit_from_step=bad)
+    with pytest.raises(ConfigError, match="implicit_from_step only acts with rivals"):
+        SteeringConfig(concept="a cat", implicit_from_step=8)
+    cfg = SteeringConfig(concept="a cat", strength=-2, concept_words="cat", rivals="dog", implicit=0.2,
+                         implicit_from_step=8, match="tokens")
+    assert SteeringConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["implicit_from_step"] == 8
+    pipe = pipes("sd")
+    name = "text_encoder.text_model.encoder.layers.9"
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    with pytest.raises(SteeringError, match="implicit_from_step must be"):
+        family_gate(pipe, name, ["cat"], ["dog"], 0.1, implicit_from_step=-2)
+    iv = ConceptSteering(sae, dataclasses.replace(cfg, hookpoint=name))
+    assert iv.steering(pipe).rows.implicit_from_step == 8
+    with pytest.raises(SteeringError, match="faithful=False"):
+        with steer_text_encoder(pipe, iv.steering(pipe), faithful=True):
+            pass
+    flux = pipes("flux")
+    fname = list_hookpoints(flux, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(flux, fname).width), flux, fname, "a cat", -2.0)
+    st.rows = family_gate(flux, fname, ["cat"], ["dog"], 0.1, implicit_from_step=2)
+    with pytest.raises(SteeringError, match="not supported on FLUX"):
+        with steer_text_encoder(flux, st):
+            pass
+    assert _no_hooks(pipe) and not _ours(pipe) and _no_hooks(flux) and not _ours(flux)

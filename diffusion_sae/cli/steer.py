@@ -38,6 +38,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                                      "the family (default 0: leave them as they are; 1: the paper)."),
               implicit_negative: Optional[str] = typer.Option(None, help="Family gate: the same on those prompts' "
                                                               "negative branch (default: as --implicit)."),
+              implicit_from_step: Optional[str] = typer.Option(None, help="Family gate: the implicit scale acts "
+                                                               "only from this denoising step on (default 0: every step; "
+                                                               "before it those prompts are generated unsteered)."),
               match: Optional[str] = typer.Option(None, help="Family gate: how a name is found in a prompt: embedding "
                                                   "(nearest word in the text encoder's token embeddings: follows "
                                                   "learned synonyms; default) or tokens (exact words: a prompt filter)."),
@@ -66,7 +69,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail("give either --concept or --concept-file, not both")
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
-    family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate)
+    family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps)
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -116,20 +119,27 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         typer.echo(f"saved {len(ps)} images to {save_images}/<row>.png")
 
 
-def _family_options(rival, concept_word, implicit, implicit_negative, match, gate) -> dict | None:
+def _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step=None,
+                    steps=None) -> dict | None:
     """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
     loads; None without --rival."""
     if match is not None and match not in ("tokens", "embedding"):
         fail(f"--match must be tokens or embedding, not {match!r}")
     imp = parse_number(implicit, "--implicit") if implicit is not None else 0.0
     imp_neg = parse_number(implicit_negative, "--implicit-negative") if implicit_negative is not None else None
+    from_step = 0
+    if implicit_from_step is not None:
+        if not (implicit_from_step.strip().isascii() and implicit_from_step.strip().isdigit()):
+            fail(f"--implicit-from-step must be a denoising step (a whole number >= 0), got {implicit_from_step!r}")
+        from_step = int(implicit_from_step)
     words = {"--rival": list(rival or []), "--concept-word": list(concept_word or [])}
     for opt, ws in words.items():
         if any(not w.strip() for w in ws):
             fail(f"{opt} is empty: give a word such as 'dog'")
     if not words["--rival"]:
         given = [opt for opt, v in (("--concept-word", concept_word), ("--implicit", implicit),
-                                    ("--implicit-negative", implicit_negative), ("--match", match)) if v]
+                                    ("--implicit-negative", implicit_negative),
+                                    ("--implicit-from-step", implicit_from_step), ("--match", match)) if v]
         if given:
             fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
         return None
@@ -137,5 +147,7 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         fail("--gate and --rival are exclusive: the family gate already steers only the prompts naming the concept")
     if not words["--concept-word"]:
         fail("--rival needs --concept-word: the word(s) that name the concept, e.g. --concept-word cat")
+    if steps is not None and from_step >= steps > 0:
+        fail(f"--implicit-from-step {from_step} is not below --steps {steps}: the implicit scale would never act")
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
-                implicit_negative=imp_neg, match=match or "embedding")
+                implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step)

@@ -404,17 +404,19 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
     if kind in family:
         neg = cs_params.get("family_negative", {}).get(kind)
         return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
-                              None if neg is None else float(neg), cs_params.get("match", "tokens"))
+                              None if neg is None else float(neg), cs_params.get("match", "tokens"),
+                              int(cs_params.get("family_from_step", {}).get(kind, 0)))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
 
 
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
-                   implicit_negative: float | None = None, match: str = "tokens"):
+                   implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
-    (`implicit_negative` on that prompt's negative branch). match="tokens" reads canonical words only (a
+    (`implicit_negative` on that prompt's negative branch; both only from denoising step
+    `implicit_from_step` on, params key "family_from_step"). match="tokens" reads canonical words only (a
     held-out name counts as none); "embedding" finds the names by the text encoder's token embeddings,
     with every other non-held-out word of the world's vocabulary as a neutral reference."""
     from ..interventions.steer import family_gate
@@ -427,8 +429,9 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     # the references an EmbeddingMatch compares against: canonical names and template words, never a held-out name
     neutral = [w for w in vocabulary_words() if w not in HELD_OUT_NAMES and w not in KINDS[kind]]
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
-                          neutral_words=neutral)
-    st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match}
+                          neutral_words=neutral, implicit_from_step=implicit_from_step)
+    st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
+                              "implicit_from_step": implicit_from_step}
     return st
 
 
@@ -545,9 +548,10 @@ def run_shapes_benchmark(pipe, classifier, text_sae, blocks: dict, params: dict,
                 rows.append(dict(removal_row(j, kind, c, base_c), strength=lam_c))
                 urows.append(dict(unlearning_row(j, kind, c), fd_rest=rest_frechet(j, base_c, kind, c)))
             family = cs_params.get("family", {}).get(kind) if not paper else None
+            from_step = cs_params.get("family_from_step", {}).get(kind, 0) if family is not None else 0
             out[key][kind] = {"strength": lam, "removal": rows, "unlearning": urows,
                               "gated": bool(cs_params.get("gate")) and not paper and family is None,
-                              "family": family}
+                              "family": family, "family_from_step": from_step}
     out["seconds_per_image_steered"] = t_steer / max(n_steer, 1)
 
     # Concept Steerers: add each style (λ > 0) to prompts that name no style.
@@ -632,8 +636,9 @@ def shapes_report_sections(res: dict) -> list:
         cols = ["concept"] + (["λ"] if per else []) + ["images", "present before", "present after"] \
             + [f"{k} drop (pts)" for k in KINDS if k != kind] + ["prompts without it: agreement before", "after"]
         lam_txt = "λ per concept, default " if per else "λ = "
+        from_step = f" from step {r['family_from_step']}" if r.get("family_from_step") else ""
         gate_txt = (", gated on the concept word" if r.get("gated") else
-                    f", family gate: implicit × {r['family']:g}" if r.get("family") is not None else "")
+                    f", family gate: implicit × {r['family']:g}{from_step}" if r.get("family") is not None else "")
         tables.append(Table(f"Remove each {kind} ({lam_txt}{r['strength']:g}{gate_txt}){how}, %", cols, rows,
                             "present = the judge finds the concept in images whose prompt asks for it (images: how "
                             "many; drops are measured on them)"))

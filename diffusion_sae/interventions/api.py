@@ -77,7 +77,8 @@ class ConceptSteering(Intervention):
             if c.rivals:
                 st.rows = family_gate(pipe, self.hookpoint, list(c.concept_words), list(c.rivals), c.implicit,
                                       c.implicit_negative, match=c.match,
-                                      neutral_words=None if c.neutral is None else list(c.neutral))
+                                      neutral_words=None if c.neutral is None else list(c.neutral),
+                                      implicit_from_step=c.implicit_from_step)
             self._built[pipe] = st
         return self._built[pipe]
 

@@ -31,6 +31,7 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..models import resolve_hookpoint
 from ..errors import DiffusionSAEError
@@ -154,6 +155,13 @@ def _gate_tokens(pipe, hps, text: str) -> list[int]:
     return toks
 
 
+def _check_from_step(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise SteeringError(f"implicit_from_step must be a non-negative whole number of denoising steps "
+                            f"(0: from the first step), got {k!r}")
+    return int(k)
+
+
 def _contains(row: list[int], seq: tuple) -> bool:
     n = len(seq)
     return any(tuple(row[i:i + n]) == seq for i in range(len(row) - n + 1))
@@ -173,16 +181,32 @@ class FamilyGate:
     `matcher` decides which tokens name what: `TokenMatch` (the exact token ids of the words: a prompt
     filter, blind to synonyms) or `EmbeddingMatch` (each token goes to its nearest reference word in the
     text encoder's own token-embedding space, so words the model learned as synonyms are caught).
+
+    `implicit_from_step` k (ours): the implicit fractions act only from the k-th denoiser call of each
+    generation on; before it the denoiser receives the encoding with them at 0 (named and rival prompts
+    are scaled as always). A text edit moves the whole trajectory, so letting the layout form unsteered
+    costs the rest of the image less. steer_text_encoder encodes the prompt once more for this and swaps
+    the encodings in a pre-hook on the denoiser; 0 (the default) is the implicit fraction at every step.
     """
 
-    def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None):
+    def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,
+                 implicit_from_step: int = 0):
         self.matcher = matcher if matcher is not None else TokenMatch(target, rivals)
         self.target, self.rivals = target, rivals
         self.implicit = float(implicit)
         self.implicit_negative = self.implicit if implicit_negative is None else float(implicit_negative)
+        self.implicit_from_step = _check_from_step(implicit_from_step)
 
-    def branches(self, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt scales, negative-branch scales), one per prompt row of tok."""
+    @property
+    def delayed(self) -> bool:
+        """Whether the implicit fractions wait for a later step (and are not 0, so that waiting changes anything)."""
+        return self.implicit_from_step > 0 and (self.implicit != 0.0 or self.implicit_negative != 0.0)
+
+    def branches(self, tok: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt scales, negative-branch scales), one per prompt row of tok; `step` (a denoiser call index,
+        None: from the last one on) gives the implicit fractions as 0 before `implicit_from_step`."""
+        early = step is not None and step < self.implicit_from_step
+        imp, imp_neg = (0.0, 0.0) if early else (self.implicit, self.implicit_negative)
         pos, neg = [], []
         for label in self.matcher(tok):
             if label == "target":
@@ -190,7 +214,7 @@ class FamilyGate:
             elif label == "rival":
                 pos.append(0.0), neg.append(0.0)
             else:
-                pos.append(self.implicit), neg.append(self.implicit_negative)
+                pos.append(imp), neg.append(imp_neg)
         return torch.tensor(pos), torch.tensor(neg)
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
@@ -257,20 +281,22 @@ COMMON_PROMPT_WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "image
 
 def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], rival_words: list[str],
                 implicit: float, implicit_negative: float | None = None, match: str = "tokens",
-                neutral_words: list[str] | None = None, min_similarity: float = 0.0) -> FamilyGate:
+                neutral_words: list[str] | None = None, min_similarity: float = 0.0,
+                implicit_from_step: int = 0) -> FamilyGate:
     """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them).
 
     match="tokens": exact token ids (a prompt filter); "embedding": nearest reference word in the first
     text encoder's token-embedding table (`EmbeddingMatch`), with `neutral_words` (default
-    COMMON_PROMPT_WORDS) as the references that name nothing."""
+    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step: see FamilyGate."""
     hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
     implicit = _check_strength(implicit)
     if implicit_negative is not None:
         implicit_negative = _check_strength(implicit_negative)
+    implicit_from_step = _check_from_step(implicit_from_step)
     target = [tuple(_gate_tokens(pipe, hps, w)) for w in concept_words]
     rivals = [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words]
     if match == "tokens":
-        return FamilyGate(target, rivals, implicit, implicit_negative)
+        return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step)
     if match != "embedding":
         raise SteeringError(f"match must be 'tokens' or 'embedding', not {match!r}")
     words = set(concept_words) | set(rival_words)
@@ -281,7 +307,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     flat = lambda ts: [t for seq in ts for t in seq]  # noqa: E731
     matcher = EmbeddingMatch(encoder.get_input_embeddings().weight, flat(target), flat(rivals), neutral_ids,
                              special, min_similarity)
-    return FamilyGate(target, rivals, implicit, implicit_negative, matcher)
+    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step)
 
 
 def _special_tokens(pipe, hps) -> set[int]:
@@ -447,7 +473,8 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
             m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
             neg = m
         elif hasattr(gate, "branches"):
-            m, neg = (x.flatten() for x in gate.branches(tok))
+            step = getattr(sign_of_call, "step", None)   # an early encoding (implicit_from_step), else None
+            m, neg = (x.flatten() for x in (gate.branches(tok) if step is None else gate.branches(tok, step=step)))
         else:
             m = neg = gate(tok).flatten()
         if sign > 0:
@@ -478,9 +505,78 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
 class _SignState:
     def __init__(self):
         self.sign = 0.0
+        self.step = None    # set while encoding for an early denoiser call (FamilyGate.implicit_from_step)
 
     def __call__(self, name):
         return self.sign
+
+
+class _EarlyEncodings(ModelHook):
+    """Denoiser pre-hook of FamilyGate.implicit_from_step: before step `stops[-1]` it replaces the text
+    encodings the denoiser receives by the ones made for that step (the implicit fractions of the gates
+    that wait for a later step at 0).
+
+    `starts` are the steps from which the encoding changes (0 and each gate's step but the last); the
+    wrapped encode_prompt hands every tensor it returns, with its versions for each start, to `add`.
+    The denoiser's text tensors (`encoder_hidden_states`, SDXL's pooled `added_cond_kwargs["text_embeds"]`,
+    SD3's `pooled_projections`) are found among those by value: whole (no guidance, SD3's skip-layer
+    call) or as the [negative; prompt] halves of a guidance batch. Steps are denoiser calls, counted from
+    the first call after an encoding; one call is one step (the SD pipelines batch both guidance branches
+    in one call), SD3's extra skip-layer call shares its step.
+    """
+
+    _TEXT_KWARGS = ("encoder_hidden_states", "pooled_projections")
+
+    def __init__(self, starts: list[int], stop: int):
+        super().__init__()
+        self.starts, self.stop = starts, stop
+        self.pairs: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
+        self.calls = 0
+        self.denoising = False
+
+    def add(self, late, early: dict[int, tuple]) -> None:
+        if self.denoising:       # the first encoding of a new pipeline call
+            self.pairs, self.calls, self.denoising = [], 0, False
+        for i, t in enumerate(late):
+            if isinstance(t, torch.Tensor):
+                self.pairs.append((t, {lo: e[i] for lo, e in early.items()}))
+
+    def _swap(self, x: torch.Tensor, lo: int, key: str) -> torch.Tensor:
+        def find(part):
+            for late, early in self.pairs:
+                if late.shape == part.shape and torch.equal(late.to(part.device, part.dtype), part):
+                    return early[lo].to(part.device, part.dtype)
+            return None
+
+        new = find(x)
+        if new is None and x.shape[0] % 2 == 0:
+            halves = [find(h) for h in x.chunk(2)]
+            new = torch.cat(halves) if all(h is not None for h in halves) else None
+        if new is None:
+            raise SteeringError(f"implicit_from_step: the denoiser's {key} is not an encoding this steering made "
+                                "(a callback or another text edit changed it?); use implicit_from_step=0 here")
+        return new
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.denoising = True
+        if kwargs.get("skip_layers") is not None:    # SD3 skip-layer guidance: a second call of the same step
+            step = max(self.calls - 1, 0)
+        else:
+            step, self.calls = self.calls, self.calls + 1
+        if step >= self.stop or not self.pairs:
+            return args, kwargs
+        lo = max(s for s in self.starts if s <= step)
+        if not isinstance(kwargs.get("encoder_hidden_states"), torch.Tensor):
+            raise SteeringError("implicit_from_step: the denoiser was called without encoder_hidden_states as a "
+                                "keyword, so the early text encoding cannot be swapped in; use implicit_from_step=0")
+        kwargs = dict(kwargs)
+        for key in self._TEXT_KWARGS:
+            if isinstance(kwargs.get(key), torch.Tensor):
+                kwargs[key] = self._swap(kwargs[key], lo, key)
+        added = kwargs.get("added_cond_kwargs")
+        if isinstance(added, dict) and isinstance(added.get("text_embeds"), torch.Tensor):
+            kwargs["added_cond_kwargs"] = dict(added, text_embeds=self._swap(added["text_embeds"], lo, "text_embeds"))
+        return args, kwargs
 
 
 @contextlib.contextmanager
@@ -492,9 +588,20 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     negative prompt under −S (or unsteered with negative_steering=False) in separate calls.
     faithful: the official hooks — first call of each layer +S, later calls −S (SD 1.x only
     behaves as intended).
+    A FamilyGate with `implicit_from_step` k > 0 (and a non-zero implicit fraction): the prompt is also
+    encoded with the implicit fractions at 0, and a pre-hook on the denoiser hands it that encoding on
+    its first k calls of each generation (`_EarlyEncodings`; SD 1.x/2.x, SDXL, SD3 — not FLUX, whose
+    guidance branches are separate calls, nor faithful=True).
     Hooks and the wrapper are removed on exit, also when generation raises.
     """
     steerings = [steerings] if isinstance(steerings, Steering) else list(steerings)
+    waits = sorted({st.rows.implicit_from_step for st in steerings
+                    if isinstance(st.rows, FamilyGate) and st.rows.delayed})
+    if waits and faithful:
+        raise SteeringError("implicit_from_step needs the explicit encoding: use faithful=False")
+    if waits and _family(pipe) == "flux":
+        raise SteeringError("implicit_from_step is not supported on FLUX pipelines (their guidance branches are "
+                            "separate denoiser calls, so a call is not a step); use implicit_from_step=0")
     if faithful:
         counts: dict[str, int] = {}
 
@@ -518,11 +625,17 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
                 h.remove()
         return
 
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if waits and not isinstance(denoiser, torch.nn.Module):
+        raise SteeringError("implicit_from_step needs a pipeline with a denoiser (pipe.unet or pipe.transformer)")
     state = _SignState()
     handles = _add_hooks(pipe, steerings, state)
     orig = pipe.encode_prompt
     sig = inspect.signature(orig)
     fam = _family(pipe)
+    # FamilyGate.implicit_from_step: one more encoding for each range of steps [starts[i], waits[i])
+    starts = [0, *waits[:-1]]
+    early_hook = _EarlyEncodings(starts, waits[-1]) if waits else None
 
     @functools.wraps(orig)     # the real signature stays readable for a wrapper stacked on this one
     def encode_prompt(*args, **kwargs):
@@ -530,6 +643,20 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
         ba.apply_defaults()
         a = dict(ba.arguments)
         a.pop("self", None)
+        if early_hook is None:
+            return _encode(a)
+        early = {}
+        for lo in starts:
+            state.step = lo
+            try:
+                early[lo] = _encode(dict(a))
+            finally:
+                state.step = None
+        out = _encode(a)
+        early_hook.add(out, early)
+        return out
+
+    def _encode(a):
         if fam == "flux" or "do_classifier_free_guidance" not in a:
             # No guidance branch inside encode_prompt (FLUX): add only.
             state.sign = 1.0 if a.get("prompt_embeds") is None else 0.0
@@ -559,6 +686,8 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     # Several steerings (and the step tracker) may wrap encode_prompt and be removed in any order (ds.remove).
     patch_attribute(pipe, "encode_prompt", encode_prompt)
     try:
+        if early_hook is not None:
+            handles.append(register_hook(denoiser, early_hook, "diffusion_sae.steering_implicit_from_step"))
         yield pipe
     finally:
         for h in handles:

@@ -136,24 +136,26 @@ def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=(
 
 
 
-def family_name(lam: float, imp: float, neg: float | None = None, match: str = "tokens") -> str:
+def family_name(lam: float, imp: float, neg: float | None = None, match: str = "tokens", from_step: int = 0) -> str:
     branch = "" if neg is None or neg == imp else f"/neg×{neg:g}"
-    return f"CS family gate ({match}) λ={lam:g} implicit×{imp:g}{branch}"
+    start = f" from step {from_step}" if from_step else ""
+    return f"CS family gate ({match}) λ={lam:g} implicit×{imp:g}{branch}{start}"
 
 
 def family_candidates(pipe, text_sae, settings: list[tuple], kinds=("style", "object", "colour")) -> dict:
-    """Concept Steerers with a FamilyGate at each (λ, implicit fraction[, negative-branch fraction[, match]])."""
+    """Concept Steerers with a FamilyGate at each (λ, implicit fraction[, negative-branch fraction[, match[,
+    first step of the implicit fraction]]])."""
     from ..eval.shapes import family_removal
     from ..interventions.steer import steer_text_encoder
 
-    def for_kind(kind, lam, imp, neg, match):
+    def for_kind(kind, lam, imp, neg, match, start):
         def build(concept):
-            st = family_removal(text_sae, pipe, kind, concept, lam, imp, neg, match)
+            st = family_removal(text_sae, pipe, kind, concept, lam, imp, neg, match, start)
             return lambda: steer_text_encoder(pipe, st)
         return build
 
     out = {}
     for setting in settings:
-        lam, imp, neg, match = (*setting, *(None, "tokens")[len(setting) - 2:])
-        out[family_name(lam, imp, neg, match)] = {k: for_kind(k, lam, imp, neg, match) for k in kinds}
+        lam, imp, neg, match, start = (*setting, *(None, "tokens", 0)[len(setting) - 2:])
+        out[family_name(lam, imp, neg, match, start)] = {k: for_kind(k, lam, imp, neg, match, start) for k in kinds}
     return out
