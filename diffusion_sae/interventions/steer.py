@@ -540,6 +540,7 @@ class _EarlyEncodings(ModelHook):
         for i, t in enumerate(late):
             if isinstance(t, torch.Tensor):
                 self.pairs.append((t, {lo: e[i] for lo, e in early.items()}))
+        del self.pairs[:-16]     # encode_prompt called many times outside a generation keeps only the last ones
 
     def _swap(self, x: torch.Tensor, lo: int, key: str) -> torch.Tensor:
         def find(part):
