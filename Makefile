@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench bench-venv bench-sae clean world
+.PHONY: venv demo test test-slow test-gpu bench bench-venv bench-sae clean world
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,12 @@ world: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# On a machine with a CUDA GPU (and a CUDA build of torch in .venv): every path in half precision on the GPU
+# (tests/test_gpu.py), then the GPU cost benchmark at SD 1.5 / SDXL size (benchmarks/gpu.py).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m "gpu or not slow" tests/test_gpu.py tests/test_devices.py
+	$(BIN)/python benchmarks/gpu.py --json gpu-benchmark.json
 
 # Bench venv: the peers that benchmarks/sae_train.py compares against (SAELens, EleutherAI sparsify),
 # pinned in benchmarks/requirements-peers.txt and never project dependencies. One resolve of this
