@@ -3,63 +3,28 @@
 The shipped FamilyGate adds 0.1 of the removal S to prompts that name none of the concept's family, at
 every denoising step. A text edit moves the whole trajectory, so removing more there costs the rest of
 the image. This experiment keeps named and rival prompts as shipped and lets the implicit fraction act
-only from step k of 25: before it the UNet receives the encoding with the implicit fraction at 0 (a
-UNet pre-hook swaps `encoder_hidden_states`). Scored like `tune --method robust-steer` on the tuning
-split (seeds 500-999, canonical names, the first 3 concepts of each kind): mean violation of the erasure
-bars, damage, implicit presence / base rate, paired change, TV, FD ratio. Not a shipped option yet.
+only from step k of 25 (`FamilyGate(..., implicit_from_step=k)`, params key "family_from_step"): before
+it the UNet receives the encoding with the implicit fraction at 0. Scored like `tune --method
+robust-steer` on the tuning split (seeds 500-999, canonical names, the first 3 concepts of each kind):
+mean violation of the erasure bars, damage, implicit presence / base rate, paired change, TV, FD ratio.
 
     python benchmarks/implicit_schedule.py [--concepts-per-kind 3]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
 
 from diffusion_sae.eval.shapes import family_removal, steer_strength  # noqa: E402
 from diffusion_sae.interventions.steer import steer_text_encoder  # noqa: E402
 from diffusion_sae.world import assets, bundle, robust_tune  # noqa: E402
 from diffusion_sae.world.generalization import GeneralizationConfig  # noqa: E402
 
-SETTINGS = ((0.1, 0), (0.2, 8), (0.4, 12), (0.4, 8), (1.0, 12))   # (implicit fraction, first step)
-
-
-@contextlib.contextmanager
-def implicit_from_step(pipe, st, fraction: float, start: int):
-    """Steer with st (a FamilyGate removal); its implicit fraction acts only from denoiser call `start` on."""
-    gate = st.rows
-    with steer_text_encoder(pipe, st):
-        steered = pipe.__dict__["encode_prompt"]
-        state: dict = {"early": None, "step": 0}
-
-        def encode(*args, **kwargs):
-            gate.implicit = gate.implicit_negative = 0.0
-            state["early"], state["step"] = steered(*args, **kwargs), 0
-            gate.implicit = gate.implicit_negative = fraction
-            return steered(*args, **kwargs)
-
-        def pre(module, args, kwargs):
-            early, step = state["early"], state["step"]
-            state["step"] += 1
-            ehs = kwargs.get("encoder_hidden_states")
-            if step >= start or early is None or ehs is None:
-                return None
-            # the SD pipeline feeds [negative; prompt] under classifier-free guidance
-            swap = torch.cat([early[1], early[0]]) if early[1] is not None else early[0]
-            return (args, dict(kwargs, encoder_hidden_states=swap.to(ehs))) if swap.shape == ehs.shape else None
-
-        pipe.__dict__["encode_prompt"] = encode
-        handle = pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-            pipe.__dict__["encode_prompt"] = steered   # steer_text_encoder removes its own wrapper on exit
+# (implicit fraction, first step)
+SETTINGS = ((0.1, 0), (0.2, 8), (0.2, 6), (0.2, 10), (0.3, 8), (0.15, 8))
 
 
 def main() -> int:
@@ -73,8 +38,8 @@ def main() -> int:
         def for_kind(kind):
             def build(concept):
                 st = family_removal(text_sae, pipe, kind, concept, steer_strength(params["steer"], kind, concept),
-                                    fraction, None, "embedding")
-                return lambda: implicit_from_step(pipe, st, fraction, start)
+                                    fraction, None, "embedding", implicit_from_step=start)
+                return lambda: steer_text_encoder(pipe, st)
             return build
         return {k: for_kind(k) for k in bundle.KINDS}
 
