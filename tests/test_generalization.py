@@ -253,8 +253,8 @@ def test_embedding_match_finds_held_out_names_on_the_bundled_model():
 
 def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     """params["steer"]["family_from_step"] ({kind: step}) reaches the FamilyGate of removal_steering; a kind it
-    does not list, and the shipped params (no such key), keep the implicit fraction at every step (0). A 5th
-    element of a family_candidates setting is the same step."""
+    does not list keeps the implicit fraction at every step (0); the shipped params (0.2 from step 8, the
+    tuning split's pick) reach every kind. A 5th element of a family_candidates setting is the same step."""
     from diffusion_sae.eval.shapes import removal_steering, steer_strength
     from diffusion_sae.world import assets, bundle, robust_tune
 
@@ -267,7 +267,8 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     shipped = bundle.load_params()["steer"]
     kind = next(iter(shipped["family"]))
     c = bundle.KINDS[kind][0]
-    assert removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows.implicit_from_step == 0
+    shipped_gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
+    assert (shipped_gate.implicit, shipped_gate.implicit_from_step) == (0.2, 8)
     cands = robust_tune.family_candidates(pipe, sae, [(-1.0, 0.2), (-1.0, 0.2, None, "tokens", 8)], kinds=("style",))
     assert list(cands) == ["CS family gate (tokens) λ=-1 implicit×0.2",
                            "CS family gate (tokens) λ=-1 implicit×0.2 from step 8"]
