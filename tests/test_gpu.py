@@ -104,15 +104,18 @@ def test_cli_recipes_in_fp16_on_cuda(tmp_path):
 
 
 def test_bundled_model_cli_in_fp16_on_cuda(tmp_path):
-    """The bundled model's shipped steering (FamilyGate, embedding matching) and SAeUron preset from the CLI on the GPU."""
+    """The bundled model's shipped steering (FamilyGate, embedding matching, implicit fraction from step 8) and
+    SAeUron (scale and detect-then-replace edits) from the CLI on the GPU."""
     from typer.testing import CliRunner
 
     from diffusion_sae.cli import app
 
     for args in (["steer", "--concept", "striped style", "--strength", "-1.5", "--concept-word", "striped", "--rival", "dotted",
-                  "--implicit", "0.1", "--match", "embedding", "--prompt", "a red star in banded style"],
-                 ["unlearn", "--concept", "striped", "--prompt", "a red star in striped style"]):
-        out = tmp_path / f"{args[0]}.png"
+                  "--implicit", "0.2", "--implicit-from-step", "8", "--match", "embedding",
+                  "--prompt", "a red star in banded style"],
+                 ["unlearn", "--concept", "striped", "--prompt", "a red star in striped style"],
+                 ["unlearn", "--concept", "striped", "--edit", "replace", "--prompt", "a red star in striped style"]):
+        out = tmp_path / f"{args[0]}-{len(args)}.png"
         r = CliRunner().invoke(app, args + ["--steps", "25", "--out", str(out), "--device", DEVICE, "--dtype", str(DTYPE)[6:]])
         assert r.exit_code == 0, (args, r.output, r.exception)
         assert out.stat().st_size > 1000
