@@ -56,12 +56,19 @@ def test_shapescanvas_erasure_in_fp16_on_cuda_agrees_with_fp32_on_cpu():
     assert set(runs["cpu"]) == set(runs[DEVICE]) and len(runs[DEVICE]) == 8
     for key, gpu in runs[DEVICE].items():
         cpu = runs["cpu"][key]
-        for axis in ("named", "named_plain", "held_out", "implicit_all"):
+        for axis in ("named", "named_plain", "held_out"):
             if cpu.get(axis) is not None:
                 assert abs(gpu[axis] - cpu[axis]) <= 0.25, (key, axis, gpu[axis], cpu[axis])
+        # Implicit prompts: a handful of images carry the concept at all (base rates 2-4 of 16), and float16
+        # trajectories part from float32 ones (mean pixel difference ~0.1 on plain samples, H200), so which
+        # seeds show it moves; compared as the change from the same precision's plain run.
+        shift = {d: r[key]["implicit_all"] - r[key]["implicit_all_plain"] for d, r in runs.items()}
+        assert abs(shift[DEVICE] - shift["cpu"]) <= 0.375, (key, shift)
         assert gpu["rest_accuracy"] >= 0.75, (key, gpu["rest_accuracy"])
         if key[0].startswith("Concept Steerers"):
             assert gpu["named"] <= 0.25 <= gpu["named_plain"], (key, gpu["named"], gpu["named_plain"])
+            # the implicit fraction (0.2 from step 8) acts on prompts that name no concept of the kind
+            assert gpu["paired_change"] > 0, (key, gpu["paired_change"])
 
 
 def test_cli_recipes_in_fp16_on_cuda(tmp_path):
