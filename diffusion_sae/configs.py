@@ -176,7 +176,9 @@ class SAeUronConfig(Config):
     mode: Literal["ablate", "add"] = "ablate"
     faithful: bool = False
     window: tuple[int, int] | None = None                 # edit only at step indices start <= t < stop (ours)
-    edit: Literal["scale", "replace"] = "scale"           # replace: firing features -> the others' mean (ours)
+    # replace: firing features -> the others' mean; replace_patch: that code decoded without the SAE error;
+    # mean_patch: the firing patch -> the others' mean patch (all ours)
+    edit: Literal["scale", "replace", "replace_patch", "mean_patch"] = "scale"
 
     def __post_init__(self):
         object.__setattr__(self, "concepts", _as_tuple(self.concepts))
@@ -192,6 +194,6 @@ class SAeUronConfig(Config):
                                   f"0 <= start < stop, not {self.window!r}")
             object.__setattr__(self, "window", w)
         _check_literals(self)
-        if self.edit == "replace" and (self.faithful or self.mode != "ablate"):
-            raise ConfigError("SAeUronConfig.edit='replace' needs mode='ablate' and faithful=False "
+        if self.edit != "scale" and (self.faithful or self.mode != "ablate"):
+            raise ConfigError(f"SAeUronConfig.edit={self.edit!r} needs mode='ablate' and faithful=False "
                               "(the official path and 'add' scale features)")

@@ -123,6 +123,11 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
        "--top-n", 16, "--selection", "specific", "--min-fire", 3, "--edit", "replace",
        "--prompt", "a red star in striped style", "--out", tmp_path / "u6.png")
     assert (tmp_path / "u6.png").stat().st_size > 1000
+    # the firing patch replaced whole by the other concepts' mean patch
+    ok("unlearn", "--sae", block, "--dictionary-name", "concept_dictionary_style", "--concept", "striped",
+       "--top-n", 16, "--selection", "specific", "--min-fire", 3, "--edit", "mean_patch",
+       "--prompt", "a red star in striped style", "--out", tmp_path / "u7.png")
+    assert (tmp_path / "u7.png").stat().st_size > 1000
     r = run("unlearn", "--concept", "striped", "--edit", "swap", "--prompt", "a red star", "--out", tmp_path / "x.png")
     assert isinstance(r.exception, UserError) and "--edit" in str(r.exception)
 

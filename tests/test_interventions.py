@@ -538,6 +538,60 @@ def test_replace_edit_sets_firing_features_to_the_other_concepts_mean(sd_diction
     assert gated > 0 and ungated > 0
 
 
+def test_patch_edits_replace_the_whole_firing_token(sd_dictionary):
+    """edit="replace_patch": a patch where the gate fires becomes decode(z') with the firing selected latents of
+    z' at ref[t, j] and the SAE error dropped; edit="mean_patch": it becomes decode_dense(ref[t]) + b_dec, the
+    same vector for every firing patch. The detection is the scale edit's; unfired patches are bitwise the input."""
+    from diffusion_sae.interventions.ablate import ConceptEdit, SAeUronHook, reference_means
+
+    pipe, sae, d = sd_dictionary
+    g = torch.Generator().manual_seed(3)
+    kw = dict(top_n=6, scaling="latent", min_fire=2)
+    rp = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, edit="replace_patch", **kw)])
+    mp = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, edit="mean_patch", **kw)])
+    mp_g = SAeUronHook(sae, d, [ConceptEdit("cat", 3.0, edit="mean_patch", **kw)])      # γ plays no part
+    scl = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, **kw)])
+    ref = reference_means(d, "cat")
+    w, b = sae.W_dec.detach(), sae.b_dec.detach()
+    gated = ungated = 0
+    for t in range(len(d.timesteps)):
+        ids = rp.selected[0, t].nonzero().flatten()
+        torch.testing.assert_close(mp.ref_dense[0, t], ref[t].to(mp.ref_dense.dtype), rtol=0, atol=0)
+        x = torch.cat([4 * (w[ids[0]] + w[ids[1]] + w[ids[2]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
+                       torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
+        acts, idx = sae.encode(x)
+        fire = rp.selected[0, t][idx] & (acts > rp.bar[0, t][idx])
+        fire &= fire.sum(-1, keepdim=True) >= 2
+        touched = fire.any(-1)
+        rows = touched.nonzero().flatten()
+        got_r, got_m = rp.edit_tokens(x, t), mp.edit_tokens(x, t)
+        assert torch.equal(got_m, mp_g.edit_tokens(x, t))
+        # untouched patches: bitwise the input, for both
+        assert torch.equal(got_r[~touched], x[~touched]) and torch.equal(got_m[~touched], x[~touched])
+        # replace_patch: W_dec z' + b_dec, the firing latents at ref, the others as encoded, no error term
+        new = torch.where(fire, ref[t].to(acts.dtype)[idx], acts)
+        dense = torch.zeros(len(rows), sae.cfg.num_latents).scatter_(-1, idx[rows], new[rows])
+        torch.testing.assert_close(got_r[rows], dense @ w + b, rtol=0, atol=1e-5)
+        # mean_patch: W_dec ref[t] + b_dec on every firing patch
+        want = (ref[t].float() @ w + b).expand(len(rows), -1)
+        torch.testing.assert_close(got_m[rows], want, rtol=0, atol=1e-5)
+        # the same detection as the scale edit
+        assert torch.equal((scl.edit_tokens(x, t) - x).abs().amax(-1) > 0, touched)
+        gated, ungated = gated + int(touched.sum()), ungated + int((~touched).sum())
+    assert gated > 0 and ungated > 0
+
+
+def test_tuning_candidate_names_carry_the_edit():
+    from diffusion_sae.world.robust_tune import saeuron_name
+
+    p = {"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 32, "multiplier": -2.0, "scaling": "latent",
+         "selection": "specific", "min_fire": 6}
+    assert "γ=-2 latent" in saeuron_name(p)
+    for kind in ("replace", "replace_patch", "mean_patch"):
+        name = saeuron_name(dict(p, edit=kind))
+        assert f"n=32 {kind} latent/specific" in name and "γ" not in name     # γ is ignored by these edits
+
+
 def test_replace_edit_is_checked_and_reaches_the_pipeline(sd_dictionary):
     from diffusion_sae.configs import ConfigError, SAeUronConfig
     from diffusion_sae.interventions.ablate import ConceptEdit, reference_means
@@ -546,6 +600,21 @@ def test_replace_edit_is_checked_and_reaches_the_pipeline(sd_dictionary):
     pipe, sae, d = sd_dictionary
     with pytest.raises(DictionaryError, match="edit must be 'scale'.*or 'replace'"):
         ConceptEdit("cat", -1.0, edit="swap")
+    for bad in ("replace-patch", "mean", "patch", "Mean_patch"):
+        with pytest.raises(DictionaryError, match="'replace_patch'.*'mean_patch'"):
+            ConceptEdit("cat", -1.0, edit=bad)
+        with pytest.raises(ConfigError, match="edit"):
+            SAeUronConfig(concepts="cat", edit=bad)
+    for kind in ("replace_patch", "mean_patch"):
+        with pytest.raises(DictionaryError, match="faithful=False"):
+            with unlearn_concepts(pipe, sae, d, "cat", top_n=2, edit=kind, faithful=True):
+                pass
+        with pytest.raises(DictionaryError, match="mode='ablate'"):
+            with unlearn_concepts(pipe, sae, d, "cat", top_n=2, edit=kind, mode="add"):
+                pass
+        with pytest.raises(ConfigError, match="faithful"):
+            SAeUronConfig(concepts="cat", edit=kind, faithful=True)
+        assert SAeUronConfig(concepts="cat", edit=kind).edit == kind
     with pytest.raises(DictionaryError, match="faithful=False"):
         with unlearn_concepts(pipe, sae, d, "cat", top_n=2, edit="replace", faithful=True):
             pass
@@ -570,6 +639,13 @@ def test_replace_edit_is_checked_and_reaches_the_pipeline(sd_dictionary):
         scale = _gen(pipe, "a cat")
     with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3):
         assert torch.equal(_gen(pipe, "a cat"), scale)               # "scale" is the default
+    assert _no_hooks(pipe)
+    for kind in ("replace_patch", "mean_patch"):
+        with unlearn_concepts(pipe, sae, d, "cat", multiplier=-20.0, top_n=3, edit=kind) as hook:
+            img = _gen(pipe, "a cat")
+        assert hook.edits[0].edit == kind and (img - base).abs().max() > 1e-4 and not torch.equal(img, rep)
+        with intervene(pipe, SAeUron(sae, d, concepts="cat", top_n=3, edit=kind)):
+            assert torch.equal(_gen(pipe, "a cat"), img)
     assert _no_hooks(pipe)
 
 

@@ -122,7 +122,9 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
              windows: str = typer.Option("none", help="robust-saeuron: timestep windows to try, ';' between them: 'none' (every step) "
                                          "or 'START-STOP' (edit at step indices START <= t < STOP), e.g. 'none;5-25;10-25'."),
              edits: str = typer.Option("scale", help="robust-saeuron: edits to try, ';' between them: 'scale' (firing features "
-                                       "become z·γ, the paper) or 'replace' (they become the other concepts' mean; γ ignored), e.g. 'scale;replace'."),
+                                       "become z·γ, the paper), 'replace' (they become the other concepts' mean; γ ignored), 'replace_patch' (the firing "
+                                       "patch becomes that code's reconstruction, SAE error dropped) or 'mean_patch' (the firing patch becomes "
+                                       "the other concepts' mean patch), e.g. 'scale;replace_patch'."),
              match: str = typer.Option("embedding", help="robust-steer: how the FamilyGate finds a name in a prompt: 'embedding' (nearest word in the "
                                        "text encoder's token embeddings: follows learned synonyms) or 'tokens' (exact words: a prompt filter)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
@@ -172,8 +174,10 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         wins = [None if w == "none" else parse_window(w, "--windows")
                 for w in (x.strip() for x in windows.split(";")) if w]
         eds = [x.strip() for x in edits.split(";") if x.strip()]
-        if not eds or any(x not in ("scale", "replace") for x in eds):
-            fail(f"--edits must list 'scale' and/or 'replace' (';' between them), not {edits!r}")
+        from ..interventions.ablate import EDITS
+
+        if not eds or any(x not in EDITS for x in eds):
+            fail(f"--edits must list some of {', '.join(repr(x) for x in EDITS)} (';' between them), not {edits!r}")
         grid = dict(top_n=[int(x) for x in parse_strengths(top_n, "--top-n")], gammas=parse_strengths(gammas, "--gammas"),
                     min_fires=[int(x) for x in parse_strengths(min_fires, "--min-fires")])
     elif method == "robust-steer":

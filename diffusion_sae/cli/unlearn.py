@@ -22,7 +22,9 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 window: Optional[str] = typer.Option(None, help="Edit only at denoising step indices START <= t < STOP, "
                                                      "given as START-STOP, e.g. 5-25 (ours; default: every step, the paper)."),
                 edit: str = typer.Option("scale", help="scale: firing features become z·γ·μ or z·γ (the paper); replace: "
-                                         "they become the other concepts' mean at the step, γ ignored (ours)."),
+                                         "they become the other concepts' mean at the step, γ ignored (ours); replace_patch: "
+                                         "the firing patch becomes that code's reconstruction, SAE error dropped (ours); "
+                                         "mean_patch: the firing patch becomes the other concepts' mean patch (ours)."),
                 exclusive: bool = typer.Option(False, help="Several concepts: on each patch apply only the concept with the most firing features (ours; the paper applies every one)."),
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
@@ -38,7 +40,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
     from ..concepts.dictionary import ConceptDictionary, DictionaryError
     from ..eval.generate import images_under
-    from ..interventions.ablate import StepGridError, unlearn_concepts
+    from ..interventions.ablate import EDITS, StepGridError, unlearn_concepts
     from ..world import bundle
 
     guidance = guidance_for(model, guidance)
@@ -49,10 +51,10 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         fail(f"--percentile must lie strictly between 0 and 100, got {percentile}")
     if top_n is not None and percentile is not None:
         fail("give either --top-n or --percentile, not both")
-    if edit not in ("scale", "replace"):
-        fail(f"--edit must be scale or replace, not {edit!r}")
-    if edit == "replace" and (add or faithful):
-        fail(f"--edit replace removes features (ours): drop {'--add' if add else '--faithful'}")
+    if edit not in EDITS:
+        fail(f"--edit must be {', '.join(EDITS[:-1])} or {EDITS[-1]}, not {edit!r}")
+    if edit != "scale" and (add or faithful):
+        fail(f"--edit {edit} removes features (ours): drop {'--add' if add else '--faithful'}")
     win = parse_window(window) if window is not None else None
     if win is not None and win[0] >= steps:
         fail(f"--window {window}: starts past the last of the {steps} steps, so nothing would be edited")

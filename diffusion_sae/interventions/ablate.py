@@ -51,6 +51,26 @@ lowers the paired change on concept-free prompts (mean 6.6 % vs 16 % for the sca
 named style in 88-100 % of images (the flip: 0-38 %, outlined aside), so it is not a shipped preset: with
 the error term kept, deleting the detected features does not remove the concept; the flip's push does.
 
+Two patch-level replacements (ours) keep the same detection but replace the whole token vector of a patch
+where the gate fires, so neither the SAE error term nor the latents outside the selected set survive there:
+
+    edit="replace_patch":  x_out = W_dec z' + b_dec   (z' = the patch's code with the firing selected latents
+                           set to ref_c(t), as "replace"; the reconstruction error x − x̂ is dropped)
+    edit="mean_patch":     x_out = W_dec ref_c(t) + b_dec   (the decoding of the other concepts' mean code: the
+                           mean block output of their patches at step t, up to the error term's mean)
+
+(both in the SAE's units: a per-token normalising SAE de-normalises with the patch's own statistics). A patch
+replaced whole by mean_patch takes no other concept's edit; with several concepts firing on one patch the
+order of precedence is mean_patch, then replace_patch, then the code-level edits with the error kept.
+Measured on the robust-saeuron tuning split (styles at up_blocks.1.attentions.0, n=32, fire≥6, every step and
+steps 10-25; objects at down_blocks.2.attentions.0, n=16, fire≥2): replace_patch leaves the named concept in
+75-100 % of images for every style and object (dropping the error term does not remove it), so the concept is
+carried by latents outside the selected set, not by the error; mean_patch removes several styles (solid 12 %,
+dotted, noisy and wavy 0 % named) and has the lowest violation of the three for noisy (3.44 vs the flip's 7.53,
+steps 10-25), but at every step it changes concept-free images more than the flip (paired change 33 % vs 24 %
+averaged over the 8 styles) and it removes no object better than the flip (γ=−6 wins 9 of 10 objects, the tenth
+is square, which no edit removes). Neither is a shipped preset.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
 prompt); several concepts add up.
@@ -71,7 +91,8 @@ class StepGridError(DiffusionSAEError, ValueError):
     """The dictionary was built on another step grid than the sampler uses."""
 
 
-EDITS = ("scale", "replace")   # ConceptEdit.edit
+EDITS = ("scale", "replace", "replace_patch", "mean_patch")   # ConceptEdit.edit
+PATCH_EDITS = ("replace_patch", "mean_patch")              # replace the whole token where the gate fires
 
 
 @dataclass
@@ -94,7 +115,8 @@ class ConceptEdit:
     # texture late, so a window trades removal against how much of the rest of the image moves.
     window: tuple[int, int] | None = None
     # How a firing selected latent is edited: "scale" (the paper's z·γ·μ or z·γ) or "replace" (ours: set it
-    # to the concept-free reference, the other concepts' mean activation at the step; γ is ignored).
+    # to the concept-free reference, the other concepts' mean activation at the step; γ is ignored);
+    # "replace_patch" / "mean_patch" (ours) replace the firing patch's whole token (module docstring).
     edit: str = "scale"
 
     def __post_init__(self):
@@ -114,7 +136,9 @@ class ConceptEdit:
                                   f"specificity), not {self.selection!r}")
         if self.edit not in EDITS:
             raise DictionaryError(f"edit must be 'scale' (z·γ·μ or z·γ, the paper) or 'replace' (set the firing "
-                                  f"features to the other concepts' mean), not {self.edit!r}")
+                                  f"features to the other concepts' mean), 'replace_patch' (that code decoded "
+                                  f"without the SAE error) or 'mean_patch' (the other concepts' mean patch), "
+                                  f"not {self.edit!r}")
 
 
 def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection="paper",
@@ -134,7 +158,7 @@ def _as_edits(concepts, multiplier, percentile, top_n, scaling="mean", selection
 
 
 def reference_means(dictionary: ConceptDictionary, concept: str) -> torch.Tensor:
-    """ref_c(t) of edit="replace": the mean over the other concepts (each weighted equally, as ν and the
+    """ref_c(t) of edit="replace" (and "replace_patch", "mean_patch"): the mean over the other concepts (each weighted equally, as ν and the
     'specific' bars weight them) of their per-step mean activations μ_c',j(t), [S, L].
 
     The dictionary's means are patch means with the zeros included (a latent TopK dropped on a patch counts
@@ -147,7 +171,7 @@ def reference_means(dictionary: ConceptDictionary, concept: str) -> torch.Tensor
     """
     c = dictionary.index(concept)
     if len(dictionary.concepts) < 2:
-        raise DictionaryError(f"edit='replace' needs other concepts in the dictionary at {dictionary.hookpoint} "
+        raise DictionaryError(f"edit='replace' (or a patch replacement) needs other concepts in the dictionary at {dictionary.hookpoint} "
                               f"for its reference; it holds only {concept!r}")
     means = dictionary.means.float()
     keep = torch.ones(means.shape[0], dtype=torch.bool)
@@ -159,7 +183,9 @@ class SAeUronHook:
     """Precomputed per-step tables (selected mask, scale, offset, bar) and the forward hook itself.
 
     A firing selected latent becomes z·scale + offset: (γ·μ or γ, 0) for edit="scale", (0, ref) for
-    edit="replace" (0·z + ref is ref exactly for the non-negative, finite z of a TopK SAE)."""
+    edit="replace", "replace_patch" and "mean_patch" (0·z + ref is ref exactly for the non-negative, finite z of
+    a TopK SAE). `patch[e]`: 0 keeps the patch's SAE error, 1 (replace_patch) drops it, 2 (mean_patch) replaces
+    the patch by decode_dense(ref_e[t]) (`ref_dense`, [E, S, L], zero for the other edits)."""
 
     def __init__(self, sae, dictionary: ConceptDictionary, edits: list[ConceptEdit], mode: str = "ablate",
                  faithful: bool = False):
@@ -169,10 +195,11 @@ class SAeUronHook:
         if dictionary.means.shape[-1] != L:
             raise DictionaryError(f"dictionary has {dictionary.means.shape[-1]} latents but the SAE has {L}: "
                                   "build the dictionary with this SAE")
-        replace = [e.concept for e in edits if e.edit == "replace"]
+        replace = [e for e in edits if e.edit != "scale"]
         if replace and (faithful or mode != "ablate"):
-            raise DictionaryError(f"edit='replace' ({replace[0]}) is an ablation of ours: use it with mode='ablate' "
-                                  "and faithful=False (the official sign-flipped path and 'add' scale features)")
+            raise DictionaryError(f"edit={replace[0].edit!r} ({replace[0].concept}) is an ablation of ours: use it "
+                                  "with mode='ablate' and faithful=False (the official sign-flipped path and 'add' "
+                                  "scale features)")
         self.sae, self.dictionary, self.edits, self.mode, self.faithful = sae, dictionary, edits, mode, faithful
         S = len(dictionary.timesteps)
         nu = dictionary.average()
@@ -185,18 +212,21 @@ class SAeUronHook:
         scale = torch.ones(E, S, L)
         offset = torch.zeros(E, S, L)
         bar = nu.float().expand(E, S, L).clone()
+        ref_dense = torch.zeros(E, S, L) if any(e.edit == "mean_patch" for e in edits) else None
         for i, e in enumerate(edits):
             c = dictionary.index(e.concept)
             idx = dictionary.select(e.concept, percentile=e.percentile, top_n=e.top_n, method=e.selection)
             self.features[e.concept] = [ids.tolist() for ids in idx]
             mu = dictionary.means[c].float()
-            ref = reference_means(dictionary, e.concept) if e.edit == "replace" else None
+            ref = reference_means(dictionary, e.concept) if e.edit != "scale" else None
             if e.selection == "specific":
                 bar[i] = dictionary.concept_bar(e.concept).float()
             for t, ids in enumerate(idx):
                 if e.window is not None and not e.window[0] <= t < e.window[1]:
                     continue
                 selected[i, t, ids] = True
+                if e.edit == "mean_patch":
+                    ref_dense[i, t] = ref[t]
                 if ref is None:
                     scale[i, t, ids] = e.multiplier * (mu[t, ids] if e.scaling == "mean" else 1.0)
                 else:
@@ -206,6 +236,8 @@ class SAeUronHook:
         self.selected, self.scale, self.bar = selected.to(dev), scale.to(dev, dt), bar.to(dev, dt)  # [E, S, L]
         self.offset = offset.to(dev, dt)
         self.replace = bool(replace)
+        self.patch = [PATCH_EDITS.index(e.edit) + 1 if e.edit in PATCH_EDITS else 0 for e in edits]
+        self.ref_dense = ref_dense.to(dev, dt) if ref_dense is not None else None
         self.min_fire = [e.min_fire for e in edits]
         self.exclusive = torch.tensor([e.exclusive for e in edits], device=dev)
         self.tracker: StepTracker | None = None
@@ -230,6 +262,8 @@ class SAeUronHook:
             # activations' device, so the selection tables follow them there (once).
             self.selected, self.scale, self.offset, self.bar, self.exclusive = (
                 t_.to(x.device) for t_ in (self.selected, self.scale, self.offset, self.bar, self.exclusive))
+            if self.ref_dense is not None:
+                self.ref_dense = self.ref_dense.to(x.device)
         xs = x.to(sae.dtype)
         # faithful: per-token TopK(k) as the official loader encodes (ours: the SAE's own inference encoding,
         # the calibrated threshold for a BatchTopK SAE)
@@ -263,8 +297,34 @@ class SAeUronHook:
                 return x
             out = x.clone()
             rows = touched.nonzero().flatten()
-            d = sae.decode(delta[rows], idx[rows], x=xs[rows]) - sae.decode(torch.zeros_like(delta[rows]), idx[rows], x=xs[rows])
-            out[rows] = (xs[rows] + d).to(x.dtype)
+            if not any(self.patch):
+                d = sae.decode(delta[rows], idx[rows], x=xs[rows]) - sae.decode(torch.zeros_like(delta[rows]), idx[rows], x=xs[rows])
+                out[rows] = (xs[rows] + d).to(x.dtype)
+                return out
+            # Patch replacements: which rows drop the SAE error (replace_patch) or become the reference patch
+            # (mean_patch, the last firing such edit wins; it overrides every other edit of the patch).
+            xr, ir, nr = xs[rows], idx[rows], new[rows]
+            drop = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+            mean_of = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+            for e, f in enumerate(fires):
+                if self.patch[e]:
+                    fr = f[rows].any(-1)
+                    if self.patch[e] == 1:
+                        drop |= fr
+                    else:
+                        mean_of = torch.where(fr, e, mean_of)
+            keep = ~drop & (mean_of < 0)
+            y = xr.clone()
+            if bool(keep.any()):
+                y[keep] = xr[keep] + (sae.decode(delta[rows][keep], ir[keep], x=xr[keep])
+                                      - sae.decode(torch.zeros_like(nr[keep]), ir[keep], x=xr[keep]))
+            dr = drop & (mean_of < 0)
+            if bool(dr.any()):
+                y[dr] = sae.decode(nr[dr], ir[dr], x=xr[dr])          # x̂(z'): the error x − x̂(z) is dropped
+            for e in sorted(set(mean_of[mean_of >= 0].tolist())):
+                m = mean_of == e
+                y[m] = sae.decode_dense(self.ref_dense[e, t].expand(int(m.sum()), -1), add_bias=True, x=xr[m])
+            out[rows] = y.to(x.dtype)
             return out
         # mode == "add": every patch gets α μ_c,j(t) (or α, scaling="latent") of each selected latent.
         add = torch.where(self.selected[:, t], self.scale[:, t], torch.zeros_like(self.scale[:, t])).sum(0)
@@ -311,7 +371,8 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     `concepts`: a name, a list of names (sharing multiplier / selection / scaling), or ConceptEdit
     objects (each with its own γ, selection and window). `window` (start, stop): edit the named concepts
     only at step indices start <= t < stop (ConceptEdit.window). `edit`: "scale" (the paper) or "replace"
-    (set firing features to the other concepts' mean, ConceptEdit.edit; needs faithful=False, mode="ablate"). Yields the hook (one block) or the list
+    (set firing features to the other concepts' mean, ConceptEdit.edit; needs faithful=False, mode="ablate"),
+    "replace_patch" / "mean_patch" (replace the firing patch's whole token; module docstring). Yields the hook (one block) or the list
     of hooks. Hooks are removed on exit, also when generation raises.
     """
     pairs = block_pairs(sae, dictionary)

@@ -117,7 +117,8 @@ def saeuron_name(p: dict) -> str:
     blocks = "+".join(b.replace("unet.", "").replace(".attentions.", "a").replace("_blocks", "")
                       .replace(".transformer_blocks.0.attn2", ":attn2") for b in p["blocks"])
     win = f" steps {p['window'][0]}-{p['window'][1]}" if p.get("window") else ""
-    edit = "replace" if p.get("edit") == "replace" else f"γ={p['multiplier']:g}"   # replace ignores γ
+    e = p.get("edit", "scale")
+    edit = e if e != "scale" else f"γ={p['multiplier']:g}"   # replace and the patch edits ignore γ
     return (f"SAeUron {blocks} n={p['top_n']} {edit} {p.get('scaling', 'mean')}/"
             f"{p.get('selection', 'paper')} fire≥{p.get('min_fire', 1)}{win}")
 

@@ -124,8 +124,9 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
     into params["steer"] ({kind: λ, "family": {kind: fraction}}); robust-saeuron picks (blocks, top-n, γ,
     evidence gate, window, edit) of the block-output edit with "specific" selection for every concept of the kind,
     or with per_concept each scored concept's own winner (the others get the kind's), and prints every candidate's
-    axes per concept. `edits`: "scale" (z·γ) and/or "replace" (firing features set to the other concepts' mean;
-    γ is ignored, so a replace setting is run once per other setting, at the first γ). `match` is the FamilyGate's
+    axes per concept. `edits`: "scale" (z·γ) and/or "replace" (firing features set to the other concepts' mean),
+    "replace_patch", "mean_patch" (interventions/ablate.py; every edit but scale ignores γ, so it is run once per
+    other setting, at the first γ). `match` is the FamilyGate's
     word matcher ("embedding" follows the synonyms the text encoder learned; "tokens" is a prompt filter)."""
     import itertools
 
@@ -151,7 +152,7 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
                      "min_fire": mf, **({"window": list(w)} if w else {}), **({"edit": e} if e != "scale" else {})}
                     for e, b, n, g, mf, w in itertools.product(edits or ("scale",), block_sets, top_n, gammas, min_fires,
                                                                windows or (None,))
-                    if e == "scale" or g == gammas[0]]   # replace ignores γ: one run, not one per γ
+                    if e == "scale" or g == gammas[0]]   # only scale uses γ: one run, not one per γ
         cands = robust_tune.saeuron_candidates(pipe, blocks, settings, kinds=(kind,))
         keys = dict(zip(cands, settings))
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=True, progress=progress)
