@@ -46,10 +46,6 @@ The scale edit with γ < 0 flips a feature to a large negative value that no rea
 pushes the block output off the activation manifold (and changes images whose plain version never showed
 the concept where the gate misfires); the replacement is a value the other concepts' patches do produce on
 average, so a misfire moves a patch only by the feature's own excess. The multiplier is ignored by replace.
-Measured on ShapesCanvas styles (robust-saeuron tuning split, each style's shipped detection): replace
-lowers the paired change on concept-free prompts (mean 6.6 % vs 16 % for the scale flip) but leaves the
-named style in 88-100 % of images (the flip: 0-38 %, outlined aside), so it is not a shipped preset: with
-the error term kept, deleting the detected features does not remove the concept; the flip's push does.
 
 Two patch-level replacements (ours) keep the same detection but replace the whole token vector of a patch
 where the gate fires, so neither the SAE error term nor the latents outside the selected set survive there:
@@ -62,14 +58,7 @@ where the gate fires, so neither the SAE error term nor the latents outside the 
 (both in the SAE's units: a per-token normalising SAE de-normalises with the patch's own statistics). A patch
 replaced whole by mean_patch takes no other concept's edit; with several concepts firing on one patch the
 order of precedence is mean_patch, then replace_patch, then the code-level edits with the error kept.
-Measured on the robust-saeuron tuning split (styles at up_blocks.1.attentions.0, n=32, fire≥6, every step and
-steps 10-25; objects at down_blocks.2.attentions.0, n=16, fire≥2): replace_patch leaves the named concept in
-75-100 % of images for every style and object (dropping the error term does not remove it), so the concept is
-carried by latents outside the selected set, not by the error; mean_patch removes several styles (solid 12 %,
-dotted, noisy and wavy 0 % named) and has the lowest violation of the three for noisy (3.44 vs the flip's 7.53,
-steps 10-25), but at every step it changes concept-free images more than the flip (paired change 33 % vs 24 %
-averaged over the 8 styles) and it removes no object better than the flip (γ=−6 wins 9 of 10 objects, the tenth
-is square, which no edit removes). Neither is a shipped preset.
+What these edits do on the bundled model (tuning-split sweeps) is in the README's SAeUron paragraph.
 
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
