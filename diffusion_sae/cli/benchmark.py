@@ -61,6 +61,8 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                                                           "default 8, 4 with --quick."),
                 generalization: bool = typer.Option(True, help="Also judge every erasure on held-out names, implicit "
                                                     "and adversarial prompts (the generalization table)."),
+                grid: bool = typer.Option(True, help="The UA / IRA / CRA grid tables (--no-grid: only the "
+                                          "generalization table, about a third of the full run's time)."),
                 gen_concepts: Optional[int] = typer.Option(None, help="Generalization table: first N concepts per kind "
                                                            "(default 2 with --quick, all otherwise)."),
                 attack_concepts: Optional[int] = typer.Option(None, help="Adversarial column: concepts attacked per kind "
@@ -84,7 +86,9 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                              concepts_per_kind=concepts_per_kind, steer_seeds=steer_seeds,
                              generalization=generalization, gen_concepts=gen_concepts,
                              attack_concepts=attack_concepts, attack_steps=attack_steps, builtin=builtin,
-                             gen_groups=gen_groups)
+                             gen_groups=gen_groups, grid=grid)
+    if not grid and not generalization:
+        fail("--no-grid with --no-generalization leaves nothing to measure")
     spec, config = method_config(method, set_) if method else (None, None)
     if not builtin and spec is None:
         fail("--no-builtin leaves nothing to measure: give --method NAME")

@@ -36,7 +36,7 @@ from diffusers.hooks import ModelHook
 from ..models import resolve_hookpoint
 from ..errors import DiffusionSAEError
 from ..models.hookpoints import PreForwardHook, register_edit, register_hook
-from ..models.step_tracker import patch_attribute, unpatch_attribute
+from ..models.step_tracker import StepTracker, patch_attribute, unpatch_attribute
 from ..models.text_layers import encode_prompts as _encode_positive
 from ..models.text_layers import layer_activations as _layer_activations
 from ..models.text_layers import pipeline_family as _family
@@ -527,9 +527,12 @@ class _EarlyEncodings(ModelHook):
 
     _TEXT_KWARGS = ("encoder_hidden_states", "pooled_projections")
 
-    def __init__(self, starts: list[int], stop: int):
+    def __init__(self, starts: list[int], stop: int, locate=None):
         super().__init__()
         self.starts, self.stop = starts, stop
+        # locate(timestep) -> its index in the scheduler's timesteps, or None: the step a denoiser call
+        # is at when it is called outside the sampling loop (an attack's loss at one grid timestep)
+        self.locate = locate
         self.pairs: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
         self.calls = 0
         self.denoising = False
@@ -549,10 +552,30 @@ class _EarlyEncodings(ModelHook):
                     return early[lo].to(part.device, part.dtype)
             return None
 
+        def find_rows():
+            # row by row: a batch built from the encodings' rows in another order or repeated
+            # (an attack expanding one prompt's encoding over its noise samples)
+            rows = []
+            for row in x:
+                hit = None
+                for late, early in self.pairs:
+                    if late.shape[1:] != row.shape:
+                        continue
+                    same = (late.to(row.device, row.dtype) == row).flatten(1).all(1).nonzero()
+                    if len(same):
+                        hit = early[lo][int(same[0])].to(row.device, row.dtype)
+                        break
+                if hit is None:
+                    return None
+                rows.append(hit)
+            return torch.stack(rows)
+
         new = find(x)
         if new is None and x.shape[0] % 2 == 0:
             halves = [find(h) for h in x.chunk(2)]
             new = torch.cat(halves) if all(h is not None for h in halves) else None
+        if new is None and x.ndim >= 2:
+            new = find_rows()
         if new is None:
             raise SteeringError(f"implicit_from_step: the denoiser's {key} is not an encoding this steering made "
                                 "(a callback or another text edit changed it?); use implicit_from_step=0 here")
@@ -564,6 +587,11 @@ class _EarlyEncodings(ModelHook):
             step = max(self.calls - 1, 0)
         else:
             step, self.calls = self.calls, self.calls + 1
+        if self.locate is not None:
+            # the timestep the denoiser receives names the step (the sampling loop's calls agree with the
+            # count above; a call outside it, such as an attack's loss at one timestep, does not)
+            at = self.locate(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+            step = at if at is not None else step
         if step >= self.stop or not self.pairs:
             return args, kwargs
         lo = max(s for s in self.starts if s <= step)
@@ -636,7 +664,8 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     fam = _family(pipe)
     # FamilyGate.implicit_from_step: one more encoding for each range of steps [starts[i], waits[i])
     starts = [0, *waits[:-1]]
-    early_hook = _EarlyEncodings(starts, waits[-1]) if waits else None
+    locator = StepTracker(pipe)     # not entered: only its timestep -> step lookup is used
+    early_hook = _EarlyEncodings(starts, waits[-1], lambda t: locator._locate(t)[0]) if waits else None
 
     @functools.wraps(orig)     # the real signature stays readable for a wrapper stacked on this one
     def encode_prompt(*args, **kwargs):

@@ -57,6 +57,7 @@ class ShapesEvalOptions:
                                              # (default 3; 0 with quick, and 0 = none)
     attack_steps: int | None = None          # default 10 with quick, 40 otherwise
     builtin: bool = True                     # the two papers' methods (False: only `extra` methods)
+    grid: bool = True                        # the UA / IRA / CRA grid tables (False: generalization only)
 
 
 def extra_methods_rows(pipe, clf, extra: dict[str, ContextFactory], opts: ShapesEvalOptions,
@@ -127,9 +128,10 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
         cfg = ShapesConfig(quick=quick, seeds=opts.seeds, steps=opts.steps, guidance=opts.guidance,
                            faithful=opts.faithful, max_concepts=opts.concepts_per_kind,
                            steer_seeds=opts.steer_seeds or (4 if quick else 8))
-        res = run_shapes_benchmark(pipe, clf, text_sae, blocks, bundle.load_params(), cfg,
-                                   progress=(lambda n: progress("eval shapes", n)) if progress else None)
-        sections = shapes_report_sections(res)
+        if opts.grid:
+            res = run_shapes_benchmark(pipe, clf, text_sae, blocks, bundle.load_params(), cfg,
+                                       progress=(lambda n: progress("eval shapes", n)) if progress else None)
+            sections = shapes_report_sections(res)
         if opts.generalization:
             from ..eval.attack import AttackConfig
             from . import generalization as gen
