@@ -925,6 +925,48 @@ def test_implicit_from_step_in_the_middle_swaps_the_first_k_denoiser_calls(pipes
     assert _no_hooks(pipe) and not _ours(pipe)
 
 
+def test_implicit_from_step_outside_the_sampling_loop_follows_the_timestep(pipes):
+    """A denoiser call made outside the pipeline's loop (an attack's loss at one grid timestep, on one prompt's
+    encoding expanded over noise samples) gets the implicit-0 encoding at timesteps before step k and the
+    steered one from k on, whatever order the calls come in."""
+    from diffusion_sae.interventions.steer import family_gate
+    from diffusion_sae.models import PreForwardHook, register_hook
+
+    pipe = pipes("sd")
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+    pipe.scheduler.set_timesteps(3)
+    ts = pipe.scheduler.timesteps
+
+    def encode():
+        return pipe.encode_prompt(prompt=["a photo of a car"], device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0]
+
+    encodings = {}
+    for imp in (0.0, 1.0):
+        st.rows = family_gate(pipe, name, ["cat"], ["dog"], imp)
+        with steer_text_encoder(pipe, st):
+            encodings[imp] = encode()
+    assert (encodings[0.0] - encodings[1.0]).abs().max() > 1e-3
+    st.rows = family_gate(pipe, name, ["cat"], ["dog"], 1.0, implicit_from_step=2)
+    seen: list = []
+    handle = register_hook(pipe.unet, PreForwardHook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"])),
+                           "test.record")
+    c = pipe.unet.config
+    x = torch.randn(3, c.in_channels, c.sample_size, c.sample_size)
+    try:
+        with steer_text_encoder(pipe, st), torch.no_grad():
+            cond = encode()
+            for j in (2, 0, 1, 2):
+                pipe.unet(x, ts[j], encoder_hidden_states=cond.expand(3, -1, -1))
+    finally:
+        handle.remove()
+    want = [encodings[1.0], encodings[0.0], encodings[0.0], encodings[1.0]]
+    assert len(seen) == 4
+    for got, w in zip(seen, want):
+        assert torch.allclose(got, w.expand(3, -1, -1), atol=1e-6)
+
+
 def test_implicit_from_step_hooks_removed_when_generation_raises(pipes):
     """A generation that raises mid-way leaves no hook and no encode_prompt wrapper after the block; inside
     the block, the next generation counts its steps from 0 again."""
