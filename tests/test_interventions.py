@@ -495,6 +495,18 @@ def test_min_fire_gates_patches_on_several_features_firing_together(sd_dictionar
         ConceptEdit("cat", -1.0, min_fire=0)
 
 
+def _gate_probe(hook, sae, t, ids, g):
+    """120 tokens at step t: 30 with three of the concept's selected latents (the min_fire=2 gate opens), 30 with
+    one (it stays shut), 60 random; with the SAE code and the gate's firing mask, as the hook computes them."""
+    w = sae.W_dec.detach()
+    x = torch.cat([4 * (w[ids[0]] + w[ids[1]] + w[ids[2]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
+                   torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
+    acts, idx = sae.encode(x)
+    fire = hook.selected[0, t][idx] & (acts > hook.bar[0, t][idx])
+    fire &= fire.sum(-1, keepdim=True) >= 2
+    return x, acts, idx, fire, fire.any(-1)
+
+
 def test_replace_edit_sets_firing_features_to_the_other_concepts_mean(sd_dictionary):
     """edit="replace": where the gate fires, each firing selected latent becomes ref[t, j] = the mean over the
     other concepts of μ_c',j(t) (the decoded delta is exactly decode(ref − z)); where it does not fire the patch
@@ -509,17 +521,11 @@ def test_replace_edit_sets_firing_features_to_the_other_concepts_mean(sd_diction
     scl = SAeUronHook(sae, d, [ConceptEdit("cat", -6.0, **kw)])
     ref = reference_means(d, "cat")
     torch.testing.assert_close(ref, (d.means[1] + d.means[2]) / 2)                        # dog and car, equally
-    w = sae.W_dec.detach()
     gated = ungated = 0
     for t in range(len(d.timesteps)):
         ids = rep.selected[0, t].nonzero().flatten()
         assert torch.equal(rep.offset[0, t, ids], ref[t, ids].to(rep.offset.dtype)) and not rep.scale[0, t, ids].any()
-        x = torch.cat([4 * (w[ids[0]] + w[ids[1]] + w[ids[2]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
-                       torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
-        acts, idx = sae.encode(x)
-        fire = rep.selected[0, t][idx] & (acts > rep.bar[0, t][idx])
-        fire &= fire.sum(-1, keepdim=True) >= 2
-        touched = fire.any(-1)
+        x, acts, idx, fire, touched = _gate_probe(rep, sae, t, ids, g)
         got = rep.edit_tokens(x, t)
         assert torch.equal(got, rep_g.edit_tokens(x, t))
         # (b) patches where the gate stays shut: bitwise the input
@@ -557,12 +563,7 @@ def test_patch_edits_replace_the_whole_firing_token(sd_dictionary):
     for t in range(len(d.timesteps)):
         ids = rp.selected[0, t].nonzero().flatten()
         torch.testing.assert_close(mp.ref_dense[0, t], ref[t].to(mp.ref_dense.dtype), rtol=0, atol=0)
-        x = torch.cat([4 * (w[ids[0]] + w[ids[1]] + w[ids[2]]).expand(30, -1), 4 * w[ids[0]].expand(30, -1),
-                       torch.randn(60, sae.cfg.d_in, generator=g)]) + 0.1 * torch.randn(120, sae.cfg.d_in, generator=g)
-        acts, idx = sae.encode(x)
-        fire = rp.selected[0, t][idx] & (acts > rp.bar[0, t][idx])
-        fire &= fire.sum(-1, keepdim=True) >= 2
-        touched = fire.any(-1)
+        x, acts, idx, fire, touched = _gate_probe(rp, sae, t, ids, g)
         rows = touched.nonzero().flatten()
         got_r, got_m = rp.edit_tokens(x, t), mp.edit_tokens(x, t)
         assert torch.equal(got_m, mp_g.edit_tokens(x, t))
