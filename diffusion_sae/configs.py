@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ class SteeringConfig(Config):
     implicit_from_step: int = 0              # the implicit fractions act from this denoising step on (0: every step)
     match: Literal["tokens", "embedding"] = "embedding"  # exact tokens, or nearest word in the token embeddings
     neutral: str | tuple[str, ...] | None = None  # match="embedding": words that name nothing (None: the defaults)
+    # Image-side detector (ours, concepts/probe.py): the folder of a saved ConceptProbe; from implicit_from_step
+    # on, the implicit fractions act only on the samples whose probe probability for the concept reaches the bar.
+    detector: str | None = None
+    detector_threshold: float = 0.5          # that bar: a probability in [0, 1]
 
     def __post_init__(self):
         object.__setattr__(self, "concept", _as_tuple(self.concept))
@@ -140,6 +145,15 @@ class SteeringConfig(Config):
             raise ConfigError(f"SteeringConfig.implicit_from_step must be a non-negative whole number of denoising "
                               f"steps (0: every step), not {k!r}")
         object.__setattr__(self, "implicit_from_step", int(k))
+        if isinstance(self.detector, os.PathLike):
+            object.__setattr__(self, "detector", os.fspath(self.detector))
+        if self.detector is not None and (not isinstance(self.detector, str) or not self.detector.strip()):
+            raise ConfigError(f"SteeringConfig.detector must be the folder of a saved ConceptProbe (a path), "
+                              f"not {self.detector!r}")
+        p = _finite(self, "detector_threshold")
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"SteeringConfig.detector_threshold must be a probability in [0, 1], not {p!r}")
+        object.__setattr__(self, "detector_threshold", p)
         if self.rivals:
             if self.gate is not None:
                 raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "
@@ -149,11 +163,19 @@ class SteeringConfig(Config):
                                   "e.g. concept_words=('cat',)")
             if self.neutral is not None and self.match != "embedding":
                 raise ConfigError("SteeringConfig.neutral only acts with match='embedding'")
+            if self.detector is not None and self.implicit_from_step < 1:
+                raise ConfigError("SteeringConfig.detector needs implicit_from_step >= 1 (later than the step its "
+                                  "probe reads): the implicit fractions wait for the detector's verdict")
+            if self.detector is None and self.detector_threshold != 0.5:
+                raise ConfigError("SteeringConfig.detector_threshold only acts with detector (a saved ConceptProbe "
+                                  "folder): give detector or leave it out")
         else:
             unused = [n for n, on in (("concept_words", bool(self.concept_words)), ("implicit", self.implicit != 0.0),
                                       ("implicit_negative", self.implicit_negative is not None),
                                       ("implicit_from_step", self.implicit_from_step != 0),
-                                      ("neutral", self.neutral is not None)) if on]
+                                      ("neutral", self.neutral is not None),
+                                      ("detector", self.detector is not None),
+                                      ("detector_threshold", self.detector_threshold != 0.5)) if on]
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "
                                   "give rivals=('dog', ...) or leave it out")

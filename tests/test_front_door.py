@@ -111,6 +111,79 @@ def test_family_gate_and_window_settings_round_trip_and_are_checked(tmp_path):
             SAeUronConfig(concepts="star", window=bad)
 
 
+def test_detector_settings_round_trip_and_are_checked(tmp_path):
+    folder = bundle.probe_dir("style", 7)
+    s = SteeringConfig(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2,
+                       implicit_from_step=8, detector=folder, detector_threshold=0.7)
+    assert s.detector == str(folder) and s.detector_threshold == 0.7     # a Path is kept as its text
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["detector"] == str(folder) and d["detector_threshold"] == 0.7
+    assert SteeringConfig.from_dict(d) == s
+    assert SteeringConfig.from_json(s.to_json(tmp_path / "s.json")) == s
+    gate = dict(concept="a cat", concept_words="cat", rivals="dog", implicit=0.5)
+    with pytest.raises(ConfigError, match="detector needs implicit_from_step >= 1"):
+        SteeringConfig(**gate, detector="probe")
+    with pytest.raises(ConfigError, match="detector only acts with rivals"):
+        SteeringConfig(concept="a cat", detector="probe")
+    with pytest.raises(ConfigError, match="detector_threshold only acts with rivals"):
+        SteeringConfig(concept="a cat", detector_threshold=0.7)
+    with pytest.raises(ConfigError, match="detector_threshold only acts with detector"):
+        SteeringConfig(**gate, implicit_from_step=2, detector_threshold=0.7)
+    for bad in (1.5, -0.1, float("nan"), True, "high"):
+        with pytest.raises(ConfigError, match="detector_threshold must be"):
+            SteeringConfig(**gate, implicit_from_step=2, detector="probe", detector_threshold=bad)
+    for bad in ("", "  ", 3):
+        with pytest.raises(ConfigError, match="detector must be the folder of a saved ConceptProbe"):
+            SteeringConfig(**gate, implicit_from_step=2, detector=bad)
+
+
+def test_front_door_detector_gate_equals_family_gate_with_the_probe(shapes):
+    """SteeringConfig.detector (the shipped style probe at step 7) through ConceptSteering is family_gate with that
+    probe's detector for the concept word, bit for bit; each sample is either the gate without a detector or the
+    implicit fraction at 0. A probe without any of concept_words, or no probe, fails on apply."""
+    from diffusion_sae.concepts.probe import ConceptProbe, ProbeError, pooled_activations
+    from diffusion_sae.interventions.steer import concept_steering, family_gate, steer_text_encoder
+
+    pipe, sae = shapes
+    folder = bundle.probe_dir("style", 7)
+    rivals = ["solid", "dotted", "checkered", "outlined", "gradient", "noisy", "wavy"]
+    prompts = ["a red star", "a blue heart", "a green ring"]
+    gate = dict(concept="striped style", strength=-2.0, concept_words=["stripes", "striped"], rivals=rivals,
+                implicit=1.0, implicit_from_step=8, match="tokens")
+
+    def gen():
+        g = [torch.Generator().manual_seed(s) for s in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=2.0, generator=g, output_type="pt").images
+
+    def direct(**kw):
+        st = concept_steering(sae, pipe, bundle.TEXT_HOOKPOINT, "striped style", -2.0)
+        st.rows = family_gate(pipe, bundle.TEXT_HOOKPOINT, ["stripes", "striped"], rivals, 1.0, match="tokens", **kw)
+        with steer_text_encoder(pipe, st):
+            return gen()
+
+    # before step 8 these prompts are generated unsteered, so the probe sees the plain model's step 7: a bar
+    # between its lowest and highest p(striped) flags some of the samples and not others
+    probe = ConceptProbe.from_pretrained(folder)
+    p = probe.probabilities(pooled_activations(pipe, probe.hookpoint, prompts, list(range(len(prompts))), 7,
+                                               steps=STEPS, guidance=2.0))[:, probe.index("striped")]
+    bar = float(p.min() + p.max()) / 2
+    flagged = (p >= bar).tolist()
+    assert any(flagged) and not all(flagged), p
+    want = direct(implicit_from_step=8, detector=probe.detector("striped", bar))
+    with ds.intervene(pipe, ds.ConceptSteering(sae, **gate, detector=str(folder), detector_threshold=bar)):
+        got = gen()
+    assert torch.equal(got, want)
+    late, zero = direct(implicit_from_step=8), gen()
+    for i, f in enumerate(flagged):
+        assert (late[i] - zero[i]).abs().max() > 1e-3
+        assert torch.equal(got[i], late[i] if f else zero[i]), i
+    with pytest.raises(InterventionError, match="none of concept_words .cat."):
+        ds.apply(pipe, ds.ConceptSteering(sae, **{**gate, "concept_words": "cat"}, detector=str(folder)))
+    with pytest.raises(ProbeError, match="no concept probe at"):
+        ds.apply(pipe, ds.ConceptSteering(sae, **gate, detector=str(folder.parent / "nope")))
+    assert ds.applied(pipe) == [] and _registered(pipe) == []
+
+
 def test_apply_then_remove_restores_the_plain_image_bit_for_bit(shapes):
     pipe, sae = shapes
     plain = _gen(pipe)

@@ -63,13 +63,30 @@ class ConceptSteering(Intervention):
             raise InterventionError("the SAE has no hookpoint in its cfg.json: set SteeringConfig.hookpoint")
         return hp
 
+    def detector(self):
+        """The image-side detector of SteeringConfig.detector (None without one): the saved ConceptProbe's
+        verdict for the first of `concept_words` that is one of the probe's concepts."""
+        from ..concepts.probe import ConceptProbe
+
+        c = self.config
+        if c.detector is None:
+            return None
+        probe = ConceptProbe.from_pretrained(c.detector)
+        word = next((w for w in c.concept_words if w in probe.concepts), None)
+        if word is None:
+            raise InterventionError(f"the probe at {c.detector} was fitted on {', '.join(probe.concepts)}, none of "
+                                    f"concept_words ({', '.join(c.concept_words)}); give a probe fitted on the "
+                                    "concept, or name it as the probe does in concept_words")
+        return probe.detector(word, c.detector_threshold)
+
     def steering(self, pipe):
         """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
-        (steer.family_gate) decides per prompt how much of S applies."""
+        (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample)."""
         from .steer import concept_steering, family_gate
 
         if pipe not in self._built:
             c = self.config
+            detector = self.detector()      # a bad probe folder fails before S is built
             concept = c.concept[0] if len(c.concept) == 1 else list(c.concept)
             baseline = None if c.baseline is None else c.baseline[0] if len(c.baseline) == 1 else list(c.baseline)
             st = concept_steering(self.sae, pipe, self.hookpoint, concept, c.strength,
@@ -78,7 +95,7 @@ class ConceptSteering(Intervention):
                 st.rows = family_gate(pipe, self.hookpoint, list(c.concept_words), list(c.rivals), c.implicit,
                                       c.implicit_negative, match=c.match,
                                       neutral_words=None if c.neutral is None else list(c.neutral),
-                                      implicit_from_step=c.implicit_from_step)
+                                      implicit_from_step=c.implicit_from_step, detector=detector)
             self._built[pipe] = st
         return self._built[pipe]
 
