@@ -49,6 +49,8 @@ def inputs(tmp_path_factory):
     (d / "corrupt.json").write_text('{"striped": ["a striped')
     (d / "latin1.json").write_bytes('{"caf\xe9": ["caf\xe9"]}'.encode("latin-1"))
     (d / "empty_concept.json").write_text('{"striped": []}')
+    (d / "one_concept.json").write_text('{"striped": ["a red star in striped style"]}')
+    (d / "two_concepts.json").write_text('{"striped": ["a red star in striped style"], "dotted": ["a red star in dotted style"]}')
     user = d / "my_results"
     user.mkdir()
     (user / "notes.txt").write_text("a week of work")
@@ -80,6 +82,8 @@ def inputs(tmp_path_factory):
     w[key].view(-1)[0] = float("nan")
     save_file(w, str(d / "sae_nan" / "sae.safetensors"))
     (d / "dict_corrupt" / "concept_dictionary_style.json").write_text("{\"hookpoint\": ")
+    shutil.copytree(assets.sae_dir() / "probes" / "style-step7", d / "probe_not_a_probe")
+    (d / "probe_not_a_probe" / "concept_probe.json").write_text('{"hookpoint": 3}')
     t = load_file(str(d / "dict_nan" / "concept_dictionary_style.safetensors"))
     t["means"] = t["means"].clone()
     t["means"].view(-1)[0] = float("nan")
@@ -104,6 +108,10 @@ TINY = ["collect", "--model", "tiny:sd", "--hookpoint", BLOCK, "--prompts", "{i}
 STEER = ["steer", "--concept", "striped", "--prompt", "a circle", "--steps", "1", "--out", "{o}/steer.png"]
 UNLEARN = ["unlearn", "--concept", "circle", "--prompt", "a circle", "--steps", "1", "--out", "{o}/u.png"]
 STYLE_DICT = ["--dictionary-name", "concept_dictionary_style"]
+PROBE = ["concepts", "probe", "--prompts", "{i}/two_concepts.json", "--step", "1", "--steps", "2", "--out", "{o}/p"]
+STYLE_PROBE = f"{PKG}/world/assets/saes/probes/style-step7"     # read only
+GATED = ["steer", "--concept", "striped", "--prompt", "a circle", "--steps", "10", "--out", "{o}/steer.png",
+         "--rival", "dotted", "--concept-word", "striped", "--implicit", "0.5"]
 
 # (id, arguments, text the one error line must contain)
 CASES = [
@@ -193,6 +201,47 @@ CASES = [
     ("steer-rival-and-gate", [*STEER, "--rival", "dotted", "--concept-word", "striped", "--gate", "striped"],
      "exclusive"),
     ("steer-concept-word-no-rival", [*STEER, "--concept-word", "striped"], "only acts with --rival"),
+    # --- steer --detector: the probe is read and checked before the model loads
+    ("steer-detector-missing", [*GATED, "--implicit-from-step", "8", "--detector", "{i}/a_folder"],
+     "--detector: no concept probe"),
+    ("steer-detector-not-a-probe", [*GATED, "--implicit-from-step", "8", "--detector", "{i}/probe_not_a_probe"],
+     "probe_not_a_probe/concept_probe.json: not a concept probe"),
+    ("steer-detector-no-from-step", [*GATED, "--detector", STYLE_PROBE], "needs --implicit-from-step >= 1"),
+    ("steer-detector-step-not-before", [*GATED, "--implicit-from-step", "7", "--detector", STYLE_PROBE],
+     "reads step 7"),
+    ("steer-detector-other-concepts", [*STEER[:-4], "--steps", "10", "--out", "{o}/steer.png", "--rival", "dog",
+                                       "--concept-word", "cat", "--implicit-from-step", "8", "--detector", STYLE_PROBE],
+     "none of --concept-word"),
+    ("steer-detector-no-rival", [*STEER, "--detector", STYLE_PROBE], "--detector only acts with --rival"),
+    ("steer-detector-threshold-high", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE,
+                                       "--detector-threshold", "1.5"], "--detector-threshold must be a probability"),
+    ("steer-detector-threshold-text", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE,
+                                       "--detector-threshold", "half"], "--detector-threshold must be a number"),
+    ("steer-detector-threshold-alone", [*GATED, "--implicit-from-step", "8", "--detector-threshold", "0.7"],
+     "--detector-threshold only acts with --detector"),
+    # --- concepts probe: never writes into the package; every option checked before the model loads
+    ("probe-no-out", PROBE[:-2], "give --out"),
+    ("probe-out-in-package", [*PROBE[:-1], f"{PKG}/world/assets/saes/probes/new"], "inside the installed"),
+    ("probe-out-a-file", [*PROBE[:-1], "{i}/a_file"], "not a folder"),
+    ("probe-no-prompts", ["concepts", "probe", "--step", "1", "--out", "{o}/p"], "exactly one of --prompts"),
+    ("probe-prompts-and-kind", [*PROBE, "--kind", "style"], "exactly one of --prompts"),
+    ("probe-kind-bogus", ["concepts", "probe", "--kind", "shade", "--step", "1", "--out", "{o}/p"], "--kind"),
+    ("probe-no-step", [*PROBE[:4], *PROBE[6:]], "give --step"),
+    ("probe-step-past-the-steps", [*PROBE, "--step", "2"], "--step 2 is not one of the sampler's 2 steps"),
+    ("probe-step-negative", [*PROBE, "--step", "-1"], "--step -1"),
+    ("probe-steps-0", [*PROBE, "--steps", "0"], "--steps"),
+    ("probe-guidance-nan", [*PROBE, "--guidance", "nan"], "--guidance"),
+    ("probe-per-concept-0", ["concepts", "probe", "--kind", "style", "--step", "1", "--per-concept", "0",
+                             "--out", "{o}/p"], "--per-concept"),
+    ("probe-seed-start-negative", [*PROBE, "--seed-start", "-1"], "--seed-start"),
+    ("probe-prompts-list", [*PROBE[:3], "{i}/list.json", *PROBE[4:]], "expected a JSON object"),
+    ("probe-prompts-corrupt", [*PROBE[:3], "{i}/corrupt.json", *PROBE[4:]], "not valid JSON"),
+    ("probe-prompts-latin1", [*PROBE[:3], "{i}/latin1.json", *PROBE[4:]], "not UTF-8"),
+    ("probe-prompts-one-concept", [*PROBE[:3], "{i}/one_concept.json", *PROBE[4:]], "at least two concepts"),
+    ("probe-other-model-no-hookpoint", [*PROBE, "--model", "tiny:sd"], "give --hookpoint"),
+    ("probe-hookpoint-text", [*PROBE, "--hookpoint", "text_encoder.text_model.encoder.layers.3"],
+     "is not a denoiser block"),
+    ("probe-hookpoint-unknown", [*PROBE, "--hookpoint", "unet.up_blocks.9"], "--hookpoint: unknown hookpoint"),
     # --- unlearn
     ("unlearn-top-n-negative", [*UNLEARN, "--top-n", "-2"], "--top-n"),
     ("unlearn-top-n-0", [*UNLEARN, "--top-n", "0"], "--top-n"),

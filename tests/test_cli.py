@@ -132,6 +132,36 @@ def test_steer_and_unlearn_on_the_bundled_model(tmp_path):
     assert isinstance(r.exception, UserError) and "--edit" in str(r.exception)
 
 
+def test_concepts_probe_then_steer_with_it_as_detector_on_the_bundled_model(tmp_path):
+    from diffusion_sae.concepts.probe import ConceptProbe
+
+    groups = {"striped": ["a red star in striped style", "a blue ring in striped style"],
+              "dotted": ["a red star in dotted style", "a blue ring in dotted style"],
+              "solid": ["a red star in solid style", "a blue ring in solid style"]}
+    (tmp_path / "styles.json").write_text(json.dumps(groups))
+    out = ok("concepts", "probe", "--prompts", tmp_path / "styles.json", "--step", 2, "--steps", 5, "--seed-start", 700,
+             "--out", tmp_path / "probe")
+    assert "3 concepts" in out and "step 2 of 5" in out and "training accuracy" in out
+    probe = ConceptProbe.from_pretrained(tmp_path / "probe")
+    assert (probe.step, probe.concepts, probe.hookpoint) == (2, list(groups), "unet.up_blocks.1.attentions.1")
+    assert probe.meta["seeds"] == list(range(700, 706)) and probe.meta["steps"] == 5 and probe.meta["guidance"] == 2.0
+    # the bundled prompts of a kind, at that kind's probe block
+    ok("concepts", "probe", "--kind", "colour", "--per-concept", 2, "--step", 1, "--steps", 3, "--out", tmp_path / "colour")
+    colour = ConceptProbe.from_pretrained(tmp_path / "colour")
+    assert len(colour.concepts) == 6 and colour.hookpoint == "unet.up_blocks.1.attentions.0"
+    # steer: the probe flags samples from step 2, the implicit fraction acts on them from step 3 of 5
+    ok("steer", "--concept", "striped style", "--strength", "-1", "--concept-word", "striped", "--rival", "dotted",
+       "--rival", "solid", "--implicit", "0.5", "--implicit-from-step", 3, "--detector", tmp_path / "probe",
+       "--detector-threshold", "0.4", "--prompt", "a red star", "--prompt", "a blue ring", "--steps", 5,
+       "--out", tmp_path / "gated.png")
+    assert (tmp_path / "gated.png").stat().st_size > 1000
+    r = run("steer", "--concept", "striped style", "--strength", "-1", "--concept-word", "striped", "--rival", "dotted",
+            "--implicit-from-step", 2, "--detector", tmp_path / "probe", "--prompt", "a red star", "--steps", 5,
+            "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "reads step 2" in str(r.exception)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_tune_both_methods_small(tmp_path):
     out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
              "--images", 8, "--top-n", "1", "--gammas", "-5")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -19,7 +19,7 @@ class UserError(DiffusionSAEError):
     """A bad input: printed as one line, exit code 2."""
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     raise UserError(msg)
 
 

@@ -44,6 +44,12 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               match: Optional[str] = typer.Option(None, help="Family gate: how a name is found in a prompt: embedding "
                                                   "(nearest word in the text encoder's token embeddings: follows "
                                                   "learned synonyms; default) or tokens (exact words: a prompt filter)."),
+              detector: Optional[Path] = typer.Option(None, help="Family gate: the folder of a saved concept probe "
+                                                      "(`concepts probe`); from --implicit-from-step on, the implicit "
+                                                      "scale acts only on the samples it flags as heading to the "
+                                                      "concept (one of --concept-word)."),
+              detector_threshold: Optional[str] = typer.Option(None, help="With --detector: the probe probability "
+                                                               "from which a sample is flagged (default 0.5)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -69,7 +75,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail("give either --concept or --concept-file, not both")
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
-    family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps)
+    family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps,
+                             detector, detector_threshold)
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -120,9 +127,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
 
 
 def _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step=None,
-                    steps=None) -> dict | None:
+                    steps=None, detector=None, detector_threshold=None) -> dict | None:
     """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
-    loads; None without --rival."""
+    loads (a --detector probe is read here too); None without --rival."""
     if match is not None and match not in ("tokens", "embedding"):
         fail(f"--match must be tokens or embedding, not {match!r}")
     imp = parse_number(implicit, "--implicit") if implicit is not None else 0.0
@@ -132,6 +139,11 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         if not (implicit_from_step.strip().isascii() and implicit_from_step.strip().isdigit()):
             fail(f"--implicit-from-step must be a denoising step (a whole number >= 0), got {implicit_from_step!r}")
         from_step = int(implicit_from_step)
+    threshold = 0.5
+    if detector_threshold is not None:
+        threshold = parse_number(detector_threshold, "--detector-threshold")
+        if not 0.0 <= threshold <= 1.0:
+            fail(f"--detector-threshold must be a probability in [0, 1], got {detector_threshold!r}")
     words = {"--rival": list(rival or []), "--concept-word": list(concept_word or [])}
     for opt, ws in words.items():
         if any(not w.strip() for w in ws):
@@ -139,7 +151,8 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
     if not words["--rival"]:
         given = [opt for opt, v in (("--concept-word", concept_word), ("--implicit", implicit),
                                     ("--implicit-negative", implicit_negative),
-                                    ("--implicit-from-step", implicit_from_step), ("--match", match)) if v]
+                                    ("--implicit-from-step", implicit_from_step), ("--match", match),
+                                    ("--detector", detector), ("--detector-threshold", detector_threshold)) if v]
         if given:
             fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
         return None
@@ -149,5 +162,29 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         fail("--rival needs --concept-word: the word(s) that name the concept, e.g. --concept-word cat")
     if steps is not None and from_step >= steps > 0:
         fail(f"--implicit-from-step {from_step} is not below --steps {steps}: the implicit scale would never act")
+    if detector_threshold is not None and detector is None:
+        fail("--detector-threshold only acts with --detector (the folder of a saved concept probe)")
+    det = None if detector is None else _detector(detector, words["--concept-word"], threshold, from_step)
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
-                implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step)
+                implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det)
+
+
+def _detector(path: Path, concept_words: list[str], threshold: float, from_step: int):
+    """--detector: the saved probe's verdict for the first --concept-word it was fitted on; its step must come
+    before --implicit-from-step (the step from which the samples it flags are steered)."""
+    from ..concepts.probe import ConceptProbe, ProbeError
+
+    if from_step < 1:
+        fail("--detector needs --implicit-from-step >= 1, later than the step its probe reads: the implicit scale "
+             "waits for the probe's verdict")
+    try:
+        probe = ConceptProbe.from_pretrained(path)
+    except ProbeError as e:
+        fail(f"--detector: {e}")
+    word = next((w for w in concept_words if w in probe.concepts), None)
+    if word is None:
+        fail(f"--detector {path}: the probe was fitted on {', '.join(probe.concepts)}, none of --concept-word "
+             f"({', '.join(concept_words)}); give a probe fitted on the concept, or name it as the probe does")
+    if probe.step >= from_step:
+        fail(f"--detector {path} reads step {probe.step}: --implicit-from-step must be above it (got {from_step})")
+    return probe.detector(word, threshold)
