@@ -27,6 +27,8 @@ _EXPORTS = {
     "TrainConfig": "diffusion_sae.sae.train:TrainConfig",
     "build_concept_dictionary": "diffusion_sae.concepts.dictionary:build_concept_dictionary",
     "ConceptDictionary": "diffusion_sae.concepts.dictionary:ConceptDictionary",
+    "ConceptProbe": "diffusion_sae.concepts.probe:ConceptProbe",
+    "fit_concept_probe": "diffusion_sae.concepts.probe:fit_concept_probe",
     # interventions
     "ConceptSteering": "diffusion_sae.interventions.api:ConceptSteering",
     "SAeUron": "diffusion_sae.interventions.api:SAeUron",
@@ -64,6 +66,8 @@ if TYPE_CHECKING:
     from .sae.train import TrainConfig as TrainConfig
     from .concepts.dictionary import build_concept_dictionary as build_concept_dictionary
     from .concepts.dictionary import ConceptDictionary as ConceptDictionary
+    from .concepts.probe import ConceptProbe as ConceptProbe
+    from .concepts.probe import fit_concept_probe as fit_concept_probe
     from .interventions.api import ConceptSteering as ConceptSteering
     from .interventions.api import SAeUron as SAeUron
     from .interventions.scale import FeatureScaling as FeatureScaling

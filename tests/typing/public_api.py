@@ -27,6 +27,13 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
     ds.register_intervention("scale-copy", ds.FeatureScalingConfig,
                              lambda s, c, ctx: ds.FeatureScaling(s, c), sae="block")
 
+    probe: ds.ConceptProbe = ds.ConceptProbe.from_pretrained(sae_folder / "probe")
+    detector = probe.detector("striped", threshold=0.5)
+    fitted = ds.fit_concept_probe(pipe, "unet.up_blocks.1.attentions.0", {"striped": ["a striped star"],
+                                                                          "dotted": ["a dotted star"]}, 7)
+    gated = ds.SteeringConfig(concept="striped style", concept_words="striped", rivals="dotted", implicit=0.2,
+                              implicit_from_step=8, detector=str(sae_folder / "probe"), detector_threshold=0.5)
+
     trainer = ds.Trainer(sae.cfg, ds.TrainConfig(lr=1e-3, batch_size=4096))
     collect_cfg = ds.CollectConfig(hookpoints=["unet.up_blocks.1.attentions.1"], steps=25)
     styles: list[str] = list(ds.SHAPESCANVAS_STYLES)
@@ -35,5 +42,5 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
         pass
     except ds.DiffusionSAEError as e:
         print(e)
-    del width, threshold, again, trainer, collect_cfg, styles, folder, registered
+    del width, threshold, again, trainer, collect_cfg, styles, folder, registered, detector, fitted, gated
     return removed + open_now
