@@ -1028,3 +1028,131 @@ def test_implicit_from_step_bad_values_and_unsupported_setups(pipes):
         with steer_text_encoder(flux, st):
             pass
     assert _no_hooks(pipe) and not _ours(pipe) and _no_hooks(flux) and not _ours(flux)
+
+
+# ------------------------------------------------------------------------------- image-side detector gate
+class _FixedDetector:
+    """A detector stub: flags the samples given, and records the rows it was shown."""
+
+    def __init__(self, hookpoint, step, flags):
+        self.hookpoint, self.step, self.flags, self.seen = hookpoint, step, flags, []
+
+    def __call__(self, tokens):
+        self.seen.append(tokens.shape[0])
+        return torch.tensor(self.flags)
+
+
+def _detected(pipe, det, prompts, implicit=1.0, k=1):
+    from diffusion_sae.interventions.steer import family_gate
+
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+    st.rows = family_gate(pipe, name, ["cat"], ["dog"], implicit, implicit_from_step=k, detector=det)
+    with steer_text_encoder(pipe, st):
+        return _gen(pipe, prompts)
+
+
+def test_detector_gate_steers_only_the_flagged_samples(pipes):
+    """Two prompts naming neither concept, k=1 of 3 steps: the flagged sample equals the gate without a detector
+    (implicit fraction from step 1), the other equals implicit 0, bit for bit; the detector reads the
+    unconditional rows (one per sample) once; a prompt naming the concept is steered though not flagged."""
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+    prompts = ["a photo of a car", "a photo of a tree"]
+    under = _from_step(pipe)
+    zero, late = under(0.0, None, prompts), under(1.0, 1, prompts)
+    assert (late - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    det = _FixedDetector(block, 0, [True, False])
+    out = _detected(pipe, det, prompts)
+    assert det.seen == [2]
+    torch.testing.assert_close(out[0], late[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], zero[1], rtol=0, atol=1e-6)
+    none = _detected(pipe, _FixedDetector(block, 0, [False, False]), prompts)
+    torch.testing.assert_close(none, zero, rtol=0, atol=1e-6)
+    named = _detected(pipe, _FixedDetector(block, 0, [False]), ["a photo of a cat"])
+    torch.testing.assert_close(named, under(1.0, 1, "a photo of a cat"), rtol=0, atol=1e-6)
+    assert (named - _gen(pipe, "a photo of a cat")).abs().max() > 1e-3
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_detector_gate_sdxl_swaps_pooled_embeddings_per_sample(pipes):
+    pipe = pipes("sdxl")
+    block = next(h for h in list_hookpoints(pipe, "denoiser") if "attentions" in h)
+    prompts = ["a photo of a car", "a photo of a tree"]
+    under = _from_step(pipe)
+    zero, late = under(0.0, None, prompts), under(1.0, 1, prompts)
+    out = _detected(pipe, _FixedDetector(block, 0, [False, True]), prompts)
+    torch.testing.assert_close(out[0], zero[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], late[1], rtol=0, atol=1e-5)
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_detector_gate_hooks_removed_when_generation_raises_and_bad_setups(pipes):
+    from diffusion_sae.interventions.steer import FamilyGate, family_gate
+
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+
+    class Boom(_FixedDetector):
+        def __call__(self, tokens):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _detected(pipe, Boom(block, 0, [True]), ["a photo of a car"])
+    assert _no_hooks(pipe) and not _ours(pipe)
+    with pytest.raises(SteeringError, match="needs implicit_from_step > 2"):
+        FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, detector=_FixedDetector(block, 2, [True]))
+    with pytest.raises(SteeringError, match="needs implicit_from_step > 0"):
+        FamilyGate([(1,)], [(2,)], 0.5, detector=_FixedDetector(block, 0, [True]))
+    with pytest.raises(SteeringError, match="detector must be a callable"):
+        FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, detector="probe")
+    name = list_hookpoints(pipe, "text")[-2]
+    with pytest.raises(SteeringError, match="not a denoiser block"):
+        _detected(pipe, _FixedDetector(name, 0, [True]), ["a photo of a car"])
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    a = concept_steering(sae, pipe, name, "a cat", -2.0)
+    b = concept_steering(sae, pipe, name, "a dog", -2.0)
+    a.rows = family_gate(pipe, name, ["cat"], ["dog"], 0.5, implicit_from_step=1, detector=_FixedDetector(block, 0, [True]))
+    b.rows = family_gate(pipe, name, ["dog"], ["cat"], 0.5, implicit_from_step=2)
+    with pytest.raises(SteeringError, match="start at the same step"):
+        with steer_text_encoder(pipe, [a, b]):
+            pass
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_saeuron_detector_edits_only_the_flagged_samples_after_its_step(sd_dictionary):
+    """A detector at step 0 flagging the first of two samples: that sample equals the edit restricted to
+    steps 1-2 (no detector), the other is the plain image bit for bit; nothing flagged is the plain batch;
+    the detector reads the unconditional rows once per generation; hooks are gone afterwards, also when
+    the detector raises; a detector refuses the faithful path."""
+    from diffusion_sae.interventions.ablate import ConceptEdit
+
+    pipe, sae, d = sd_dictionary
+    block = "unet.up_blocks.1.attentions.0"
+    prompts = ["a cat", "a cat on a sofa"]
+    base = _gen(pipe, prompts)
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, window=(1, 3))]):
+        windowed = _gen(pipe, prompts)
+    assert (windowed - base).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    det = _FixedDetector(block, 0, [True, False])
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=det)]):
+        out = _gen(pipe, prompts)
+    assert det.seen == [2]
+    torch.testing.assert_close(out[0], windowed[0], rtol=0, atol=1e-6)
+    assert torch.equal(out[1], base[1])
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=_FixedDetector(block, 0, [False, False]))]):
+        assert torch.equal(_gen(pipe, prompts), base)
+
+    class Boom(_FixedDetector):
+        def __call__(self, tokens):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=Boom(block, 0, [True]))]):
+            _gen(pipe, prompts)
+    with pytest.raises(DictionaryError, match="faithful=False"):
+        with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -1.0, top_n=3, detector=det)], faithful=True):
+            pass
+    with pytest.raises(DictionaryError, match="detector must be a callable"):
+        ConceptEdit("cat", detector="probe")
+    assert _no_hooks(pipe)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import ModelHook
 
-from ..models import resolve_hookpoint
+from ..models import as_tokens, resolve_hookpoint
 from ..errors import DiffusionSAEError
 from ..models.hookpoints import PreForwardHook, register_edit, register_hook
 from ..models.step_tracker import StepTracker, patch_attribute, unpatch_attribute
@@ -187,15 +187,30 @@ class FamilyGate:
     are scaled as always). A text edit moves the whole trajectory, so letting the layout form unsteered
     costs the rest of the image less. steer_text_encoder encodes the prompt once more for this and swaps
     the encodings in a pre-hook on the denoiser; 0 (the default) is the implicit fraction at every step.
+
+    `detector` (ours, needs implicit_from_step k >= 1): an image-side verdict per sample, e.g. a
+    `concepts.probe.ConceptDetector`, read from a denoiser block at its step (< k) on the unconditional
+    branch. From step k on, the implicit fractions act only on the samples it flags; the others keep the
+    encoding without them to the end, so a seed that was not heading to the concept is left as the plain
+    model draws it. A prompt naming the concept is steered whatever the detector says.
     """
 
     def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,
-                 implicit_from_step: int = 0):
+                 implicit_from_step: int = 0, detector=None):
         self.matcher = matcher if matcher is not None else TokenMatch(target, rivals)
         self.target, self.rivals = target, rivals
         self.implicit = float(implicit)
         self.implicit_negative = self.implicit if implicit_negative is None else float(implicit_negative)
         self.implicit_from_step = _check_from_step(implicit_from_step)
+        if detector is not None:
+            step = getattr(detector, "step", None)
+            if not callable(detector) or not isinstance(getattr(detector, "hookpoint", None), str) or not isinstance(step, int):
+                raise SteeringError(f"detector must be a callable with .hookpoint and .step (e.g. "
+                                    f"ConceptProbe.detector(concept)), not {detector!r}")
+            if self.implicit_from_step < 1 or step >= self.implicit_from_step:
+                raise SteeringError(f"a detector reading step {step} needs implicit_from_step > {step} (the step from "
+                                    f"which flagged samples are steered), got implicit_from_step={self.implicit_from_step}")
+        self.detector = detector
 
     @property
     def delayed(self) -> bool:
@@ -282,12 +297,12 @@ COMMON_PROMPT_WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "image
 def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], rival_words: list[str],
                 implicit: float, implicit_negative: float | None = None, match: str = "tokens",
                 neutral_words: list[str] | None = None, min_similarity: float = 0.0,
-                implicit_from_step: int = 0) -> FamilyGate:
+                implicit_from_step: int = 0, detector=None) -> FamilyGate:
     """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them).
 
     match="tokens": exact token ids (a prompt filter); "embedding": nearest reference word in the first
     text encoder's token-embedding table (`EmbeddingMatch`), with `neutral_words` (default
-    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step: see FamilyGate."""
+    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector: see FamilyGate."""
     hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
     implicit = _check_strength(implicit)
     if implicit_negative is not None:
@@ -296,7 +311,8 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     target = [tuple(_gate_tokens(pipe, hps, w)) for w in concept_words]
     rivals = [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words]
     if match == "tokens":
-        return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step)
+        return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step,
+                          detector=detector)
     if match != "embedding":
         raise SteeringError(f"match must be 'tokens' or 'embedding', not {match!r}")
     words = set(concept_words) | set(rival_words)
@@ -307,7 +323,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     flat = lambda ts: [t for seq in ts for t in seq]  # noqa: E731
     matcher = EmbeddingMatch(encoder.get_input_embeddings().weight, flat(target), flat(rivals), neutral_ids,
                              special, min_similarity)
-    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step)
+    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector)
 
 
 def _special_tokens(pipe, hps) -> set[int]:
@@ -527,19 +543,42 @@ class _EarlyEncodings(ModelHook):
 
     _TEXT_KWARGS = ("encoder_hidden_states", "pooled_projections")
 
-    def __init__(self, starts: list[int], stop: int, locate=None):
+    def __init__(self, starts: list[int], stop: int, locate=None, guided=None):
         super().__init__()
         self.starts, self.stop = starts, stop
         # locate(timestep) -> its index in the scheduler's timesteps, or None: the step a denoiser call
         # is at when it is called outside the sampling loop (an attack's loss at one grid timestep)
         self.locate = locate
+        # FamilyGate.detector: guided() says whether a denoiser batch is [unconditional; conditional]
+        self.guided = guided
+        self.detecting = False
+        self.flags: torch.Tensor | None = None     # [samples] bool: the detectors' verdicts of this generation
+        self._flag_call = -1
         self.pairs: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
         self.calls = 0
+        self.step_now: int | None = None
         self.denoising = False
+
+    def observe(self, detector, h: torch.Tensor) -> torch.Tensor:
+        """Block hook of a detector: at its step, flag the samples (read on the unconditional rows; several
+        detectors: a sample any of them flags is flagged). Returns the tensor unchanged."""
+        if self.step_now != detector.step:
+            return h
+        tok, _ = as_tokens(h)
+        rows = tok.shape[0]
+        if self.guided is not None and self.guided() and rows % 2 == 0:
+            tok = tok[: rows // 2]
+        flags = detector(tok).flatten().bool().cpu()
+        if self._flag_call != self.calls or self.flags is None or self.flags.shape != flags.shape:
+            self.flags, self._flag_call = flags, self.calls
+        else:
+            self.flags = self.flags | flags
+        return h
 
     def add(self, late, early: dict[int, tuple]) -> None:
         if self.denoising:       # the first encoding of a new pipeline call
             self.pairs, self.calls, self.denoising = [], 0, False
+            self.flags, self._flag_call = None, -1
         for i, t in enumerate(late):
             if isinstance(t, torch.Tensor):
                 self.pairs.append((t, {lo: e[i] for lo, e in early.items()}))
@@ -592,7 +631,15 @@ class _EarlyEncodings(ModelHook):
             # count above; a call outside it, such as an attack's loss at one timestep, does not)
             at = self.locate(kwargs.get("timestep", args[1] if len(args) > 1 else None))
             step = at if at is not None else step
-        if step >= self.stop or not self.pairs:
+        self.step_now = step
+        keep = None        # rows that keep the late encoding (all of them when None)
+        if step >= self.stop:
+            # With detectors, from the gate's step on only the flagged samples get the implicit fractions; the
+            # others keep the early encoding. No verdict (no detection ran in this generation): all are steered.
+            if not self.detecting or self.flags is None or not self.pairs or bool(self.flags.all()):
+                return args, kwargs
+            keep = self.flags
+        if not self.pairs:
             return args, kwargs
         lo = max(s for s in self.starts if s <= step)
         if not isinstance(kwargs.get("encoder_hidden_states"), torch.Tensor):
@@ -601,11 +648,22 @@ class _EarlyEncodings(ModelHook):
         kwargs = dict(kwargs)
         for key in self._TEXT_KWARGS:
             if isinstance(kwargs.get(key), torch.Tensor):
-                kwargs[key] = self._swap(kwargs[key], lo, key)
+                kwargs[key] = self._mix(kwargs[key], lo, key, keep)
         added = kwargs.get("added_cond_kwargs")
         if isinstance(added, dict) and isinstance(added.get("text_embeds"), torch.Tensor):
-            kwargs["added_cond_kwargs"] = dict(added, text_embeds=self._swap(added["text_embeds"], lo, "text_embeds"))
+            kwargs["added_cond_kwargs"] = dict(added, text_embeds=self._mix(added["text_embeds"], lo, "text_embeds", keep))
         return args, kwargs
+
+    def _mix(self, x: torch.Tensor, lo: int, key: str, keep: torch.Tensor | None) -> torch.Tensor:
+        early = self._swap(x, lo, key)
+        if keep is None:
+            return early
+        n = keep.shape[0]
+        if x.shape[0] % n:
+            raise SteeringError(f"detector: the denoiser's {key} has {x.shape[0]} rows for {n} detected samples; "
+                                "generate with the batch the detector read")
+        rows = keep.repeat(x.shape[0] // n).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(rows, x, early)
 
 
 @contextlib.contextmanager
@@ -626,6 +684,15 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     steerings = [steerings] if isinstance(steerings, Steering) else list(steerings)
     waits = sorted({st.rows.implicit_from_step for st in steerings
                     if isinstance(st.rows, FamilyGate) and st.rows.delayed})
+    detectors = [st.rows.detector for st in steerings
+                 if isinstance(st.rows, FamilyGate) and st.rows.delayed and st.rows.detector is not None]
+    if detectors and len(waits) > 1:
+        raise SteeringError(f"FamilyGates with a detector need every delayed gate to start at the same step "
+                            f"(got implicit_from_step {waits}): the detectors' verdict picks one encoding per sample")
+    for det in detectors:    # checked before any hook is installed
+        if resolve_hookpoint(pipe, det.hookpoint).kind != "denoiser":
+            raise SteeringError(f"detector hookpoint {det.hookpoint!r} is not a denoiser block (a detector reads "
+                                "the image side, e.g. unet.up_blocks.1.attentions.0)")
     if waits and faithful:
         raise SteeringError("implicit_from_step needs the explicit encoding: use faithful=False")
     if waits and _family(pipe) == "flux":
@@ -665,7 +732,10 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     # FamilyGate.implicit_from_step: one more encoding for each range of steps [starts[i], waits[i])
     starts = [0, *waits[:-1]]
     locator = StepTracker(pipe)     # not entered: only its timestep -> step lookup is used
-    early_hook = _EarlyEncodings(starts, waits[-1], lambda t: locator._locate(t)[0]) if waits else None
+    early_hook = _EarlyEncodings(starts, waits[-1], lambda t: locator._locate(t)[0],
+                                 lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))) if waits else None
+    if early_hook is not None and detectors:
+        early_hook.detecting = True
 
     @functools.wraps(orig)     # the real signature stays readable for a wrapper stacked on this one
     def encode_prompt(*args, **kwargs):
@@ -718,6 +788,10 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     try:
         if early_hook is not None:
             handles.append(register_hook(denoiser, early_hook, "diffusion_sae.steering_implicit_from_step"))
+            for i, det in enumerate(detectors):
+                handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
+                                             lambda h, det=det: early_hook.observe(det, h),
+                                             f"diffusion_sae.steering_detector.{i}"))
         yield pipe
     finally:
         for h in handles:

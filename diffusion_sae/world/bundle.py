@@ -5,6 +5,8 @@ Shipped layout (`diffusion_sae/world/assets/saes/`):
   unet.up_blocks.1.attentions.1/              SAeUron's block SAE + concept_dictionary_{style,object,colour}.*
   unet.up_blocks.1.attentions.0/              the same for the block before it (ShapesCanvas spreads a
                                               style over both; see the world README)
+  probes/{kind}-step{s}/                      concept probes (concepts/probe.py) of each kind at step s,
+                                              the image-side detectors of Concept Steerers' FamilyGate
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ CROSS_ATTN = "{}.transformer_blocks.0.attn2"
 BLOCK_HOOKPOINTS = (BLOCK_HOOKPOINT, "unet.up_blocks.1.attentions.0", "unet.up_blocks.0.attentions.1",
                     "unet.up_blocks.0.attentions.0", "unet.mid_block.attentions.0", "unet.down_blocks.2.attentions.0")
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
+# The block each kind's concept probe reads (the unconditional branch, patch mean); the steps shipped.
+PROBE_HOOKPOINTS = {"style": "unet.up_blocks.1.attentions.0", "object": "unet.up_blocks.0.attentions.1",
+                    "colour": "unet.up_blocks.1.attentions.0"}
+PROBE_STEPS = (5, 7, 9)
+PROBE_PROMPTS = 32      # named prompts per concept a probe is fitted on (tuning seeds)
 
 
 def training_captions(n: int, seed: int = 0, p_partial: float = 0.3) -> tuple[list[str], list[int]]:
@@ -120,3 +127,34 @@ def save_params(params: dict, path=None) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(params, indent=1))
     os.replace(tmp, p)
+
+
+def probe_dir(kind: str, step: int, root=None):
+    from pathlib import Path
+
+    from .assets import sae_dir
+
+    return Path(root or sae_dir()) / "probes" / f"{kind}-step{step}"
+
+
+def load_probe(kind: str, step: int, root=None):
+    """The shipped concept probe of a kind at a denoising step (bundle.PROBE_STEPS)."""
+    from ..concepts.probe import ConceptProbe
+
+    return ConceptProbe.from_pretrained(probe_dir(kind, step, root))
+
+
+def fit_probes(pipe, kind: str, steps=PROBE_STEPS, per_concept: int = PROBE_PROMPTS, seed: int = 0,
+               guidance: float = GUIDANCE) -> list:
+    """Concept probes of a kind at each step, fitted on prompts naming each concept (`concept_prompts`)
+    at tuning seeds, one seed per prompt: nothing of the evaluation split is seen."""
+    from ..concepts.probe import fit_concept_probe
+    from .splits import TUNING_SEEDS
+
+    groups = concept_prompts(kind, per_concept, seed=seed)
+    n = sum(len(v) for v in groups.values())
+    seeds = [TUNING_SEEDS.start + i % len(TUNING_SEEDS) for i in range(n)]
+    check_tuning(seeds, where=f"{kind} probe seeds")
+    return fit_concept_probe(pipe, PROBE_HOOKPOINTS[kind], groups, list(steps), seeds=seeds, steps=STEPS,
+                             guidance=guidance, batch_size=64)
+

@@ -11,7 +11,9 @@ there (so a killed rebuild resumes where it stopped):
 5. block_saes  — SAeUron's SAEs: one collection pass over every block hookpoint (every denoising
                  step, conditional branch), then one BatchTopK SAE per hookpoint;
 6. dictionaries — concept dictionaries per block and kind, from canonical-name prompts at tuning seeds;
-7. world_eval  — prompt following on named, held-out-name and left-out prompts.
+7. probes      — concept probes per kind at bundle.PROBE_STEPS (Concept Steerers' image-side detector),
+                 from canonical-name prompts at tuning seeds;
+8. world_eval  — prompt following on named, held-out-name and left-out prompts.
 
 `DIR/rebuild.json` records the configuration, seeds, each step's wall time and result. `DIR` mirrors
 the package's `world/assets/` layout (`shapescanvas/`, `classifier/`, `saes/<hookpoint>/`), so
@@ -30,7 +32,7 @@ from ..errors import DiffusionSAEError
 from .config import GUIDANCE
 from .splits import TUNING_SEEDS
 
-STEPS = ("classifier", "unet", "prompts", "text_sae", "block_saes", "dictionaries", "world_eval")
+STEPS = ("classifier", "unet", "prompts", "text_sae", "block_saes", "dictionaries", "probes", "world_eval")
 
 
 class RebuildError(DiffusionSAEError, RuntimeError):
@@ -259,6 +261,17 @@ class Rebuild:
                 d.save(folder, name=dictionary_name(kind))
                 out[f"{hp}:{kind}"] = len(d.concepts)
         return {"dictionaries": len(out), "seeds": [seeds[0], seeds[-1]]}
+
+    def _probes(self) -> dict:
+        from .bundle import fit_probes, probe_dir
+
+        pipe = self._pipe()
+        out = {}
+        for kind in self.cfg.kinds:
+            for probe in fit_probes(pipe, kind, seed=self.cfg.seed, guidance=self.cfg.guidance):
+                probe.save_pretrained(probe_dir(kind, probe.step, self.saes_dir))
+                out[f"{kind}-step{probe.step}"] = round(probe.meta["train_accuracy"], 3)
+        return {"train_accuracy": out}
 
     def _world_eval(self) -> dict:
         from .assets import load_classifier
