@@ -353,9 +353,12 @@ def quick_grid(ps: PromptSet) -> PromptSet:
 @contextlib.contextmanager
 def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     """Unlearn every concept of `params` ({concept: {"top_n" | "percentile", "multiplier", "scaling",
-    "selection", "min_fire", "blocks"[, "window", "exclusive", "edit"]}}) at the blocks each one names; `blocks` = {hookpoint: (sae, dictionary)}. A concept
-    without "blocks" uses the first block (the paper's single hookpoint)."""
+    "selection", "min_fire", "blocks"[, "window", "exclusive", "edit", "detector"]}}) at the blocks each one
+    names; `blocks` = {hookpoint: (sae, dictionary)}. A concept without "blocks" uses the first block (the
+    paper's single hookpoint). "detector": [probe step, threshold] gates the concept's edits per sample with
+    its kind's shipped concept probe (ConceptEdit.detector)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
+    from ..world.bundle import load_probe
 
     per_block: dict[str, list] = {}
     for c, p in params.items():
@@ -367,7 +370,8 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
         edit = ConceptEdit(c, p.get("multiplier", -1.0), p.get("percentile"),
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
                            p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)),
-                           tuple(p["window"]) if p.get("window") else None, p.get("edit", "scale"))
+                           tuple(p["window"]) if p.get("window") else None, p.get("edit", "scale"),
+                           _shipped_detector(c, p["detector"], load_probe) if p.get("detector") else None)
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:
@@ -378,6 +382,13 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
 
 
 DEFAULT_SAEURON = {"top_n": 1, "multiplier": -1.0}
+
+
+def _shipped_detector(concept: str, spec, load_probe):
+    """The ConceptDetector of a preset's "detector": [probe step, threshold] for a ShapesCanvas concept."""
+    kind = next(k for k, cs in KINDS.items() if concept in cs)
+    step, threshold = spec
+    return load_probe(kind, int(step)).detector(concept, float(threshold))
 
 
 def concept_text(kind: str, concept: str) -> str:
@@ -403,22 +414,27 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
     family = cs_params.get("family", {})
     if kind in family:
         neg = cs_params.get("family_negative", {}).get(kind)
+        det = cs_params.get("family_detector", {}).get(kind)
         return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
-                              int(cs_params.get("family_from_step", {}).get(kind, 0)))
+                              int(cs_params.get("family_from_step", {}).get(kind, 0)),
+                              None if det is None else (int(det["step"]), float(det["threshold"])))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
 
 
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
-                   implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0):
+                   implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0,
+                   detector: tuple[int, float] | None = None):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
     (`implicit_negative` on that prompt's negative branch; both only from denoising step
     `implicit_from_step` on, params key "family_from_step"). match="tokens" reads canonical words only (a
     held-out name counts as none); "embedding" finds the names by the text encoder's token embeddings,
-    with every other non-held-out word of the world's vocabulary as a neutral reference."""
+    with every other non-held-out word of the world's vocabulary as a neutral reference.
+    detector (step, threshold), params key "family_detector": the implicit fraction acts only on the samples
+    the kind's shipped concept probe at that step flags (p(concept) >= threshold; FamilyGate.detector)."""
     from ..interventions.steer import family_gate
     from ..world.bundle import TEXT_HOOKPOINT
     from ..world.config import vocabulary_words
@@ -428,10 +444,16 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     rivals = [c for c in KINDS[kind] if c != concept]
     # the references an EmbeddingMatch compares against: canonical names and template words, never a held-out name
     neutral = [w for w in vocabulary_words() if w not in HELD_OUT_NAMES and w not in KINDS[kind]]
+    det = None
+    if detector is not None:
+        from ..world.bundle import load_probe
+
+        det = load_probe(kind, int(detector[0])).detector(concept, float(detector[1]))
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
-                          neutral_words=neutral, implicit_from_step=implicit_from_step)
+                          neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det)
     st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
-                              "implicit_from_step": implicit_from_step}
+                              "implicit_from_step": implicit_from_step,
+                              "detector": None if detector is None else list(detector)}
     return st
 
 

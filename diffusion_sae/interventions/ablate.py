@@ -60,6 +60,12 @@ replaced whole by mean_patch takes no other concept's edit; with several concept
 order of precedence is mean_patch, then replace_patch, then the code-level edits with the error kept.
 What these edits do on the bundled model (tuning-split sweeps) is in the README's SAeUron paragraph.
 
+`ConceptEdit.detector` (ours): an image-side verdict per sample (e.g. `concepts.probe.ConceptDetector`, read
+at its step on the unconditional branch). With one, the concept's edits act only on the samples it flags,
+and only after its step (none before: the verdict is not in yet), whatever the prompt says. A seed that is
+not heading to the concept is then generated as the plain model draws it, so a misfiring feature on
+another concept's patch cannot change it.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
 prompt); several concepts add up.
@@ -107,6 +113,9 @@ class ConceptEdit:
     # to the concept-free reference, the other concepts' mean activation at the step; γ is ignored);
     # "replace_patch" / "mean_patch" (ours) replace the firing patch's whole token (module docstring).
     edit: str = "scale"
+    # Per-sample gate (ours): a callable with .hookpoint and .step (ConceptDetector) flagging the samples to
+    # edit from the step after its own on; None edits every sample.
+    detector: object | None = None
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
@@ -123,6 +132,10 @@ class ConceptEdit:
         if self.selection not in ("paper", "specific"):
             raise DictionaryError(f"selection must be 'paper' (official scores, bar ν) or 'specific' (per-patch "
                                   f"specificity), not {self.selection!r}")
+        if self.detector is not None and not (callable(self.detector) and isinstance(getattr(self.detector, "hookpoint", None), str)
+                                              and isinstance(getattr(self.detector, "step", None), int)):
+            raise DictionaryError(f"detector must be a callable with .hookpoint and .step (e.g. "
+                                  f"ConceptProbe.detector(concept)), not {self.detector!r}")
         if self.edit not in EDITS:
             raise DictionaryError(f"edit must be 'scale' (z·γ·μ or z·γ, the paper) or 'replace' (set the firing "
                                   f"features to the other concepts' mean), 'replace_patch' (that code decoded "
@@ -231,6 +244,8 @@ class SAeUronHook:
         self.exclusive = torch.tensor([e.exclusive for e in edits], device=dev)
         self.tracker: StepTracker | None = None
         self.checked = False
+        # ConceptEdit.detector: the verdicts live in one SampleVerdicts shared by every block's hook
+        self.verdicts: SampleVerdicts | None = None
 
     def check_grid(self, pipe) -> None:
         want = [float(t) for t in self.dictionary.timesteps]
@@ -243,8 +258,9 @@ class SAeUronHook:
                 f"scheduler ({self.dictionary.meta.get('scheduler', '?')}), or rebuild the dictionary")
 
     @torch.no_grad()
-    def edit_tokens(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """x: [N, d] block-output tokens at step t -> edited tokens."""
+    def edit_tokens(self, x: torch.Tensor, t: int, allowed: list | None = None) -> torch.Tensor:
+        """x: [N, d] block-output tokens at step t -> edited tokens. allowed[e]: None (edit e may touch every
+        token) or a bool [N] (the tokens of the samples its detector flagged)."""
         sae = self.sae
         if self.selected.device != x.device:
             # An SAE left on the CPU under a GPU pipeline: its encode/decode return results on the
@@ -263,6 +279,8 @@ class SAeUronHook:
                 f = self.selected[e, t][idx] & (acts > self.bar[e, t][idx])        # [N, k]
                 if self.min_fire[e] > 1:
                     f &= (f.sum(-1, keepdim=True) >= self.min_fire[e])
+                if allowed is not None and allowed[e] is not None:
+                    f &= allowed[e].to(f.device)[:, None]
                 fires.append(f)
             if len(fires) > 1 and bool(self.exclusive.any()):
                 counts = torch.stack([f.sum(-1) for f in fires])                    # [E, N]
@@ -332,9 +350,58 @@ class SAeUronHook:
             self.checked = True
         tok, grid = as_tokens(h)
         b, n, d = tok.shape
+        allowed = None
+        if self.verdicts is not None:
+            rows = self.verdicts.rows_allowed(t, b)          # per edit: None or bool [b]
+            if all(r is not None and not bool(r.any()) for r in rows):
+                return h                                      # no sample to edit at this step
+            allowed = [None if r is None else r.repeat_interleave(n) for r in rows]
         flat = tok.reshape(b * n, d)
-        new = self.edit_tokens(flat, t)
+        new = self.edit_tokens(flat, t, allowed)
         return h if new is flat else from_tokens(new.reshape(b, n, d), grid)
+
+
+class SampleVerdicts:
+    """The per-sample verdicts of the edits' detectors (ConceptEdit.detector) for the current generation.
+
+    `observe(i, h)` is a block hook: at detector i's step it flags the samples from the unconditional rows
+    (the conditional ones without guidance). `rows_allowed(t, rows)` gives, per edit, None (no detector) or
+    the rows of a denoiser batch its edit may touch at step t: none at or before its detector's step, then
+    the rows of the flagged samples (both guidance halves). A generation restarts at step 0 and forgets the
+    verdicts of the previous one."""
+
+    def __init__(self, detectors: list, edit_detector: list[int | None], tracker: StepTracker):
+        self.detectors, self.edit_detector, self.tracker = detectors, edit_detector, tracker
+        self.flags: list[torch.Tensor | None] = [None] * len(detectors)
+
+    def observe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        det, tr = self.detectors[i], self.tracker
+        t = tr.step_index
+        if t is None:
+            return h
+        if t < det.step:
+            self.flags[i] = None
+        elif t == det.step:
+            tok, _ = as_tokens(h)
+            br = tr.branches(tok.shape[0])
+            self.flags[i] = det(tok[br.get("uncond", br.get("cond", slice(None)))]).flatten().bool().cpu()
+        return h
+
+    def rows_allowed(self, t: int, rows: int) -> list:
+        out: list = []
+        for i in self.edit_detector:
+            if i is None:
+                out.append(None)
+                continue
+            f = self.flags[i]
+            if f is None or t <= self.detectors[i].step:
+                out.append(torch.zeros(rows, dtype=torch.bool))
+                continue
+            if rows % len(f):
+                raise StepGridError(f"detector: the block has {rows} rows for {len(f)} detected samples; generate with "
+                                    "the batch the detector read")
+            out.append(f.repeat(rows // len(f)))
+        return out
 
 
 def block_pairs(sae, dictionary) -> list[tuple]:
@@ -366,6 +433,20 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     """
     pairs = block_pairs(sae, dictionary)
     edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive, window, edit)
+    detectors: list = []
+    edit_detector: list[int | None] = []
+    for e in edits:
+        if e.detector is None:
+            edit_detector.append(None)
+            continue
+        if faithful or mode != "ablate":
+            raise DictionaryError(f"a detector ({e.concept}) gates our ablation: use it with mode='ablate' and "
+                                  "faithful=False")
+        if resolve_hookpoint(pipe, e.detector.hookpoint).kind != "denoiser":
+            raise DictionaryError(f"detector hookpoint {e.detector.hookpoint!r} ({e.concept}) is not a denoiser block")
+        if e.detector not in detectors:
+            detectors.append(e.detector)
+        edit_detector.append(detectors.index(e.detector))
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)
@@ -376,13 +457,20 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
         hooks.append(SAeUronHook(s_, d_, edits, mode, faithful))
         targets.append(hp)
     with StepTracker.shared(pipe) as tracker:
+        verdicts = SampleVerdicts(detectors, edit_detector, tracker) if detectors else None
         for h in hooks:
             h.tracker = tracker
+            h.verdicts = verdicts
         handles = []
         try:
             # The SAE edits what it was trained on: the block's output, input or update (":input" / ":update").
             for h, hp in zip(hooks, targets):
                 handles.append(register_edit(hp, h, "diffusion_sae.saeuron"))
+            if verdicts is not None:
+                for i, det in enumerate(detectors):
+                    handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
+                                                 lambda x, i=i, v=verdicts: v.observe(i, x),
+                                                 f"diffusion_sae.saeuron_detector.{i}"))
             yield hooks[0] if len(hooks) == 1 else hooks
         finally:
             for handle in handles:

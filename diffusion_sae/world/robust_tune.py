@@ -137,26 +137,36 @@ def saeuron_candidates(pipe, blocks_by_kind: dict, settings: list[dict], kinds=(
 
 
 
-def family_name(lam: float, imp: float, neg: float | None = None, match: str = "tokens", from_step: int = 0) -> str:
+def family_name(lam: float, imp: float, neg: float | None = None, match: str = "tokens", from_step: int = 0,
+                detector: tuple | None = None) -> str:
     branch = "" if neg is None or neg == imp else f"/neg×{neg:g}"
     start = f" from step {from_step}" if from_step else ""
-    return f"CS family gate ({match}) λ={lam:g} implicit×{imp:g}{branch}{start}"
+    det = f" where the step-{detector[0]} probe says p≥{detector[1]:g}" if detector else ""
+    return f"CS family gate ({match}) λ={lam:g} implicit×{imp:g}{branch}{start}{det}"
 
 
 def family_candidates(pipe, text_sae, settings: list[tuple], kinds=("style", "object", "colour")) -> dict:
     """Concept Steerers with a FamilyGate at each (λ, implicit fraction[, negative-branch fraction[, match[,
-    first step of the implicit fraction]]])."""
-    from ..eval.shapes import family_removal
+    first step of the implicit fraction[, detector (probe step, threshold) or None]]]]). λ None: each
+    concept's shipped λ (`steer_strength` of the shipped params)."""
+    from ..eval.shapes import family_removal, steer_strength
     from ..interventions.steer import steer_text_encoder
+    from .bundle import load_params
 
-    def for_kind(kind, lam, imp, neg, match, start):
+    shipped = load_params()["steer"]
+
+    def for_kind(kind, lam, imp, neg, match, start, det):
         def build(concept):
-            st = family_removal(text_sae, pipe, kind, concept, lam, imp, neg, match, start)
+            strength = steer_strength(shipped, kind, concept) if lam is None else lam
+            st = family_removal(text_sae, pipe, kind, concept, strength, imp, neg, match, start, det)
             return lambda: steer_text_encoder(pipe, st)
         return build
 
     out = {}
     for setting in settings:
-        lam, imp, neg, match, start = (*setting, *(None, "tokens", 0)[len(setting) - 2:])
-        out[family_name(lam, imp, neg, match, start)] = {k: for_kind(k, lam, imp, neg, match, start) for k in kinds}
+        lam, imp, neg, match, start, det = (*setting, *(None, "tokens", 0, None)[len(setting) - 2:])
+        name = family_name(lam if lam is not None else float("nan"), imp, neg, match, start, det)
+        if lam is None:
+            name = name.replace("λ=nan", "λ shipped")
+        out[name] = {k: for_kind(k, lam, imp, neg, match, start, det) for k in kinds}
     return out

@@ -1,0 +1,62 @@
+"""Concept Steerers on prompts that name no concept of the kind: the implicit fraction on the samples an
+image-side concept probe flags.
+
+The shipped FamilyGate used to add a fraction of the removal S to every prompt naming none of the concept's
+family, from a late step on: every such sample moved, and removal stayed partial. Here the fraction acts
+from step k only on the samples whose concept probe (the kind's shipped probe at step k-1, read on the
+unconditional branch; `concepts/probe.py`) gives the concept a probability of at least the threshold, so a
+seed that was not heading to the concept is generated as the plain model draws it. Scored like
+`tune --method robust-steer` on the tuning split (seeds 500-999, canonical names, the first 3 concepts of
+each kind), per kind: mean violation of the erasure bars, implicit presence / base rate, paired change,
+FD ratio. The best row of each kind is the shipped preset (params keys family, family_from_step,
+family_detector).
+
+    python benchmarks/detector_gate.py [--concepts-per-kind 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffusion_sae.world import assets, bundle, robust_tune  # noqa: E402
+from diffusion_sae.world.generalization import GeneralizationConfig  # noqa: E402
+
+# (implicit fraction, first step, (probe step, threshold) or None); λ is each concept's shipped one
+SETTINGS = ((0.2, 8, None),
+            (1.0, 6, (5, 0.1)), (1.0, 6, (5, 0.2)), (1.0, 6, (5, 0.3)),
+            (1.0, 8, (7, 0.1)), (1.0, 8, (7, 0.2)), (1.0, 8, (7, 0.3)),
+            (1.0, 10, (9, 0.2)), (1.0, 10, (9, 0.3)), (2.0, 8, (7, 0.2)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concepts-per-kind", type=int, default=3)
+    a = ap.parse_args()
+    pipe, clf = assets.load_pipeline(), assets.load_classifier()
+    pipe.set_progress_bar_config(disable=True)
+    text_sae = bundle.load_text_sae()
+    settings = [(None, f, None, "embedding", k, det) for f, k, det in SETTINGS]
+    cands = robust_tune.family_candidates(pipe, text_sae, settings)
+    t0 = time.perf_counter()
+    res = robust_tune.tune(pipe, clf, cands, GeneralizationConfig(concepts_per_kind=a.concepts_per_kind), paired=False)
+    print(f"tuning split, {a.concepts_per_kind} concepts per kind, {time.perf_counter() - t0:.0f} s")
+    print("| kind | setting | mean violation | implicit / base (worst) | paired change (worst) | FD ratio (worst) | rest accuracy (worst) |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in bundle.KINDS:
+        best = None
+        for name in res.rows:
+            rows = [r for r in res.rows[name] if r["kind"] == kind]
+            v = sum(robust_tune.violation(r, paired=False) for r in rows) / len(rows)
+            worst = lambda key, f=max: f(robust_tune.axis_value(r, key) or 0.0 for r in rows)  # noqa: E731
+            print(f"| {kind} | {name} | {v:.2f} | {worst('implicit_rel'):.2f} | {100 * worst('paired_change'):.0f} % | "
+                  f"{worst('fd_ratio'):.2f} | {100 * worst('rest_accuracy', min):.0f} % |", flush=True)
+            best = (v, name) if best is None or v < best[0] else best
+        print(f"| {kind} | **best: {best[1]}** | {best[0]:.2f} | | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
