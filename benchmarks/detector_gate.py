@@ -11,7 +11,7 @@ each kind), per kind: mean violation of the erasure bars, implicit presence / ba
 FD ratio. The best row of each kind is the shipped preset (params keys family, family_from_step,
 family_detector).
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3]
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2]
 """
 from __future__ import annotations
 
@@ -25,20 +25,27 @@ from diffusion_sae.world import assets, bundle, robust_tune  # noqa: E402
 from diffusion_sae.world.generalization import GeneralizationConfig  # noqa: E402
 
 # (implicit fraction, first step, (probe step, threshold) or None); λ is each concept's shipped one
-SETTINGS = ((0.2, 8, None),
-            (1.0, 6, (5, 0.1)), (1.0, 6, (5, 0.2)), (1.0, 6, (5, 0.3)),
-            (1.0, 8, (7, 0.1)), (1.0, 8, (7, 0.2)), (1.0, 8, (7, 0.3)),
-            (1.0, 10, (9, 0.2)), (1.0, 10, (9, 0.3)), (2.0, 8, (7, 0.2)))
+ROUNDS = {
+    1: ((0.2, 8, None),
+        (1.0, 6, (5, 0.1)), (1.0, 6, (5, 0.2)), (1.0, 6, (5, 0.3)),
+        (1.0, 8, (7, 0.1)), (1.0, 8, (7, 0.2)), (1.0, 8, (7, 0.3)),
+        (1.0, 10, (9, 0.2)), (1.0, 10, (9, 0.3)), (2.0, 8, (7, 0.2))),
+    # around round 1's best of each kind (style: 1 from 8, p >= 0.1; object: 1 from 10, p >= 0.2;
+    # colour: 2 from 8, p >= 0.2)
+    2: ((1.0, 10, (9, 0.1)), (2.0, 10, (9, 0.2)), (1.0, 12, (11, 0.2)), (2.0, 12, (11, 0.2)),
+        (3.0, 8, (7, 0.2)), (4.0, 6, (5, 0.2))),
+}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts-per-kind", type=int, default=3)
+    ap.add_argument("--round", type=int, default=1, choices=sorted(ROUNDS))
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
     text_sae = bundle.load_text_sae()
-    settings = [(None, f, None, "embedding", k, det) for f, k, det in SETTINGS]
+    settings = [(None, f, None, "embedding", k, det) for f, k, det in ROUNDS[a.round]]
     cands = robust_tune.family_candidates(pipe, text_sae, settings)
     t0 = time.perf_counter()
     res = robust_tune.tune(pipe, clf, cands, GeneralizationConfig(concepts_per_kind=a.concepts_per_kind), paired=False)
