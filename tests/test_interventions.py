@@ -1042,12 +1042,12 @@ class _FixedDetector:
         return torch.tensor(self.flags)
 
 
-def _detected(pipe, det, prompts, implicit=1.0, k=1):
+def _detected(pipe, det, prompts, implicit=1.0, k=1, **gate):
     from diffusion_sae.interventions.steer import family_gate
 
     name = list_hookpoints(pipe, "text")[-2]
     st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
-    st.rows = family_gate(pipe, name, ["cat"], ["dog"], implicit, implicit_from_step=k, detector=det)
+    st.rows = family_gate(pipe, name, ["cat"], ["dog"], implicit, implicit_from_step=k, detector=det, **gate)
     with steer_text_encoder(pipe, st):
         return _gen(pipe, prompts)
 
@@ -1072,6 +1072,11 @@ def test_detector_gate_steers_only_the_flagged_samples(pipes):
     named = _detected(pipe, _FixedDetector(block, 0, [False]), ["a photo of a cat"])
     torch.testing.assert_close(named, under(1.0, 1, "a photo of a cat"), rtol=0, atol=1e-6)
     assert (named - _gen(pipe, "a photo of a cat")).abs().max() > 1e-3
+    # named_late: S escalated from step k on a named prompt's flagged samples only
+    unflagged = _detected(pipe, _FixedDetector(block, 0, [False]), ["a photo of a cat"], named_late=3.0)
+    torch.testing.assert_close(unflagged, named, rtol=0, atol=1e-6)
+    escalated = _detected(pipe, _FixedDetector(block, 0, [True]), ["a photo of a cat"], named_late=3.0)
+    assert (escalated - named).abs().max() > 1e-3
     assert _no_hooks(pipe) and not _ours(pipe)
 
 
@@ -1106,6 +1111,10 @@ def test_detector_gate_hooks_removed_when_generation_raises_and_bad_setups(pipes
         FamilyGate([(1,)], [(2,)], 0.5, detector=_FixedDetector(block, 0, [True]))
     with pytest.raises(SteeringError, match="detector must be a callable"):
         FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, detector="probe")
+    with pytest.raises(SteeringError, match="named_late=2 needs implicit_from_step >= 1"):
+        FamilyGate([(1,)], [(2,)], 0.5, named_late=2.0)
+    with pytest.raises(SteeringError, match="must be finite"):
+        FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, named_late=float("nan"))
     name = list_hookpoints(pipe, "text")[-2]
     with pytest.raises(SteeringError, match="not a denoiser block"):
         _detected(pipe, _FixedDetector(name, 0, [True]), ["a photo of a car"])

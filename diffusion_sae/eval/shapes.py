@@ -418,7 +418,8 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
                               int(cs_params.get("family_from_step", {}).get(kind, 0)),
-                              None if det is None else (int(det["step"]), float(det["threshold"])))
+                              None if det is None else (int(det["step"]), float(det["threshold"])),
+                              float(cs_params.get("family_named_late", {}).get(kind, 1.0)))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
@@ -426,7 +427,7 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
 
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
                    implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0,
-                   detector: tuple[int, float] | None = None):
+                   detector: tuple[int, float] | None = None, named_late: float = 1.0):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
     (`implicit_negative` on that prompt's negative branch; both only from denoising step
@@ -434,7 +435,9 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     held-out name counts as none); "embedding" finds the names by the text encoder's token embeddings,
     with every other non-held-out word of the world's vocabulary as a neutral reference.
     detector (step, threshold), params key "family_detector": the implicit fraction acts only on the samples
-    the kind's shipped concept probe at that step flags (p(concept) >= threshold; FamilyGate.detector)."""
+    the kind's shipped concept probe at that step flags (p(concept) >= threshold; FamilyGate.detector).
+    named_late, params key "family_named_late": the scale on prompts naming the concept from that step on, on
+    the flagged samples (FamilyGate.named_late)."""
     from ..interventions.steer import family_gate
     from ..world.bundle import TEXT_HOOKPOINT
     from ..world.config import vocabulary_words
@@ -450,10 +453,11 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
 
         det = load_probe(kind, int(detector[0])).detector(concept, float(detector[1]))
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
-                          neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det)
+                          neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det,
+                          named_late=named_late)
     st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
                               "implicit_from_step": implicit_from_step,
-                              "detector": None if detector is None else list(detector)}
+                              "detector": None if detector is None else list(detector), "named_late": named_late}
     return st
 
 

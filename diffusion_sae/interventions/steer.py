@@ -193,10 +193,15 @@ class FamilyGate:
     branch. From step k on, the implicit fractions act only on the samples it flags; the others keep the
     encoding without them to the end, so a seed that was not heading to the concept is left as the plain
     model draws it. A prompt naming the concept is steered whatever the detector says.
+
+    `named_late` (ours, default 1): the scale on prompts naming the concept from implicit_from_step on (on
+    the flagged samples only, with a detector). Above 1 it escalates the removal where the image still heads
+    to the concept although the prompt was steered from the first step, which is what an adversarial prompt
+    that overpowers S looks like from the image side.
     """
 
     def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,
-                 implicit_from_step: int = 0, detector=None):
+                 implicit_from_step: int = 0, detector=None, named_late: float = 1.0):
         self.matcher = matcher if matcher is not None else TokenMatch(target, rivals)
         self.target, self.rivals = target, rivals
         self.implicit = float(implicit)
@@ -211,21 +216,26 @@ class FamilyGate:
                 raise SteeringError(f"a detector reading step {step} needs implicit_from_step > {step} (the step from "
                                     f"which flagged samples are steered), got implicit_from_step={self.implicit_from_step}")
         self.detector = detector
+        self.named_late = _check_strength(named_late)
+        if self.named_late != 1.0 and self.implicit_from_step < 1:
+            raise SteeringError(f"named_late={self.named_late:g} needs implicit_from_step >= 1 (the step it acts from)")
 
     @property
     def delayed(self) -> bool:
         """Whether the implicit fractions wait for a later step (and are not 0, so that waiting changes anything)."""
-        return self.implicit_from_step > 0 and (self.implicit != 0.0 or self.implicit_negative != 0.0)
+        return self.implicit_from_step > 0 and (self.implicit != 0.0 or self.implicit_negative != 0.0
+                                                or self.named_late != 1.0)
 
     def branches(self, tok: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt scales, negative-branch scales), one per prompt row of tok; `step` (a denoiser call index,
         None: from the last one on) gives the implicit fractions as 0 before `implicit_from_step`."""
         early = step is not None and step < self.implicit_from_step
         imp, imp_neg = (0.0, 0.0) if early else (self.implicit, self.implicit_negative)
+        named = 1.0 if early else self.named_late
         pos, neg = [], []
         for label in self.matcher(tok):
             if label == "target":
-                pos.append(1.0), neg.append(1.0)
+                pos.append(named), neg.append(named)
             elif label == "rival":
                 pos.append(0.0), neg.append(0.0)
             else:
@@ -297,12 +307,13 @@ COMMON_PROMPT_WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "image
 def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], rival_words: list[str],
                 implicit: float, implicit_negative: float | None = None, match: str = "tokens",
                 neutral_words: list[str] | None = None, min_similarity: float = 0.0,
-                implicit_from_step: int = 0, detector=None) -> FamilyGate:
+                implicit_from_step: int = 0, detector=None, named_late: float = 1.0) -> FamilyGate:
     """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them).
 
     match="tokens": exact token ids (a prompt filter); "embedding": nearest reference word in the first
     text encoder's token-embedding table (`EmbeddingMatch`), with `neutral_words` (default
-    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector: see FamilyGate."""
+    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector, named_late: see
+    FamilyGate."""
     hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
     implicit = _check_strength(implicit)
     if implicit_negative is not None:
@@ -312,7 +323,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     rivals = [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words]
     if match == "tokens":
         return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step,
-                          detector=detector)
+                          detector=detector, named_late=named_late)
     if match != "embedding":
         raise SteeringError(f"match must be 'tokens' or 'embedding', not {match!r}")
     words = set(concept_words) | set(rival_words)
@@ -323,7 +334,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     flat = lambda ts: [t for seq in ts for t in seq]  # noqa: E731
     matcher = EmbeddingMatch(encoder.get_input_embeddings().weight, flat(target), flat(rivals), neutral_ids,
                              special, min_similarity)
-    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector)
+    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector, named_late)
 
 
 def _special_tokens(pipe, hps) -> set[int]:

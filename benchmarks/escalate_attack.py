@@ -1,0 +1,55 @@
+"""Concept Steerers under a white-box continuous attack: escalating S where the concept probe still sees it.
+
+The attack (eval/attack.py, UnlearnDiffAtk-style) prepends optimised continuous token embeddings to a prompt
+that names the concept and brings it back although S acts at full strength on that prompt. From the image
+side such a sample still heads to the concept, so the kind's concept probe flags it: `named_late` (params key
+"family_named_late") scales S on prompts naming the concept from the gate's step on, on the flagged samples
+only. This runs the attack on the first 3 styles and objects with a TUNING configuration (other attack seed,
+other prompt attributes, generation seeds 500-515 of the tuning split); the evaluation's attack (seed 0,
+"a red star in striped style", seeds 0-15) is never used here.
+
+    python benchmarks/escalate_attack.py [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffusion_sae.eval.attack import AttackConfig, run_attack_benchmark, steerers_builder  # noqa: E402
+from diffusion_sae.world import assets, bundle  # noqa: E402
+
+NAMED_LATE = (1.0, 2.0, 4.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    a = ap.parse_args()
+    pipe, clf = assets.load_pipeline(), assets.load_classifier()
+    pipe.set_progress_bar_config(disable=True)
+    text_sae, params = bundle.load_text_sae(), bundle.load_params()
+    cfg = AttackConfig(steps=a.steps, n_images=16, seed=1, image_seed=500, object="heart", style="wavy", colour="blue")
+    t0 = time.perf_counter()
+    print("| kind | concept | named_late | presence under steering | attack success (continuous) |")
+    print("|---|---|---|---|---|")
+    for kind in ("style", "object"):
+        builders = {}
+        for v in NAMED_LATE:
+            cs = copy.deepcopy(params["steer"])
+            cs.setdefault("family_named_late", {})[kind] = v
+            builders[f"named_late {v:g}"] = steerers_builder(pipe, text_sae, kind, cs)
+        res = run_attack_benchmark(pipe, clf, builders, kind, list(bundle.KINDS[kind][:3]), cfg)
+        for name, rows in res["rows"].items():
+            for r in rows:
+                print(f"| {kind} | {r['concept']} | {name} | {100 * r['presence_intervened']:.0f} % | {100 * r['asr']:.0f} % |",
+                      flush=True)
+    print(f"tuning attack, {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
