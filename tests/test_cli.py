@@ -190,7 +190,7 @@ def test_tune_both_methods_small(tmp_path):
 def test_tune_robust_presets_small(tmp_path):
     """robust-steer / robust-saeuron score candidates on named, implicit and rest prompts of the tuning split
     and write the kind's winner, from the swept values, into the preset."""
-    r = run("tune", "--method", "robust-steer", "--kind", "colour", "--implicit", "0,2")
+    r = run("tune", "--method", "robust-steer", "--kind", "colour", "--implicit=0,-0.5")
     assert isinstance(r.exception, UserError) and "--implicit" in str(r.exception)
     r = run("tune", "--method", "robust-saeuron", "--kind", "colour")
     assert isinstance(r.exception, UserError) and "colour" in str(r.exception)
@@ -216,6 +216,89 @@ def test_tune_robust_presets_small(tmp_path):
     swept = [dict(setting, **w, **e) for w in ({}, {"window": [5, 25]}) for e in ({}, {"edit": "replace"})]
     for c in ("solid", "striped"):   # solid: its own winner; striped (not scored): the kind's
         assert sa[c] in swept
+
+
+def test_tune_robust_steer_sweeps_from_steps_and_detectors(tmp_path, monkeypatch, capsys):
+    """robust-steer sweeps λ × implicit × --from-steps × --detectors (a detector only with a later from step) and
+    writes the winner's from step and detector for the kind, replacing the shipped ones; bad values are one line,
+    exit code 2, before the model loads; --implicit takes fractions above 1."""
+    import re
+
+    from _cli import run_main
+
+    from diffusion_sae.cli import benchmark as bench
+    from diffusion_sae.world import bundle
+
+    def no_model(*a, **k):
+        raise AssertionError("model loaded")
+
+    base = ["tune", "--method", "robust-steer", "--kind", "colour", "--strengths=-1", "--concepts-per-kind", 1]
+    bad = ((["--detectors", "11"], "--detectors", "STEP:THRESHOLD"),
+           (["--detectors", "none;6:0.2"], "--detectors", "probe step"),
+           (["--detectors", "11:1.5"], "--detectors", "[0, 1]"),
+           (["--detectors", ";"], "--detectors", "nothing"),
+           (["--from-steps", "-1"], "--from-steps", ">= 0"),
+           (["--from-steps", "0,x"], "--from-steps", "integers"),
+           (["--from-steps", "0,6", "--detectors", "none;11:0.2"], "--from-steps", "not below any from step"))
+    with monkeypatch.context() as m:
+        m.setattr(bench, "load_model", no_model)
+        for extra, opt, says in bad:
+            code, _, err = run_main(base + extra, capsys)
+            assert code == 2 and "\n" not in err and err.startswith("error: ") and opt in err and says in err, (extra, err)
+        # a fraction above 1 passes the checks (and reaches the model)
+        r = run(*base, "--implicit", "4", "--from-steps", "12", "--detectors", "11:0.2")
+        assert isinstance(r.exception, AssertionError) and str(r.exception) == "model loaded"
+    # the library refuses the same before any generation (no pipeline needed to get there)
+    from diffusion_sae.world.tuning import TuneOptionError, robust_steer_settings, tune_robust_params
+
+    with pytest.raises(TuneOptionError, match="not below any from step"):
+        tune_robust_params(None, None, bundle.load_params(), "robust-steer", "colour", concepts_per_kind=1,
+                           strengths=[-1.0], implicit=[1.0], from_steps=[0, 11], detectors=[None, (11, 0.2)])
+    assert robust_steer_settings([-1.0], [1.0], [0, 12], [None, (11, 0.2)]) == [
+        (-1.0, 1.0, None, "embedding", 0, None), (-1.0, 1.0, None, "embedding", 12, None),
+        (-1.0, 1.0, None, "embedding", 12, (11, 0.2))]
+    # a winner at step 0 without a detector drops the kind's shipped from step and detector (scoring stubbed)
+    from diffusion_sae.world import robust_tune
+
+    class Res:
+        best = None
+
+        def table(self):
+            return []
+
+    def fake_tune(pipe, clf, cands, cfg, paired, progress):
+        Res.best = next(n for n in cands if "from step" not in n)
+        return Res()
+
+    with monkeypatch.context() as m:
+        m.setattr(bundle, "load_text_sae", lambda *a, **k: None)
+        m.setattr(robust_tune, "family_candidates", lambda pipe, sae, settings, kinds: {
+            robust_tune.family_name(s[0], s[1], s[2], s[3], s[4], s[5]): None for s in settings})
+        m.setattr(robust_tune, "tune", fake_tune)
+        params = bundle.load_params()
+        params["steer"].setdefault("family_negative", {})["colour"] = 0.5
+        tune_robust_params(None, None, params, "robust-steer", "colour", concepts_per_kind=1, strengths=[-1.0],
+                           implicit=[3.0], from_steps=[0, 12], detectors=[None, (11, 0.2)])
+        steer = params["steer"]
+        assert steer["family"]["colour"] == 3.0 and "colour" not in steer["family_from_step"]
+        assert "colour" not in steer["family_detector"] and "colour" not in steer["family_negative"]
+        assert steer["family_detector"]["style"] == bundle.load_params()["steer"]["family_detector"]["style"]
+    # 3 candidates: from step 0 (no detector), 12, 12 with the step-11 probe (a detector from step 0 is left out)
+    out = ok(*base, "--implicit", 1, "--from-steps", "0,12", "--detectors", "none;11:0.2", "--out", tmp_path / "p.json")
+    rows = [ln for ln in out.splitlines() if "CS family gate" in ln and not ln.startswith("winner")]
+    assert len(rows) == 3, out
+    winner = next(ln for ln in out.splitlines() if ln.startswith("winner (colour): "))
+    start = re.search(r" from step (\d+)", winner)
+    det = re.search(r" where the step-(\d+) probe says p≥([0-9.]+)", winner)
+    steer = json.loads((tmp_path / "p.json").read_text())["steer"]
+    assert steer["colour"] == -1.0 and steer["family"]["colour"] == 1.0
+    assert steer.get("family_from_step", {}).get("colour") == (int(start[1]) if start else None), (winner, steer)
+    assert steer.get("family_detector", {}).get("colour") == (
+        {"step": int(det[1]), "threshold": float(det[2])} if det else None), (winner, steer)
+    shipped = bundle.load_params()["steer"]
+    for k in ("style", "object"):   # the other kinds keep the shipped values
+        assert steer["family_from_step"].get(k) == shipped["family_from_step"].get(k)
+        assert steer["family_detector"].get(k) == shipped["family_detector"].get(k)
 
 
 def test_tune_never_writes_into_the_package(tmp_path):

@@ -253,8 +253,9 @@ def test_embedding_match_finds_held_out_names_on_the_bundled_model():
 
 def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     """params["steer"]["family_from_step"] ({kind: step}) reaches the FamilyGate of removal_steering; a kind it
-    does not list keeps the implicit fraction at every step (0); the shipped params (0.2 from step 8, the
-    tuning split's pick) reach every kind. A 5th element of a family_candidates setting is the same step."""
+    does not list keeps the implicit fraction at every step (0); the shipped params (family, family_from_step,
+    family_detector, whatever their values) reach the gate of every kind they list. A 5th element of a
+    family_candidates setting is the same step."""
     from diffusion_sae.eval.shapes import removal_steering, steer_strength
     from diffusion_sae.world import assets, bundle, robust_tune
 
@@ -264,11 +265,21 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     st = removal_steering(sae, pipe, "style", style, -1.0, cs)
     assert st.rows.implicit_from_step == 8 and st.meta["family_gate"]["implicit_from_step"] == 8
     assert removal_steering(sae, pipe, "object", obj, -1.0, cs).rows.implicit_from_step == 0
+    from diffusion_sae.concepts.probe import ConceptDetector
+
     shipped = bundle.load_params()["steer"]
-    kind = next(iter(shipped["family"]))
-    c = bundle.KINDS[kind][0]
-    shipped_gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
-    assert (shipped_gate.implicit, shipped_gate.implicit_from_step) == (0.2, 8)
+    assert shipped["family"]
+    for kind, imp in shipped["family"].items():
+        c = bundle.KINDS[kind][0]
+        gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
+        assert gate.implicit == float(imp)
+        assert gate.implicit_from_step == int(shipped.get("family_from_step", {}).get(kind, 0))
+        det = shipped.get("family_detector", {}).get(kind)
+        if det is None:
+            assert gate.detector is None
+        else:
+            assert isinstance(gate.detector, ConceptDetector) and gate.detector.concept == c
+            assert (gate.detector.step, gate.detector.threshold) == (int(det["step"]), float(det["threshold"]))
     cands = robust_tune.family_candidates(pipe, sae, [(-1.0, 0.2), (-1.0, 0.2, None, "tokens", 8)], kinds=("style",))
     assert list(cands) == ["CS family gate (tokens) λ=-1 implicit×0.2",
                            "CS family gate (tokens) λ=-1 implicit×0.2 from step 8"]

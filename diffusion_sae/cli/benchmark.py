@@ -133,7 +133,14 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                                        "text encoder's token embeddings: follows learned synonyms) or 'tokens' (exact words: a prompt filter)."),
              orthogonal: Optional[bool] = typer.Option(None, help="steer (gated): make each steering orthogonal to the other kinds' concepts (ours; the kind is listed under \"orthogonal\" in params.json); default: as params.json says."),
              contrast: Optional[bool] = typer.Option(None, help="steer (gated): build each steering from matched example prompts, the concept against its rivals (ours; the kind is listed under \"contrast\" in params.json); default: as params.json says."),
-             implicit: str = typer.Option("0,0.1,0.25", help="robust-steer: fractions of S on prompts that name no concept of the kind."),
+             implicit: str = typer.Option("0,0.1,0.25", help="robust-steer: fractions of S on prompts that name no concept of the kind "
+                                          "(finite, >= 0; above 1 pushes harder than on a named prompt, e.g. with a detector)."),
+             from_steps: str = typer.Option("0", help="robust-steer: first denoising steps of the implicit fraction to try, "
+                                            "comma-separated integers >= 0 (0: every step), e.g. '0,12'."),
+             detectors: str = typer.Option("none", help="robust-steer: detectors to try, ';' between them: 'none' or 'STEP:THRESHOLD' "
+                                           "(the implicit fraction acts only on samples the kind's shipped probe at STEP, one of "
+                                           "5, 7, 9, 11, flags with p >= THRESHOLD in [0, 1]; only paired with a later --from-steps "
+                                           "step), e.g. 'none;11:0.2'."),
              concepts_per_kind: int = typer.Option(2, help="robust-*: concepts of the kind scored (the first N)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),
              out: Optional[Path] = typer.Option(None, "--out", help="Write the shipped params updated with the winners "
@@ -141,8 +148,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                                                 "Without it the winners are only printed.")):
     """Pick intervention strengths on the tuning split (seeds 500-999, canonical names; evaluation never uses them)."""
     from ..world import assets, bundle
-    from ..world.tuning import (TuneOptionError, steer_variant, tune_robust_params, tune_saeuron_params,
-                                tune_steer_add_params, tune_steer_params)
+    from ..world.tuning import (TuneOptionError, robust_steer_settings, steer_variant, tune_robust_params,
+                                tune_saeuron_params, tune_steer_add_params, tune_steer_params)
 
     if kind not in bundle.KINDS:
         fail(f"--kind must be one of {', '.join(bundle.KINDS)}, not {kind!r}")
@@ -188,8 +195,14 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         if match not in ("tokens", "embedding"):
             fail(f"--match must be tokens or embedding, not {match!r}")
         lams, imps = parse_strengths(strengths), parse_strengths(implicit, "--implicit")
-        if any(not 0 <= x <= 1 for x in imps):
-            fail(f"--implicit fractions must lie in [0, 1], got {implicit!r}")
+        if any(x < 0 for x in imps):
+            fail(f"--implicit fractions must be finite numbers >= 0, got {implicit!r}")
+        starts = parse_from_steps(from_steps)
+        dets = parse_detectors(detectors, bundle.PROBE_STEPS)
+        try:
+            robust_steer_settings(lams, imps, starts, dets, match)
+        except TuneOptionError as e:
+            fail(f"--detectors / --from-steps: {e}")
     elif method == "steer":
         lams = parse_strengths(strengths)
         try:
@@ -204,7 +217,8 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         prog = lambda n: p.advance(task, n)  # noqa: E731
         if method == "robust-steer":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
-                                       strengths=lams, implicit=imps, match=match, progress=prog)
+                                       strengths=lams, implicit=imps, match=match, from_steps=starts,
+                                       detectors=dets, progress=prog)
         elif method == "robust-saeuron":
             lines = tune_robust_params(pipe, clf, params, method, kind, concepts_per_kind=concepts_per_kind,
                                        top_n=grid["top_n"], gammas=grid["gammas"], min_fires=grid["min_fires"],
@@ -225,6 +239,52 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
         typer.echo(f"saved {out}")
     else:
         typer.echo("not saved (give --out FILE.json to write these params as a preset)")
+
+
+def parse_from_steps(text: str) -> list[int]:
+    """--from-steps: comma-separated integers >= 0, in the order given, without repeats."""
+    vals = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            v = int(x)
+        except ValueError:
+            fail(f"--from-steps must be comma-separated integers >= 0, got {text!r}")
+        if v < 0:
+            fail(f"--from-steps must be comma-separated integers >= 0, got {text!r}")
+        vals.append(v)
+    if not vals:
+        fail(f"--from-steps: no step in {text!r}; give comma-separated integers such as 0,12")
+    return list(dict.fromkeys(vals))
+
+
+def parse_detectors(text: str, probe_steps) -> list:
+    """--detectors: ';'-separated 'none' or 'STEP:THRESHOLD' -> None or (step, threshold), without repeats."""
+    import math as _math
+
+    out = []
+    for x in (x.strip() for x in text.split(";")):
+        if not x:
+            continue
+        if x.lower() == "none":
+            out.append(None)
+            continue
+        parts = x.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            step, thr = int(parts[0]), float(parts[1])
+        except ValueError:
+            fail(f"--detectors must list 'none' or 'STEP:THRESHOLD' (';' between them, e.g. 'none;11:0.2'), got {x!r}")
+        if step not in probe_steps:
+            fail(f"--detectors {x}: STEP must be a shipped probe step ({', '.join(map(str, probe_steps))})")
+        if not _math.isfinite(thr) or not 0 <= thr <= 1:
+            fail(f"--detectors {x}: THRESHOLD must be a probability in [0, 1]")
+        out.append((step, thr))
+    if not out:
+        fail(f"--detectors: nothing in {text!r}; give 'none' and/or 'STEP:THRESHOLD', e.g. 'none;11:0.2'")
+    return list(dict.fromkeys(out))
 
 
 def demo_cmd(out: Path = typer.Option(Path("demo"), help="Output folder."),

@@ -113,15 +113,55 @@ def tune_steer_add_params(pipe, clf, params: dict, strengths: list[float], progr
     return lines
 
 
+def robust_steer_settings(strengths, implicit, from_steps=(0,), detectors=(None,),
+                          match: str = "embedding") -> list[tuple]:
+    """The robust-steer candidates as family_candidates settings (λ, implicit fraction, None, match, first
+    step of the implicit fraction, detector): λ × fraction × step × detector, where a detector is None or
+    (probe step, threshold) with the step one of bundle.PROBE_STEPS. A detector gates only from a later
+    step (FamilyGate), so a pair whose probe step is not below the first step is left out; a detector that
+    no listed step follows, or a value out of range, raises TuneOptionError (checked before any generation)."""
+    import itertools
+    import math
+
+    from .bundle import PROBE_STEPS
+
+    for imp in implicit:
+        if not isinstance(imp, (int, float)) or not math.isfinite(imp) or imp < 0:
+            raise TuneOptionError(f"implicit fractions must be finite numbers >= 0, got {imp!r}")
+    for s in from_steps:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise TuneOptionError(f"first steps of the implicit fraction must be integers >= 0, got {s!r}")
+    for det in detectors:
+        if det is None:
+            continue
+        step, thr = det
+        if step not in PROBE_STEPS:
+            raise TuneOptionError(f"detector step {step!r}: the shipped probes read steps "
+                                  f"{', '.join(map(str, PROBE_STEPS))}")
+        if not 0 <= thr <= 1:
+            raise TuneOptionError(f"detector threshold must be a probability in [0, 1], got {thr!r}")
+        if not any(step < s for s in from_steps):
+            raise TuneOptionError(f"detector {step}:{thr:g} reads probe step {step}, not below any from step "
+                                  f"({', '.join(map(str, from_steps))}): a detector gates only from a later step")
+    return [(lam, imp, None, match, start, None if det is None else (int(det[0]), float(det[1])))
+            for lam, imp, start, det in itertools.product(strengths, implicit, from_steps, detectors)
+            if det is None or det[0] < start]
+
+
 def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, concepts_per_kind: int,
                        strengths: list[float] = (), implicit: list[float] = (), top_n: list[int] = (),
                        gammas: list[float] = (), min_fires: list[int] = (),
                        block_sets: list[tuple[str, ...]] = (), windows: list = (None,), match: str = "embedding",
                        per_concept: bool = False, edits: list[str] = ("scale",),
+                       from_steps: list[int] = (0,), detectors: list = (None,),
                        progress: Advance = None) -> list[str]:
     """The generalization score (world/robust_tune.py) over named, implicit and rest prompts of the tuning
-    split, one winner for the kind: robust-steer picks (λ, implicit fraction) of the FamilyGate removal
-    into params["steer"] ({kind: λ, "family": {kind: fraction}}); robust-saeuron picks (blocks, top-n, γ,
+    split, one winner for the kind: robust-steer picks (λ, implicit fraction, first step of the implicit
+    fraction, detector) of the FamilyGate removal (`robust_steer_settings`: the product, less the pairs a
+    detector cannot gate) into params["steer"] ({kind: λ, "family": {kind: fraction}, "family_from_step":
+    {kind: step} (none for 0), "family_detector": {kind: {"step": s, "threshold": p}} (none for no detector);
+    a "family_negative" of the kind is dropped: the candidates use the implicit fraction on both branches);
+    robust-saeuron picks (blocks, top-n, γ,
     evidence gate, window, edit) of the block-output edit with "specific" selection for every concept of the kind,
     or with per_concept each scored concept's own winner (the others get the kind's), and prints every candidate's
     axes per concept. `edits`: "scale" (z·γ) and/or "replace" (firing features set to the other concepts' mean),
@@ -135,15 +175,25 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
 
     cfg = GeneralizationConfig(concepts_per_kind=concepts_per_kind, kinds=(kind,))
     if method == "robust-steer":
+        settings = robust_steer_settings(strengths, implicit, from_steps, detectors, match)
         text_sae = bundle.load_text_sae()
-        settings = [(lam, imp, None, match) for lam, imp in itertools.product(strengths, implicit)]
         cands = robust_tune.family_candidates(pipe, text_sae, settings, kinds=(kind,))
         keys = dict(zip(cands, settings))
         res = robust_tune.tune(pipe, clf, cands, cfg, paired=False, progress=progress)
-        lam, imp, _, _ = keys[res.best]
-        params["steer"][kind] = lam
-        params["steer"].setdefault("family", {})[kind] = imp
-        params["steer"]["match"] = match
+        lam, imp, _, _, start, det = keys[res.best]
+        steer = params["steer"]
+        steer[kind] = lam
+        steer.setdefault("family", {})[kind] = imp
+        steer["match"] = match
+        steer.get("family_negative", {}).pop(kind, None)   # every candidate ran without a negative-branch fraction
+        if start:
+            steer.setdefault("family_from_step", {})[kind] = start
+        else:
+            steer.get("family_from_step", {}).pop(kind, None)
+        if det is not None:
+            steer.setdefault("family_detector", {})[kind] = {"step": det[0], "threshold": det[1]}
+        else:
+            steer.get("family_detector", {}).pop(kind, None)
         params["steer"].get("concepts", {}).pop(kind, None)
     elif method == "robust-saeuron":
         names = sorted({b for bs in block_sets for b in bs})
