@@ -1165,3 +1165,65 @@ def test_saeuron_detector_edits_only_the_flagged_samples_after_its_step(sd_dicti
     with pytest.raises(DictionaryError, match="detector must be a callable"):
         ConceptEdit("cat", detector="probe")
     assert _no_hooks(pipe)
+
+
+def test_detector_gates_stack_one_after_another(pipes):
+    """Two detector-gated removals stacked as separate contexts (a user erasing one concept after another):
+    a sample neither flags is generated as with both implicit fractions at 0 (here: the plain image, since
+    neither prompt names a family word), a sample either flags moves; hooks are gone afterwards."""
+    import contextlib
+
+    from diffusion_sae.interventions.steer import family_gate
+
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+    name = list_hookpoints(pipe, "text")[-2]
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    prompts = ["a photo of a car", "a photo of a tree"]
+    plain = _gen(pipe, prompts)
+    sts = []
+    for word, rival, flags in (("cat", "dog", [True, False]), ("bird", "fish", [False, False])):
+        st = concept_steering(sae, pipe, name, f"a {word}", -2.0)
+        st.rows = family_gate(pipe, name, [word], [rival], 1.0, implicit_from_step=1,
+                              detector=_FixedDetector(block, 0, flags))
+        sts.append(st)
+    with contextlib.ExitStack() as stack:
+        for st in sts:
+            stack.enter_context(steer_text_encoder(pipe, st))
+        out = _gen(pipe, prompts)
+    torch.testing.assert_close(out[1], plain[1], rtol=0, atol=1e-6)
+    assert (out[0] - plain[0]).abs().max() > 1e-3
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
+def test_delayed_gates_stacked_equal_the_same_gates_in_one_context(pipes):
+    """Two FamilyGates with implicit_from_step stacked as separate contexts generate exactly what one context
+    holding both does (a negative-only encode call of the inner wrapper reuses the mask of its own step: before
+    the fix, the early encoding's negative branch got the late mask)."""
+    import contextlib
+
+    from diffusion_sae.interventions.steer import family_gate
+
+    pipe = pipes("sd")
+    name = list_hookpoints(pipe, "text")[-2]
+    sae = _sae(resolve_hookpoint(pipe, name).width)
+    prompts = ["a photo of a car", "a photo of a tree"]
+    plain = _gen(pipe, prompts)
+    for k in (1, 5):
+        sts = []
+        for word, rival in (("cat", "dog"), ("bird", "fish")):
+            st = concept_steering(sae, pipe, name, f"a {word}", -2.0)
+            st.rows = family_gate(pipe, name, [word], [rival], 1.0, implicit_from_step=k)
+            sts.append(st)
+        with contextlib.ExitStack() as stack:
+            for st in sts:
+                stack.enter_context(steer_text_encoder(pipe, st))
+            stacked = _gen(pipe, prompts)
+        with steer_text_encoder(pipe, sts):
+            together = _gen(pipe, prompts)
+        torch.testing.assert_close(stacked, together, rtol=0, atol=1e-6)
+        if k == 5:     # past the last of 3 steps: neither prompt names a family word, so the plain images
+            torch.testing.assert_close(stacked, plain, rtol=0, atol=1e-6)
+        else:
+            assert (stacked - plain).abs().max() > 1e-3
+    assert _no_hooks(pipe) and not _ours(pipe)

@@ -488,7 +488,10 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     handles = _id_hooks(pipe, [components[n] for n, ts in terms.items() if any(g for _, g in ts)], ids)
 
     def row_mask(name, gate, batch, sign):
-        key = (components[name], gate)
+        step = getattr(sign_of_call, "step", None)   # an early encoding (implicit_from_step), else None
+        # The step is part of the key: a negative-only call (prompt embeddings given, as when another
+        # steering's encode_prompt wrapper calls this one) must reuse the mask of its own encoding's step.
+        key = (components[name], gate, step)
         if sign < 0 and key in masks and batch % len(masks[key][1]) == 0:
             neg = masks[key][1]
             return neg.repeat_interleave(batch // len(neg))
@@ -500,7 +503,6 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
             m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
             neg = m
         elif hasattr(gate, "branches"):
-            step = getattr(sign_of_call, "step", None)   # an early encoding (implicit_from_step), else None
             m, neg = (x.flatten() for x in (gate.branches(tok) if step is None else gate.branches(tok, step=step)))
         else:
             m = neg = gate(tok).flatten()
