@@ -18,7 +18,7 @@ concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries (whi
 @concepts_app.command("build")
 def concepts_build(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="SAE folder (default: the bundled block SAE)."),
                    hookpoint: Optional[str] = typer.Option(None, help="Denoiser block (default: the SAE's)."),
-                   concepts: Optional[Path] = typer.Option(None, help="JSON {concept: [prompts]}."),
+                   concepts: Optional[Path] = typer.Option(None, help="JSON file mapping each concept to a list of its prompts."),
                    shapes: Optional[str] = typer.Option(None, help="ShapesCanvas concept kind: style, object or colour."),
                    per_concept: int = 20, steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
                    out: Optional[Path] = typer.Option(None, help="Folder (default: next to --sae; required with the bundled SAE)."),
@@ -75,7 +75,7 @@ def concepts_probe(model: str = typer.Option(SHAPES),
                                                            "bundled model: the block of --kind's shipped probes)."),
                    step: Optional[int] = typer.Option(None, help="The denoising step it reads (0 = the first, noisiest; "
                                                       "required)."),
-                   prompts: Optional[Path] = typer.Option(None, help="JSON {concept: [prompts naming it]}."),
+                   prompts: Optional[Path] = typer.Option(None, help="JSON file mapping each concept to a list of prompts naming it."),
                    kind: Optional[str] = typer.Option(None, help="ShapesCanvas concept kind: style, object or colour "
                                                       "(the bundled prompts naming each concept; instead of --prompts)."),
                    per_concept: int = typer.Option(32, help="With --kind: prompts per concept."),
