@@ -28,9 +28,8 @@ def variant(name: str, p: dict) -> dict:
     q = dict(p)
     if name == "shipped":
         return q
-    gamma, step, tau = {"probe 5 p≥0.2": (1, 5, 0.2), "probe 7 p≥0.2": (1, 7, 0.2), "probe 7 p≥0.3": (1, 7, 0.3),
-                        "probe 5 p≥0.2, γ×2": (2, 5, 0.2), "probe 7 p≥0.2, γ×2": (2, 7, 0.2),
-                        "probe 5 p≥0.2, γ×2, every step": (2, 5, 0.2)}[name]
+    gamma, step, tau = {"probe 9 p≥0.2": (1, 9, 0.2), "probe 5 p≥0.2": (1, 5, 0.2),
+                        "probe 5 p≥0.2, γ×2": (2, 5, 0.2), "probe 5 p≥0.2, γ×2, every step": (2, 5, 0.2)}[name]
     q["multiplier"] = p.get("multiplier", -1.0) * gamma
     q["detector"] = [step, tau]
     if name.endswith("every step"):
@@ -38,8 +37,7 @@ def variant(name: str, p: dict) -> dict:
     return q
 
 
-VARIANTS = ("shipped", "probe 5 p≥0.2", "probe 7 p≥0.2", "probe 7 p≥0.3", "probe 5 p≥0.2, γ×2", "probe 7 p≥0.2, γ×2",
-            "probe 5 p≥0.2, γ×2, every step")
+VARIANTS = ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.2, γ×2", "probe 5 p≥0.2, γ×2, every step")
 
 
 def main() -> int:
