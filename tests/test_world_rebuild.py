@@ -15,7 +15,7 @@ def tiny(**kw):
                 keep_classifier=str(assets.classifier_dir()), prompts=6, text_prompts=6, text_epochs=1.0,
                 text_k=4, block_k=4, block_epochs_full_res=0.05, block_epochs_low_res=0.05, hookpoints=(HP, HP2),
                 batch_prompts=6, dictionary_prompts=1, kinds=("style",), eval_seeds=1, eval_per_alias=1,
-                eval_left_out=2, steps=2, guidance=5.0)
+                eval_left_out=2, steps=2, guidance=5.0, probe_steps=(1,), probe_prompts=2)
     base.update(kw)
     return RebuildConfig(**base)
 
@@ -47,6 +47,9 @@ def test_rebuild_tiny_every_step_recorded_and_resumable(tmp_path):
     assert 0.0 <= ev["named"]["object"] <= 1.0 and set(ev["held_out"]) >= {"object", "style", "colour"}
     assert set(ev["left_out"]) == {"style", "object", "colour", "all"}
     assert rec["steps"]["dictionaries"]["result"]["seeds"][0] == 500          # tuning seeds
+    from diffusion_sae.world.bundle import load_probe
+    probe = load_probe("style", 1, root=out / "saes")
+    assert probe.step == 1 and probe.meta["seeds"][0] == 500 and len(probe.concepts) == 8
     assert rec["config"]["unet_steps"] == 2
 
 

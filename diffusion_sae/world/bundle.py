@@ -145,7 +145,7 @@ def load_probe(kind: str, step: int, root=None):
 
 
 def fit_probes(pipe, kind: str, steps=PROBE_STEPS, per_concept: int = PROBE_PROMPTS, seed: int = 0,
-               guidance: float = GUIDANCE) -> list:
+               guidance: float = GUIDANCE, sampler_steps: int = STEPS) -> list:
     """Concept probes of a kind at each step, fitted on prompts naming each concept (`concept_prompts`)
     at tuning seeds, one seed per prompt: nothing of the evaluation split is seen."""
     from ..concepts.probe import fit_concept_probe
@@ -155,6 +155,6 @@ def fit_probes(pipe, kind: str, steps=PROBE_STEPS, per_concept: int = PROBE_PROM
     n = sum(len(v) for v in groups.values())
     seeds = [TUNING_SEEDS.start + i % len(TUNING_SEEDS) for i in range(n)]
     check_tuning(seeds, where=f"{kind} probe seeds")
-    return fit_concept_probe(pipe, PROBE_HOOKPOINTS[kind], groups, list(steps), seeds=seeds, steps=STEPS,
+    return fit_concept_probe(pipe, PROBE_HOOKPOINTS[kind], groups, list(steps), seeds=seeds, steps=sampler_steps,
                              guidance=guidance, batch_size=64)
 

@@ -65,6 +65,9 @@ class RebuildConfig:
     # dictionaries
     dictionary_prompts: int = 20
     kinds: tuple = ("style", "object", "colour")
+    # concept probes (bundle.PROBE_STEPS, bundle.PROBE_PROMPTS)
+    probe_steps: tuple = (5, 7, 9, 11)
+    probe_prompts: int = 32
     # evaluation
     eval_seeds: int = 3
     eval_per_alias: int = 5
@@ -268,7 +271,8 @@ class Rebuild:
         pipe = self._pipe()
         out = {}
         for kind in self.cfg.kinds:
-            for probe in fit_probes(pipe, kind, seed=self.cfg.seed, guidance=self.cfg.guidance):
+            for probe in fit_probes(pipe, kind, self.cfg.probe_steps, self.cfg.probe_prompts, seed=self.cfg.seed,
+                                    guidance=self.cfg.guidance, sampler_steps=self.cfg.steps):
                 probe.save_pretrained(probe_dir(kind, probe.step, self.saes_dir))
                 out[f"{kind}-step{probe.step}"] = round(probe.meta["train_accuracy"], 3)
         return {"train_accuracy": out}
