@@ -571,6 +571,7 @@ class _EarlyEncodings(ModelHook):
         self.calls = 0
         self.step_now: int | None = None
         self.denoising = False
+        self._memo: dict = {}
 
     def observe(self, detector, h: torch.Tensor) -> torch.Tensor:
         """Block hook of a detector: at its step, flag the samples (read on the unconditional rows; several
@@ -592,6 +593,7 @@ class _EarlyEncodings(ModelHook):
         if self.denoising:       # the first encoding of a new pipeline call
             self.pairs, self.calls, self.denoising = [], 0, False
             self.flags, self._flag_call = None, -1
+        self._memo.clear()
         for i, t in enumerate(late):
             if isinstance(t, torch.Tensor):
                 self.pairs.append((t, {lo: e[i] for lo, e in early.items()}))
@@ -668,15 +670,25 @@ class _EarlyEncodings(ModelHook):
         return args, kwargs
 
     def _mix(self, x: torch.Tensor, lo: int, key: str, keep: torch.Tensor | None) -> torch.Tensor:
+        # The sampling loop hands the denoiser the same text tensors at every step: the swap (a search by value)
+        # is done once per tensor, encoding range and verdict (the version counter catches in-place edits).
+        memo = (key, x.data_ptr(), tuple(x.shape), x._version, lo, None if keep is None else tuple(keep.tolist()))
+        if memo in self._memo:
+            return self._memo[memo]
         early = self._swap(x, lo, key)
         if keep is None:
-            return early
-        n = keep.shape[0]
-        if x.shape[0] % n:
-            raise SteeringError(f"detector: the denoiser's {key} has {x.shape[0]} rows for {n} detected samples; "
-                                "generate with the batch the detector read")
-        rows = keep.repeat(x.shape[0] // n).to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(rows, x, early)
+            out = early
+        else:
+            n = keep.shape[0]
+            if x.shape[0] % n:
+                raise SteeringError(f"detector: the denoiser's {key} has {x.shape[0]} rows for {n} detected samples; "
+                                    "generate with the batch the detector read")
+            rows = keep.repeat(x.shape[0] // n).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+            out = torch.where(rows, x, early)
+        if len(self._memo) > 64:
+            self._memo.clear()
+        self._memo[memo] = out
+        return out
 
 
 @contextlib.contextmanager
