@@ -342,7 +342,8 @@ def test_eval_shapes_smoke(tmp_path):
     assert "steer_paper" in res and "family gate: implicit" in md
     # the generalization table: every method, named / implicit / adversarial columns, worst per axis
     g = res["generalization"]
-    assert len(g["rows"]) == 5 and "Generalization" in md and "worst:" in out and "mean bar violation" in md
+    assert len(g["rows"]) == 6 and "Generalization" in md and "worst:" in out and "mean bar violation" in md
+    assert "Concept Steerers (no probe: 0.2 from step 8 on every sample)" in g["rows"]   # the previous preset beside it
     solid = next(r for r in g["rows"]["SAeUron (shipped)"] if r["concept"] == "solid")
     assert 0 <= solid["implicit_plain"] <= 1 and 0 <= solid["adversarial"] <= 1 and 0 <= solid["tv_other"] <= 1
     assert all(r["kind"] != "colour" for r in g["rows"]["SAeUron (shipped)"])
