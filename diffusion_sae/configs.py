@@ -123,6 +123,9 @@ class SteeringConfig(Config):
     # on, the implicit fractions act only on the samples whose probe probability for the concept reaches the bar.
     detector: str | None = None
     detector_threshold: float = 0.5          # that bar: a probability in [0, 1]
+    # With detector: the factor on S, from implicit_from_step on, for prompts naming the concept, on the samples
+    # the detector flags (FamilyGate.named_late; None: 1, no change). Above 1 it escalates the removal there.
+    named_late: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "concept", _as_tuple(self.concept))
@@ -154,6 +157,12 @@ class SteeringConfig(Config):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"SteeringConfig.detector_threshold must be a probability in [0, 1], not {p!r}")
         object.__setattr__(self, "detector_threshold", p)
+        if self.named_late is not None:
+            x = _finite(self, "named_late")
+            if not x > 0.0:
+                raise ConfigError(f"SteeringConfig.named_late must be a factor > 0 on S (e.g. 4 escalates the "
+                                  f"removal), not {x!r}")
+            object.__setattr__(self, "named_late", x)
         if self.rivals:
             if self.gate is not None:
                 raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "
@@ -169,13 +178,17 @@ class SteeringConfig(Config):
             if self.detector is None and self.detector_threshold != 0.5:
                 raise ConfigError("SteeringConfig.detector_threshold only acts with detector (a saved ConceptProbe "
                                   "folder): give detector or leave it out")
+            if self.detector is None and self.named_late is not None:
+                raise ConfigError("SteeringConfig.named_late only acts with detector (a saved ConceptProbe folder) "
+                                  "and implicit_from_step >= 1: give both or leave named_late out")
         else:
             unused = [n for n, on in (("concept_words", bool(self.concept_words)), ("implicit", self.implicit != 0.0),
                                       ("implicit_negative", self.implicit_negative is not None),
                                       ("implicit_from_step", self.implicit_from_step != 0),
                                       ("neutral", self.neutral is not None),
                                       ("detector", self.detector is not None),
-                                      ("detector_threshold", self.detector_threshold != 0.5)) if on]
+                                      ("detector_threshold", self.detector_threshold != 0.5),
+                                      ("named_late", self.named_late is not None)) if on]
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "
                                   "give rivals=('dog', ...) or leave it out")

@@ -219,6 +219,18 @@ CASES = [
                                        "--detector-threshold", "half"], "--detector-threshold must be a number"),
     ("steer-detector-threshold-alone", [*GATED, "--implicit-from-step", "8", "--detector-threshold", "0.7"],
      "--detector-threshold only acts with --detector"),
+    # --- steer --named-late: a factor > 0 on S, only with --detector
+    ("steer-named-late-0", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE, "--named-late", "0"],
+     "--named-late must be a factor > 0"),
+    ("steer-named-late-negative", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE,
+                                   "--named-late", "-2"], "--named-late must be a factor > 0"),
+    ("steer-named-late-nan", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE, "--named-late", "nan"],
+     "--named-late must be a finite number"),
+    ("steer-named-late-text", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE, "--named-late", "lots"],
+     "--named-late must be a number"),
+    ("steer-named-late-no-detector", [*GATED, "--implicit-from-step", "8", "--named-late", "4"],
+     "--named-late only acts with --detector"),
+    ("steer-named-late-no-rival", [*STEER, "--named-late", "4"], "--named-late only acts with --rival"),
     # --- concepts probe: never writes into the package; every option checked before the model loads
     ("probe-no-out", PROBE[:-2], "give --out"),
     ("probe-out-in-package", [*PROBE[:-1], f"{PKG}/world/assets/saes/probes/new"], "inside the installed"),

@@ -162,6 +162,27 @@ def test_concepts_probe_then_steer_with_it_as_detector_on_the_bundled_model(tmp_
     assert not (tmp_path / "x.png").exists()
 
 
+def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_model(tmp_path):
+    """--named-late reaches the family gate: 1 is the run without it, image for image; 4 changes a prompt naming the
+    concept whose sample the shipped style probe flags (bar 0: every sample)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_sae.world import bundle
+
+    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
+            "--rival", "solid", "--implicit", "1", "--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7),
+            "--detector-threshold", "0", "--prompt", "a red star in striped style", "--steps", 10]
+
+    def image(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+    base, one, four = image("base"), image("one", "--named-late", "1"), image("four", "--named-late", "4")
+    assert np.array_equal(one, base)
+    assert np.abs(four - base).max() > 8
+
+
 def test_tune_both_methods_small(tmp_path):
     out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
              "--images", 8, "--top-n", "1", "--gammas", "-5")

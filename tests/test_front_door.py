@@ -184,6 +184,70 @@ def test_front_door_detector_gate_equals_family_gate_with_the_probe(shapes):
     assert ds.applied(pipe) == [] and _registered(pipe) == []
 
 
+def test_named_late_setting_round_trips_and_is_checked(tmp_path):
+    folder = bundle.probe_dir("style", 7)
+    gate = dict(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2)
+    s = SteeringConfig(**gate, implicit_from_step=8, detector=folder, named_late=4)
+    assert s.named_late == 4.0 and isinstance(s.named_late, float)
+    assert SteeringConfig(**gate, implicit_from_step=8, detector=folder).named_late is None
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["named_late"] == 4.0
+    assert SteeringConfig.from_dict(d) == s
+    assert SteeringConfig.from_json(s.to_json(tmp_path / "s.json")) == s
+    for bad in (0, 0.0, -1.0, -4):
+        with pytest.raises(ConfigError, match="named_late must be a factor > 0"):
+            SteeringConfig(**gate, implicit_from_step=8, detector=folder, named_late=bad)
+    for bad in (float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ConfigError, match="named_late must be a finite number"):
+            SteeringConfig(**gate, implicit_from_step=8, detector=folder, named_late=bad)
+    with pytest.raises(ConfigError, match="named_late only acts with detector .* and implicit_from_step >= 1"):
+        SteeringConfig(**gate, implicit_from_step=8, named_late=4.0)
+    with pytest.raises(ConfigError, match="named_late only acts with detector"):
+        SteeringConfig(**gate, named_late=4.0)
+    with pytest.raises(ConfigError, match="detector needs implicit_from_step >= 1"):
+        SteeringConfig(**gate, detector=folder, named_late=4.0)
+    with pytest.raises(ConfigError, match="named_late only acts with rivals"):
+        SteeringConfig(concept="a cat", named_late=4.0)
+
+
+def test_front_door_named_late_equals_family_gate_with_it(shapes):
+    """SteeringConfig.named_late through ConceptSteering is family_gate(named_late=...) with the same probe's detector
+    (up to float tolerance); on prompts naming the concept whose samples the probe flags (bar 0: every sample) it
+    changes the images against named_late=None, which is family_gate's default of 1."""
+    from diffusion_sae.concepts.probe import ConceptProbe
+    from diffusion_sae.interventions.steer import concept_steering, family_gate, steer_text_encoder
+
+    pipe, sae = shapes
+    folder = bundle.probe_dir("style", 7)
+    rivals = ["solid", "dotted", "checkered", "outlined", "gradient", "noisy", "wavy"]
+    gate = dict(concept="striped style", strength=-2.0, concept_words=["stripes", "striped"], rivals=rivals,
+                implicit=1.0, implicit_from_step=8, match="tokens", detector=str(folder), detector_threshold=0.0)
+    prompts = PROMPT                        # both name the concept ("striped")
+
+    def gen():
+        g = [torch.Generator().manual_seed(s) for s in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=2.0, generator=g, output_type="pt").images
+
+    def via_config(**kw):
+        iv = ds.ConceptSteering(sae, **gate, **kw)
+        with ds.intervene(pipe, iv):
+            return gen(), iv.steering(pipe).rows.named_late
+
+    probe = ConceptProbe.from_pretrained(folder)
+    st = concept_steering(sae, pipe, bundle.TEXT_HOOKPOINT, "striped style", -2.0)
+    st.rows = family_gate(pipe, bundle.TEXT_HOOKPOINT, ["stripes", "striped"], rivals, 1.0, match="tokens",
+                          implicit_from_step=8, detector=probe.detector("striped", 0.0), named_late=4.0)
+    with steer_text_encoder(pipe, st):
+        want = gen()
+    got, late = via_config(named_late=4.0)
+    assert late == 4.0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    plain, late = via_config()
+    assert late == 1.0
+    assert (got - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3     # every flagged named sample changes
+    assert ds.applied(pipe) == [] and _registered(pipe) == []
+
+
 def test_apply_then_remove_restores_the_plain_image_bit_for_bit(shapes):
     pipe, sae = shapes
     plain = _gen(pipe)

@@ -50,6 +50,11 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                                       "concept (one of --concept-word)."),
               detector_threshold: Optional[str] = typer.Option(None, help="With --detector: the probe probability "
                                                                "from which a sample is flagged (default 0.5)."),
+              named_late: Optional[str] = typer.Option(None, help="With --detector: from --implicit-from-step on, "
+                                                       "scale S by this factor (> 0) on prompts naming the concept, "
+                                                       "on the samples the probe flags (e.g. 4 escalates the removal "
+                                                       "where the image still heads to the concept; default 1: S "
+                                                       "unchanged)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -76,7 +81,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
     family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps,
-                             detector, detector_threshold)
+                             detector, detector_threshold, named_late)
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -127,7 +132,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
 
 
 def _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step=None,
-                    steps=None, detector=None, detector_threshold=None) -> dict | None:
+                    steps=None, detector=None, detector_threshold=None, named_late=None) -> dict | None:
     """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
     loads (a --detector probe is read here too); None without --rival."""
     if match is not None and match not in ("tokens", "embedding"):
@@ -144,6 +149,11 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         threshold = parse_number(detector_threshold, "--detector-threshold")
         if not 0.0 <= threshold <= 1.0:
             fail(f"--detector-threshold must be a probability in [0, 1], got {detector_threshold!r}")
+    late = 1.0
+    if named_late is not None:
+        late = parse_number(named_late, "--named-late")
+        if not late > 0.0:
+            fail(f"--named-late must be a factor > 0 on S (e.g. 4 escalates the removal), got {named_late!r}")
     words = {"--rival": list(rival or []), "--concept-word": list(concept_word or [])}
     for opt, ws in words.items():
         if any(not w.strip() for w in ws):
@@ -152,7 +162,8 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         given = [opt for opt, v in (("--concept-word", concept_word), ("--implicit", implicit),
                                     ("--implicit-negative", implicit_negative),
                                     ("--implicit-from-step", implicit_from_step), ("--match", match),
-                                    ("--detector", detector), ("--detector-threshold", detector_threshold)) if v]
+                                    ("--detector", detector), ("--detector-threshold", detector_threshold),
+                                    ("--named-late", named_late)) if v]
         if given:
             fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
         return None
@@ -164,9 +175,13 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         fail(f"--implicit-from-step {from_step} is not below --steps {steps}: the implicit scale would never act")
     if detector_threshold is not None and detector is None:
         fail("--detector-threshold only acts with --detector (the folder of a saved concept probe)")
+    if named_late is not None and detector is None:
+        fail("--named-late only acts with --detector (the folder of a saved concept probe) and "
+             "--implicit-from-step >= 1: give both or leave --named-late out")
     det = None if detector is None else _detector(detector, words["--concept-word"], threshold, from_step)
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
-                implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det)
+                implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det,
+                named_late=late)
 
 
 def _detector(path: Path, concept_words: list[str], threshold: float, from_step: int):

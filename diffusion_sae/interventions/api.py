@@ -81,7 +81,8 @@ class ConceptSteering(Intervention):
 
     def steering(self, pipe):
         """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
-        (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample)."""
+        (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample; with
+        `named_late`, how much on the flagged samples of prompts naming the concept from implicit_from_step on)."""
         from .steer import concept_steering, family_gate
 
         if pipe not in self._built:
@@ -95,7 +96,8 @@ class ConceptSteering(Intervention):
                 st.rows = family_gate(pipe, self.hookpoint, list(c.concept_words), list(c.rivals), c.implicit,
                                       c.implicit_negative, match=c.match,
                                       neutral_words=None if c.neutral is None else list(c.neutral),
-                                      implicit_from_step=c.implicit_from_step, detector=detector)
+                                      implicit_from_step=c.implicit_from_step, detector=detector,
+                                      named_late=1.0 if c.named_late is None else c.named_late)
             self._built[pipe] = st
         return self._built[pipe]
 

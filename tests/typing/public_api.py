@@ -32,7 +32,8 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
     fitted = ds.fit_concept_probe(pipe, "unet.up_blocks.1.attentions.0", {"striped": ["a striped star"],
                                                                           "dotted": ["a dotted star"]}, 7)
     gated = ds.SteeringConfig(concept="striped style", concept_words="striped", rivals="dotted", implicit=0.2,
-                              implicit_from_step=8, detector=str(sae_folder / "probe"), detector_threshold=0.5)
+                              implicit_from_step=8, detector=str(sae_folder / "probe"), detector_threshold=0.5,
+                              named_late=4.0)
 
     trainer = ds.Trainer(sae.cfg, ds.TrainConfig(lr=1e-3, batch_size=4096))
     collect_cfg = ds.CollectConfig(hookpoints=["unet.up_blocks.1.attentions.1"], steps=25)
