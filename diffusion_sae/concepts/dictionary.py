@@ -26,18 +26,16 @@ and "specific" selection ranks latents by `excess` instead of s_c.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
 from ..errors import DiffusionSAEError
+from .pairfile import read_pair, write_pair
 
 FILE = "concept_dictionary"
 
@@ -96,62 +94,39 @@ class ConceptDictionary:
             raise DictionaryError(f"--name {name!r}: give a plain file stem such as concept_dictionary")
         folder = check_output_folder(folder)
         _check_tensor(self.means, "the dictionary's means")
-        t = folder / f"{name}.safetensors"
-        j = folder / f"{name}.json"
         tensors = {"means": self.means.contiguous().float()}
         if self.bars is not None:
             tensors["bars"] = self.bars.contiguous().half()
             tensors["excess"] = self.excess.contiguous().half()
         doc = {"hookpoint": self.hookpoint, "concepts": self.concepts, "counts": self.counts,
                "timesteps": self.timesteps, "meta": self.meta}
-        t_tmp, j_tmp = Path(str(t) + ".tmp"), Path(str(j) + ".tmp")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(t_tmp))
-            # the JSON names the tensors file it belongs to: a kill between the two renames below
-            # leaves a pair the loader recognises as mismatched instead of mixing two dictionaries
-            doc["tensors_sha256"] = hashlib.sha256(t_tmp.read_bytes()).hexdigest()
-            j_tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(t_tmp, t)
-            os.replace(j_tmp, j)
-        except OSError as e:
-            raise DictionaryError(f"cannot write the concept dictionary to {folder}: {e.strerror or e}; "
-                                  "give --out a writable folder with free space") from None
-        finally:
-            for tmp in (t_tmp, j_tmp):
-                if tmp.is_file():
-                    tmp.unlink()
-        return j
+        # the JSON names the tensors file it belongs to (pairfile): a kill between the two renames leaves a
+        # pair load() refuses as mismatched instead of mixing two dictionaries
+        return write_pair(folder, name, tensors, doc, error=DictionaryError,
+                          cannot_write="cannot write the concept dictionary to {folder}: {why}; "
+                                       "give --out a writable folder with free space")
 
     @classmethod
     def load(cls, folder: str | Path, name: str = FILE) -> "ConceptDictionary":
-        folder = Path(folder)
-        j, t = folder / f"{name}.json", folder / f"{name}.safetensors"
-        if not j.exists() or not t.exists():
-            raise DictionaryError(f"no concept dictionary at {folder} ({name}.json / {name}.safetensors missing): "
-                                  "build one with `diffusion-sae concepts build`")
-        try:
-            doc = json.loads(j.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # truncated, not JSON, not UTF-8, a folder
-            why = e.msg if isinstance(e, json.JSONDecodeError) else (getattr(e, "strerror", None) or type(e).__name__)
-            raise DictionaryError(f"{j}: not a readable concept-dictionary JSON file ({why}); rebuild it with "
-                                  "`diffusion-sae concepts build`") from None
-        fields_ = {"hookpoint": str, "concepts": list, "counts": list, "timesteps": list}
-        if not isinstance(doc, dict) or any(not isinstance(doc.get(k), tp) for k, tp in fields_.items()):
-            raise DictionaryError(f"{j}: not a concept dictionary (expected an object with hookpoint, concepts, "
-                                  "counts and timesteps); rebuild it with `diffusion-sae concepts build`")
-        if not all(isinstance(c, str) for c in doc["concepts"]) or len(doc["counts"]) != len(doc["concepts"]):
-            raise DictionaryError(f"{j}: concepts must be names with one count each; rebuild it with "
-                                  "`diffusion-sae concepts build`")
-        want = doc.get("tensors_sha256")
-        if want is not None and hashlib.sha256(t.read_bytes()).hexdigest() != want:
-            raise DictionaryError(f"{t} does not belong to {j} (a write was interrupted, or one file was replaced); "
-                                  "rebuild the dictionary with `diffusion-sae concepts build`")
-        try:
-            tensors = load_file(str(t))
-        except Exception as e:  # truncated / not safetensors
-            raise DictionaryError(f"{t} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                                  "rebuild it with `diffusion-sae concepts build`") from None
+        def check_doc(doc, j: Path) -> None:
+            fields_ = {"hookpoint": str, "concepts": list, "counts": list, "timesteps": list}
+            if not isinstance(doc, dict) or any(not isinstance(doc.get(k), tp) for k, tp in fields_.items()):
+                raise DictionaryError(f"{j}: not a concept dictionary (expected an object with hookpoint, concepts, "
+                                      "counts and timesteps); rebuild it with `diffusion-sae concepts build`")
+            if not all(isinstance(c, str) for c in doc["concepts"]) or len(doc["counts"]) != len(doc["concepts"]):
+                raise DictionaryError(f"{j}: concepts must be names with one count each; rebuild it with "
+                                      "`diffusion-sae concepts build`")
+
+        rebuild = "rebuild it with `diffusion-sae concepts build`"
+        doc, tensors = read_pair(
+            folder, name, error=DictionaryError, check_doc=check_doc, exists=Path.exists,
+            missing="no concept dictionary at {folder} ({stem}.json / {stem}.safetensors missing): "
+                    "build one with `diffusion-sae concepts build`",
+            bad_json="{json}: not a readable concept-dictionary JSON file ({why}); " + rebuild,
+            mismatch="{tensors} does not belong to {json} (a write was interrupted, or one file was replaced); "
+                     "rebuild the dictionary with `diffusion-sae concepts build`",
+            bad_tensors="{tensors} is not a readable safetensors file ({why}): " + rebuild)
+        t, j = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
         if "means" not in tensors:
             raise DictionaryError(f"{t}: no 'means' tensor (found {sorted(tensors)}); rebuild it with "
                                   "`diffusion-sae concepts build`")

@@ -19,19 +19,16 @@ W, b) and `concept_probe.json` (hookpoint, step, concepts, fitting settings), wr
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import DiffusionSAEError
 from ..models import StepTracker, as_tokens, read_tensor, resolve_hookpoint
 from .dictionary import check_output_folder
+from .pairfile import read_pair, write_pair
 
 FILE = "concept_probe"
 
@@ -93,49 +90,31 @@ class ConceptProbe:
             folder = check_output_folder(folder)
         except DiffusionSAEError as e:
             raise ProbeError(str(e).split(" (then ")[0] + " (then steer --detector FOLDER)") from None
-        t, j = folder / f"{FILE}.safetensors", folder / f"{FILE}.json"
-        t_tmp, j_tmp = Path(str(t) + ".tmp"), Path(str(j) + ".tmp")
         tensors = {"mean": self.mean.float().contiguous(), "scale": self.scale.float().contiguous(),
                    "weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous()}
         doc = {"hookpoint": self.hookpoint, "step": self.step, "concepts": self.concepts, "meta": self.meta}
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(t_tmp))
-            doc["tensors_sha256"] = hashlib.sha256(t_tmp.read_bytes()).hexdigest()
-            j_tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(t_tmp, t)
-            os.replace(j_tmp, j)
-        except OSError as e:
-            raise ProbeError(f"cannot write the concept probe to {folder}: {e.strerror or e}; give a writable "
-                             "folder with free space") from None
-        finally:
-            for tmp in (t_tmp, j_tmp):
-                if tmp.is_file():
-                    tmp.unlink()
-        return j
+        return write_pair(folder, FILE, tensors, doc, error=ProbeError,
+                          cannot_write="cannot write the concept probe to {folder}: {why}; give a writable "
+                                       "folder with free space")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ConceptProbe":
-        folder = Path(folder)
-        j, t = folder / f"{FILE}.json", folder / f"{FILE}.safetensors"
-        if not j.is_file() or not t.is_file():
-            raise ProbeError(f"no concept probe at {folder} ({FILE}.json / {FILE}.safetensors missing): fit one "
-                             "with fit_concept_probe and save_pretrained")
-        try:
-            doc = json.loads(j.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ProbeError(f"{j}: not a readable concept-probe JSON file; refit and save the probe") from None
-        if (not isinstance(doc, dict) or not isinstance(doc.get("hookpoint"), str) or not isinstance(doc.get("step"), int)
-                or not isinstance(doc.get("concepts"), list) or not all(isinstance(c, str) for c in doc["concepts"])):
-            raise ProbeError(f"{j}: not a concept probe (expected hookpoint, step and concepts); refit and save the probe")
-        want = doc.get("tensors_sha256")
-        if want is not None and hashlib.sha256(t.read_bytes()).hexdigest() != want:
-            raise ProbeError(f"{t} does not belong to {j} (an interrupted write, or one file replaced); refit and "
-                             "save the probe")
-        try:
-            x = load_file(str(t))
-        except Exception:
-            raise ProbeError(f"{t} is not a readable safetensors file; refit and save the probe") from None
+        def check_doc(doc, j: Path) -> None:
+            if (not isinstance(doc, dict) or not isinstance(doc.get("hookpoint"), str)
+                    or not isinstance(doc.get("step"), int) or not isinstance(doc.get("concepts"), list)
+                    or not all(isinstance(c, str) for c in doc["concepts"])):
+                raise ProbeError(f"{j}: not a concept probe (expected hookpoint, step and concepts); refit and "
+                                 "save the probe")
+
+        doc, x = read_pair(
+            folder, FILE, error=ProbeError, check_doc=check_doc,
+            missing="no concept probe at {folder} ({stem}.json / {stem}.safetensors missing): fit one "
+                    "with fit_concept_probe and save_pretrained",
+            bad_json="{json}: not a readable concept-probe JSON file; refit and save the probe",
+            mismatch="{tensors} does not belong to {json} (an interrupted write, or one file replaced); refit and "
+                     "save the probe",
+            bad_tensors="{tensors} is not a readable safetensors file; refit and save the probe")
+        t = Path(folder) / f"{FILE}.safetensors"
         missing = [k for k in ("mean", "scale", "weight", "bias") if k not in x]
         if missing:
             raise ProbeError(f"{t}: no {missing[0]!r} tensor; refit and save the probe")
