@@ -8,7 +8,11 @@ draws it, and a stronger edit can be afforded on the flagged ones. Scored like `
 robust-saeuron` on the tuning split (seeds 500-999, canonical names), per concept (paired change counts):
 each concept's best row is its shipped preset.
 
-    python benchmarks/saeuron_detector.py [--concepts-per-kind 0]   (0: every concept)
+Round 2 adds a probe of the conditional (prompt) branch at step 0: what the prompt asks for (named,
+paraphrased) is readable before the image has decided, so the edit can start at step 1 on those samples,
+while the image-side probe still catches the samples of prompts that never ask for the concept.
+
+    python benchmarks/saeuron_detector.py [--round 1|2] [--concepts-per-kind 0]   (0: every concept)
 """
 from __future__ import annotations
 
@@ -28,6 +32,17 @@ def variant(name: str, p: dict) -> dict:
     q = dict(p)
     if name == "shipped":
         return q
+    if name.startswith("prompt gate"):
+        # round 2: the prompt's-branch probe at step 0 (p >= 0.5) OR the preset's own image-side probe
+        # (probe 9 p >= 0.2 where the preset has none)
+        q["detector"] = [[0, 0.5, "cond"], list(p.get("detector") or [9, 0.2])]
+        if "from step 1" in name:
+            q["window"] = [1, 25]
+        if "γ×2" in name:
+            q["multiplier"] = p.get("multiplier", -1.0) * 2
+        if "mean_patch" in name:
+            q["edit"] = "mean_patch"
+        return q
     gamma, step, tau = {"probe 9 p≥0.2": (1, 9, 0.2), "probe 5 p≥0.2": (1, 5, 0.2),
                         "probe 5 p≥0.2, γ×2": (2, 5, 0.2), "probe 5 p≥0.2, γ×2, every step": (2, 5, 0.2)}[name]
     q["multiplier"] = p.get("multiplier", -1.0) * gamma
@@ -37,12 +52,16 @@ def variant(name: str, p: dict) -> dict:
     return q
 
 
-VARIANTS = ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.2, γ×2", "probe 5 p≥0.2, γ×2, every step")
+VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.2, γ×2", "probe 5 p≥0.2, γ×2, every step"),
+            2: ("shipped", "prompt gate", "prompt gate, from step 1", "prompt gate, from step 1, γ×2",
+                "prompt gate, from step 1, mean_patch")}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts-per-kind", type=int, default=0)
+    ap.add_argument("--round", type=int, choices=sorted(VARIANTS), default=1,
+                    help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
@@ -56,7 +75,7 @@ def main() -> int:
             return build
         return {k: for_kind(k) for k in blocks}
 
-    cands = {f"SAeUron shipped preset, {v}" if v != "shipped" else "SAeUron shipped preset": candidate(v) for v in VARIANTS}
+    cands = {f"SAeUron shipped preset, {v}" if v != "shipped" else "SAeUron shipped preset": candidate(v) for v in VARIANTS[a.round]}
     t0 = time.perf_counter()
     cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"))
     res = robust_tune.tune(pipe, clf, cands, cfg, paired=True)

@@ -1167,6 +1167,66 @@ def test_saeuron_detector_edits_only_the_flagged_samples_after_its_step(sd_dicti
     assert _no_hooks(pipe)
 
 
+class _RecordingDetector(_FixedDetector):
+    """Flags nothing and keeps the tokens it was shown; `branch` says which guidance half it reads."""
+
+    def __init__(self, hookpoint, step, branch):
+        super().__init__(hookpoint, step, [])
+        self.branch, self.tokens = branch, []
+
+    def __call__(self, tokens):
+        self.tokens.append(tokens.clone())
+        return torch.zeros(tokens.shape[0], dtype=torch.bool)
+
+
+def test_saeuron_detectors_any_of_them_and_the_prompt_branch(sd_dictionary):
+    """A tuple of detectors gates with "any": sample 0 flagged at step 0 equals the edit in steps 1-2, sample 1
+    flagged at step 1 equals it in step 2 alone; a detector reading the conditional rows sees the prompt (two
+    prompts at one seed differ), one reading the unconditional rows does not (equal); an empty tuple is refused."""
+    from diffusion_sae.interventions.ablate import ConceptEdit
+
+    pipe, sae, d = sd_dictionary
+    block = "unet.up_blocks.1.attentions.0"
+    prompts = ["a cat", "a cat on a sofa"]
+    edits = {}
+    for w in ((1, 3), (2, 3)):
+        with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, window=w)]):
+            edits[w] = _gen(pipe, prompts)
+    assert (edits[(1, 3)] - edits[(2, 3)]).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    dets = (_FixedDetector(block, 0, [True, False]), _FixedDetector(block, 1, [False, True]))
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=dets)]):
+        out = _gen(pipe, prompts)
+    torch.testing.assert_close(out[0], edits[(1, 3)][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], edits[(2, 3)][1], rtol=0, atol=1e-6)
+    seen = {}
+    for branch in ("uncond", "cond"):
+        rec = _RecordingDetector(block, 0, branch)
+        for p in ("a cat", "a dog on a sofa"):
+            with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=rec)]):
+                _gen(pipe, [p])
+        seen[branch] = rec.tokens
+    torch.testing.assert_close(seen["uncond"][0], seen["uncond"][1], rtol=0, atol=1e-6)
+    assert (seen["cond"][0] - seen["cond"][1]).abs().max() > 1e-4
+    with pytest.raises(DictionaryError, match="empty tuple"):
+        ConceptEdit("cat", detector=())
+    assert _no_hooks(pipe)
+
+
+def test_family_gate_detector_reads_its_branch(pipes):
+    """FamilyGate's detector hook passes a cond-branch detector the conditional half of the batch: the prompt
+    moves what it sees at step 0, where the unconditional half is the same for two prompts at one seed."""
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+    seen = {}
+    for branch in ("uncond", "cond"):
+        rec = _RecordingDetector(block, 0, branch)
+        for p in ("a photo of a car", "a photo of a tree"):
+            _detected(pipe, rec, [p])
+        seen[branch] = rec.tokens
+    torch.testing.assert_close(seen["uncond"][0], seen["uncond"][1], rtol=0, atol=1e-6)
+    assert (seen["cond"][0] - seen["cond"][1]).abs().max() > 1e-4
+
+
 def test_detector_gates_stack_one_after_another(pipes):
     """Two detector-gated removals stacked as separate contexts (a user erasing one concept after another):
     a sample neither flags is generated as with both implicit fractions at 0 (here: the plain image, since

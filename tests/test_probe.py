@@ -146,3 +146,30 @@ def test_shipped_colour_probe_reads_the_colour_of_fresh_evaluation_images():
     acc = float((probe.probabilities(x).argmax(-1) == torch.tensor(labels)).float().mean())
     # measured 22/24 = 0.917 (the misses: orange read as red); chance is 1/6
     assert acc >= 0.6, acc
+
+
+def test_cond_branch_probe_reads_the_prompt_and_keeps_its_branch(sd, tmp_path):
+    """branch="cond" pools the conditional rows: at step 0 (the same noise for every prompt) its activations
+    follow the prompt, where the unconditional rows of two different prompts at one seed are equal; the
+    branch is saved and read back, the detector reports it, and a bad branch is one ProbeError."""
+    prompts, seeds = ["a photo of a cat", "a big dog"], [3, 3]
+    unc = pooled_activations(sd, BLOCK, prompts, seeds, 0, steps=3, **SIZE)
+    cond = pooled_activations(sd, BLOCK, prompts, seeds, 0, steps=3, branch="cond", **SIZE)
+    torch.testing.assert_close(unc[0], unc[1], rtol=0, atol=1e-6)
+    assert (cond[0] - cond[1]).abs().max() > 1e-4
+    assert (cond[0] - unc[0]).abs().max() > 1e-4
+    probe = fit_concept_probe(sd, BLOCK, GROUPS, 0, steps=3, branch="cond", **SIZE)
+    assert probe.branch == "cond" and probe.meta["branch"] == "cond" and probe.detector("cat").branch == "cond"
+    # the prompt's branch separates the concepts at step 0, before the image has decided
+    assert probe.meta["train_accuracy"] == 1.0
+    probe.save_pretrained(tmp_path / "c")
+    back = ConceptProbe.from_pretrained(tmp_path / "c")
+    assert back.branch == "cond"
+    torch.testing.assert_close(back.weight, probe.weight)
+    with pytest.raises(ProbeError, match="branch must be one of uncond, cond"):
+        pooled_activations(sd, BLOCK, prompts, seeds, 0, steps=3, branch="negative", **SIZE)
+    doc = json.loads((tmp_path / "c" / "concept_probe.json").read_text())
+    doc["meta"]["branch"] = "both"
+    (tmp_path / "c" / "concept_probe.json").write_text(json.dumps(doc))
+    with pytest.raises(ProbeError, match="branch must be one of"):
+        ConceptProbe.from_pretrained(tmp_path / "c")

@@ -50,6 +50,8 @@ def test_rebuild_tiny_every_step_recorded_and_resumable(tmp_path):
     from diffusion_sae.world.bundle import load_probe
     probe = load_probe("style", 1, root=out / "saes")
     assert probe.step == 1 and probe.meta["seeds"][0] == 500 and len(probe.concepts) == 8
+    cond = load_probe("style", 0, root=out / "saes", branch="cond")     # the prompt's-branch probes too
+    assert cond.branch == "cond" and cond.step == 0 and cond.concepts == probe.concepts
     assert rec["config"]["unet_steps"] == 2
 
 

@@ -57,6 +57,7 @@ class ConceptProbe:
                              f"for {len(self.concepts)} concepts; refit it with fit_concept_probe")
         if not isinstance(self.step, int) or isinstance(self.step, bool) or self.step < 0:
             raise ProbeError(f"probe step must be a denoising step index >= 0, not {self.step!r}")
+        _check_branch(self.branch)
 
     @property
     def width(self) -> int:
@@ -78,6 +79,11 @@ class ConceptProbe:
         dev = x.device
         z = (x - self.mean.to(dev)) / self.scale.to(dev)
         return torch.softmax(z @ self.weight.to(dev) + self.bias.to(dev), -1)
+
+    @property
+    def branch(self) -> str:
+        """The guidance branch it reads: "uncond" (probes saved before branches existed read it) or "cond"."""
+        return str(self.meta.get("branch", "uncond"))
 
     def detector(self, concept: str, threshold: float = 0.5) -> "ConceptDetector":
         return ConceptDetector(self, concept, threshold)
@@ -141,19 +147,39 @@ class ConceptDetector:
     def step(self) -> int:
         return self.probe.step
 
+    @property
+    def branch(self) -> str:
+        return self.probe.branch
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, n, d] -> bool [B]."""
         return self.probe.probabilities(tokens)[:, self.index] >= self.threshold
 
     def __repr__(self) -> str:
-        return f"ConceptDetector({self.concept!r} at {self.hookpoint}, step {self.step}, p >= {self.threshold:g})"
+        return (f"ConceptDetector({self.concept!r} at {self.hookpoint}, step {self.step}, {self.branch} branch, "
+                f"p >= {self.threshold:g})")
+
+
+BRANCHES = ("uncond", "cond")
+
+
+def _check_branch(branch) -> None:
+    if branch not in BRANCHES:
+        raise ProbeError(f"probe branch must be one of {', '.join(BRANCHES)}, not {branch!r}")
+
+
+def branch_rows(branches: dict, branch: str = "uncond"):
+    """Rows of one guidance branch in a denoiser batch (StepTracker.branches); without guidance there is
+    only the conditional one, which every probe then reads."""
+    return branches.get(branch, branches.get("cond", slice(None)))
 
 
 def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int], step: int | list[int],
-                       steps: int = 25, guidance: float = 5.0, batch_size: int = 32, **call_kwargs):
-    """[N, d] patch-mean of the block's unconditional-branch tokens at denoising step `step`, one row per
-    (prompt, seed); the conditional branch when the pipeline runs without guidance. A list of steps gives
-    {step: [N, d]} from one pass."""
+                       steps: int = 25, guidance: float = 5.0, batch_size: int = 32, branch: str = "uncond",
+                       **call_kwargs):
+    """[N, d] patch-mean of the block's tokens on one guidance branch ("uncond", or "cond": the branch
+    that reads the prompt) at denoising step `step`, one row per (prompt, seed); the conditional branch
+    when the pipeline runs without guidance. A list of steps gives {step: [N, d]} from one pass."""
     hp = resolve_hookpoint(pipe, hookpoint)
     if hp.kind != "denoiser":
         raise ProbeError(f"hookpoint {hookpoint!r} is not a denoiser block; a probe reads e.g. unet.up_blocks.1.attentions.0")
@@ -161,6 +187,7 @@ def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int
     for s in wanted:
         if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < steps:
             raise ProbeError(f"probe step {s!r} is not one of the sampler's {steps} steps (0..{steps - 1})")
+    _check_branch(branch)
     if len(prompts) != len(seeds) or not prompts:
         raise ProbeError(f"give one seed per prompt ({len(prompts)} prompts, {len(seeds)} seeds)")
     got: dict[int, list[torch.Tensor]] = {s: [] for s in wanted}
@@ -171,7 +198,7 @@ def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int
             return None
         tok, _ = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
         br = tracker.branches(tok.shape[0])
-        got[tracker.step_index].append(tok[br.get("uncond", br.get("cond"))].float().mean(1).cpu())
+        got[tracker.step_index].append(tok[branch_rows(br, branch)].float().mean(1).cpu())
         return None
 
     handle = hp.module.register_forward_hook(hook, with_kwargs=True)
@@ -195,8 +222,12 @@ def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int
 
 def fit_concept_probe(pipe, hookpoint: str, prompts_by_concept: dict[str, list[str]], step: int | list[int],
                       seeds: list[int] | None = None, steps: int = 25, guidance: float = 5.0, l2: float = 1e-2,
-                      batch_size: int = 32, **call_kwargs):
+                      batch_size: int = 32, branch: str = "uncond", **call_kwargs):
     """Fit a ConceptProbe on prompts that name each concept (the label is the prompt's concept).
+
+    branch: "uncond" (default) reads what the noisy image alone carries, so it also flags samples of prompts
+    that never name the concept; "cond" reads the prompt's branch, which knows what a prompt asks for (named,
+    paraphrased or adversarial) from the first steps on, before the image has decided.
 
     seeds: one per prompt in order of `prompts_by_concept` (default 0, 1, ...); l2: the ridge penalty on W
     (features are standardised first, so one value suits every block). A list of steps fits one probe per
@@ -214,9 +245,9 @@ def fit_concept_probe(pipe, hookpoint: str, prompts_by_concept: dict[str, list[s
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     many = isinstance(step, (list, tuple))
     xs = pooled_activations(pipe, hookpoint, prompts, seeds, list(step) if many else [step], steps, guidance,
-                            batch_size, **call_kwargs)
+                            batch_size, branch=branch, **call_kwargs)
     meta = {"steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__, "l2": l2,
-            "prompts": prompts_by_concept, "seeds": seeds, "branch": "uncond"}
+            "prompts": prompts_by_concept, "seeds": seeds, "branch": branch}
     name = resolve_hookpoint(pipe, hookpoint).name
     probes = [_fit(name, s, concepts, x, labels, l2, meta) for s, x in xs.items()]
     return probes if many else probes[0]

@@ -356,7 +356,8 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     "selection", "min_fire", "blocks"[, "window", "exclusive", "edit", "detector"]}}) at the blocks each one
     names; `blocks` = {hookpoint: (sae, dictionary)}. A concept without "blocks" uses the first block (the
     paper's single hookpoint). "detector": [probe step, threshold] gates the concept's edits per sample with
-    its kind's shipped concept probe (ConceptEdit.detector)."""
+    its kind's shipped concept probe (ConceptEdit.detector); [probe step, threshold, "cond"] reads the
+    prompt's branch (bundle.COND_PROBE_STEPS), and a list of such gates with any of them."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
     from ..world.bundle import load_probe
 
@@ -385,10 +386,14 @@ DEFAULT_SAEURON = {"top_n": 1, "multiplier": -1.0}
 
 
 def _shipped_detector(concept: str, spec, load_probe):
-    """The ConceptDetector of a preset's "detector": [probe step, threshold] for a ShapesCanvas concept."""
+    """The ConceptDetector(s) of a preset's "detector" for a ShapesCanvas concept: [probe step, threshold]
+    or [probe step, threshold, branch], or a list of those (a tuple of detectors: any of them gates)."""
     kind = next(k for k, cs in KINDS.items() if concept in cs)
-    step, threshold = spec
-    return load_probe(kind, int(step)).detector(concept, float(threshold))
+    if spec and isinstance(spec[0], (list, tuple)):
+        return tuple(_shipped_detector(concept, s, load_probe) for s in spec)
+    step, threshold, *rest = spec
+    branch = rest[0] if rest else "uncond"
+    return load_probe(kind, int(step), branch=branch).detector(concept, float(threshold))
 
 
 def concept_text(kind: str, concept: str) -> str:

@@ -61,10 +61,14 @@ order of precedence is mean_patch, then replace_patch, then the code-level edits
 What these edits do on the bundled model (tuning-split sweeps) is in the README's SAeUron paragraph.
 
 `ConceptEdit.detector` (ours): an image-side verdict per sample (e.g. `concepts.probe.ConceptDetector`, read
-at its step on the unconditional branch). With one, the concept's edits act only on the samples it flags,
-and only after its step (none before: the verdict is not in yet), whatever the prompt says. A seed that is
+at its step on its guidance branch). With one, the concept's edits act only on the samples it flags, and
+only after its step (none before: the verdict is not in yet), whatever the prompt says. A seed that is
 not heading to the concept is then generated as the plain model draws it, so a misfiring feature on
-another concept's patch cannot change it.
+another concept's patch cannot change it. Several detectors (a tuple) gate with "any of them": each
+opens the edit on the samples it flags from the step after its own. A probe of the conditional branch
+at an early step knows what the prompt asks for before the image has decided (named, paraphrased or
+adversarial prompts), and one of the unconditional branch later catches the samples of prompts that
+never ask for the concept.
 
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
@@ -78,6 +82,7 @@ from dataclasses import dataclass
 import torch
 
 from ..concepts.dictionary import ConceptDictionary, DictionaryError
+from ..concepts.probe import branch_rows
 from ..errors import DiffusionSAEError
 from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve_hookpoint
 
@@ -114,8 +119,15 @@ class ConceptEdit:
     # "replace_patch" / "mean_patch" (ours) replace the firing patch's whole token (module docstring).
     edit: str = "scale"
     # Per-sample gate (ours): a callable with .hookpoint and .step (ConceptDetector) flagging the samples to
-    # edit from the step after its own on; None edits every sample.
+    # edit from the step after its own on, or a tuple of them (a sample any of them flagged is edited from
+    # the step after that detector's); None edits every sample.
     detector: object | None = None
+
+    @property
+    def detectors(self) -> tuple:
+        if self.detector is None:
+            return ()
+        return tuple(self.detector) if isinstance(self.detector, (list, tuple)) else (self.detector,)
 
     def __post_init__(self):
         if self.percentile is None and self.top_n is None:
@@ -132,10 +144,13 @@ class ConceptEdit:
         if self.selection not in ("paper", "specific"):
             raise DictionaryError(f"selection must be 'paper' (official scores, bar ν) or 'specific' (per-patch "
                                   f"specificity), not {self.selection!r}")
-        if self.detector is not None and not (callable(self.detector) and isinstance(getattr(self.detector, "hookpoint", None), str)
-                                              and isinstance(getattr(self.detector, "step", None), int)):
-            raise DictionaryError(f"detector must be a callable with .hookpoint and .step (e.g. "
-                                  f"ConceptProbe.detector(concept)), not {self.detector!r}")
+        if isinstance(self.detector, (list, tuple)) and not self.detector:
+            raise DictionaryError("detector: give a detector, a tuple of detectors, or None (an empty tuple gates nothing)")
+        for det in self.detectors:
+            if not (callable(det) and isinstance(getattr(det, "hookpoint", None), str)
+                    and isinstance(getattr(det, "step", None), int)):
+                raise DictionaryError(f"detector must be a callable with .hookpoint and .step (e.g. "
+                                      f"ConceptProbe.detector(concept)) or a tuple of them, not {det!r}")
         if self.edit not in EDITS:
             raise DictionaryError(f"edit must be 'scale' (z·γ·μ or z·γ, the paper) or 'replace' (set the firing "
                                   f"features to the other concepts' mean), 'replace_patch' (that code decoded "
@@ -364,13 +379,13 @@ class SAeUronHook:
 class SampleVerdicts:
     """The per-sample verdicts of the edits' detectors (ConceptEdit.detector) for the current generation.
 
-    `observe(i, h)` is a block hook: at detector i's step it flags the samples from the unconditional rows
-    (the conditional ones without guidance). `rows_allowed(t, rows)` gives, per edit, None (no detector) or
-    the rows of a denoiser batch its edit may touch at step t: none at or before its detector's step, then
-    the rows of the flagged samples (both guidance halves). A generation restarts at step 0 and forgets the
-    verdicts of the previous one."""
+    `observe(i, h)` is a block hook: at detector i's step it flags the samples from the rows of its branch
+    (unconditional by default; the conditional ones without guidance). `rows_allowed(t, rows)` gives, per
+    edit, None (no detector) or the rows of a denoiser batch its edit may touch at step t: the rows (both
+    guidance halves) of the samples flagged by any of its detectors whose step is before t; none before
+    the first verdict is in. A generation restarts at step 0 and forgets the verdicts of the previous one."""
 
-    def __init__(self, detectors: list, edit_detector: list[int | None], tracker: StepTracker):
+    def __init__(self, detectors: list, edit_detector: list[tuple[int, ...] | None], tracker: StepTracker):
         self.detectors, self.edit_detector, self.tracker = detectors, edit_detector, tracker
         self.flags: list[torch.Tensor | None] = [None] * len(detectors)
 
@@ -384,23 +399,25 @@ class SampleVerdicts:
         elif t == det.step:
             tok, _ = as_tokens(h)
             br = tr.branches(tok.shape[0])
-            self.flags[i] = det(tok[br.get("uncond", br.get("cond", slice(None)))]).flatten().bool().cpu()
+            self.flags[i] = det(tok[branch_rows(br, getattr(det, "branch", "uncond"))]).flatten().bool().cpu()
         return h
 
     def rows_allowed(self, t: int, rows: int) -> list:
         out: list = []
-        for i in self.edit_detector:
-            if i is None:
+        for idx in self.edit_detector:
+            if idx is None:
                 out.append(None)
                 continue
-            f = self.flags[i]
-            if f is None or t <= self.detectors[i].step:
-                out.append(torch.zeros(rows, dtype=torch.bool))
-                continue
-            if rows % len(f):
-                raise StepGridError(f"detector: the block has {rows} rows for {len(f)} detected samples; generate with "
-                                    "the batch the detector read")
-            out.append(f.repeat(rows // len(f)))
+            allowed = torch.zeros(rows, dtype=torch.bool)
+            for i in idx:
+                f = self.flags[i]
+                if f is None or t <= self.detectors[i].step:
+                    continue
+                if rows % len(f):
+                    raise StepGridError(f"detector: the block has {rows} rows for {len(f)} detected samples; generate "
+                                        "with the batch the detector read")
+                allowed |= f.repeat(rows // len(f))
+            out.append(allowed)
         return out
 
 
@@ -434,19 +451,20 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
     pairs = block_pairs(sae, dictionary)
     edits = _as_edits(concepts, multiplier, percentile, top_n, scaling, selection, min_fire, exclusive, window, edit)
     detectors: list = []
-    edit_detector: list[int | None] = []
+    edit_detector: list[tuple[int, ...] | None] = []
     for e in edits:
-        if e.detector is None:
+        if not e.detectors:
             edit_detector.append(None)
             continue
         if faithful or mode != "ablate":
             raise DictionaryError(f"a detector ({e.concept}) gates our ablation: use it with mode='ablate' and "
                                   "faithful=False")
-        if resolve_hookpoint(pipe, e.detector.hookpoint).kind != "denoiser":
-            raise DictionaryError(f"detector hookpoint {e.detector.hookpoint!r} ({e.concept}) is not a denoiser block")
-        if e.detector not in detectors:
-            detectors.append(e.detector)
-        edit_detector.append(detectors.index(e.detector))
+        for det in e.detectors:
+            if resolve_hookpoint(pipe, det.hookpoint).kind != "denoiser":
+                raise DictionaryError(f"detector hookpoint {det.hookpoint!r} ({e.concept}) is not a denoiser block")
+            if det not in detectors:
+                detectors.append(det)
+        edit_detector.append(tuple(detectors.index(d) for d in e.detectors))
     hooks, targets = [], []
     for s_, d_ in pairs:
         hp = resolve_hookpoint(pipe, d_.hookpoint)

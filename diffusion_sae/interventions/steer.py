@@ -574,14 +574,16 @@ class _EarlyEncodings(ModelHook):
         self._memo: dict = {}
 
     def observe(self, detector, h: torch.Tensor) -> torch.Tensor:
-        """Block hook of a detector: at its step, flag the samples (read on the unconditional rows; several
-        detectors: a sample any of them flags is flagged). Returns the tensor unchanged."""
+        """Block hook of a detector: at its step, flag the samples (read on the rows of the detector's
+        branch, unconditional by default; several detectors: a sample any of them flags is flagged). Returns
+        the tensor unchanged."""
         if self.step_now != detector.step:
             return h
         tok, _ = as_tokens(h)
         rows = tok.shape[0]
         if self.guided is not None and self.guided() and rows % 2 == 0:
-            tok = tok[: rows // 2]
+            # [unconditional; conditional]: a probe of the prompt's branch reads the second half
+            tok = tok[rows // 2:] if getattr(detector, "branch", "uncond") == "cond" else tok[: rows // 2]
         flags = detector(tok).flatten().bool().cpu()
         if self._flag_call != self.calls or self.flags is None or self.flags.shape != flags.shape:
             self.flags, self._flag_call = flags, self.calls

@@ -31,6 +31,8 @@ KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 PROBE_HOOKPOINTS = {"style": "unet.up_blocks.1.attentions.0", "object": "unet.up_blocks.0.attentions.1",
                     "colour": "unet.up_blocks.1.attentions.0"}
 PROBE_STEPS = (5, 7, 9, 11)
+# probes of the conditional (prompt) branch: what a prompt asks for is readable from the first step on
+COND_PROBE_STEPS = (0, 1)
 PROBE_PROMPTS = 32      # named prompts per concept a probe is fitted on (tuning seeds)
 
 
@@ -129,23 +131,25 @@ def save_params(params: dict, path=None) -> None:
     os.replace(tmp, p)
 
 
-def probe_dir(kind: str, step: int, root=None):
+def probe_dir(kind: str, step: int, root=None, branch: str = "uncond"):
     from pathlib import Path
 
     from .assets import sae_dir
 
-    return Path(root or sae_dir()) / "probes" / f"{kind}-step{step}"
+    tag = "" if branch == "uncond" else f"-{branch}"
+    return Path(root or sae_dir()) / "probes" / f"{kind}{tag}-step{step}"
 
 
-def load_probe(kind: str, step: int, root=None):
-    """The shipped concept probe of a kind at a denoising step (bundle.PROBE_STEPS)."""
+def load_probe(kind: str, step: int, root=None, branch: str = "uncond"):
+    """The shipped concept probe of a kind at a denoising step (bundle.PROBE_STEPS; COND_PROBE_STEPS for
+    branch="cond")."""
     from ..concepts.probe import ConceptProbe
 
-    return ConceptProbe.from_pretrained(probe_dir(kind, step, root))
+    return ConceptProbe.from_pretrained(probe_dir(kind, step, root, branch))
 
 
 def fit_probes(pipe, kind: str, steps=PROBE_STEPS, per_concept: int = PROBE_PROMPTS, seed: int = 0,
-               guidance: float = GUIDANCE, sampler_steps: int = STEPS) -> list:
+               guidance: float = GUIDANCE, sampler_steps: int = STEPS, branch: str = "uncond") -> list:
     """Concept probes of a kind at each step, fitted on prompts naming each concept (`concept_prompts`)
     at tuning seeds, one seed per prompt: nothing of the evaluation split is seen."""
     from ..concepts.probe import fit_concept_probe
@@ -156,5 +160,5 @@ def fit_probes(pipe, kind: str, steps=PROBE_STEPS, per_concept: int = PROBE_PROM
     seeds = [TUNING_SEEDS.start + i % len(TUNING_SEEDS) for i in range(n)]
     check_tuning(seeds, where=f"{kind} probe seeds")
     return fit_concept_probe(pipe, PROBE_HOOKPOINTS[kind], groups, list(steps), seeds=seeds, steps=sampler_steps,
-                             guidance=guidance, batch_size=64)
+                             guidance=guidance, batch_size=64, branch=branch)
 

@@ -67,6 +67,7 @@ class RebuildConfig:
     kinds: tuple = ("style", "object", "colour")
     # concept probes (bundle.PROBE_STEPS, bundle.PROBE_PROMPTS)
     probe_steps: tuple = (5, 7, 9, 11)
+    cond_probe_steps: tuple = (0, 1)     # probes of the prompt's branch (bundle.COND_PROBE_STEPS)
     probe_prompts: int = 32
     # evaluation
     eval_seeds: int = 3
@@ -271,10 +272,14 @@ class Rebuild:
         pipe = self._pipe()
         out = {}
         for kind in self.cfg.kinds:
-            for probe in fit_probes(pipe, kind, self.cfg.probe_steps, self.cfg.probe_prompts, seed=self.cfg.seed,
-                                    guidance=self.cfg.guidance, sampler_steps=self.cfg.steps):
-                probe.save_pretrained(probe_dir(kind, probe.step, self.saes_dir))
-                out[f"{kind}-step{probe.step}"] = round(probe.meta["train_accuracy"], 3)
+            for branch, steps in (("uncond", self.cfg.probe_steps), ("cond", self.cfg.cond_probe_steps)):
+                if not steps:
+                    continue
+                for probe in fit_probes(pipe, kind, steps, self.cfg.probe_prompts, seed=self.cfg.seed,
+                                        guidance=self.cfg.guidance, sampler_steps=self.cfg.steps, branch=branch):
+                    folder = probe_dir(kind, probe.step, self.saes_dir, branch)
+                    probe.save_pretrained(folder)
+                    out[folder.name] = round(probe.meta["train_accuracy"], 3)
         return {"train_accuracy": out}
 
     def _world_eval(self) -> dict:
