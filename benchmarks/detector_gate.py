@@ -11,7 +11,11 @@ each kind), per kind: mean violation of the erasure bars, implicit presence / ba
 FD ratio. The best row of each kind is the shipped preset (params keys family, family_from_step,
 family_detector).
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2]
+Round 3 keeps the shipped preset of each kind (λ, fraction, step, image-side probe, named_late) and adds a
+probe of the prompt's branch at step 0 (p >= 0.5 or 0.8; any of the two probes flags): a prompt that asks for
+the concept in words the token matcher does not know is flagged before the image has decided.
+
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3]
 """
 from __future__ import annotations
 
@@ -34,7 +38,35 @@ ROUNDS = {
     # colour: 2 from 8, p >= 0.2)
     2: ((1.0, 10, (9, 0.1)), (2.0, 10, (9, 0.2)), (1.0, 12, (11, 0.2)), (2.0, 12, (11, 0.2)),
         (3.0, 8, (7, 0.2)), (4.0, 6, (5, 0.2))),
+    # the shipped preset, and it OR the prompt's-branch probe at step 0 at these thresholds
+    3: (None, 0.5, 0.8),
 }
+
+
+def shipped_with_prompt_probe(pipe, text_sae, thresholds) -> dict:
+    """{name: {kind: builder}}: the shipped Concept Steerers preset, alone (None) or with the kind's
+    prompt's-branch probe at step 0 added to its detector at each threshold."""
+    import copy
+
+    from diffusion_sae.eval.shapes import removal_steering, steer_strength
+    from diffusion_sae.interventions.steer import steer_text_encoder
+
+    shipped = bundle.load_params()["steer"]
+    out = {}
+    for tau in thresholds:
+        cs = copy.deepcopy(shipped)
+        if tau is not None:
+            for kind, det in cs["family_detector"].items():
+                cs["family_detector"][kind] = [det, {"step": 0, "threshold": tau, "branch": "cond"}]
+
+        def for_kind(kind, cs=cs):
+            def build(concept):
+                st = removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept), cs)
+                return lambda: steer_text_encoder(pipe, st)
+            return build
+        name = "CS shipped" if tau is None else f"CS shipped + prompt probe 0 p≥{tau:g}"
+        out[name] = {k: for_kind(k) for k in bundle.KINDS}
+    return out
 
 
 def main() -> int:
@@ -45,8 +77,11 @@ def main() -> int:
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
     text_sae = bundle.load_text_sae()
-    settings = [(None, f, None, "embedding", k, det) for f, k, det in ROUNDS[a.round]]
-    cands = robust_tune.family_candidates(pipe, text_sae, settings)
+    if a.round == 3:
+        cands = shipped_with_prompt_probe(pipe, text_sae, ROUNDS[3])
+    else:
+        settings = [(None, f, None, "embedding", k, det) for f, k, det in ROUNDS[a.round]]
+        cands = robust_tune.family_candidates(pipe, text_sae, settings)
     t0 = time.perf_counter()
     res = robust_tune.tune(pipe, clf, cands, GeneralizationConfig(concepts_per_kind=a.concepts_per_kind), paired=False)
     print(f"tuning split, {a.concepts_per_kind} concepts per kind, {time.perf_counter() - t0:.0f} s")

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusion_sae.eval.shapes import saeuron_context  # noqa: E402
 from diffusion_sae.world import assets, bundle, robust_tune  # noqa: E402
+from diffusion_sae.world.bundle import KINDS  # noqa: E402
 from diffusion_sae.world.generalization import GeneralizationConfig  # noqa: E402
 
 
@@ -36,12 +37,21 @@ def variant(name: str, p: dict) -> dict:
         # round 2: the prompt's-branch probe at step 0 (p >= 0.5) OR the preset's own image-side probe
         # (probe 9 p >= 0.2 where the preset has none)
         q["detector"] = [[0, 0.5, "cond"], list(p.get("detector") or [9, 0.2])]
+        if "probe 5" in name:
+            q["detector"] = [[0, 0.5, "cond"], [5, 0.2]]
         if "from step 1" in name:
             q["window"] = [1, 25]
-        if "γ×2" in name:
-            q["multiplier"] = p.get("multiplier", -1.0) * 2
+        for g in (2, 3):
+            if f"γ×{g}" in name:
+                q["multiplier"] = p.get("multiplier", -1.0) * g
         if "mean_patch" in name:
             q["edit"] = "mean_patch"
+        if "top_n×2" in name:
+            q["top_n"] = 2 * p.get("top_n", 1)
+        if "min_fire÷2" in name:
+            q["min_fire"] = max(1, p.get("min_fire", 1) // 2)
+        if "+block" in name:
+            q["blocks"] = [*p["blocks"], EXTRA_BLOCK[kind_of(p)]]
         return q
     gamma, step, tau = {"probe 9 p≥0.2": (1, 9, 0.2), "probe 5 p≥0.2": (1, 5, 0.2),
                         "probe 5 p≥0.2, γ×2": (2, 5, 0.2), "probe 5 p≥0.2, γ×2, every step": (2, 5, 0.2)}[name]
@@ -52,16 +62,29 @@ def variant(name: str, p: dict) -> dict:
     return q
 
 
+# round 3: a further block of the same kind's SAEs, one the preset does not use
+EXTRA_BLOCK = {"style": "unet.up_blocks.1.attentions.1", "object": "unet.up_blocks.0.attentions.0"}
+
+
+def kind_of(p: dict) -> str:
+    return "style" if "unet.up_blocks.1.attentions.0" in p["blocks"] else "object"
+
+
 VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.2, γ×2", "probe 5 p≥0.2, γ×2, every step"),
             2: ("shipped", "prompt gate", "prompt gate, from step 1", "prompt gate, from step 1, γ×2",
-                "prompt gate, from step 1, mean_patch")}
+                "prompt gate, from step 1, mean_patch"),
+            3: ("prompt gate, from step 1, γ×2, +block", "prompt gate, from step 1, γ×3",
+                "prompt gate, from step 1, γ×2, top_n×2", "prompt gate, from step 1, γ×2, min_fire÷2",
+                "prompt gate, probe 5, from step 1, γ×2")}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts-per-kind", type=int, default=0)
     ap.add_argument("--round", type=int, choices=sorted(VARIANTS), default=1,
-                    help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0")
+                    help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0; 3: stronger edits "
+                         "behind that gate")
+    ap.add_argument("--concepts", default="", help="comma-separated concepts (default: every style and object)")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
@@ -77,7 +100,11 @@ def main() -> int:
 
     cands = {f"SAeUron shipped preset, {v}" if v != "shipped" else "SAeUron shipped preset": candidate(v) for v in VARIANTS[a.round]}
     t0 = time.perf_counter()
-    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"))
+    only = None
+    if a.concepts:
+        wanted = a.concepts.split(",")
+        only = {k: tuple(c for c in KINDS[k] if c in wanted) for k in ("style", "object")}
+    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"), only=only)
     res = robust_tune.tune(pipe, clf, cands, cfg, paired=True)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
     print("| concept | setting | violation | named % | implicit / base | paired change | FD ratio | rest accuracy |")

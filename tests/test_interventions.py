@@ -1212,6 +1212,28 @@ def test_saeuron_detectors_any_of_them_and_the_prompt_branch(sd_dictionary):
     assert _no_hooks(pipe)
 
 
+def test_detector_gate_tuple_flags_any_of_its_detectors(pipes):
+    """A tuple of detectors at steps 0 and 1 (k=2): a sample flagged at either step equals the gate without a
+    detector, one flagged by neither equals implicit 0 (the verdict of step 1 adds to step 0's, it does not
+    replace it); an empty tuple is refused."""
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+    prompts = ["a photo of a car", "a photo of a tree"]
+    under = _from_step(pipe)
+    zero, late = under(0.0, None, prompts), under(1.0, 2, prompts)
+    assert (late - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    both = _detected(pipe, (_FixedDetector(block, 0, [True, False]), _FixedDetector(block, 1, [False, True])),
+                     prompts, k=2)
+    torch.testing.assert_close(both, late, rtol=0, atol=1e-6)
+    first = _detected(pipe, (_FixedDetector(block, 0, [True, False]), _FixedDetector(block, 1, [False, False])),
+                      prompts, k=2)
+    torch.testing.assert_close(first[0], late[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(first[1], zero[1], rtol=0, atol=1e-6)
+    with pytest.raises(SteeringError, match="empty tuple"):
+        _detected(pipe, (), prompts, k=2)
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
 def test_family_gate_detector_reads_its_branch(pipes):
     """FamilyGate's detector hook passes a cond-branch detector the conditional half of the batch: the prompt
     moves what it sees at step 0, where the unconditional half is the same for two prompts at one seed."""

@@ -423,24 +423,34 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
                               int(cs_params.get("family_from_step", {}).get(kind, 0)),
-                              None if det is None else (int(det["step"]), float(det["threshold"])),
+                              _detector_specs(det),
                               float(cs_params.get("family_named_late", {}).get(kind, 1.0)))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
 
 
+def _detector_specs(det) -> list[tuple] | None:
+    """params "family_detector" of a kind ({"step", "threshold"[, "branch"]} or a list of them) as
+    [(step, threshold, branch), ...]."""
+    if det is None:
+        return None
+    return [(int(d["step"]), float(d["threshold"]), str(d.get("branch", "uncond")))
+            for d in (det if isinstance(det, list) else [det])]
+
+
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
                    implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0,
-                   detector: tuple[int, float] | None = None, named_late: float = 1.0):
+                   detector: tuple | list[tuple] | None = None, named_late: float = 1.0):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
     (`implicit_negative` on that prompt's negative branch; both only from denoising step
     `implicit_from_step` on, params key "family_from_step"). match="tokens" reads canonical words only (a
     held-out name counts as none); "embedding" finds the names by the text encoder's token embeddings,
     with every other non-held-out word of the world's vocabulary as a neutral reference.
-    detector (step, threshold), params key "family_detector": the implicit fraction acts only on the samples
-    the kind's shipped concept probe at that step flags (p(concept) >= threshold; FamilyGate.detector).
+    detector (step, threshold[, branch]) or a list of them, params key "family_detector": the implicit
+    fraction acts only on the samples the kind's shipped concept probe at that step (of that branch) flags
+    (p(concept) >= threshold; any of them with a list; FamilyGate.detector).
     named_late, params key "family_named_late": the scale on prompts naming the concept from that step on, on
     the flagged samples (FamilyGate.named_late)."""
     from ..interventions.steer import family_gate
@@ -456,13 +466,17 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     if detector is not None:
         from ..world.bundle import load_probe
 
-        det = load_probe(kind, int(detector[0])).detector(concept, float(detector[1]))
+        specs = [detector] if not isinstance(detector, list) else detector
+        dets = tuple(load_probe(kind, int(d[0]), branch=d[2] if len(d) > 2 else "uncond").detector(concept, float(d[1]))
+                     for d in specs)
+        det = dets[0] if len(dets) == 1 else dets
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
                           neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det,
                           named_late=named_late)
     st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
                               "implicit_from_step": implicit_from_step,
-                              "detector": None if detector is None else list(detector), "named_late": named_late}
+                              "detector": None if detector is None else [list(d) for d in specs],
+                              "named_late": named_late}
     return st
 
 

@@ -189,10 +189,13 @@ class FamilyGate:
     the encodings in a pre-hook on the denoiser; 0 (the default) is the implicit fraction at every step.
 
     `detector` (ours, needs implicit_from_step k >= 1): an image-side verdict per sample, e.g. a
-    `concepts.probe.ConceptDetector`, read from a denoiser block at its step (< k) on the unconditional
-    branch. From step k on, the implicit fractions act only on the samples it flags; the others keep the
-    encoding without them to the end, so a seed that was not heading to the concept is left as the plain
-    model draws it. A prompt naming the concept is steered whatever the detector says.
+    `concepts.probe.ConceptDetector`, read from a denoiser block at its step (< k) on its branch
+    (unconditional by default), or a tuple of them (a sample any of them flags is flagged). From step k
+    on, the implicit fractions act only on the flagged samples; the others keep the encoding without them
+    to the end, so a seed that was not heading to the concept is left as the plain model draws it. A
+    prompt naming the concept is steered whatever the detector says. A probe of the conditional branch at
+    step 0 flags what the prompt asks for in the model's own reading (a paraphrase the token matcher does
+    not know, an adversarial prompt), before the image has decided.
 
     `named_late` (ours, default 1): the scale on prompts naming the concept from implicit_from_step on (on
     the flagged samples only, with a detector). Above 1 it escalates the removal where the image still heads
@@ -207,18 +210,27 @@ class FamilyGate:
         self.implicit = float(implicit)
         self.implicit_negative = self.implicit if implicit_negative is None else float(implicit_negative)
         self.implicit_from_step = _check_from_step(implicit_from_step)
-        if detector is not None:
-            step = getattr(detector, "step", None)
-            if not callable(detector) or not isinstance(getattr(detector, "hookpoint", None), str) or not isinstance(step, int):
+        if isinstance(detector, (list, tuple)) and not detector:
+            raise SteeringError("detector: give a detector, a tuple of detectors, or None (an empty tuple flags nothing)")
+        for det in (tuple(detector) if isinstance(detector, (list, tuple)) else (detector,) if detector is not None else ()):
+            step = getattr(det, "step", None)
+            if not callable(det) or not isinstance(getattr(det, "hookpoint", None), str) or not isinstance(step, int):
                 raise SteeringError(f"detector must be a callable with .hookpoint and .step (e.g. "
-                                    f"ConceptProbe.detector(concept)), not {detector!r}")
+                                    f"ConceptProbe.detector(concept)) or a tuple of them, not {det!r}")
             if self.implicit_from_step < 1 or step >= self.implicit_from_step:
                 raise SteeringError(f"a detector reading step {step} needs implicit_from_step > {step} (the step from "
                                     f"which flagged samples are steered), got implicit_from_step={self.implicit_from_step}")
-        self.detector = detector
+        self.detector = tuple(detector) if isinstance(detector, list) else detector
         self.named_late = _check_strength(named_late)
         if self.named_late != 1.0 and self.implicit_from_step < 1:
             raise SteeringError(f"named_late={self.named_late:g} needs implicit_from_step >= 1 (the step it acts from)")
+
+    @property
+    def detectors(self) -> tuple:
+        """The detectors as a tuple (a sample any of them flags is flagged)."""
+        if self.detector is None:
+            return ()
+        return self.detector if isinstance(self.detector, tuple) else (self.detector,)
 
     @property
     def delayed(self) -> bool:
@@ -566,7 +578,7 @@ class _EarlyEncodings(ModelHook):
         self.guided = guided
         self.detecting = False
         self.flags: torch.Tensor | None = None     # [samples] bool: the detectors' verdicts of this generation
-        self._flag_call = -1
+        self._flag_call, self._flag_step = -1, -1
         self.pairs: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
         self.calls = 0
         self.step_now: int | None = None
@@ -585,16 +597,20 @@ class _EarlyEncodings(ModelHook):
             # [unconditional; conditional]: a probe of the prompt's branch reads the second half
             tok = tok[rows // 2:] if getattr(detector, "branch", "uncond") == "cond" else tok[: rows // 2]
         flags = detector(tok).flatten().bool().cpu()
-        if self._flag_call != self.calls or self.flags is None or self.flags.shape != flags.shape:
-            self.flags, self._flag_call = flags, self.calls
+        # A later step of the same generation adds its verdicts; the same or an earlier step in another call
+        # is a new pass (the next generation, or an attack's loss calls at one timestep): it starts afresh.
+        fresh = self._flag_call != self.calls and self.step_now <= self._flag_step
+        if fresh or self.flags is None or self.flags.shape != flags.shape:
+            self.flags = flags
         else:
             self.flags = self.flags | flags
+        self._flag_call, self._flag_step = self.calls, self.step_now
         return h
 
     def add(self, late, early: dict[int, tuple]) -> None:
         if self.denoising:       # the first encoding of a new pipeline call
             self.pairs, self.calls, self.denoising = [], 0, False
-            self.flags, self._flag_call = None, -1
+            self.flags, self._flag_call, self._flag_step = None, -1, -1
         self._memo.clear()
         for i, t in enumerate(late):
             if isinstance(t, torch.Tensor):
@@ -711,8 +727,8 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     steerings = [steerings] if isinstance(steerings, Steering) else list(steerings)
     waits = sorted({st.rows.implicit_from_step for st in steerings
                     if isinstance(st.rows, FamilyGate) and st.rows.delayed})
-    detectors = [st.rows.detector for st in steerings
-                 if isinstance(st.rows, FamilyGate) and st.rows.delayed and st.rows.detector is not None]
+    detectors = [det for st in steerings if isinstance(st.rows, FamilyGate) and st.rows.delayed
+                 for det in st.rows.detectors]
     if detectors and len(waits) > 1:
         raise SteeringError(f"FamilyGates with a detector need every delayed gate to start at the same step "
                             f"(got implicit_from_step {waits}): the detectors' verdict picks one encoding per sample")
