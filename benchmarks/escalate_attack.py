@@ -8,7 +8,10 @@ only. This runs the attack on the first 3 styles and objects with a TUNING confi
 other prompt attributes, generation seeds 500-515 of the tuning split); the evaluation's attack (seed 0,
 "a red star in striped style", seeds 0-15) is never used here.
 
-    python benchmarks/escalate_attack.py [--steps 20]
+With --prompt-probe P the kind's detector also ORs the prompt's-branch probe at step 0 (p >= P): every sample
+of a prompt the model reads as the concept is then escalated, not only those the image-side probe still flags.
+
+    python benchmarks/escalate_attack.py [--steps 20] [--prompt-probe 0.5]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ NAMED_LATE = (1.0, 2.0, 4.0)
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompt-probe", type=float, default=None)
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
@@ -41,6 +45,9 @@ def main() -> int:
         for v in NAMED_LATE:
             cs = copy.deepcopy(params["steer"])
             cs.setdefault("family_named_late", {})[kind] = v
+            if a.prompt_probe is not None:
+                cs["family_detector"][kind] = [cs["family_detector"][kind],
+                                               {"step": 0, "threshold": a.prompt_probe, "branch": "cond"}]
             builders[f"named_late {v:g}"] = steerers_builder(pipe, text_sae, kind, cs)
         res = run_attack_benchmark(pipe, clf, builders, kind, list(bundle.KINDS[kind][:3]), cfg)
         for name, rows in res["rows"].items():
