@@ -278,8 +278,32 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
         if det is None:
             assert gate.detector is None
         else:
-            assert isinstance(gate.detector, ConceptDetector) and gate.detector.concept == c
-            assert (gate.detector.step, gate.detector.threshold) == (int(det["step"]), float(det["threshold"]))
+            specs = det if isinstance(det, list) else [det]
+            assert len(gate.detectors) == len(specs)
+            for d, spec in zip(gate.detectors, specs):
+                assert isinstance(d, ConceptDetector) and d.concept == c
+                assert (d.step, d.threshold, d.branch) == (int(spec["step"]), float(spec["threshold"]),
+                                                           spec.get("branch", "uncond"))
     cands = robust_tune.family_candidates(pipe, sae, [(-1.0, 0.2), (-1.0, 0.2, None, "tokens", 8)], kinds=("style",))
     assert list(cands) == ["CS family gate (tokens) λ=-1 implicit×0.2",
                            "CS family gate (tokens) λ=-1 implicit×0.2 from step 8"]
+
+
+def test_saeuron_preset_detectors_resolve_to_the_shipped_probes():
+    """A SAeUron preset's "detector" ([step, p], [step, p, branch] or a list of them) gives the kind's shipped
+    probes of that branch and step as one detector or a tuple (any of them gates); every shipped preset's
+    detector resolves."""
+    from diffusion_sae.concepts.probe import ConceptDetector
+    from diffusion_sae.eval.shapes import _shipped_detector
+    from diffusion_sae.world import bundle
+
+    one = _shipped_detector("striped", [9, 0.2], bundle.load_probe)
+    assert isinstance(one, ConceptDetector) and (one.step, one.threshold, one.branch) == (9, 0.2, "uncond")
+    two = _shipped_detector("circle", [[0, 0.5, "cond"], [5, 0.2]], bundle.load_probe)
+    assert isinstance(two, tuple) and [(d.step, d.threshold, d.branch, d.concept) for d in two] == [
+        (0, 0.5, "cond", "circle"), (5, 0.2, "uncond", "circle")]
+    assert two[0].hookpoint == bundle.PROBE_HOOKPOINTS["object"]
+    for concept, p in bundle.load_params()["saeuron"].items():
+        if p.get("detector"):
+            dets = _shipped_detector(concept, p["detector"], bundle.load_probe)
+            assert all(d.concept == concept for d in (dets if isinstance(dets, tuple) else (dets,)))
