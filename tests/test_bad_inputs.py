@@ -238,6 +238,7 @@ CASES = [
     ("probe-no-prompts", ["concepts", "probe", "--step", "1", "--out", "{o}/p"], "exactly one of --prompts"),
     ("probe-prompts-and-kind", [*PROBE, "--kind", "style"], "exactly one of --prompts"),
     ("probe-kind-bogus", ["concepts", "probe", "--kind", "shade", "--step", "1", "--out", "{o}/p"], "--kind"),
+    ("probe-branch-bogus", [*PROBE, "--branch", "image"], "--branch must be uncond or cond"),
     ("probe-no-step", [*PROBE[:4], *PROBE[6:]], "give --step"),
     ("probe-step-past-the-steps", [*PROBE, "--step", "2"], "--step 2 is not one of the sampler's 2 steps"),
     ("probe-step-negative", [*PROBE, "--step", "-1"], "--step -1"),

@@ -162,6 +162,26 @@ def test_concepts_probe_then_steer_with_it_as_detector_on_the_bundled_model(tmp_
     assert not (tmp_path / "x.png").exists()
 
 
+def test_concepts_probe_branch_cond_is_written_with_its_branch(tmp_path):
+    """--branch cond fits the probe on the prompt's guidance branch (readable at step 0) and saves that branch in its
+    JSON; the default stays the image side."""
+    from diffusion_sae.concepts.probe import ConceptProbe
+
+    groups = {"striped": ["a red star in striped style", "a blue ring in striped style"],
+              "dotted": ["a red star in dotted style", "a blue ring in dotted style"]}
+    (tmp_path / "styles.json").write_text(json.dumps(groups))
+    out = ok("concepts", "probe", "--prompts", tmp_path / "styles.json", "--step", 0, "--steps", 2, "--branch", "cond",
+             "--out", tmp_path / "cond")
+    assert "(cond branch)" in out and "step 0 of 2" in out
+    doc = json.loads((tmp_path / "cond" / "concept_probe.json").read_text())
+    assert doc["meta"]["branch"] == "cond" and doc["step"] == 0 and doc["concepts"] == list(groups)
+    assert ConceptProbe.from_pretrained(tmp_path / "cond").detector("striped").branch == "cond"
+    out = ok("concepts", "probe", "--prompts", tmp_path / "styles.json", "--step", 0, "--steps", 2,
+             "--out", tmp_path / "uncond")
+    assert "(uncond branch)" in out
+    assert json.loads((tmp_path / "uncond" / "concept_probe.json").read_text())["meta"]["branch"] == "uncond"
+
+
 def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_model(tmp_path):
     """--named-late reaches the family gate: 1 is the run without it, image for image; 4 changes a prompt naming the
     concept whose sample the shipped style probe flags (bar 0: every sample)."""

@@ -83,11 +83,17 @@ def concepts_probe(model: str = typer.Option(SHAPES),
                                                   "(default 500: the bundled benchmark's tuning seeds)."),
                    steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."),
                    out: Optional[Path] = typer.Option(None, help="Folder for concept_probe.json / .safetensors (required)."),
+                   branch: str = typer.Option("uncond", help="Guidance branch the probe reads: uncond (default: the "
+                                              "image side, what the noisy sample alone carries, so it also flags "
+                                              "samples of prompts that never name the concept; best a few steps in) "
+                                              "or cond (the prompt's branch: what the prompt asks for in the model's "
+                                              "own reading, paraphrased or adversarial prompts included, already "
+                                              "at --step 0, before the image has decided)."),
                    device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Fit a concept probe: which concept a sample is heading to, read from a denoiser block mid-generation
     (the detector of steer's family gate, --detector)."""
     from ..concepts.dictionary import check_output_folder
-    from ..concepts.probe import ProbeError, fit_concept_probe
+    from ..concepts.probe import BRANCHES, ProbeError, fit_concept_probe
     from ..models import HookpointError
     from ..world import bundle
 
@@ -98,6 +104,8 @@ def concepts_probe(model: str = typer.Option(SHAPES),
         fail(f"--out {out}: inside the installed diffusion_sae package, whose files are never overwritten; "
              "give a folder of your own")
     check_output_folder(out)
+    if branch not in BRANCHES:
+        fail(f"--branch must be {' or '.join(BRANCHES)} (the guidance branch the probe reads), not {branch!r}")
     if (prompts is None) == (kind is None):
         fail("give exactly one of --prompts FILE.json or --kind style|object|colour")
     if kind is not None and kind not in bundle.KINDS:
@@ -128,14 +136,15 @@ def concepts_probe(model: str = typer.Option(SHAPES),
     n = sum(len(v) for v in groups.values())
     seeds = list(range(seed_start, seed_start + n))
     try:
-        probe = fit_concept_probe(pipe, hp, groups, step, seeds=seeds, steps=steps, guidance=guidance)
+        probe = fit_concept_probe(pipe, hp, groups, step, seeds=seeds, steps=steps, guidance=guidance, branch=branch)
         path = probe.save_pretrained(out)
     except HookpointError as e:
         fail(f"--hookpoint: {str(e).splitlines()[0]}")
     except ProbeError as e:
         fail(str(e).splitlines()[0])
-    typer.echo(f"probe of {len(probe.concepts)} concepts at {probe.hookpoint}, step {probe.step} of {steps}, "
-               f"fitted on {n} prompts: training accuracy {probe.meta['train_accuracy']:.3f} -> {path.parent}")
+    typer.echo(f"probe of {len(probe.concepts)} concepts at {probe.hookpoint} ({probe.branch} branch), step "
+               f"{probe.step} of {steps}, fitted on {n} prompts: training accuracy "
+               f"{probe.meta['train_accuracy']:.3f} -> {path.parent}")
 
 
 def _prompt_groups(path: Path, option: str) -> dict:
