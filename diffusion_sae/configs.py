@@ -49,11 +49,19 @@ def _words(cfg, name: str) -> tuple[str, ...]:
     return words
 
 
-def _finite(cfg, name: str) -> float:
-    v = getattr(cfg, name)
+def _finite(cfg, name: str, *value: Any) -> float:
+    """The field `name` (or `value`, one item of it) as a finite float."""
+    v = value[0] if value else getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ConfigError(f"{type(cfg).__name__}.{name} must be a finite number, not {v!r}")
     return float(v)
+
+
+def _probability(cfg, name: str, *value: Any) -> float:
+    p = _finite(cfg, name, *value)
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1], not {p!r}")
+    return p
 
 
 class Config:
@@ -119,10 +127,13 @@ class SteeringConfig(Config):
     implicit_from_step: int = 0              # the implicit fractions act from this denoising step on (0: every step)
     match: Literal["tokens", "embedding"] = "embedding"  # exact tokens, or nearest word in the token embeddings
     neutral: str | tuple[str, ...] | None = None  # match="embedding": words that name nothing (None: the defaults)
-    # Image-side detector (ours, concepts/probe.py): the folder of a saved ConceptProbe; from implicit_from_step
-    # on, the implicit fractions act only on the samples whose probe probability for the concept reaches the bar.
-    detector: str | None = None
-    detector_threshold: float = 0.5          # that bar: a probability in [0, 1]
+    # Per-sample detector (ours, concepts/probe.py): the folder of a saved ConceptProbe, or several (a sample any
+    # of them flags is flagged, e.g. a prompt's-branch probe at step 0 and an image-side one later); from
+    # implicit_from_step on, the implicit fractions act only on the samples whose probe probability for the
+    # concept reaches the bar.
+    detector: str | tuple[str, ...] | None = None
+    # that bar: a probability in [0, 1], or one per detector folder (in their order)
+    detector_threshold: float | tuple[float, ...] = 0.5
     # With detector: the factor on S, from implicit_from_step on, for prompts naming the concept, on the samples
     # the detector flags (FamilyGate.named_late; None: 1, no change). Above 1 it escalates the removal there.
     named_late: float | None = None
@@ -148,15 +159,7 @@ class SteeringConfig(Config):
             raise ConfigError(f"SteeringConfig.implicit_from_step must be a non-negative whole number of denoising "
                               f"steps (0: every step), not {k!r}")
         object.__setattr__(self, "implicit_from_step", int(k))
-        if isinstance(self.detector, os.PathLike):
-            object.__setattr__(self, "detector", os.fspath(self.detector))
-        if self.detector is not None and (not isinstance(self.detector, str) or not self.detector.strip()):
-            raise ConfigError(f"SteeringConfig.detector must be the folder of a saved ConceptProbe (a path), "
-                              f"not {self.detector!r}")
-        p = _finite(self, "detector_threshold")
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"SteeringConfig.detector_threshold must be a probability in [0, 1], not {p!r}")
-        object.__setattr__(self, "detector_threshold", p)
+        self._check_detectors()
         if self.named_late is not None:
             x = _finite(self, "named_late")
             if not x > 0.0:
@@ -192,6 +195,47 @@ class SteeringConfig(Config):
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "
                                   "give rivals=('dog', ...) or leave it out")
+
+    def _check_detectors(self) -> None:
+        """detector: one folder (kept as its text, also when given as a list of one) or several (a tuple);
+        detector_threshold: one probability (for every folder), or a tuple of them with one per folder."""
+        det = self.detector
+        fspath = lambda f: os.fspath(f) if isinstance(f, os.PathLike) else f  # noqa: E731
+        if isinstance(det, (list, tuple)):
+            if not det:
+                raise ConfigError("SteeringConfig.detector is an empty list: give a saved ConceptProbe folder, "
+                                  "several, or None")
+            det = tuple(fspath(f) for f in det) if len(det) > 1 else fspath(det[0])
+        else:
+            det = fspath(det)
+        bad = [f for f in (det if isinstance(det, tuple) else () if det is None else (det,))
+               if not isinstance(f, str) or not f.strip()]
+        if bad:
+            raise ConfigError(f"SteeringConfig.detector must be the folder of a saved ConceptProbe (a path) or a "
+                              f"list of them, not {bad[0]!r}")
+        object.__setattr__(self, "detector", det)
+        thr = self.detector_threshold
+        if not isinstance(thr, (list, tuple)):
+            object.__setattr__(self, "detector_threshold", _probability(self, "detector_threshold"))
+            return
+        ps = tuple(_probability(self, "detector_threshold", v) for v in thr)
+        n = len(self.detector_folders)
+        if not ps or (n and len(ps) != n):
+            raise ConfigError(f"SteeringConfig.detector_threshold lists {len(ps)} threshold{'s' * (len(ps) != 1)} "
+                              f"for {n} detector folders: give one number (for every folder) or one per folder, in "
+                              "their order")
+        object.__setattr__(self, "detector_threshold", ps if len(ps) > 1 else ps[0])
+
+    @property
+    def detector_folders(self) -> tuple[str, ...]:
+        """The detector's folders as a tuple (empty without a detector)."""
+        d = self.detector
+        return () if d is None else d if isinstance(d, tuple) else (d,)
+
+    def detector_settings(self) -> list[tuple[str, float]]:
+        """(folder, threshold) of each detector, in order (a single threshold applies to every folder)."""
+        folders, thr = self.detector_folders, self.detector_threshold
+        return list(zip(folders, thr if isinstance(thr, tuple) else (thr,) * len(folders)))
 
 
 @dataclass(frozen=True)

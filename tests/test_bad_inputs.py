@@ -110,6 +110,7 @@ UNLEARN = ["unlearn", "--concept", "circle", "--prompt", "a circle", "--steps", 
 STYLE_DICT = ["--dictionary-name", "concept_dictionary_style"]
 PROBE = ["concepts", "probe", "--prompts", "{i}/two_concepts.json", "--step", "1", "--steps", "2", "--out", "{o}/p"]
 STYLE_PROBE = f"{PKG}/world/assets/saes/probes/style-step7"     # read only
+STYLE_COND_PROBE = f"{PKG}/world/assets/saes/probes/style-cond-step0"
 GATED = ["steer", "--concept", "striped", "--prompt", "a circle", "--steps", "10", "--out", "{o}/steer.png",
          "--rival", "dotted", "--concept-word", "striped", "--implicit", "0.5"]
 
@@ -219,6 +220,11 @@ CASES = [
                                        "--detector-threshold", "half"], "--detector-threshold must be a number"),
     ("steer-detector-threshold-alone", [*GATED, "--implicit-from-step", "8", "--detector-threshold", "0.7"],
      "--detector-threshold only acts with --detector"),
+    ("steer-detector-threshold-count", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE, "--detector",
+                                        STYLE_COND_PROBE, *["--detector-threshold", "0.2"] * 3],
+     "--detector-threshold is given 3 times for 2 --detector"),
+    ("steer-second-detector-step-not-before", [*GATED, "--implicit-from-step", "7", "--detector", STYLE_COND_PROBE,
+                                               "--detector", STYLE_PROBE], "reads step 7"),
     # --- steer --named-late: a factor > 0 on S, only with --detector
     ("steer-named-late-0", [*GATED, "--implicit-from-step", "8", "--detector", STYLE_PROBE, "--named-late", "0"],
      "--named-late must be a factor > 0"),

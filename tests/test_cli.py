@@ -203,6 +203,31 @@ def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_mod
     assert np.abs(four - base).max() > 8
 
 
+def test_steer_repeated_detector_takes_one_threshold_per_probe_on_the_bundled_model(tmp_path):
+    """--detector twice (the shipped image-side style probe at step 7, the prompt's-branch one at step 0) with one
+    --detector-threshold per probe, by order: bar 1 on the first and 0 on the second is the second alone at 0 (any of
+    them flags); a single --detector-threshold 1 applies to both and flags neither, so the sample stays unsteered."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_sae.world import bundle
+
+    image, prompt = bundle.probe_dir("style", 7), bundle.probe_dir("style", 0, branch="cond")
+    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
+            "--rival", "solid", "--implicit", "1", "--implicit-from-step", 8, "--prompt", "a red star", "--steps", 10]
+
+    def image_of(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+    both = image_of("both", "--detector", image, "--detector", prompt, "--detector-threshold", "1",
+                    "--detector-threshold", "0")
+    second = image_of("second", "--detector", prompt, "--detector-threshold", "0")
+    neither = image_of("neither", "--detector", image, "--detector", prompt, "--detector-threshold", "1")
+    assert np.array_equal(both, second)
+    assert np.abs(neither - second).max() > 8
+
+
 def test_tune_both_methods_small(tmp_path):
     out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
              "--images", 8, "--top-n", "1", "--gammas", "-5")

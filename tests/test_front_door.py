@@ -184,6 +184,70 @@ def test_front_door_detector_gate_equals_family_gate_with_the_probe(shapes):
     assert ds.applied(pipe) == [] and _registered(pipe) == []
 
 
+def test_several_detector_folders_round_trip_and_their_thresholds_are_counted(tmp_path):
+    """detector may list folders (kept as a tuple) and detector_threshold one number for all or one per folder."""
+    image, prompt = bundle.probe_dir("style", 7), bundle.probe_dir("style", 0, branch="cond")
+    gate = dict(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2,
+                implicit_from_step=8)
+    s = SteeringConfig(**gate, detector=[image, prompt], detector_threshold=[0.2, 0.6])
+    assert s.detector == (str(image), str(prompt)) and s.detector_threshold == (0.2, 0.6)
+    assert s.detector_settings() == [(str(image), 0.2), (str(prompt), 0.6)]
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["detector"] == [str(image), str(prompt)] and d["detector_threshold"] == [0.2, 0.6]
+    assert SteeringConfig.from_dict(d) == s
+    assert SteeringConfig.from_json(s.to_json(tmp_path / "s.json")) == s
+    one = SteeringConfig(**gate, detector=(image, prompt), detector_threshold=0.3)
+    assert one.detector_settings() == [(str(image), 0.3), (str(prompt), 0.3)]
+    assert SteeringConfig(**gate, detector=image).detector_settings() == [(str(image), 0.5)]
+    single = SteeringConfig(**gate, detector=[image], detector_threshold=[0.4])   # a list of one is the one folder
+    assert (single.detector, single.detector_threshold) == (str(image), 0.4)
+    for bad in ([0.2], [0.2, 0.3, 0.4], []):
+        with pytest.raises(ConfigError, match=f"lists {len(bad)} thresholds? for 2 detector folders"):
+            SteeringConfig(**gate, detector=[image, prompt], detector_threshold=bad)
+    with pytest.raises(ConfigError, match="detector_threshold must be a probability"):
+        SteeringConfig(**gate, detector=[image, prompt], detector_threshold=[0.2, 1.5])
+    with pytest.raises(ConfigError, match="detector is an empty list"):
+        SteeringConfig(**gate, detector=[])
+    with pytest.raises(ConfigError, match="detector must be the folder of a saved ConceptProbe .* not ''"):
+        SteeringConfig(**gate, detector=[image, ""])
+    with pytest.raises(ConfigError, match="detector_threshold only acts with detector"):
+        SteeringConfig(**gate, detector_threshold=[0.2, 0.6])
+
+
+def test_front_door_two_detector_folders_equal_family_gate_with_the_tuple(shapes):
+    """SteeringConfig.detector with two folders (the shipped image-side style probe at step 7 and the prompt's-branch
+    one at step 0), each with its threshold, through ConceptSteering is family_gate with the tuple of their detectors
+    (up to float tolerance)."""
+    from diffusion_sae.concepts.probe import ConceptProbe
+    from diffusion_sae.interventions.steer import concept_steering, family_gate, steer_text_encoder
+
+    pipe, sae = shapes
+    folders = [bundle.probe_dir("style", 7), bundle.probe_dir("style", 0, branch="cond")]
+    rivals = ["solid", "dotted", "checkered", "outlined", "gradient", "noisy", "wavy"]
+    prompts = ["a red star", "a blue heart in striped style"]
+    gate = dict(concept="striped style", strength=-2.0, concept_words=["stripes", "striped"], rivals=rivals,
+                implicit=1.0, implicit_from_step=8, match="tokens")
+
+    def gen():
+        g = [torch.Generator().manual_seed(s) for s in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=2.0, generator=g, output_type="pt").images
+
+    probes = [ConceptProbe.from_pretrained(f) for f in folders]
+    dets = (probes[0].detector("striped", 0.3), probes[1].detector("striped", 0.6))
+    st = concept_steering(sae, pipe, bundle.TEXT_HOOKPOINT, "striped style", -2.0)
+    st.rows = family_gate(pipe, bundle.TEXT_HOOKPOINT, ["stripes", "striped"], rivals, 1.0, match="tokens",
+                          implicit_from_step=8, detector=dets)
+    with steer_text_encoder(pipe, st):
+        want = gen()
+    iv = ds.ConceptSteering(sae, **gate, detector=[str(f) for f in folders], detector_threshold=[0.3, 0.6])
+    with ds.intervene(pipe, iv):
+        got = gen()
+    rows = iv.steering(pipe).rows
+    assert [(d.step, d.branch, d.threshold) for d in rows.detectors] == [(7, "uncond", 0.3), (0, "cond", 0.6)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert ds.applied(pipe) == [] and _registered(pipe) == []
+
+
 def test_named_late_setting_round_trips_and_is_checked(tmp_path):
     folder = bundle.probe_dir("style", 7)
     gate = dict(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2)

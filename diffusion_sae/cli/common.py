@@ -170,6 +170,32 @@ def parse_number(text: str, option: str) -> float:
     return v
 
 
+def detector_thresholds(detectors, texts) -> list[float]:
+    """--detector-threshold (given once: every --detector; else once per --detector, by order) as one probability
+    per --detector (default 0.5); [] without --detector (the caller says that a threshold alone does nothing)."""
+    values = []
+    for text in texts or []:
+        v = parse_number(text, "--detector-threshold")
+        if not 0.0 <= v <= 1.0:
+            fail(f"--detector-threshold must be a probability in [0, 1], got {text!r}")
+        values.append(v)
+    n = len(detectors or [])
+    if n and len(values) > 1 and len(values) != n:
+        fail(f"--detector-threshold is given {len(values)} times for {n} --detector: give it once (for every "
+             "probe) or once per --detector, in their order")
+    return (values or [0.5]) * n if len(values) <= 1 else values
+
+
+def read_probe(path: Path, option: str = "--detector"):
+    """A saved concept probe (`concepts probe --out`), or one error line."""
+    from ..concepts.probe import ConceptProbe, ProbeError
+
+    try:
+        return ConceptProbe.from_pretrained(path)
+    except ProbeError as e:
+        fail(f"{option}: {e}")
+
+
 def parse_window(text: str, option: str = "--window") -> tuple[int, int]:
     """START-STOP as (start, stop): the step indices start <= t < stop of a timestep window."""
     parts = text.strip().split("-")

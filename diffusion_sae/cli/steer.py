@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file,
-                     check_writable_parent, fail, guidance_for, label_grid, load_model, load_sae_arg, parse_number,
-                     parse_strengths, progress_bar, prompt_lines, prompt_set, save_image)
+                     check_writable_parent, detector_thresholds, fail, guidance_for, label_grid, load_model,
+                     load_sae_arg, parse_number, parse_strengths, progress_bar, prompt_lines, prompt_set, read_probe,
+                     save_image)
 
 
 def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Option(None, help="Text SAE folder (default: bundled)."),
@@ -44,12 +45,16 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               match: Optional[str] = typer.Option(None, help="Family gate: how a name is found in a prompt: embedding "
                                                   "(nearest word in the text encoder's token embeddings: follows "
                                                   "learned synonyms; default) or tokens (exact words: a prompt filter)."),
-              detector: Optional[Path] = typer.Option(None, help="Family gate: the folder of a saved concept probe "
-                                                      "(`concepts probe`); from --implicit-from-step on, the implicit "
-                                                      "scale acts only on the samples it flags as heading to the "
-                                                      "concept (one of --concept-word)."),
-              detector_threshold: Optional[str] = typer.Option(None, help="With --detector: the probe probability "
-                                                               "from which a sample is flagged (default 0.5)."),
+              detector: Optional[list[Path]] = typer.Option(None, help="Family gate: the folder of a saved concept "
+                                                            "probe (`concepts probe`); from --implicit-from-step on, "
+                                                            "the implicit scale acts only on the samples it flags as "
+                                                            "heading to the concept (one of --concept-word). Repeatable: "
+                                                            "a sample any of the probes flags is flagged (e.g. a "
+                                                            "--branch cond probe at step 0 and an image-side one later)."),
+              detector_threshold: Optional[list[str]] = typer.Option(None, help="With --detector: the probe "
+                                                                     "probability from which a sample is flagged "
+                                                                     "(default 0.5); once for every --detector, or "
+                                                                     "once per --detector in their order."),
               named_late: Optional[str] = typer.Option(None, help="With --detector: from --implicit-from-step on, "
                                                        "scale S by this factor (> 0) on prompts naming the concept, "
                                                        "on the samples the probe flags (e.g. 4 escalates the removal "
@@ -144,11 +149,7 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         if not (implicit_from_step.strip().isascii() and implicit_from_step.strip().isdigit()):
             fail(f"--implicit-from-step must be a denoising step (a whole number >= 0), got {implicit_from_step!r}")
         from_step = int(implicit_from_step)
-    threshold = 0.5
-    if detector_threshold is not None:
-        threshold = parse_number(detector_threshold, "--detector-threshold")
-        if not 0.0 <= threshold <= 1.0:
-            fail(f"--detector-threshold must be a probability in [0, 1], got {detector_threshold!r}")
+    thresholds = detector_thresholds(detector, detector_threshold)
     late = 1.0
     if named_late is not None:
         late = parse_number(named_late, "--named-late")
@@ -173,29 +174,25 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         fail("--rival needs --concept-word: the word(s) that name the concept, e.g. --concept-word cat")
     if steps is not None and from_step >= steps > 0:
         fail(f"--implicit-from-step {from_step} is not below --steps {steps}: the implicit scale would never act")
-    if detector_threshold is not None and detector is None:
+    if detector_threshold and not detector:
         fail("--detector-threshold only acts with --detector (the folder of a saved concept probe)")
-    if named_late is not None and detector is None:
+    if named_late is not None and not detector:
         fail("--named-late only acts with --detector (the folder of a saved concept probe) and "
              "--implicit-from-step >= 1: give both or leave --named-late out")
-    det = None if detector is None else _detector(detector, words["--concept-word"], threshold, from_step)
+    dets = tuple(_detector(d, words["--concept-word"], p, from_step) for d, p in zip(detector or [], thresholds))
+    det = None if not dets else dets[0] if len(dets) == 1 else dets
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
                 implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det,
                 named_late=late)
 
 
 def _detector(path: Path, concept_words: list[str], threshold: float, from_step: int):
-    """--detector: the saved probe's verdict for the first --concept-word it was fitted on; its step must come
+    """One --detector: the saved probe's verdict for the first --concept-word it was fitted on; its step must come
     before --implicit-from-step (the step from which the samples it flags are steered)."""
-    from ..concepts.probe import ConceptProbe, ProbeError
-
     if from_step < 1:
         fail("--detector needs --implicit-from-step >= 1, later than the step its probe reads: the implicit scale "
              "waits for the probe's verdict")
-    try:
-        probe = ConceptProbe.from_pretrained(path)
-    except ProbeError as e:
-        fail(f"--detector: {e}")
+    probe = read_probe(path)
     word = next((w for w in concept_words if w in probe.concepts), None)
     if word is None:
         fail(f"--detector {path}: the probe was fitted on {', '.join(probe.concepts)}, none of --concept-word "

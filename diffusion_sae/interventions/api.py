@@ -64,20 +64,22 @@ class ConceptSteering(Intervention):
         return hp
 
     def detector(self):
-        """The image-side detector of SteeringConfig.detector (None without one): the saved ConceptProbe's
-        verdict for the first of `concept_words` that is one of the probe's concepts."""
+        """The per-sample detector of SteeringConfig.detector (None without one): each saved ConceptProbe's verdict
+        for the first of `concept_words` that is one of its concepts, at its threshold; several folders give a
+        tuple (a sample any of them flags is flagged)."""
         from ..concepts.probe import ConceptProbe
 
         c = self.config
-        if c.detector is None:
-            return None
-        probe = ConceptProbe.from_pretrained(c.detector)
-        word = next((w for w in c.concept_words if w in probe.concepts), None)
-        if word is None:
-            raise InterventionError(f"the probe at {c.detector} was fitted on {', '.join(probe.concepts)}, none of "
-                                    f"concept_words ({', '.join(c.concept_words)}); give a probe fitted on the "
-                                    "concept, or name it as the probe does in concept_words")
-        return probe.detector(word, c.detector_threshold)
+        dets = []
+        for folder, threshold in c.detector_settings():
+            probe = ConceptProbe.from_pretrained(folder)
+            word = next((w for w in c.concept_words if w in probe.concepts), None)
+            if word is None:
+                raise InterventionError(f"the probe at {folder} was fitted on {', '.join(probe.concepts)}, none of "
+                                        f"concept_words ({', '.join(c.concept_words)}); give a probe fitted on the "
+                                        "concept, or name it as the probe does in concept_words")
+            dets.append(probe.detector(word, threshold))
+        return None if not dets else dets[0] if len(dets) == 1 else tuple(dets)
 
     def steering(self, pipe):
         """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
