@@ -228,6 +228,35 @@ def test_steer_repeated_detector_takes_one_threshold_per_probe_on_the_bundled_mo
     assert np.abs(neither - second).max() > 8
 
 
+def test_unlearn_detector_gates_the_edits_per_sample_on_the_bundled_model(tmp_path):
+    """unlearn --detector: with bar 1 the shipped image-side style probe (step 7) flags nothing and the unlearned
+    image is the original; with the prompt's-branch probe (step 0) added at bar 0 (one bar per probe, by order) every
+    sample is flagged at step 0, so the edits act from step 1 on: the run without a detector with --window 1-25."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_sae.world import bundle
+
+    image, prompt = bundle.probe_dir("style", 7), bundle.probe_dir("style", 0, branch="cond")
+    args = ["unlearn", "--concept", "striped", "--multiplier", "-10",
+            "--top-n", 4, "--prompt", "a red star in striped style"]
+
+    def images(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return [np.asarray(Image.open(tmp_path / name / sub / "0.png"), dtype=np.int16)
+                for sub in ("original", "unlearned")]
+
+    original, none = images("none", "--detector", image, "--detector-threshold", "1")
+    assert np.array_equal(none, original)
+    _, every = images("every", "--detector", image, "--detector", prompt, "--detector-threshold", "1",
+                      "--detector-threshold", "0")
+    _, windowed = images("window", "--window", "1-25")
+    assert np.abs(every - windowed).max() <= 1
+    assert np.abs(every - original).max() > 8
+    settings = json.loads((tmp_path / "every" / "index.json").read_text())["conditions"]["unlearned"]
+    assert settings["detector"] == [str(image), str(prompt)] and settings["detector_threshold"] == [1.0, 0.0]
+
+
 def test_tune_both_methods_small(tmp_path):
     out = ok("tune", "--method", "saeuron", "--kind", "style", "--concept", "striped", "--search", "grid",
              "--images", 8, "--top-n", "1", "--gammas", "-5")

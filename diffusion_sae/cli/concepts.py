@@ -1,5 +1,5 @@
-"""`diffusion-sae concepts build`: SAeUron concept dictionaries; `concepts probe`: concept probes (the image-side
-detector of steer's family gate)."""
+"""`diffusion-sae concepts build`: SAeUron concept dictionaries; `concepts probe`: concept probes (the per-sample
+detector of steer's family gate and of unlearn, --detector)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,7 +91,7 @@ def concepts_probe(model: str = typer.Option(SHAPES),
                                               "at --step 0, before the image has decided)."),
                    device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Fit a concept probe: which concept a sample is heading to, read from a denoiser block mid-generation
-    (the detector of steer's family gate, --detector)."""
+    (the detector of steer's family gate and of unlearn, --detector)."""
     from ..concepts.dictionary import check_output_folder
     from ..concepts.probe import BRANCHES, ProbeError, fit_concept_probe
     from ..models import HookpointError
@@ -99,7 +99,7 @@ def concepts_probe(model: str = typer.Option(SHAPES),
 
     # Every option is checked before the model loads and the prompts run.
     if out is None:
-        fail("give --out FOLDER for the new probe (then pass it to steer --detector FOLDER)")
+        fail("give --out FOLDER for the new probe (then pass it to steer or unlearn --detector FOLDER)")
     if inside_package(out):
         fail(f"--out {out}: inside the installed diffusion_sae package, whose files are never overwritten; "
              "give a folder of your own")

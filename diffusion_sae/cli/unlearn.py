@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file, fail, guidance_for,
-                     label_grid, load_model, load_sae_arg, parse_window, prompt_set, sae_folder)
+from .common import (DEVICE_OPT, DTYPE_OPT, OFFLOAD_OPT, SHAPES, check_generation, check_out_file, detector_thresholds,
+                     fail, guidance_for, label_grid, load_model, load_sae_arg, parse_window, prompt_set, read_probe,
+                     sae_folder)
 
 
 def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = typer.Option(None, help="Block SAE folder (default: bundled); repeat it to edit several blocks at once (each folder holds its dictionary)."),
@@ -29,6 +30,18 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                 percentile: Optional[float] = None, top_n: Optional[int] = typer.Option(None, help="Features per step (default 1 if no percentile)."),
                 faithful: bool = typer.Option(False, help="The official (sign-flipped) error term."),
                 add: bool = typer.Option(False, "--add", help="Amplify the concept instead (multiplier = α)."),
+                detector: Optional[list[Path]] = typer.Option(None, help="The folder of a saved concept probe (`concepts "
+                                                              "probe`, fitted on every --concept): each concept's "
+                                                              "edits act only on the samples the probe flags as "
+                                                              "heading to it, from the step after the probe's (ours; "
+                                                              "not with --faithful or --add). Repeatable: a sample any "
+                                                              "of them flags is edited, from the step after that "
+                                                              "probe's (e.g. a --branch cond probe at step 0 and an "
+                                                              "image-side one later)."),
+                detector_threshold: Optional[list[str]] = typer.Option(None, help="With --detector: the probe "
+                                                                       "probability from which a sample is flagged "
+                                                                       "(default 0.5); once for every --detector, or "
+                                                                       "once per --detector in their order."),
                 prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
                 steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
                 out: Optional[Path] = typer.Option(None, help="Grid PNG: original | unlearned per prompt (default "
@@ -37,10 +50,12 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                                            "DIR/unlearned/<row>.png (one per prompt and seed) with "
                                                            "DIR/index.csv; resumable (the layout `eval nudity --images` reads)."),
                 device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
-    """SAeUron: generate with concepts unlearned by scaling their per-step SAE features."""
+    """SAeUron: generate with concepts unlearned by scaling their per-step SAE features (with --detector: only on
+    the samples a concept probe flags, from the step after its own)."""
     from ..concepts.dictionary import ConceptDictionary, DictionaryError
     from ..eval.generate import images_under
-    from ..interventions.ablate import EDITS, StepGridError, unlearn_concepts
+    from ..interventions.ablate import EDITS, ConceptEdit, StepGridError, unlearn_concepts
+    from ..models import resolve_hookpoint
     from ..world import bundle
 
     guidance = guidance_for(model, guidance)
@@ -58,6 +73,7 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     win = parse_window(window) if window is not None else None
     if win is not None and win[0] >= steps:
         fail(f"--window {window}: starts past the last of the {steps} steps, so nothing would be edited")
+    probes = _detector_probes(detector, detector_threshold, list(concept), steps, faithful, add)
     if out is not None or save_images is None:
         out = out or Path("unlearn.png")
         check_out_file(out)
@@ -88,8 +104,24 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         top_n = 1
     if top_n is not None and top_n > min(s.cfg.num_latents for s in saes):
         fail(f"--top-n must lie in 1..{min(s.cfg.num_latents for s in saes)} (the SAE's latents), got {top_n}")
+    for path, (probe, _) in zip(detector or [], probes):   # before any image: the probe's block is in this model
+        try:
+            if resolve_hookpoint(pipe, probe.hookpoint).kind != "denoiser":
+                fail(f"--detector {path}: its block {probe.hookpoint!r} is not a denoiser block; refit the probe "
+                     "at a denoiser block (concepts probe --hookpoint)")
+        except ValueError as e:
+            fail(f"--detector {path}: {str(e).splitlines()[0]}")
+    edits: list = list(concept)
+    if probes:   # each concept gated by every probe's verdict for it (any of them flags)
+        gates = {c: tuple(probe.detector(c, p) for probe, p in probes) for c in concept}
+        try:
+            edits = [ConceptEdit(c, multiplier, percentile, top_n if percentile is None else None, scaling, selection,
+                                 min_fire, exclusive, win, edit, detector=gates[c] if len(probes) > 1 else gates[c][0])
+                     for c in concept]
+        except DictionaryError as e:
+            fail(str(e).splitlines()[0])
     conditions = [contextlib.nullcontext,
-                  lambda: unlearn_concepts(pipe, saes, dicts, list(concept), multiplier=multiplier,
+                  lambda: unlearn_concepts(pipe, saes, dicts, edits, multiplier=multiplier,
                                            percentile=percentile, top_n=top_n, faithful=faithful,
                                            mode="add" if add else "ablate", scaling=scaling, selection=selection,
                                            min_fire=min_fire, exclusive=exclusive, window=win, edit=edit)]
@@ -101,7 +133,9 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                    percentile=percentile, top_n=top_n, faithful=faithful, add=add, scaling=scaling,
                                    selection=selection, min_fire=min_fire, exclusive=exclusive,
                                    **({"window": list(win)} if win is not None else {}),  # unset: old folders resume
-                                   **({"edit": edit} if edit != "scale" else {}))
+                                   **({"edit": edit} if edit != "scale" else {}),
+                                   **({"detector": [str(d) for d in detector or []],
+                                       "detector_threshold": [p for _, p in probes]} if probes else {}))
         else:
             imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
     except (DictionaryError, StepGridError, ValueError) as e:
@@ -110,6 +144,30 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     if out is not None:
         label_grid(imgs, [r.prompt for r in ps.rows], ["original", label], out)
         typer.echo(f"grid ({len(ps)} prompts): {out}")
+
+
+def _detector_probes(detector, detector_threshold, concepts: list[str], steps: int, faithful: bool,
+                     add: bool) -> list[tuple]:
+    """--detector / --detector-threshold: (probe, threshold) per --detector, checked before the model loads: each
+    probe is fitted on every --concept and reads a step before the last one."""
+    thresholds = detector_thresholds(detector, detector_threshold)
+    if detector_threshold and not detector:
+        fail("--detector-threshold only acts with --detector (the folder of a saved concept probe)")
+    if detector and (faithful or add):
+        fail(f"--detector gates our ablation (each flagged sample's edits from the step after the probe's): drop "
+             f"{'--add' if add else '--faithful'}, which edits every sample")
+    out = []
+    for path, threshold in zip(detector or [], thresholds):
+        probe = read_probe(path)
+        if probe.step >= steps - 1:
+            fail(f"--detector {path} reads step {probe.step}: of --steps {steps} none is left after it to edit; "
+                 "give a probe of an earlier step or more --steps")
+        missing = [c for c in concepts if c not in probe.concepts]
+        if missing:
+            fail(f"--detector {path}: the probe was fitted on {', '.join(probe.concepts)}, not on --concept "
+                 f"{missing[0]!r}; give a probe fitted on every --concept")
+        out.append((probe, threshold))
+    return out
 
 
 def _save_image_set(pipe, ps, folder: Path, conditions, steps: int, guidance: float, grid: bool, model, **settings):
