@@ -39,6 +39,8 @@ def variant(name: str, p: dict) -> dict:
         q["detector"] = [[0, 0.5, "cond"], list(p.get("detector") or [9, 0.2])]
         if "probe 5" in name:
             q["detector"] = [[0, 0.5, "cond"], [5, 0.2]]
+        if "prompt gate only" in name:
+            q["detector"] = [0, 0.5, "cond"]
         if "from step 1" in name:
             q["window"] = [1, 25]
         for g in (2, 3):
@@ -46,8 +48,11 @@ def variant(name: str, p: dict) -> dict:
                 q["multiplier"] = p.get("multiplier", -1.0) * g
         if "mean_patch" in name:
             q["edit"] = "mean_patch"
-        if "top_n×2" in name:
-            q["top_n"] = 2 * p.get("top_n", 1)
+        for g in (2, 4):
+            if f"top_n×{g}" in name:
+                q["top_n"] = g * p.get("top_n", 1)
+        if "min_fire 1" in name:
+            q["min_fire"] = 1
         if "min_fire÷2" in name:
             q["min_fire"] = max(1, p.get("min_fire", 1) // 2)
         if "+block" in name:
@@ -75,7 +80,11 @@ VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.
                 "prompt gate, from step 1, mean_patch"),
             3: ("prompt gate, from step 1, γ×2, +block", "prompt gate, from step 1, γ×3",
                 "prompt gate, from step 1, γ×2, top_n×2", "prompt gate, from step 1, γ×2, min_fire÷2",
-                "prompt gate, probe 5, from step 1, γ×2")}
+                "prompt gate, probe 5, from step 1, γ×2"),
+            # round 4: the prompt gate alone (no image-side probe: the edits leave unnamed prompts alone)
+            # with the strongest edits, for the concepts rounds 2-3 could not remove on named prompts
+            4: ("prompt gate only, from step 1, γ×2, top_n×2", "prompt gate only, from step 1, γ×2, top_n×4",
+                "prompt gate only, from step 1, γ×3, top_n×4, min_fire 1", "prompt gate only, from step 1, γ×2, top_n×2, +block")}
 
 
 def main() -> int:
@@ -83,7 +92,7 @@ def main() -> int:
     ap.add_argument("--concepts-per-kind", type=int, default=0)
     ap.add_argument("--round", type=int, choices=sorted(VARIANTS), default=1,
                     help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0; 3: stronger edits "
-                         "behind that gate")
+                         "behind that gate; 4: the prompt gate alone with the strongest edits")
     ap.add_argument("--concepts", default="", help="comma-separated concepts (default: every style and object)")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
