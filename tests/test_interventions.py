@@ -1052,16 +1052,22 @@ def _detected(pipe, det, prompts, implicit=1.0, k=1, **gate):
         return _gen(pipe, prompts)
 
 
+def _two_unnamed(pipes, k):
+    """The SD tiny pipeline, the detector block, two prompts naming neither concept, and their images with the
+    implicit fraction at 0 and at 1 from step k (which differ on both samples)."""
+    pipe = pipes("sd")
+    prompts = ["a photo of a car", "a photo of a tree"]
+    under = _from_step(pipe)
+    zero, late = under(0.0, None, prompts), under(1.0, k, prompts)
+    assert (late - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    return pipe, "unet.up_blocks.1.attentions.0", prompts, under, zero, late
+
+
 def test_detector_gate_steers_only_the_flagged_samples(pipes):
     """Two prompts naming neither concept, k=1 of 3 steps: the flagged sample equals the gate without a detector
     (implicit fraction from step 1), the other equals implicit 0, bit for bit; the detector reads the
     unconditional rows (one per sample) once; a prompt naming the concept is steered though not flagged."""
-    pipe = pipes("sd")
-    block = "unet.up_blocks.1.attentions.0"
-    prompts = ["a photo of a car", "a photo of a tree"]
-    under = _from_step(pipe)
-    zero, late = under(0.0, None, prompts), under(1.0, 1, prompts)
-    assert (late - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    pipe, block, prompts, under, zero, late = _two_unnamed(pipes, 1)
     det = _FixedDetector(block, 0, [True, False])
     out = _detected(pipe, det, prompts)
     assert det.seen == [2]
@@ -1216,12 +1222,7 @@ def test_detector_gate_tuple_flags_any_of_its_detectors(pipes):
     """A tuple of detectors at steps 0 and 1 (k=2): a sample flagged at either step equals the gate without a
     detector, one flagged by neither equals implicit 0 (the verdict of step 1 adds to step 0's, it does not
     replace it); an empty tuple is refused."""
-    pipe = pipes("sd")
-    block = "unet.up_blocks.1.attentions.0"
-    prompts = ["a photo of a car", "a photo of a tree"]
-    under = _from_step(pipe)
-    zero, late = under(0.0, None, prompts), under(1.0, 2, prompts)
-    assert (late - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    pipe, block, prompts, under, zero, late = _two_unnamed(pipes, 2)
     both = _detected(pipe, (_FixedDetector(block, 0, [True, False]), _FixedDetector(block, 1, [False, True])),
                      prompts, k=2)
     torch.testing.assert_close(both, late, rtol=0, atol=1e-6)

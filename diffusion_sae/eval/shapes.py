@@ -467,9 +467,7 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
         from ..world.bundle import load_probe
 
         specs = [detector] if not isinstance(detector, list) else detector
-        dets = tuple(load_probe(kind, int(d[0]), branch=d[2] if len(d) > 2 else "uncond").detector(concept, float(d[1]))
-                     for d in specs)
-        det = dets[0] if len(dets) == 1 else dets
+        det = _shipped_detector(concept, specs if len(specs) > 1 else specs[0], load_probe)
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
                           neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det,
                           named_late=named_late)
