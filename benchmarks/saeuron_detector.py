@@ -12,7 +12,7 @@ Round 2 adds a probe of the conditional (prompt) branch at step 0: what the prom
 paraphrased) is readable before the image has decided, so the edit can start at step 1 on those samples,
 while the image-side probe still catches the samples of prompts that never ask for the concept.
 
-    python benchmarks/saeuron_detector.py [--round 1|2] [--concepts-per-kind 0]   (0: every concept)
+    python benchmarks/saeuron_detector.py [--round 1|2|3|4|5] [--named 8] [--concepts a,b] [--concepts-per-kind 0]
 """
 from __future__ import annotations
 
@@ -36,15 +36,17 @@ def variant(name: str, p: dict) -> dict:
     if name.startswith("prompt gate"):
         # round 2: the prompt's-branch probe at step 0 (p >= 0.5) OR the preset's own image-side probe
         # (probe 9 p >= 0.2 where the preset has none)
-        q["detector"] = [[0, 0.5, "cond"], list(p.get("detector") or [9, 0.2])]
+        own = p.get("detector") or [9, 0.2]
+        # a preset already behind the prompt gate keeps its detectors (round 5 strengthens those presets)
+        q["detector"] = own if isinstance(own[0], list) else [[0, 0.5, "cond"], list(own)]
         if "probe 5" in name:
             q["detector"] = [[0, 0.5, "cond"], [5, 0.2]]
         if "prompt gate only" in name:
             q["detector"] = [0, 0.5, "cond"]
         if "from step 1" in name:
             q["window"] = [1, 25]
-        for g in (2, 3):
-            if f"γ×{g}" in name:
+        for g in (1.5, 2, 3):
+            if f"γ×{g:g}" in name:
                 q["multiplier"] = p.get("multiplier", -1.0) * g
         if "mean_patch" in name:
             q["edit"] = "mean_patch"
@@ -55,8 +57,10 @@ def variant(name: str, p: dict) -> dict:
             q["min_fire"] = 1
         if "min_fire÷2" in name:
             q["min_fire"] = max(1, p.get("min_fire", 1) // 2)
-        if "+block" in name:
+        if "+block" in name and EXTRA_BLOCK[kind_of(p)] not in p["blocks"]:
             q["blocks"] = [*p["blocks"], EXTRA_BLOCK[kind_of(p)]]
+        if "window 1" in name:
+            q["window"] = [1, 25]
         return q
     gamma, step, tau = {"probe 9 p≥0.2": (1, 9, 0.2), "probe 5 p≥0.2": (1, 5, 0.2),
                         "probe 5 p≥0.2, γ×2": (2, 5, 0.2), "probe 5 p≥0.2, γ×2, every step": (2, 5, 0.2)}[name]
@@ -84,7 +88,12 @@ VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.
             # round 4: the prompt gate alone (no image-side probe: the edits leave unnamed prompts alone)
             # with the strongest edits, for the concepts rounds 2-3 could not remove on named prompts
             4: ("prompt gate only, from step 1, γ×2, top_n×2", "prompt gate only, from step 1, γ×2, top_n×4",
-                "prompt gate only, from step 1, γ×3, top_n×4, min_fire 1", "prompt gate only, from step 1, γ×2, top_n×2, +block")}
+                "prompt gate only, from step 1, γ×3, top_n×4, min_fire 1", "prompt gate only, from step 1, γ×2, top_n×2, +block"),
+            # round 5: the objects' presets (already behind the prompt gate) strengthened further, judged with
+            # --named 32: the eval split showed 12-38 % on named prompts where 8 named tuning images showed 0-12 %
+            5: ("shipped", "prompt gate, window 1, γ×1.5", "prompt gate, window 1, top_n×4",
+                "prompt gate, window 1, +block", "prompt gate, window 1, γ×1.5, top_n×2, +block",
+                "prompt gate, window 1, γ×2, top_n×4, min_fire 1, +block")}
 
 
 def main() -> int:
@@ -93,6 +102,7 @@ def main() -> int:
     ap.add_argument("--round", type=int, choices=sorted(VARIANTS), default=1,
                     help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0; 3: stronger edits "
                          "behind that gate; 4: the prompt gate alone with the strongest edits")
+    ap.add_argument("--named", type=int, default=8, help="images per concept on named prompts")
     ap.add_argument("--concepts", default="", help="comma-separated concepts (default: every style and object)")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
@@ -113,7 +123,7 @@ def main() -> int:
     if a.concepts:
         wanted = a.concepts.split(",")
         only = {k: tuple(c for c in KINDS[k] if c in wanted) for k in ("style", "object")}
-    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"), only=only)
+    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"), only=only, named=a.named)
     res = robust_tune.tune(pipe, clf, cands, cfg, paired=True)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
     print("| concept | setting | violation | named % | implicit / base | paired change | FD ratio | rest accuracy |")
