@@ -12,12 +12,13 @@ Round 2 adds a probe of the conditional (prompt) branch at step 0: what the prom
 paraphrased) is readable before the image has decided, so the edit can start at step 1 on those samples,
 while the image-side probe still catches the samples of prompts that never ask for the concept.
 
-    python benchmarks/saeuron_detector.py [--round 1|2|3|4|5] [--named 8] [--concepts a,b] [--concepts-per-kind 0]
+    python benchmarks/saeuron_detector.py [--round 1|2|3|4|5|6] [--named 8] [--implicit 16] [--empty 16] [--concepts a,b] [--concepts-per-kind 0]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,12 +38,16 @@ def variant(name: str, p: dict) -> dict:
         # round 2: the prompt's-branch probe at step 0 (p >= 0.5) OR the preset's own image-side probe
         # (probe 9 p >= 0.2 where the preset has none)
         own = p.get("detector") or [9, 0.2]
-        # a preset already behind the prompt gate keeps its detectors (round 5 strengthens those presets)
-        q["detector"] = own if isinstance(own[0], list) else [[0, 0.5, "cond"], list(own)]
-        if "probe 5" in name:
-            q["detector"] = [[0, 0.5, "cond"], [5, 0.2]]
-        if "prompt gate only" in name:
-            q["detector"] = [0, 0.5, "cond"]
+        dets = [list(d) for d in own] if isinstance(own[0], list) else [list(own)]
+        # a preset already behind the prompt gate keeps its detectors (rounds 5-6 strengthen those presets)
+        cond = [d for d in dets if d[2:] == ["cond"]] or [[0, 0.5, "cond"]]
+        image = [d for d in dets if d[2:] != ["cond"]] or [[9, 0.2]]
+        step = re.search(r"probe (\d+)", name)
+        if step:
+            image = [[int(step[1]), 0.2]]
+        if "p0.8" in name:
+            cond = [[d[0], 0.8, "cond"] for d in cond]
+        q["detector"] = cond if "prompt gate only" in name else cond + image
         if "from step 1" in name:
             q["window"] = [1, 25]
         for g in (1.5, 2, 3):
@@ -93,7 +98,12 @@ VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.
             # --named 32: the eval split showed 12-38 % on named prompts where 8 named tuning images showed 0-12 %
             5: ("shipped", "prompt gate, window 1, γ×1.5", "prompt gate, window 1, top_n×4",
                 "prompt gate, window 1, +block", "prompt gate, window 1, γ×1.5, top_n×2, +block",
-                "prompt gate, window 1, γ×2, top_n×4, min_fire 1, +block")}
+                "prompt gate, window 1, γ×2, top_n×4, min_fire 1, +block"),
+            # round 6: the styles, judged with --named 32 --implicit 64 --empty 64 (16 + 16 implicit images put a
+            # concept's base rate at 2-4 images, too few to rank settings on the implicit axis): an earlier
+            # image-side probe, the stricter prompt gate, and the prompt gate for dotted (image-side probe alone)
+            6: ("shipped", "prompt gate, window 1", "prompt gate, probe 5, window 1", "prompt gate, probe 5, window 1, γ×1.5",
+                "prompt gate p0.8, probe 7, window 1, γ×1.5", "prompt gate p0.8, probe 5, window 1, γ×1.5, top_n×2")}
 
 
 def main() -> int:
@@ -103,6 +113,8 @@ def main() -> int:
                     help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0; 3: stronger edits "
                          "behind that gate; 4: the prompt gate alone with the strongest edits")
     ap.add_argument("--named", type=int, default=8, help="images per concept on named prompts")
+    ap.add_argument("--implicit", type=int, default=16, help="images per kind on attribute-left-out prompts")
+    ap.add_argument("--empty", type=int, default=16, help="images of the empty prompt")
     ap.add_argument("--concepts", default="", help="comma-separated concepts (default: every style and object)")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
@@ -123,7 +135,8 @@ def main() -> int:
     if a.concepts:
         wanted = a.concepts.split(",")
         only = {k: tuple(c for c in KINDS[k] if c in wanted) for k in ("style", "object")}
-    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"), only=only, named=a.named)
+    cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=("style", "object"), only=only, named=a.named,
+                               implicit=a.implicit, empty=a.empty)
     res = robust_tune.tune(pipe, clf, cands, cfg, paired=True)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
     print("| concept | setting | violation | named % | implicit / base | paired change | FD ratio | rest accuracy |")

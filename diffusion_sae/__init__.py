@@ -29,6 +29,7 @@ _EXPORTS = {
     "ConceptDictionary": "diffusion_sae.concepts.dictionary:ConceptDictionary",
     "ConceptProbe": "diffusion_sae.concepts.probe:ConceptProbe",
     "fit_concept_probe": "diffusion_sae.concepts.probe:fit_concept_probe",
+    "fit_probe_on_activations": "diffusion_sae.concepts.probe:fit_probe_on_activations",
     # interventions
     "ConceptSteering": "diffusion_sae.interventions.api:ConceptSteering",
     "SAeUron": "diffusion_sae.interventions.api:SAeUron",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from .concepts.dictionary import ConceptDictionary as ConceptDictionary
     from .concepts.probe import ConceptProbe as ConceptProbe
     from .concepts.probe import fit_concept_probe as fit_concept_probe
+    from .concepts.probe import fit_probe_on_activations as fit_probe_on_activations
     from .interventions.api import ConceptSteering as ConceptSteering
     from .interventions.api import SAeUron as SAeUron
     from .interventions.scale import FeatureScaling as FeatureScaling

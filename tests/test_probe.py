@@ -173,3 +173,19 @@ def test_cond_branch_probe_reads_the_prompt_and_keeps_its_branch(sd, tmp_path):
     (tmp_path / "c" / "concept_probe.json").write_text(json.dumps(doc))
     with pytest.raises(ProbeError, match="branch must be one of"):
         ConceptProbe.from_pretrained(tmp_path / "c")
+
+
+def test_probe_fitted_on_given_activations_reads_held_out_rows_and_rejects_bad_labels():
+    from diffusion_sae.concepts.probe import fit_probe_on_activations
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 3
+    labels = torch.arange(3).repeat(40)
+    x = centres[labels] + torch.randn(120, 16, generator=g)
+    probe = fit_probe_on_activations(BLOCK, 4, ["a", "b", "c"], x[:60], labels[:60])
+    assert (probe.hookpoint, probe.step, probe.concepts) == (BLOCK, 4, ["a", "b", "c"])
+    # rows it never saw: the class with the highest probability is the true one
+    assert float((probe.probabilities(x[60:]).argmax(-1) == labels[60:]).float().mean()) >= 0.95
+    for bad in (labels[:60].float(), labels[:60] + 3, labels[:59]):
+        with pytest.raises(ProbeError, match="label"):
+            fit_probe_on_activations(BLOCK, 4, ["a", "b", "c"], x[:60], bad)

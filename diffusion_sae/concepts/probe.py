@@ -253,6 +253,25 @@ def fit_concept_probe(pipe, hookpoint: str, prompts_by_concept: dict[str, list[s
     return probes if many else probes[0]
 
 
+def fit_probe_on_activations(hookpoint: str, step: int, concepts: list[str], x: torch.Tensor, labels: torch.Tensor,
+                             l2: float = 1e-2, meta: dict | None = None) -> ConceptProbe:
+    """A ConceptProbe from pooled activations the caller already has ([N, d], e.g. `pooled_activations`)
+    and labels of its choosing ([N] indices into `concepts`): for instance what a judge reads in each
+    sample's finished plain image, to ask how early the denoiser knows where a sample is heading when the
+    prompt never says (`benchmarks/early_detection.py`)."""
+    if not isinstance(concepts, list) or len(concepts) < 2 or not all(isinstance(c, str) for c in concepts):
+        raise ProbeError("a probe needs a list of at least two concept names")
+    if not (isinstance(x, torch.Tensor) and x.ndim == 2 and isinstance(labels, torch.Tensor) and labels.ndim == 1
+            and len(labels) == len(x) and len(x) > 0):
+        raise ProbeError("give pooled activations [N, d] and one label per row [N]")
+    if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or int(labels.min()) < 0 \
+            or int(labels.max()) >= len(concepts):
+        raise ProbeError(f"labels must be integer indices into the {len(concepts)} concepts")
+    if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
+        raise ProbeError(f"l2 must be a finite number >= 0, got {l2!r}")
+    return _fit(hookpoint, int(step), list(concepts), x.float(), labels.long(), l2, dict(meta or {}, l2=l2))
+
+
 def _fit(hookpoint: str, step: int, concepts: list[str], x: torch.Tensor, labels: torch.Tensor, l2: float,
          meta: dict) -> ConceptProbe:
     mean, scale = x.mean(0), x.std(0) + 1e-4

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 import diffusion_sae as ds
 
 
@@ -31,6 +33,8 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
     detector = probe.detector("striped", threshold=0.5)
     fitted = ds.fit_concept_probe(pipe, "unet.up_blocks.1.attentions.0", {"striped": ["a striped star"],
                                                                           "dotted": ["a dotted star"]}, 7)
+    outcomes: ds.ConceptProbe = ds.fit_probe_on_activations("unet.up_blocks.1.attentions.0", 3, ["striped", "dotted"],
+                                                            torch.randn(8, 32), torch.tensor([0, 1] * 4))
     gated = ds.SteeringConfig(concept="striped style", concept_words="striped", rivals="dotted", implicit=0.2,
                               implicit_from_step=8, detector=str(sae_folder / "probe"), detector_threshold=0.5,
                               named_late=4.0)
@@ -43,5 +47,5 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
         pass
     except ds.DiffusionSAEError as e:
         print(e)
-    del width, threshold, again, trainer, collect_cfg, styles, folder, registered, detector, fitted, gated
+    del width, threshold, again, trainer, collect_cfg, styles, folder, registered, detector, fitted, outcomes, gated
     return removed + open_now
