@@ -12,7 +12,6 @@ prompts) are scored on the same held-out half. Everything is on the tuning split
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -20,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from diffusion_sae.concepts.probe import branch_rows, fit_probe_on_activations  # noqa: E402
+from diffusion_sae.concepts.probe import fit_probe_on_activations, pooling  # noqa: E402
 from diffusion_sae.eval.shapes import ShapesBench  # noqa: E402
-from diffusion_sae.models import StepTracker, as_tokens, read_tensor, resolve_hookpoint  # noqa: E402
+from diffusion_sae.models import resolve_hookpoint  # noqa: E402
 from diffusion_sae.world import assets, bundle  # noqa: E402
 from diffusion_sae.world.generalization import empty_prompts, implicit_prompts  # noqa: E402
 
@@ -33,23 +32,7 @@ def capture(pipe, hookpoint: str, got: dict):
     """A context-manager factory for ShapesBench.run: the block's patch-mean on the unconditional branch at
     each step of `got`, one row per sample, appended in generation order."""
     hp = resolve_hookpoint(pipe, hookpoint)
-
-    @contextlib.contextmanager
-    def ctx():
-        tracker = StepTracker(pipe)
-
-        def hook(mod, args, kwargs, out):
-            if tracker.step_index in got:
-                tok, _ = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
-                got[tracker.step_index].append(tok[branch_rows(tracker.branches(tok.shape[0]))].float().mean(1).cpu())
-
-        handle = hp.module.register_forward_hook(hook, with_kwargs=True)
-        try:
-            with tracker:
-                yield
-        finally:
-            handle.remove()
-    return ctx
+    return lambda: pooling(pipe, hp, got)
 
 
 def scores(p: torch.Tensor, y: torch.Tensor, threshold: float) -> tuple[float, float, float, float]:

@@ -19,6 +19,7 @@ W, b) and `concept_probe.json` (hookpoint, step, concepts, fitting settings), wr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,26 @@ def branch_rows(branches: dict, branch: str = "uncond"):
     return branches.get(branch, branches.get("cond", slice(None)))
 
 
+@contextlib.contextmanager
+def pooling(pipe, hp, got: dict, branch: str = "uncond"):
+    """While open, every denoising step in `got` ({step: []}) appends the block's [B, d] patch-mean on one
+    guidance branch, in generation order (hp: a resolved hookpoint). `pooled_activations` reads it; so can a
+    caller that also needs the pipeline's images."""
+    tracker = StepTracker(pipe)
+
+    def hook(mod, args, kwargs, out):
+        if tracker.step_index in got:
+            tok, _ = as_tokens(read_tensor(hp, mod, args, kwargs, out), hp.name)
+            got[tracker.step_index].append(tok[branch_rows(tracker.branches(tok.shape[0]), branch)].float().mean(1).cpu())
+
+    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with tracker:
+            yield got
+    finally:
+        handle.remove()
+
+
 def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int], step: int | list[int],
                        steps: int = 25, guidance: float = 5.0, batch_size: int = 32, branch: str = "uncond",
                        **call_kwargs):
@@ -191,25 +212,11 @@ def pooled_activations(pipe, hookpoint: str, prompts: list[str], seeds: list[int
     if len(prompts) != len(seeds) or not prompts:
         raise ProbeError(f"give one seed per prompt ({len(prompts)} prompts, {len(seeds)} seeds)")
     got: dict[int, list[torch.Tensor]] = {s: [] for s in wanted}
-    tracker = StepTracker(pipe)
-
-    def hook(mod, args, kwargs, out):
-        if tracker.step_index not in got:
-            return None
-        tok, _ = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
-        br = tracker.branches(tok.shape[0])
-        got[tracker.step_index].append(tok[branch_rows(br, branch)].float().mean(1).cpu())
-        return None
-
-    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with tracker, torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-                pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                     output_type="latent", **call_kwargs)
-    finally:
-        handle.remove()
+    with pooling(pipe, hp, got, branch), torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+            pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                 output_type="latent", **call_kwargs)
     out = {}
     for s, rows in got.items():
         x = torch.cat(rows) if rows else torch.empty(0)
