@@ -2,8 +2,8 @@
 
 1. Bundled ShapesCanvas pipeline, 4 images x 25 steps: plain vs Concept Steerers (S built once per
    concept; the paper's ungated S, and the shipped FamilyGate removal with its embedding word matcher;
-   target <= 1.01x) vs SAeUron (the shipped block-output edits: one style at one block, one object at
-   two blocks; target <= 1.3x) — seconds per image and ratios.
+   target <= 1.01x) vs SAeUron (the shipped block-output edits: one style at one block, and the costliest
+   object preset, triangle: four blocks, 128 features; target <= 1.3x) — seconds per image and ratios.
 2. An SD 1.5-size UNet built from config (random weights, 64x64 latents, 2 DDIM steps, guidance on)
    with a 20,480-latent SAE at up_blocks.1.attentions.1: the paper's ablation and the shipped edit
    (latent scaling, per-patch specific selection, evidence gate) / plain (target <= 1.03x) and the
@@ -30,7 +30,7 @@ def bundled(repeats: int) -> None:
     from diffusion_sae.world import assets, bundle
 
     pipe = assets.load_pipeline()
-    prompts = ["a red star in striped style", "a blue ring in dotted style", "a green heart in wavy style",
+    prompts = ["a red triangle in striped style", "a blue ring in dotted style", "a green heart in wavy style",
                "an orange arrow in solid style"]
 
     def gen():
@@ -44,7 +44,8 @@ def bundled(repeats: int) -> None:
     st_shipped = removal_steering(text_sae, pipe, "style", "striped", steer_strength(params["steer"], "style", "striped"),
                                   params["steer"])
     style_blocks = bundle.load_blocks("style", params["saeuron"]["dotted"]["blocks"])
-    object_blocks = bundle.load_blocks("object", params["saeuron"]["star"]["blocks"])
+    # triangle: the costliest object preset (all four object blocks, 128 features)
+    object_blocks = bundle.load_blocks("object", params["saeuron"]["triangle"]["blocks"])
 
     def steered():
         with steer_text_encoder(pipe, st):
@@ -58,8 +59,8 @@ def bundled(repeats: int) -> None:
         with saeuron_context(pipe, style_blocks, {"dotted": params["saeuron"]["dotted"]}):
             return gen()
 
-    def unlearned_object():  # the same for one object (its preset edits two blocks)
-        with saeuron_context(pipe, object_blocks, {"star": params["saeuron"]["star"]}):
+    def unlearned_object():  # the same for one object (its preset edits four blocks)
+        with saeuron_context(pipe, object_blocks, {"triangle": params["saeuron"]["triangle"]}):
             return gen()
 
     # Interleave the runs so that machine noise hits every variant alike.
