@@ -4,11 +4,11 @@ A preset behind the prompt's-branch gate edits every sample of a prompt the mode
 attack (eval/attack.py, UnlearnDiffAtk-style) optimises prepended token embeddings until the prompt brings the
 concept back, which also drives the prompt's-branch probe below its threshold. What is left is the image-side
 probe: the earlier its step, the more of the image the edit still reaches. This runs the attack on the first 3
-styles and objects with the TUNING attack configuration of `escalate_attack.py` (attack seed 1, other prompt
-attributes, generation seeds 500-515 of the tuning split); the evaluation's attack (seed 0, "a red star in
-striped style", seeds 0-15) is never used here. Each variant changes only the image-side probe's step (and,
-with "γ×1.5", the edit's strength); the collateral of the same variants is measured by
-`saeuron_detector.py` (rounds 1-7).
+styles and objects under up to four TUNING attack configurations (`CONFIGS`: attack seeds 1-4, other prompt
+attributes, generation seeds 500-563 of the tuning split; the first is `escalate_attack.py`'s); the evaluation's
+attack (seed 0, "a red star in striped style", seeds 0-15) is never used here. Each variant changes only the
+image-side probe's step (and, with "γ×1.5", the edit's strength); the collateral of the same variants is
+measured by `saeuron_detector.py` (rounds 1-9).
 
     python benchmarks/saeuron_attack.py [--steps 20] [--configs 4] [--variants "shipped,image probe 5"] [--concepts dotted,circle]
 """
@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusion_sae.eval.attack import AttackConfig, run_attack_benchmark  # noqa: E402
 from diffusion_sae.eval.shapes import saeuron_context  # noqa: E402
 from diffusion_sae.world import assets, bundle  # noqa: E402
+from saeuron_detector import split_detectors  # noqa: E402
 
 
 def with_image_probe(p: dict, step: int | None, gamma: float = 1.0) -> dict:
@@ -30,10 +31,8 @@ def with_image_probe(p: dict, step: int | None, gamma: float = 1.0) -> dict:
     q = dict(p, multiplier=p.get("multiplier", -1.0) * gamma)
     if step is None or not p.get("detector"):
         return q
-    dets = p["detector"] if isinstance(p["detector"][0], list) else [p["detector"]]
-    cond = [list(d) for d in dets if d[2:] == ["cond"]]
-    image = [[step, d[1]] for d in dets if d[2:] != ["cond"]] or [[step, 0.2]]
-    q["detector"] = cond + image
+    cond, image = split_detectors(p["detector"])
+    q["detector"] = cond + ([[step, d[1]] for d in image] or [[step, 0.2]])
     return q
 
 

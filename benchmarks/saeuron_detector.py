@@ -37,11 +37,9 @@ def variant(name: str, p: dict) -> dict:
     if name.startswith("prompt gate"):
         # round 2: the prompt's-branch probe at step 0 (p >= 0.5) OR the preset's own image-side probe
         # (probe 9 p >= 0.2 where the preset has none)
-        own = p.get("detector") or [9, 0.2]
-        dets = [list(d) for d in own] if isinstance(own[0], list) else [list(own)]
+        cond, image = split_detectors(p.get("detector") or [9, 0.2])
         # a preset already behind the prompt gate keeps its detectors (rounds 5-6 strengthen those presets)
-        cond = [d for d in dets if d[2:] == ["cond"]] or [[0, 0.5, "cond"]]
-        image = [d for d in dets if d[2:] != ["cond"]] or [[9, 0.2]]
+        cond, image = cond or [[0, 0.5, "cond"]], image or [[9, 0.2]]
         step = re.search(r"probe (\d+)", name)
         if step:
             image = [[int(step[1]), 0.2]]
@@ -85,9 +83,16 @@ def variant(name: str, p: dict) -> dict:
 EXTRA_BLOCK = {"style": "unet.up_blocks.1.attentions.1", "object": "unet.up_blocks.0.attentions.0"}
 
 
-# round 7: every block the objects' SAEs were trained on (the up_blocks.1 blocks carry style, not shape)
+# round 7: every shipped block SAE outside up_blocks.1 (whose blocks carry style, not shape)
 ALL_BLOCKS = {"object": ("unet.down_blocks.2.attentions.0", "unet.mid_block.attentions.0",
                          "unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1")}
+
+
+def split_detectors(spec) -> tuple[list, list]:
+    """A preset's "detector" (one [step, threshold(, branch)] or a list of them) as (prompt's-branch gates,
+    image-side probes), each a list of lists."""
+    dets = [list(d) for d in spec] if isinstance(spec[0], list) else [list(spec)]
+    return [d for d in dets if d[2:] == ["cond"]], [d for d in dets if d[2:] != ["cond"]]
 
 
 def kind_of(p: dict) -> str:
