@@ -1,7 +1,4 @@
 """Two gloo processes on halves of every global batch end where one process on the whole batch ends."""
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,10 +13,11 @@ def _data():
     return SyntheticSparseData(d=16, num_atoms=48, active=3, num_tokens=30 * 512, batch_size=512, seed=5)
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, store_path, out_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not TCP: with TCP, rank 0 hosts the store and, leaving first, could pull it from under rank 1's
+    # teardown (one CI run saw rank 1 abort with "terminate called without an active exception" there).
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         sae = train_sae(SAEConfig(**SCFG), _data(), TrainConfig(**TCFG), progress=False)
         if rank == 0:
@@ -30,16 +28,10 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_equals_one_process(tmp_path):
     single = train_sae(SAEConfig(**SCFG), _data(), TrainConfig(**TCFG), progress=False)
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True, start_method="spawn")
     ddp = torch.load(out, weights_only=True)
     for name, v in single.state_dict().items():
         torch.testing.assert_close(ddp[name], v, rtol=1e-4, atol=2e-5)
