@@ -1,0 +1,98 @@
+"""Upper bound of "rewind" for SAeUron's objects on implicit prompts: read the image-side probe late, then redo a
+flagged sample with the concept's edit from step 1.
+
+A per-sample gate edits a sample only after its image-side probe has flagged it, and objects are decided early:
+by step 9 the edit no longer turns many of them, while before it the probe knows little about where an unnamed
+sample is heading (benchmarks/early_detection.py). Rewinding would decouple the two: detect at step k, then
+denoise the flagged sample again from its first latent with the edit from step 1. This measures what that would
+give, without building it: per sample, the image of the preset with its gate removed (edit from step 1 on every
+sample) where the preset's detectors flagged the sample, else the preset's own image. Implicit (object left out)
+and empty prompts of the tuning split; paired change counts the seeds whose plain image lacks the concept.
+
+    python benchmarks/saeuron_rewind.py [--images 128] [--concepts circle,heart] [--probe-step 11]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from diffusion_sae.eval.metrics import paired_change_rate  # noqa: E402
+from diffusion_sae.eval.shapes import ShapesBench, saeuron_context  # noqa: E402
+from diffusion_sae.interventions import ablate  # noqa: E402
+from diffusion_sae.world import assets, bundle  # noqa: E402
+from diffusion_sae.world.bundle import KINDS  # noqa: E402
+from diffusion_sae.world.generalization import empty_prompts, implicit_prompts  # noqa: E402
+
+from saeuron_detector import split_detectors  # noqa: E402
+
+VERDICTS: list[torch.Tensor] = []
+
+
+def _recording(observe):
+    # The gate's verdicts live inside the hooks; record each one as it is read (one per block hook and detector).
+    def wrapped(self, i, h):
+        out = observe(self, i, h)
+        if self.tracker.step_index is not None and self.tracker.step_index == self.detectors[i].step:
+            VERDICTS.append(self.flags[i].clone())
+        return out
+    return wrapped
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=128, help="implicit and empty prompts each")
+    ap.add_argument("--concepts", default="circle,square,heart,cross,diamond")
+    ap.add_argument("--probe-step", type=int, default=0, help="read the image-side probe here (0: the preset's)")
+    a = ap.parse_args()
+    ablate.SampleVerdicts.observe = _recording(ablate.SampleVerdicts.observe)
+    pipe, clf = assets.load_pipeline(), assets.load_classifier()
+    pipe.set_progress_bar_config(disable=True)
+    shipped, blocks = bundle.load_params()["saeuron"], bundle.load_blocks("object")
+    bench = ShapesBench(pipe, clf, batch_size=64)
+    sets = [implicit_prompts("object", a.images, "tuning"), empty_prompts(a.images, "tuning")]
+    t0 = time.perf_counter()
+
+    def judged(factory=None):
+        js = [bench.run(ps, factory) for ps in sets]
+        return {k: torch.cat([j.pred[k] for j in js]) for k in KINDS}
+
+    plain = judged()
+    print("| concept | probe step | base rate | preset: implicit / base | rewind: implicit / base | gate off: implicit / base "
+          "| flagged | recall | paired change preset / rewind / gate off |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in a.concepts.split(","):
+        ci, p = KINDS["object"].index(c), dict(shipped[c])
+        cond, image = split_detectors(p["detector"])
+        if a.probe_step:
+            image = [[a.probe_step, 0.2]]
+        p["detector"] = cond + image
+        VERDICTS.clear()
+        gated = judged(lambda: saeuron_context(pipe, blocks, {c: p}))
+        per_call = len(p["detector"]) * len(p["blocks"])
+        flags = torch.cat([torch.stack(VERDICTS[k:k + per_call]).any(0) for k in range(0, len(VERDICTS), per_call)])
+        ungated = judged(lambda: saeuron_context(pipe, blocks, {c: {k: v for k, v in p.items() if k != "detector"}}))
+        rewind = {k: torch.where(flags, ungated[k], gated[k]) for k in KINDS}
+        lacks = plain["object"] != ci
+
+        def rate(x):
+            return float((x["object"] == ci).float().mean())
+
+        def paired(x):
+            return paired_change_rate({k: v.tolist() for k, v in plain.items()}, {k: v.tolist() for k, v in x.items()},
+                                      lacks.tolist())
+
+        base = max(rate(plain), 1e-9)
+        print(f"| {c} | {image[0][0]} | {100 * rate(plain):.0f} % | {rate(gated) / base:.2f} | {rate(rewind) / base:.2f} | "
+              f"{rate(ungated) / base:.2f} | {100 * float(flags.float().mean()):.0f} % | {float(flags[~lacks].float().mean()):.2f} | "
+              f"{100 * paired(gated):.0f} / {100 * paired(rewind):.0f} / {100 * paired(ungated):.0f} % |", flush=True)
+    print(f"tuning split, {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
