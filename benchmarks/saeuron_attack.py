@@ -36,8 +36,8 @@ def with_image_probe(p: dict, step: int | None, gamma: float = 1.0) -> dict:
     return q
 
 
-VARIANTS = {"shipped": (None, 1.0), "image probe 5": (5, 1.0), "image probe 5, γ×1.5": (5, 1.5), "image probe 9": (9, 1.0),
-            "image probe 11": (11, 1.0)}
+VARIANTS = {"shipped": (None, 1.0), "image probe 5": (5, 1.0), "image probe 5, γ×1.5": (5, 1.5), "image probe 7": (7, 1.0),
+            "image probe 9": (9, 1.0), "image probe 11": (11, 1.0)}
 
 # Tuning attack configurations: (attack seed, object, style, colour, first generation seed). One attack's success
 # hangs on its seed and prompt (16 images): --configs N averages over the first N.
