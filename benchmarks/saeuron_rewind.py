@@ -28,6 +28,7 @@ from diffusion_sae.world import assets, bundle  # noqa: E402
 from diffusion_sae.world.bundle import KINDS  # noqa: E402
 from diffusion_sae.world.generalization import empty_prompts, implicit_prompts  # noqa: E402
 
+from saeuron_attack import with_image_probe  # noqa: E402
 from saeuron_detector import split_detectors  # noqa: E402
 
 VERDICTS: list[torch.Tensor] = []
@@ -66,11 +67,8 @@ def main() -> int:
           "| flagged | recall | paired change preset / rewind / gate off |")
     print("|---|---|---|---|---|---|---|---|---|")
     for c in a.concepts.split(","):
-        ci, p = KINDS["object"].index(c), dict(shipped[c])
-        cond, image = split_detectors(p["detector"])
-        if a.probe_step:
-            image = [[a.probe_step, 0.2]]
-        p["detector"] = cond + image
+        ci, p = KINDS["object"].index(c), with_image_probe(shipped[c], a.probe_step or None)
+        image = split_detectors(p["detector"])[1]
         VERDICTS.clear()
         gated = judged(lambda: saeuron_context(pipe, blocks, {c: p}))
         per_call = len(p["detector"]) * len(p["blocks"])
