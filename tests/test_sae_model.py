@@ -136,3 +136,19 @@ def test_config_is_immutable_and_the_model_holds_no_trainer_state():
     assert sae.threshold == sae.cfg.threshold                         # one home: the config
     assert "threshold" not in dict(sae.named_buffers()) and not hasattr(sae, "workspace")
     assert tr.workspace is None                                       # freed when fit ends
+
+
+@pytest.mark.parametrize("norm", [dict(), dict(token_norm="standardize"), dict(token_norm="rescale_norm"), dict(normalize_input=True)])
+def test_decode_change_is_the_difference_of_two_decodes(norm):
+    """decode_change(δ) = decode(z + δ) − decode(z) for every normalisation, in one sparse product."""
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 4, seed=0, **norm, **({"input_scale": 2.5} if norm.get("normalize_input") else {})).double()
+    x = torch.randn(7, 16, dtype=torch.float64) * 3 + 1
+    acts, idx = sae.encode(x)
+    delta = torch.randn_like(acts) * (torch.rand_like(acts) < 0.5)
+    want = sae.decode(acts + delta, idx, x=x) - sae.decode(acts, idx, x=x)
+    torch.testing.assert_close(sae.decode_change(delta, idx, x=x), want, rtol=1e-10, atol=1e-10)
+    assert want.abs().max() > 1e-3
+    if norm.get("token_norm"):
+        with pytest.raises(SAEError, match="pass x="):
+            sae.decode_change(delta, idx)

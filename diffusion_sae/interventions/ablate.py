@@ -320,7 +320,7 @@ class SAeUronHook:
             out = x.clone()
             rows = touched.nonzero().flatten()
             if not any(self.patch):
-                d = sae.decode(delta[rows], idx[rows], x=xs[rows]) - sae.decode(torch.zeros_like(delta[rows]), idx[rows], x=xs[rows])
+                d = sae.decode_change(delta[rows], idx[rows], x=xs[rows])
                 out[rows] = (xs[rows] + d).to(x.dtype)
                 return out
             # Patch replacements: which rows drop the SAE error (replace_patch) or become the reference patch
@@ -338,8 +338,7 @@ class SAeUronHook:
             keep = ~drop & (mean_of < 0)
             y = xr.clone()
             if bool(keep.any()):
-                y[keep] = xr[keep] + (sae.decode(delta[rows][keep], ir[keep], x=xr[keep])
-                                      - sae.decode(torch.zeros_like(nr[keep]), ir[keep], x=xr[keep]))
+                y[keep] = xr[keep] + sae.decode_change(delta[rows][keep], ir[keep], x=xr[keep])
             dr = drop & (mean_of < 0)
             if bool(dr.any()):
                 y[dr] = sae.decode(nr[dr], ir[dr], x=xr[dr])          # x̂(z'): the error x − x̂(z) is dropped
@@ -370,6 +369,20 @@ class SAeUronHook:
             rows = self.verdicts.rows_allowed(t, b)          # per edit: None or bool [b]
             if all(r is not None and not bool(r.any()) for r in rows):
                 return h                                      # no sample to edit at this step
+            if all(r is not None for r in rows):
+                keep = torch.stack(rows).any(0)
+                if not bool(keep.all()):
+                    # Encode only the rows of flagged samples: the others cannot change, and the SAE encode is
+                    # most of the hook's cost (a prompt that names the concept flags 1 sample in a batch of 4).
+                    sel = keep.nonzero().flatten().to(tok.device)
+                    sub = tok[sel]
+                    flat = sub.reshape(-1, d)
+                    new = self.edit_tokens(flat, t, [r[keep].repeat_interleave(n) for r in rows])
+                    if new is flat:
+                        return h
+                    out = tok.clone()
+                    out[sel] = new.reshape(len(sel), n, d)
+                    return from_tokens(out, grid)
             allowed = [None if r is None else r.repeat_interleave(n) for r in rows]
         flat = tok.reshape(b * n, d)
         new = self.edit_tokens(flat, t, allowed)

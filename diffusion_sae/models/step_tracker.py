@@ -115,6 +115,12 @@ class StepTracker:
         self.denoiser = getattr(pipe, self.denoiser_name) if self.denoiser_name else None
         self._handles: list = []
         self._patched: list[tuple[object, str, object]] = []
+        # _locate's lookups for the schedule in use: the scheduler's timesteps tensor (held, so its id cannot be
+        # reused), its version, its float64 copy and {(value, dtype): hits}. A sampling loop asks for the same
+        # 25-50 values every call; recomputing each was a tenth of a steering hook's cost on a small model.
+        self._ts_key: tuple | None = None
+        self._ts64: torch.Tensor | None = None
+        self._hit_memo: dict = {}
         self._reset_call()
 
     # -- state ------------------------------------------------------------------------------------
@@ -202,12 +208,28 @@ class StepTracker:
         if t is None or timesteps is None or len(timesteps) == 0:
             return None, math.nan
         value = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        ts = timesteps.detach().to("cpu", torch.float64)
+        low = isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() < 4
+        key = (timesteps, getattr(timesteps, "_version", None), len(timesteps))
+        if self._ts_key is None or self._ts_key[0] is not timesteps or self._ts_key[1:] != key[1:]:
+            self._ts_key, self._hit_memo = key, {}
+            self._ts64 = torch.as_tensor(timesteps).detach().to("cpu", torch.float64)
+        ts = self._ts64
         self.num_steps = len(ts)
+        memo = (value, t.dtype if low else None)
+        if memo not in self._hit_memo:
+            self._hit_memo[memo] = self._hits(ts, value, t.dtype if low else None)
+        hits, v = self._hit_memo[memo]
+        if hits:
+            return self._pick(hits), float(ts[self._pick(hits)])
+        return None, v
+
+    @staticmethod
+    def _hits(ts: torch.Tensor, value: float, low_dtype) -> tuple[list[int], float]:
+        """Indices of the schedule entries that `value` names, and the value as the denoiser sees the scale."""
         # A half-precision pipeline passes the timestep rounded to its dtype (FLUX in bf16: 0.75 -> 0.7539):
         # match within that dtype's resolution, and take the nearest scheduler timestep.
-        low = isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() < 4
-        rtol = 2 * torch.finfo(t.dtype).eps if low else 1e-5
+        low = low_dtype is not None
+        rtol = 2 * torch.finfo(low_dtype).eps if low else 1e-5
         # SD/SDXL/SD3 pass the scheduler timestep; FLUX passes timestep / 1000.
         for scale in (1.0, 1000.0):
             v = torch.tensor(value * scale, dtype=torch.float64)
@@ -217,8 +239,8 @@ class StepTracker:
                 best = min(abs(float(ts[i]) - float(v)) for i in hits)
                 hits = [i for i in hits if abs(float(ts[i]) - float(v)) == best]
             if hits:
-                return self._pick(hits), float(ts[self._pick(hits)])
-        return None, value
+                return hits, value
+        return [], value
 
     def _pick(self, hits: list[int]) -> int:
         if len(hits) == 1:

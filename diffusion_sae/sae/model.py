@@ -287,6 +287,22 @@ class TopKSAE(nn.Module):
         stats = self.normalize(self._flat(x))[1] if x is not None else None
         return self._back(self.denormalize(y, stats).reshape(*lead, self.cfg.d_in), x if x is not None else top_acts)
 
+    def decode_change(self, delta: Tensor, top_indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """decode(acts + delta, idx, x) − decode(acts, idx, x): what a change of the sparse code adds to the
+        reconstruction, [..., d] in the original units. Decoding is affine in the code, so this is one sparse
+        product and the normalisation's scale (no bias, no second decode)."""
+        lead = delta.shape[:-1]
+        w = delta.shape[-1]
+        y = sparse_decode(delta.reshape(-1, w).to(self.device, self.dtype), top_indices.reshape(-1, w).to(self.device),
+                          self.W_dec)
+        if self.cfg.token_norm != "none":
+            if x is None:
+                raise SAEError("this SAE normalises every token; pass x= to decode_change")
+            y = y * self.normalize(self._flat(x))[1][1]
+        elif self.cfg.normalize_input and self.cfg.input_scale != 1.0:
+            y = y / self.cfg.input_scale
+        return self._back(y.reshape(*lead, self.cfg.d_in), x if x is not None else delta)
+
     def decode_dense(self, z: Tensor, add_bias: bool = True, x: Tensor | None = None) -> Tensor:
         """W_decᵀ z (+ b_dec) for a dense code z [..., L], in the original units.
 
