@@ -443,12 +443,18 @@ def test_eval_shapes_smoke(tmp_path):
     assert 0 <= solid["implicit_plain"] <= 1 and 0 <= solid["adversarial"] <= 1 and 0 <= solid["tv_other"] <= 1
     assert all(r["kind"] != "colour" for r in g["rows"]["SAeUron (shipped)"])
     # --no-grid: the generalization table alone
-    ok("eval", "shapes", "--quick", "--no-grid", "--concepts-per-kind", 1, "--attack-concepts", 0, "--out", tmp_path / "g")
+    ok("eval", "shapes", "--quick", "--no-grid", "--concepts-per-kind", 1, "--attack-concepts", 0, "--implicit", 4,
+       "--out", tmp_path / "g")
     md = (tmp_path / "g" / "report.md").read_text()
     assert "Generalization" in md and "Style unlearning" not in md
-    assert "base" not in json.loads((tmp_path / "g" / "results.json").read_text())
+    res = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert "base" not in res
+    assert res["generalization"]["settings"]["implicit"] == res["generalization"]["settings"]["empty"] == 4
     r = run("eval", "shapes", "--no-grid", "--no-generalization", "--out", tmp_path / "x")
     assert isinstance(r.exception, UserError) and "nothing to measure" in str(r.exception)
+    r = run("eval", "shapes", "--implicit", 0, "--out", tmp_path / "y")
+    assert isinstance(r.exception, UserError) and "--implicit 0" in str(r.exception)
+    assert not (tmp_path / "y").exists()
 
 
 def test_demo_writes_its_files(tmp_path):

@@ -70,6 +70,9 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                 gen_groups: Optional[int] = typer.Option(None, help="Generalization table: both shipped methods also remove "
                                                          "the first N styles and objects together, at once and one after "
                                                          "another (default 3, 0 with --quick; 0 = none)."),
+                implicit: Optional[int] = typer.Option(None, help="Generalization table: images per implicit set (the "
+                                                       "attribute left out) and per empty-prompt set (default 64, 12 "
+                                                       "with --quick)."),
                 attack_steps: Optional[int] = typer.Option(None, help="Adversarial column: optimisation steps "
                                                            "(default 10 with --quick, 40 otherwise)."),
                 steps: int = 25, guidance: float = WORLD_GUIDANCE,
@@ -86,7 +89,9 @@ def eval_shapes(quick: bool = typer.Option(False, "--quick", help="Half grid, 1 
                              concepts_per_kind=concepts_per_kind, steer_seeds=steer_seeds,
                              generalization=generalization, gen_concepts=gen_concepts,
                              attack_concepts=attack_concepts, attack_steps=attack_steps, builtin=builtin,
-                             gen_groups=gen_groups, grid=grid)
+                             gen_groups=gen_groups, grid=grid, gen_implicit=implicit)
+    if implicit is not None and implicit < 1:
+        fail(f"--implicit {implicit}: give at least 1 image per implicit and empty set")
     if not grid and not generalization:
         fail("--no-grid with --no-generalization leaves nothing to measure")
     spec, config = method_config(method, set_) if method else (None, None)

@@ -56,6 +56,9 @@ class ShapesEvalOptions:
     gen_groups: int | None = None            # several at once / one after another: first N styles and objects
                                              # (default 3; 0 with quick, and 0 = none)
     attack_steps: int | None = None          # default 10 with quick, 40 otherwise
+    # images per implicit set and per empty-prompt set: default 64 (12 with quick). The bar is a fifth of the plain
+    # base rate; at 16 + 16 a concept the plain model draws in 6 % of them is 1-2 images, so one image decided it.
+    gen_implicit: int | None = None
     builtin: bool = True                     # the two papers' methods (False: only `extra` methods)
     grid: bool = True                        # the UA / IRA / CRA grid tables (False: generalization only)
 
@@ -138,7 +141,8 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
 
             gcfg = gen.GeneralizationConfig(
                 concepts_per_kind=opts.gen_concepts or opts.concepts_per_kind or (2 if quick else None),
-                steps=opts.steps, guidance=opts.guidance, implicit=12 if quick else 16, empty=12 if quick else 16,
+                steps=opts.steps, guidance=opts.guidance, implicit=opts.gen_implicit or (12 if quick else 64),
+                empty=opts.gen_implicit or (12 if quick else 64),
                 # 20 named images (and per held-out name) in the full run: one image is then 5 %, the bar itself;
                 # with 8 a single image (12 %) fails it. The first 8 prompts and seeds are those of the 8-image run.
                 named=8 if quick else 20)
