@@ -163,6 +163,11 @@ def test_concept_row_by_hand():
     assert row["tv_other"] == pytest.approx(1 / 6)
     assert row["fd"] == pytest.approx(0.0, abs=1e-9)       # same features on the unchanged seeds
     assert row["artifacts"] == pytest.approx(1 / 12) and row["artifacts_plain"] == 0.0
+    # erased with others (several at once): a seed whose plain image shows a sibling is meant to change, so the
+    # paired change is taken on the seeds that show none of them. Dotted (2) with it: implicit 3 leaves the set.
+    assert gen.concept_row(_StubJudge(), "style", "striped", runs, plain, erased=("dotted",))["paired_change"] == 0.0
+    # solid (0) with it: implicit 3 and the second empty seed are left; implicit 3 changed
+    assert gen.concept_row(_StubJudge(), "style", "striped", runs, plain, erased=("solid",))["paired_change"] == 0.5
     s = gen.summarize([row, dict(row, concept="dotted", named=0.5)])
     assert s["named"] == {"value": 0.5, "concept": "dotted"}
     assert s["implicit_rel"]["value"] == 0.0
