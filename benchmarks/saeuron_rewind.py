@@ -1,12 +1,13 @@
-"""Upper bound of "rewind" for SAeUron's objects on implicit prompts: read the image-side probe late, then redo a
-flagged sample with the concept's edit from step 1.
+"""Rewind for SAeUron's objects on implicit prompts: read the image-side probe late, then redo a flagged sample with
+the concept's edit from step 1 (built: `interventions/rewind.py`; measured here both ways).
 
 A per-sample gate edits a sample only after its image-side probe has flagged it, and objects are decided early:
 by step 9 the edit no longer turns many of them, while before it the probe knows little about where an unnamed
 sample is heading (benchmarks/early_detection.py). Rewinding would decouple the two: detect at step k, then
-denoise the flagged sample again from its first latent with the edit from step 1. This measures what that would
-give, without building it: per sample, the image of the preset with its gate removed (edit from step 1 on every
-sample) where the preset's detectors flagged the sample, else the preset's own image. Implicit (object left out)
+denoise the flagged sample again from its first latent with the edit from step 1. The composite says what that
+gives: per sample, the image of the preset with its gate removed (edit from step 1 on every sample) where the
+preset's detectors flagged the sample, else the preset's own image; the built rewind (the preset with "rewind": true,
+generated through `diffusion_sae.generate`) must agree with it, and its time over the preset's is its cost. Implicit (object left out)
 and empty prompts of the tuning split; paired change counts the seeds whose plain image lacks the concept.
 
     python benchmarks/saeuron_rewind.py [--images 128] [--concepts circle,heart] [--probe-step 11]
@@ -64,17 +65,25 @@ def main() -> int:
 
     plain = judged()
     print("| concept | probe step | base rate | preset: implicit / base | rewind: implicit / base | gate off: implicit / base "
-          "| flagged | recall | paired change preset / rewind / gate off |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| flagged | recall | paired change preset / rewind / gate off | built rewind: implicit / base, paired, "
+          "verdicts unlike the composite | seconds: built rewind / preset |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in a.concepts.split(","):
         ci, p = KINDS["object"].index(c), with_image_probe(shipped[c], a.probe_step or None)
         image = split_detectors(p["detector"])[1]
         VERDICTS.clear()
+        t = time.perf_counter()
         gated = judged(lambda: saeuron_context(pipe, blocks, {c: p}))
+        t_gated = time.perf_counter() - t
         per_call = len(p["detector"]) * len(p["blocks"])
         flags = torch.cat([torch.stack(VERDICTS[k:k + per_call]).any(0) for k in range(0, len(VERDICTS), per_call)])
         ungated = judged(lambda: saeuron_context(pipe, blocks, {c: {k: v for k, v in p.items() if k != "detector"}}))
         rewind = {k: torch.where(flags, ungated[k], gated[k]) for k in KINDS}
+        # the built rewind (interventions/rewind.py, through ShapesBench's generate): should agree with the composite
+        t = time.perf_counter()
+        built = judged(lambda: saeuron_context(pipe, blocks, {c: dict(p, rewind=True)}))
+        t_built = time.perf_counter() - t
+        unlike = int(torch.stack([built[k] != rewind[k] for k in KINDS]).any(0).sum())
         lacks = plain["object"] != ci
 
         def rate(x):
@@ -87,7 +96,9 @@ def main() -> int:
         base = max(rate(plain), 1e-9)
         print(f"| {c} | {image[0][0]} | {100 * rate(plain):.0f} % | {rate(gated) / base:.2f} | {rate(rewind) / base:.2f} | "
               f"{rate(ungated) / base:.2f} | {100 * float(flags.float().mean()):.0f} % | {float(flags[~lacks].float().mean()):.2f} | "
-              f"{100 * paired(gated):.0f} / {100 * paired(rewind):.0f} / {100 * paired(ungated):.0f} % |", flush=True)
+              f"{100 * paired(gated):.0f} / {100 * paired(rewind):.0f} / {100 * paired(ungated):.0f} % | "
+              f"{rate(built) / base:.2f}, {100 * paired(built):.0f} %, {unlike} of {len(lacks)} | "
+              f"{t_built / t_gated:.2f}x |", flush=True)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -38,6 +38,7 @@ _EXPORTS = {
     "SteeringConfig": "diffusion_sae.configs:SteeringConfig",
     "SAeUronConfig": "diffusion_sae.configs:SAeUronConfig",
     "apply": "diffusion_sae.interventions.api:apply",
+    "generate": "diffusion_sae.interventions.rewind:generate",
     "remove": "diffusion_sae.interventions.api:remove",
     "intervene": "diffusion_sae.interventions.api:intervene",
     "applied": "diffusion_sae.interventions.api:applied",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from .configs import SteeringConfig as SteeringConfig
     from .configs import SAeUronConfig as SAeUronConfig
     from .interventions.api import apply as apply
+    from .interventions.rewind import generate as generate
     from .interventions.api import remove as remove
     from .interventions.api import intervene as intervene
     from .interventions.api import applied as applied

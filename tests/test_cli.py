@@ -255,6 +255,15 @@ def test_unlearn_detector_gates_the_edits_per_sample_on_the_bundled_model(tmp_pa
     assert np.abs(every - original).max() > 8
     settings = json.loads((tmp_path / "every" / "index.json").read_text())["conditions"]["unlearned"]
     assert settings["detector"] == [str(image), str(prompt)] and settings["detector_threshold"] == [1.0, 0.0]
+    # --rewind: the step-7 probe at bar 0 flags the sample late; it is redone with the edits from step 0, which is
+    # the run without a detector (and not the gated image)
+    _, gated = images("gated", "--detector", image, "--detector-threshold", "0")
+    _, rewound = images("rewound", "--detector", image, "--detector-threshold", "0", "--rewind")
+    _, whole = images("whole")
+    assert np.abs(rewound - whole).max() <= 1 and np.abs(gated - whole).max() > 8
+    assert json.loads((tmp_path / "rewound" / "index.json").read_text())["conditions"]["unlearned"]["rewind"] is True
+    r = run(*args, "--rewind", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "--rewind" in str(r.exception)
 
 
 def test_tune_both_methods_small(tmp_path):

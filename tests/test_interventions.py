@@ -1218,6 +1218,56 @@ def test_saeuron_detectors_any_of_them_and_the_prompt_branch(sd_dictionary):
     assert _no_hooks(pipe)
 
 
+class _PrefixDetector(_FixedDetector):
+    """Flags the first samples of `flags` for a batch of that many or fewer (a rewind's second pass is smaller)."""
+
+    def __call__(self, tokens):
+        self.seen.append(tokens.shape[0])
+        return torch.tensor(self.flags[: tokens.shape[0]])
+
+
+def _gens(n, first=0):
+    return [torch.Generator().manual_seed(first + i) for i in range(n)]
+
+
+def test_rewind_redoes_the_late_flagged_samples_with_the_whole_edit(sd_dictionary):
+    """A detector at step 1 flags sample 0 of 2 with rewind=True: generate() gives sample 0 as the ungated edit
+    draws it from its first latent, and sample 1 as the gated pass drew it (the plain image, bit for bit); one
+    flagged at step 0 under a window from step 1 got the whole edit already and is not redone (one detector
+    call); without a rewinding edit generate() is pipe(); bad set-ups get one clear error; nothing is left open."""
+    from diffusion_sae.interventions.ablate import ACTIVE_VERDICTS, ConceptEdit
+    from diffusion_sae.interventions.rewind import RewindError, generate
+
+    pipe, sae, d = sd_dictionary
+    block = "unet.up_blocks.1.attentions.0"
+    prompts = ["a cat", "a cat on a sofa"]
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt", height=32, width=32)
+    plain = pipe(prompts, generator=_gens(2), **kw).images
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3)]):
+        whole = pipe(prompts, generator=_gens(2), **kw).images
+    assert (whole[0] - plain[0]).abs().max() > 1e-3
+    det = _PrefixDetector(block, 1, [True, False])
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=det, rewind=True)]):
+        gated = pipe(prompts, generator=_gens(2), **kw).images
+        out = generate(pipe, prompts, generator=_gens(2), **kw).images
+        with pytest.raises(RewindError, match="one per image"):
+            generate(pipe, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    # the gated call, then generate's two passes (the second on sample 0 alone); the refused call generated nothing
+    assert det.seen == [2, 2, 1]
+    assert (gated[0] - whole[0]).abs().max() > 1e-3      # the late gate alone did not reach the whole edit
+    torch.testing.assert_close(out[0], whole[0], rtol=0, atol=1e-5)
+    assert torch.equal(out[1], plain[1]) and torch.equal(out[1], gated[1])
+    early = _PrefixDetector(block, 0, [True, False])
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=early, window=(1, 3), rewind=True)]):
+        a = pipe(prompts, generator=_gens(2), **kw).images
+        b = generate(pipe, prompts, generator=_gens(2), **kw).images
+    assert early.seen == [2, 2] and torch.equal(a, b)
+    assert torch.equal(generate(pipe, prompts, generator=_gens(2), **kw).images, plain)
+    with pytest.raises(DictionaryError, match="give the edit a detector"):
+        ConceptEdit("cat", rewind=True)
+    assert _no_hooks(pipe) and pipe not in ACTIVE_VERDICTS
+
+
 def test_detector_gate_tuple_flags_any_of_its_detectors(pipes):
     """A tuple of detectors at steps 0 and 1 (k=2): a sample flagged at either step equals the gate without a
     detector, one flagged by neither equals implicit 0 (the verdict of step 1 adds to step 0's, it does not

@@ -42,6 +42,9 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                                                        "probability from which a sample is flagged "
                                                                        "(default 0.5); once for every --detector, or "
                                                                        "once per --detector in their order."),
+                rewind: bool = typer.Option(False, help="With --detector: a sample a probe flagged after the edits' "
+                                            "first step is denoised again from its first latent with the edits from "
+                                            "their first step (ours; a second pass over those samples)."),
                 prompt: Optional[list[str]] = typer.Option(None), prompts: Optional[Path] = None,
                 steps: int = 25, guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the bundled model's 2, else 7.5)."), seed: int = 0,
                 out: Optional[Path] = typer.Option(None, help="Grid PNG: original | unlearned per prompt (default "
@@ -74,6 +77,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
     if win is not None and win[0] >= steps:
         fail(f"--window {window}: starts past the last of the {steps} steps, so nothing would be edited")
     probes = _detector_probes(detector, detector_threshold, list(concept), steps, faithful, add)
+    if rewind and not detector:
+        fail("--rewind redoes the samples a --detector flagged late: give --detector")
     if out is not None or save_images is None:
         out = out or Path("unlearn.png")
         check_out_file(out)
@@ -116,7 +121,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
         gates = {c: tuple(probe.detector(c, p) for probe, p in probes) for c in concept}
         try:
             edits = [ConceptEdit(c, multiplier, percentile, top_n if percentile is None else None, scaling, selection,
-                                 min_fire, exclusive, win, edit, detector=gates[c] if len(probes) > 1 else gates[c][0])
+                                 min_fire, exclusive, win, edit, detector=gates[c] if len(probes) > 1 else gates[c][0],
+                                 rewind=rewind)
                      for c in concept]
         except DictionaryError as e:
             fail(str(e).splitlines()[0])
@@ -135,7 +141,8 @@ def unlearn_cmd(model: str = typer.Option(SHAPES), sae: Optional[list[Path]] = t
                                    **({"window": list(win)} if win is not None else {}),  # unset: old folders resume
                                    **({"edit": edit} if edit != "scale" else {}),
                                    **({"detector": [str(d) for d in detector or []],
-                                       "detector_threshold": [p for _, p in probes]} if probes else {}))
+                                       "detector_threshold": [p for _, p in probes]} if probes else {}),
+                                   **({"rewind": True} if rewind else {}))
         else:
             imgs = [img for _, _, img in images_under(pipe, ps.rows, conditions, steps, guidance)]
     except (DictionaryError, StepGridError, ValueError) as e:

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..interventions.rewind import generate
 from ..world.config import COLOUR_NAMES, GUIDANCE, OBJECTS, STYLES, eval_prompt
 
 KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
@@ -373,8 +374,8 @@ class PromptAttack:
                _inject(self.pipe, self.positions, self.marker, cfg.n_tokens, embeddings))
         ctx = intervention() if intervention is not None else contextlib.nullcontext()
         with ctx, inj:
-            r = self.pipe([text] * len(seeds), num_inference_steps=cfg.sampler_steps, guidance_scale=cfg.guidance,
-                          generator=gens, output_type="pt")
+            r = generate(self.pipe, [text] * len(seeds), num_inference_steps=cfg.sampler_steps,
+                         guidance_scale=cfg.guidance, generator=gens, output_type="pt")
         return r.images.float().cpu()
 
 

@@ -75,9 +75,12 @@ def images_under(pipe, rows, conditions: Sequence[Callable[[], ContextManager]],
     """
     import torch
 
+    from ..interventions.rewind import generate
+
     for row in rows:
         for j, condition in enumerate(conditions):
             with condition():
-                r = pipe(row.prompt, num_inference_steps=steps, guidance_scale=row.guidance or guidance,
-                         generator=torch.Generator().manual_seed(row.seed), output_type="pt")
+                # one generator per image (the same noise as a single one): a rewinding edit can redo the sample
+                r = generate(pipe, row.prompt, num_inference_steps=steps, guidance_scale=row.guidance or guidance,
+                             generator=[torch.Generator().manual_seed(row.seed)], output_type="pt")
             yield row, j, r.images[0].float().cpu()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..interventions.rewind import generate
 from ..world.config import COLOUR_NAMES, GUIDANCE, OBJECTS, STYLES, caption
 from ..world.evaluate import PromptSet, grid_prompts
 
@@ -79,8 +80,9 @@ class ShapesBench:
             gens = [torch.Generator().manual_seed(int(s)) for s in ps.seeds[i:i + self.batch_size]]
             ctx = intervention() if intervention is not None else contextlib.nullcontext()
             with ctx:
-                r = self.pipe(p, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
-                              output_type="pt")
+                # generate: pipe(...) plus the rewind of a preset that asks for it (interventions/rewind.py)
+                r = generate(self.pipe, p, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
+                             output_type="pt")
             outs.append(r.images.float().cpu())
             self.images_generated += len(p)
             if self.progress is not None:
@@ -372,7 +374,8 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
                            p.get("top_n") if p.get("percentile") is None else None, p.get("scaling", "mean"),
                            p.get("selection", "paper"), p.get("min_fire", 1), bool(p.get("exclusive", False)),
                            tuple(p["window"]) if p.get("window") else None, p.get("edit", "scale"),
-                           _shipped_detector(c, p["detector"], load_probe) if p.get("detector") else None)
+                           _shipped_detector(c, p["detector"], load_probe) if p.get("detector") else None,
+                           rewind=bool(p.get("rewind", False)))
         for b in names:
             per_block.setdefault(b, []).append(edit)
     with contextlib.ExitStack() as stack:

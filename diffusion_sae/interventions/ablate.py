@@ -70,6 +70,11 @@ at an early step knows what the prompt asks for before the image has decided (na
 adversarial prompts), and one of the unconditional branch later catches the samples of prompts that
 never ask for the concept.
 
+`ConceptEdit.rewind` (ours, with a detector): a verdict that comes late leaves the steps before it unedited, and an
+object's layout is decided early. `interventions.rewind.generate(pipe, ...)` (in place of `pipe(...)`) generates
+once with the gate, then denoises again, from its own first latent and with the edit from its first step, every
+sample a rewinding edit's detectors flagged only after that step; the rest keep the gated images.
+
 `mode="add"` runs the opposite direction: z'_j = z_j + α · μ_c,j(t) on every patch for the
 selected latents, which paints a concept in even where it does not fire (e.g. from an empty
 prompt); several concepts add up.
@@ -77,6 +82,7 @@ prompt); several concepts add up.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +128,10 @@ class ConceptEdit:
     # edit from the step after its own on, or a tuple of them (a sample any of them flagged is edited from
     # the step after that detector's); None edits every sample.
     detector: object | None = None
+    # Rewind (ours, needs a detector): a sample its detectors flagged only after the edit's first step has missed
+    # the steps before the verdict; `interventions.rewind.generate` denoises such samples again from their first
+    # latent with the edit from its first step on (a second pass over those samples; plain `pipe(...)` cannot).
+    rewind: bool = False
 
     @property
     def detectors(self) -> tuple:
@@ -151,6 +161,9 @@ class ConceptEdit:
                     and isinstance(getattr(det, "step", None), int)):
                 raise DictionaryError(f"detector must be a callable with .hookpoint and .step (e.g. "
                                       f"ConceptProbe.detector(concept)) or a tuple of them, not {det!r}")
+        if self.rewind and not self.detectors:
+            raise DictionaryError(f"rewind=True ({self.concept}) redoes the samples a detector flagged late: give the "
+                                  "edit a detector")
         if self.edit not in EDITS:
             raise DictionaryError(f"edit must be 'scale' (z·γ·μ or z·γ, the paper) or 'replace' (set the firing "
                                   f"features to the other concepts' mean), 'replace_patch' (that code decoded "
@@ -398,9 +411,33 @@ class SampleVerdicts:
     guidance halves) of the samples flagged by any of its detectors whose step is before t; none before
     the first verdict is in. A generation restarts at step 0 and forgets the verdicts of the previous one."""
 
-    def __init__(self, detectors: list, edit_detector: list[tuple[int, ...] | None], tracker: StepTracker):
+    def __init__(self, detectors: list, edit_detector: list[tuple[int, ...] | None], tracker: StepTracker,
+                 edits: list | None = None):
         self.detectors, self.edit_detector, self.tracker = detectors, edit_detector, tracker
+        self.edits = list(edits or [])
         self.flags: list[torch.Tensor | None] = [None] * len(detectors)
+        # Rewind's second pass (interventions.rewind): per edit, None or the samples to edit from the edit's first
+        # step whatever the detectors say.
+        self.forced: list[torch.Tensor | None] = [None] * len(edit_detector)
+
+    def late_samples(self, e: int) -> torch.Tensor | None:
+        """The samples of the last generation that edit e's detectors flagged after its first step, so that it
+        missed steps it would have edited (bool [samples]), or None when no verdict is in."""
+        first = self.edits[e].window[0] if self.edits and self.edits[e].window else 0
+        idx = self.edit_detector[e] or ()
+        early = late = None
+        for i in idx:
+            f = self.flags[i]
+            if f is None:
+                continue
+            # a sample flagged at detector step s is edited from step s + 1
+            if self.detectors[i].step + 1 <= first:
+                early = f if early is None else early | f
+            else:
+                late = f if late is None else late | f
+        if late is None:
+            return None
+        return late & ~early if early is not None else late
 
     def observe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         det, tr = self.detectors[i], self.tracker
@@ -422,6 +459,11 @@ class SampleVerdicts:
                 out.append(None)
                 continue
             allowed = torch.zeros(rows, dtype=torch.bool)
+            forced = self.forced[len(out)]
+            if forced is not None:
+                if rows % len(forced):
+                    raise StepGridError(f"rewind: the block has {rows} rows for {len(forced)} samples")
+                allowed |= forced.repeat(rows // len(forced))
             for i in idx:
                 f = self.flags[i]
                 if f is None or t <= self.detectors[i].step:
@@ -432,6 +474,10 @@ class SampleVerdicts:
                 allowed |= f.repeat(rows // len(f))
             out.append(allowed)
         return out
+
+
+# The SampleVerdicts of every unlearn_concepts context open on a pipeline (rewind reads and forces them).
+ACTIVE_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def block_pairs(sae, dictionary) -> list[tuple]:
@@ -488,11 +534,13 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
         hooks.append(SAeUronHook(s_, d_, edits, mode, faithful))
         targets.append(hp)
     with StepTracker.shared(pipe) as tracker:
-        verdicts = SampleVerdicts(detectors, edit_detector, tracker) if detectors else None
+        verdicts = SampleVerdicts(detectors, edit_detector, tracker, edits) if detectors else None
         for h in hooks:
             h.tracker = tracker
             h.verdicts = verdicts
         handles = []
+        if verdicts is not None:
+            ACTIVE_VERDICTS.setdefault(pipe, []).append(verdicts)
         try:
             # The SAE edits what it was trained on: the block's output, input or update (":input" / ":update").
             for h, hp in zip(hooks, targets):
@@ -506,3 +554,9 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
         finally:
             for handle in handles:
                 handle.remove()
+            if verdicts is not None:
+                active = ACTIVE_VERDICTS.get(pipe, [])
+                if verdicts in active:
+                    active.remove(verdicts)
+                if not active:
+                    ACTIVE_VERDICTS.pop(pipe, None)

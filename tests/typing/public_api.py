@@ -21,7 +21,8 @@ def public_api(pipe: object, sae_folder: Path) -> list[str]:
     names: list[str] = ds.apply(pipe, steer, scale)
     removed: list[str] = ds.remove(pipe, names[0])
     with ds.intervene(pipe, ds.SAeUron(sae, ds.ConceptDictionary.load(sae_folder), unlearn_cfg)):
-        pass
+        # pipe(...) plus the rewind of an open edit that asks for it (one generator per image)
+        ds.generate(pipe, ["a red star"], generator=[torch.Generator().manual_seed(0)], num_inference_steps=25)
     open_now: list[str] = ds.applied(pipe)
 
     registered: list[str] = ds.intervention_names()
