@@ -154,6 +154,8 @@ def generate_image_set(pipe, items: Sequence[ImageItem], folder: str | Path, con
     """
     import torch
 
+    from ..interventions.rewind import generate
+
     if ext not in EXTS:
         raise ImageSetError(f"image type must be one of {EXTS}, not {ext!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -185,8 +187,10 @@ def generate_image_set(pipe, items: Sequence[ImageItem], folder: str | Path, con
                 if negative_prompt is not None:
                     kw["negative_prompt"] = [negative_prompt] * len(chunk)
                 with torch.no_grad():
-                    out = pipe([it.prompt for it in chunk], num_inference_steps=steps, guidance_scale=chunk[0].guidance,
-                               generator=[torch.Generator("cpu").manual_seed(int(it.seed)) for it in chunk], **kw)
+                    # generate: pipe(...) plus the rewind of an open edit that asks for it (interventions/rewind.py)
+                    out = generate(pipe, [it.prompt for it in chunk], num_inference_steps=steps,
+                                   guidance_scale=chunk[0].guidance,
+                                   generator=[torch.Generator("cpu").manual_seed(int(it.seed)) for it in chunk], **kw)
                 for it, img in zip(chunk, out.images):
                     save_image_atomic(img.convert("RGB"), sub / f"{it.name}.{ext}")
                 done += len(chunk)
