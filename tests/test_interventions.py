@@ -1268,6 +1268,26 @@ def test_rewind_redoes_the_late_flagged_samples_with_the_whole_edit(sd_dictionar
     assert _no_hooks(pipe) and pipe not in ACTIVE_VERDICTS
 
 
+def test_rewind_with_several_images_per_prompt_and_numpy_output(sd_dictionary):
+    """One prompt, two images (num_images_per_prompt=2), the second flagged late: generate() redoes that image alone
+    from its own generator, and the first stays the plain one; numpy output is merged the same way."""
+    from diffusion_sae.interventions.ablate import ConceptEdit
+    from diffusion_sae.interventions.rewind import generate
+
+    pipe, sae, d = sd_dictionary
+    block = "unet.up_blocks.1.attentions.0"
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32, num_images_per_prompt=2)
+    plain = pipe("a cat", generator=_gens(2, 7), output_type="np", **kw).images
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3)]):
+        whole = pipe("a cat", generator=_gens(2, 7), output_type="np", **kw).images
+    det = _PrefixDetector(block, 1, [False, True])
+    with unlearn_concepts(pipe, sae, d, [ConceptEdit("cat", -20.0, top_n=3, detector=det, rewind=True)]):
+        out = generate(pipe, "a cat", generator=_gens(2, 7), output_type="np", **kw).images
+    assert det.seen == [2, 1] and out.shape == plain.shape
+    assert (out[0] == plain[0]).all()
+    assert abs(out[1] - whole[1]).max() < 1e-4 and abs(whole[1] - plain[1]).max() > 1e-3
+
+
 def test_detector_gate_tuple_flags_any_of_its_detectors(pipes):
     """A tuple of detectors at steps 0 and 1 (k=2): a sample flagged at either step equals the gate without a
     detector, one flagged by neither equals implicit 0 (the verdict of step 1 adds to step 0's, it does not
