@@ -412,9 +412,9 @@ class SampleVerdicts:
     the first verdict is in. A generation restarts at step 0 and forgets the verdicts of the previous one."""
 
     def __init__(self, detectors: list, edit_detector: list[tuple[int, ...] | None], tracker: StepTracker,
-                 edits: list | None = None):
+                 edits: list[ConceptEdit]):
         self.detectors, self.edit_detector, self.tracker = detectors, edit_detector, tracker
-        self.edits = list(edits or [])
+        self.edits = list(edits)
         self.flags: list[torch.Tensor | None] = [None] * len(detectors)
         # Rewind's second pass (interventions.rewind): per edit, None or the samples to edit from the edit's first
         # step whatever the detectors say.
@@ -423,7 +423,7 @@ class SampleVerdicts:
     def late_samples(self, e: int) -> torch.Tensor | None:
         """The samples of the last generation that edit e's detectors flagged after its first step, so that it
         missed steps it would have edited (bool [samples]), or None when no verdict is in."""
-        first = self.edits[e].window[0] if self.edits and self.edits[e].window else 0
+        first = self.edits[e].window[0] if self.edits[e].window else 0
         idx = self.edit_detector[e] or ()
         early = late = None
         for i in idx:

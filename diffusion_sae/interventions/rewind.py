@@ -30,7 +30,7 @@ class RewindError(DiffusionSAEError, ValueError):
 
 
 def _rewinding(pipe) -> list:
-    return [v for v in ACTIVE_VERDICTS.get(pipe, []) if any(getattr(e, "rewind", False) for e in v.edits)]
+    return [v for v in ACTIVE_VERDICTS.get(pipe, []) if any(e.rewind for e in v.edits)]
 
 
 def _per_sample(value, n_prompts: int, per_prompt: int, name: str):

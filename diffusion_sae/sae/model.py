@@ -295,12 +295,7 @@ class TopKSAE(nn.Module):
         w = delta.shape[-1]
         y = sparse_decode(delta.reshape(-1, w).to(self.device, self.dtype), top_indices.reshape(-1, w).to(self.device),
                           self.W_dec)
-        if self.cfg.token_norm != "none":
-            if x is None:
-                raise SAEError("this SAE normalises every token; pass x= to decode_change")
-            y = y * self.normalize(self._flat(x))[1][1]
-        elif self.cfg.normalize_input and self.cfg.input_scale != 1.0:
-            y = y / self.cfg.input_scale
+        y = self._direction_units(y, x, "decode_change")
         return self._back(y.reshape(*lead, self.cfg.d_in), x if x is not None else delta)
 
     def decode_dense(self, z: Tensor, add_bias: bool = True, x: Tensor | None = None) -> Tensor:
@@ -315,13 +310,20 @@ class TopKSAE(nn.Module):
             y = y + self.b_dec
             stats = self.normalize(self._flat(x))[1] if x is not None else None
             y = self.denormalize(y, stats)
-        elif self.cfg.token_norm != "none":
-            if x is None:
-                raise SAEError("this SAE normalises every token; pass x= to decode_dense")
-            y = y * self.normalize(self._flat(x))[1][1]
-        elif self.cfg.normalize_input and self.cfg.input_scale != 1.0:
-            y = y / self.cfg.input_scale
+        else:
+            y = self._direction_units(y, x, "decode_dense")
         return self._back(y.reshape(*lead, self.cfg.d_in), z)
+
+    def _direction_units(self, y: Tensor, x: Tensor | None, caller: str) -> Tensor:
+        """A decoder direction sum (no bias) [N, d] in the original units: denormalisation is affine, so a
+        direction takes only its scale (the token's own scale for a per-token normalising SAE)."""
+        if self.cfg.token_norm != "none":
+            if x is None:
+                raise SAEError(f"this SAE normalises every token; pass x= to {caller}")
+            return y * self.normalize(self._flat(x))[1][1]
+        if self.cfg.normalize_input and self.cfg.input_scale != 1.0:
+            return y / self.cfg.input_scale
+        return y
 
     def dense_latents(self, x: Tensor) -> Tensor:
         """The sparse code scattered into a dense [..., L] tensor (for interventions)."""

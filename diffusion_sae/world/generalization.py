@@ -185,8 +185,9 @@ def fd_ratio(classifier, plain, edited, mask: torch.Tensor, seed: int = 4243) ->
 def concept_row(classifier, kind: str, concept: str, runs: dict, plain: dict, erased: tuple = ()) -> dict:
     """Every axis for one concept from the judged sets ({"named", "aliases": [...], "implicit",
     "empty", "rest"}) under the intervention (`runs`) and without it (`plain`). `erased`: the other concepts
-    the intervention removes with this one (several at once): the paired change, TV and FD are then taken on
-    the seeds whose plain image shows none of them, since a seed that showed a sibling is meant to change."""
+    the intervention removes with this one (several at once): the paired change and FD are then taken on the
+    seeds whose plain image shows none of them, since a seed that showed a sibling is meant to change (TV is over
+    every implicit image either way)."""
     ci = KINDS[kind].index(concept)
     row = {"concept": concept, "kind": kind,
            "named": _presence(runs["named"], kind, ci), "named_plain": _presence(plain["named"], kind, ci)}
