@@ -15,7 +15,12 @@ Round 3 keeps the shipped preset of each kind (λ, fraction, step, image-side pr
 probe of the prompt's branch at step 0 (p >= 0.5 or 0.8; any of the two probes flags): a prompt that asks for
 the concept in words the token matcher does not know is flagged before the image has decided.
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4] [--kinds style,object,colour]
+Round 5 keeps the shipped preset of each kind and adds the rewind (params key family_rewind, FamilyGate.rewind):
+every sample the probe flags is denoised again from its first latent with the implicit fraction from the first step
+(generation goes through interventions.rewind.generate), against the preset, whose flagged samples get it from the
+gate's step on only.
+
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5] [--kinds style,object,colour]
                                        [--implicit 16] [--empty 16]        (--concepts-per-kind 0: every concept)
 """
 from __future__ import annotations
@@ -45,12 +50,17 @@ ROUNDS = {
     # --implicit 64 --empty 64: the evaluation split's empty prompt kept outlined, gradient and noisy at their
     # base rate, and 16 + 16 implicit images (2-4 of a concept's) cannot rank settings on that axis
     4: ((1.0, 12, (11, 0.2)), (1.0, 10, (9, 0.2)), (1.0, 8, (7, 0.2)), (2.0, 12, (11, 0.2)), (1.0, 8, (7, 0.1))),
+    # the shipped preset without and with the rewind (from step 0)
+    5: (None, 0),
+    # the rewind's redo from a later step, {kind: step} (objects and colours: round 5 moved styles' implicit
+    # ratio by nothing)
+    6: (None, {"object": 0, "colour": 0}, {"object": 4, "colour": 2}, {"object": 8, "colour": 4}),
 }
 
 
-def shipped_with_prompt_probe(pipe, text_sae, thresholds) -> dict:
-    """{name: {kind: builder}}: the shipped Concept Steerers preset, alone (None) or with the kind's
-    prompt's-branch probe at step 0 added to its detector at each threshold."""
+def shipped_variants(pipe, text_sae, variants: dict) -> dict:
+    """{name: {kind: builder}}: the shipped Concept Steerers preset with each variant's change applied to a copy
+    of its params (variants: {name: function(params) -> None})."""
     import copy
 
     from diffusion_sae.eval.shapes import removal_steering, steer_strength
@@ -58,20 +68,43 @@ def shipped_with_prompt_probe(pipe, text_sae, thresholds) -> dict:
 
     shipped = bundle.load_params()["steer"]
     out = {}
-    for tau in thresholds:
+    for name, change in variants.items():
         cs = copy.deepcopy(shipped)
-        if tau is not None:
-            for kind, det in cs["family_detector"].items():
-                cs["family_detector"][kind] = [det, {"step": 0, "threshold": tau, "branch": "cond"}]
+        change(cs)
 
         def for_kind(kind, cs=cs):
             def build(concept):
                 st = removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept), cs)
                 return lambda: steer_text_encoder(pipe, st)
             return build
-        name = "CS shipped" if tau is None else f"CS shipped + prompt probe 0 p≥{tau:g}"
         out[name] = {k: for_kind(k) for k in bundle.KINDS}
     return out
+
+
+def with_prompt_probe(tau):
+    """Round 3's change: the kind's prompt's-branch probe at step 0 (p >= tau) added to its detector."""
+    def change(cs):
+        if tau is not None:
+            for kind, det in cs["family_detector"].items():
+                cs["family_detector"][kind] = [det, {"step": 0, "threshold": tau, "branch": "cond"}]
+    return change
+
+
+def with_rewind(steps):
+    """Rounds 5-6: the rewind off (None), from one step for every kind with a detector (int), or {kind: step}."""
+    def change(cs):
+        kinds = cs.get("family_detector", {})
+        cs["family_rewind"] = ({} if steps is None else {k: steps for k in kinds} if isinstance(steps, int)
+                               else {k: v for k, v in steps.items() if k in kinds})
+    return change
+
+
+def rewind_name(steps) -> str:
+    if steps is None:
+        return "CS shipped (no rewind)"
+    if isinstance(steps, int):
+        return f"CS shipped + rewind from step {steps}"
+    return "CS shipped + rewind from step " + ", ".join(f"{v} ({k})" for k, v in steps.items())
 
 
 def main() -> int:
@@ -86,7 +119,11 @@ def main() -> int:
     pipe.set_progress_bar_config(disable=True)
     text_sae = bundle.load_text_sae()
     if a.round == 3:
-        cands = shipped_with_prompt_probe(pipe, text_sae, ROUNDS[3])
+        cands = shipped_variants(pipe, text_sae, {
+            "CS shipped" if tau is None else f"CS shipped + prompt probe 0 p≥{tau:g}": with_prompt_probe(tau)
+            for tau in ROUNDS[3]})
+    elif a.round in (5, 6):
+        cands = shipped_variants(pipe, text_sae, {rewind_name(v): with_rewind(v) for v in ROUNDS[a.round]})
     else:
         settings = [(None, f, None, "embedding", k, det) for f, k, det in ROUNDS[a.round]]
         cands = robust_tune.family_candidates(pipe, text_sae, settings)
@@ -108,6 +145,18 @@ def main() -> int:
                   f"{worst('fd_ratio'):.2f} | {100 * worst('rest_accuracy', min):.0f} % |", flush=True)
             best = (v, name) if best is None or v < best[0] else best
         print(f"| {kind} | **best: {best[1]}** | {best[0]:.2f} | | | | |")
+    print("\nper concept: violation / implicit ratio / paired change / FD ratio")
+    print("| concept | " + " | ".join(res.rows) + " |")
+    print("|---|" + "---|" * len(res.rows))
+    first = next(iter(res.rows.values()))
+    for i, r0 in enumerate(first):
+        cells = []
+        for name in res.rows:
+            r = res.rows[name][i]
+            ax = lambda key: robust_tune.axis_value(r, key) or 0.0  # noqa: E731
+            cells.append(f"{robust_tune.violation(r, paired=False):.2f} / {ax('implicit_rel'):.2f} / "
+                         f"{100 * ax('paired_change'):.0f} % / {ax('fd_ratio'):.2f}")
+        print(f"| {r0['kind']}: {r0.get('concept', i)} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

@@ -10,7 +10,9 @@ preset's detectors flagged the sample, else the preset's own image; the built re
 generated through `diffusion_sae.generate`) must agree with it, and its time over the preset's is its cost. Implicit (object left out)
 and empty prompts of the tuning split; paired change counts the seeds whose plain image lacks the concept.
 
-    python benchmarks/saeuron_rewind.py [--images 128] [--concepts circle,heart] [--probe-step 11]
+--kind style runs the same on styles (their implicit prompts leave the style out).
+
+    python benchmarks/saeuron_rewind.py [--images 128] [--kind object|style] [--concepts circle,heart] [--probe-step 11]
 """
 from __future__ import annotations
 
@@ -48,15 +50,16 @@ def _recording(observe):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=128, help="implicit and empty prompts each")
+    ap.add_argument("--kind", default="object", choices=("object", "style"))
     ap.add_argument("--concepts", default="circle,square,heart,cross,diamond")
     ap.add_argument("--probe-step", type=int, default=0, help="read the image-side probe here (0: the preset's)")
     a = ap.parse_args()
     ablate.SampleVerdicts.observe = _recording(ablate.SampleVerdicts.observe)
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
-    shipped, blocks = bundle.load_params()["saeuron"], bundle.load_blocks("object")
+    shipped, blocks = bundle.load_params()["saeuron"], bundle.load_blocks(a.kind)
     bench = ShapesBench(pipe, clf, batch_size=64)
-    sets = [implicit_prompts("object", a.images, "tuning"), empty_prompts(a.images, "tuning")]
+    sets = [implicit_prompts(a.kind, a.images, "tuning"), empty_prompts(a.images, "tuning")]
     t0 = time.perf_counter()
 
     def judged(factory=None):
@@ -69,7 +72,7 @@ def main() -> int:
           "verdicts unlike the composite | seconds: built rewind / preset |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in a.concepts.split(","):
-        ci, p = KINDS["object"].index(c), with_image_probe(shipped[c], a.probe_step or None)
+        ci, p = KINDS[a.kind].index(c), with_image_probe(shipped[c], a.probe_step or None)
         image = split_detectors(p["detector"])[1]
         VERDICTS.clear()
         t = time.perf_counter()
@@ -84,10 +87,10 @@ def main() -> int:
         built = judged(lambda: saeuron_context(pipe, blocks, {c: dict(p, rewind=True)}))
         t_built = time.perf_counter() - t
         unlike = int(torch.stack([built[k] != rewind[k] for k in KINDS]).any(0).sum())
-        lacks = plain["object"] != ci
+        lacks = plain[a.kind] != ci
 
         def rate(x):
-            return float((x["object"] == ci).float().mean())
+            return float((x[a.kind] == ci).float().mean())
 
         def paired(x):
             return paired_change_rate({k: v.tolist() for k, v in plain.items()}, {k: v.tolist() for k, v in x.items()},

@@ -137,6 +137,9 @@ class SteeringConfig(Config):
     # With detector: the factor on S, from implicit_from_step on, for prompts naming the concept, on the samples
     # the detector flags (FamilyGate.named_late; None: 1, no change). Above 1 it escalates the removal there.
     named_late: float | None = None
+    # With detector: ds.generate denoises every flagged sample again from its first latent with the late encoding
+    # (implicit fraction, named_late) from this step on (FamilyGate.rewind; None: no rewind; below implicit_from_step)
+    rewind: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "concept", _as_tuple(self.concept))
@@ -166,6 +169,12 @@ class SteeringConfig(Config):
                 raise ConfigError(f"SteeringConfig.named_late must be a factor > 0 on S (e.g. 4 escalates the "
                                   f"removal), not {x!r}")
             object.__setattr__(self, "named_late", x)
+        r = self.rewind
+        if r is not None:
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+                raise ConfigError(f"SteeringConfig.rewind must be the denoising step the redo starts from (a whole "
+                                  f"number >= 0) or None, not {r!r}")
+            object.__setattr__(self, "rewind", int(r))
         if self.rivals:
             if self.gate is not None:
                 raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "
@@ -184,6 +193,12 @@ class SteeringConfig(Config):
             if self.detector is None and self.named_late is not None:
                 raise ConfigError("SteeringConfig.named_late only acts with detector (a saved ConceptProbe folder) "
                                   "and implicit_from_step >= 1: give both or leave named_late out")
+            if self.detector is None and self.rewind is not None:
+                raise ConfigError("SteeringConfig.rewind redoes the samples a detector flagged: give detector (a saved "
+                                  "ConceptProbe folder) or leave rewind out")
+            if self.rewind is not None and self.rewind >= self.implicit_from_step:
+                raise ConfigError(f"SteeringConfig.rewind={self.rewind} must be below implicit_from_step="
+                                  f"{self.implicit_from_step}: the redo starts the late encoding earlier")
         else:
             unused = [n for n, on in (("concept_words", bool(self.concept_words)), ("implicit", self.implicit != 0.0),
                                       ("implicit_negative", self.implicit_negative is not None),
@@ -191,7 +206,8 @@ class SteeringConfig(Config):
                                       ("neutral", self.neutral is not None),
                                       ("detector", self.detector is not None),
                                       ("detector_threshold", self.detector_threshold != 0.5),
-                                      ("named_late", self.named_late is not None)) if on]
+                                      ("named_late", self.named_late is not None),
+                                      ("rewind", self.rewind is not None)) if on]
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "
                                   "give rivals=('dog', ...) or leave it out")

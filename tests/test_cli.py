@@ -203,6 +203,31 @@ def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_mod
     assert np.abs(four - base).max() > 8
 
 
+def test_steer_rewind_redoes_the_flagged_sample_with_the_implicit_scale_from_the_first_step(tmp_path):
+    """--rewind: a prompt naming no style, the shipped step-7 probe at bar 0 (flags every sample): the sample is
+    redone with the implicit scale from step 0, which is the run without --implicit-from-step and --detector, pixel
+    for pixel up to rounding, and differs from the gated run; --rewind without --detector exits 2 before the model
+    loads."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_sae.world import bundle
+
+    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
+            "--rival", "solid", "--implicit", "1", "--prompt", "a red star", "--steps", 10]
+    gate = ["--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
+
+    def image(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+    whole, gated, rewound = image("whole"), image("gated", *gate), image("rewound", *gate, "--rewind")
+    assert np.abs(rewound - whole).max() <= 1
+    assert np.abs(gated - whole).max() > 8
+    r = run(*args, "--rewind", "--out", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--rewind" in str(r.exception) and not (tmp_path / "x.png").exists()
+
+
 def test_steer_repeated_detector_takes_one_threshold_per_probe_on_the_bundled_model(tmp_path):
     """--detector twice (the shipped image-side style probe at step 7, the prompt's-branch one at step 0) with one
     --detector-threshold per probe, by order: bar 1 on the first and 0 on the second is the second alone at 0 (any of

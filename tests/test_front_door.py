@@ -274,6 +274,26 @@ def test_named_late_setting_round_trips_and_is_checked(tmp_path):
         SteeringConfig(concept="a cat", named_late=4.0)
 
 
+def test_rewind_setting_round_trips_reaches_the_gate_and_is_checked(tmp_path, shapes):
+    pipe, sae = shapes
+    folder = bundle.probe_dir("style", 7)
+    gate = dict(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2)
+    s = SteeringConfig(**gate, implicit_from_step=8, detector=folder, rewind=3)
+    assert s.rewind == 3 and SteeringConfig.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    rows = ds.ConceptSteering(sae, **gate, implicit_from_step=8, detector=folder, rewind=3).steering(pipe).rows
+    assert rows.rewind and rows.rewind_from_step == 3
+    assert not ds.ConceptSteering(sae, **gate, implicit_from_step=8, detector=folder).steering(pipe).rows.rewind
+    for bad in (True, -1, 2.5, "0"):
+        with pytest.raises(ConfigError, match="rewind must be the denoising step"):
+            SteeringConfig(**gate, implicit_from_step=8, detector=folder, rewind=bad)
+    with pytest.raises(ConfigError, match="rewind=8 must be below implicit_from_step=8"):
+        SteeringConfig(**gate, implicit_from_step=8, detector=folder, rewind=8)
+    with pytest.raises(ConfigError, match="rewind redoes the samples a detector flagged"):
+        SteeringConfig(**gate, implicit_from_step=8, rewind=0)
+    with pytest.raises(ConfigError, match="rewind only acts with rivals"):
+        SteeringConfig(concept="a cat", rewind=0)
+
+
 def test_front_door_named_late_equals_family_gate_with_it(shapes):
     """SteeringConfig.named_late through ConceptSteering is family_gate(named_late=...) with the same probe's detector
     (up to float tolerance); on prompts naming the concept whose samples the probe flags (bar 0: every sample) it

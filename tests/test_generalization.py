@@ -289,6 +289,23 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
                 assert isinstance(d, ConceptDetector) and d.concept == c
                 assert (d.step, d.threshold, d.branch) == (int(spec["step"]), float(spec["threshold"]),
                                                            spec.get("branch", "uncond"))
+    # family_rewind: a step for every concept of the kind, or {concept: step} for some; every shipped entry reaches
+    # its concept's gate and no other concept's
+    det = {"step": 11, "threshold": 0.2}
+    for entry, other in ((3, 3), ({obj: 5}, None)):
+        cs = {"family": {"object": 2.0}, "family_from_step": {"object": 12}, "family_detector": {"object": det},
+              "family_rewind": {"object": entry}}
+        first = removal_steering(sae, pipe, "object", obj, -1.0, cs).rows
+        second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, cs).rows
+        assert first.rewind and first.rewind_from_step == (entry if other else 5)
+        assert second.rewind == (other is not None) and second.rewind_from_step == (other or 0)
+    with pytest.raises(ValueError, match="family_rewind of object"):
+        removal_steering(sae, pipe, "object", obj, -1.0, dict(cs, family_rewind={"object": True}))
+    for kind, entry in shipped.get("family_rewind", {}).items():
+        for c in bundle.KINDS[kind]:
+            gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
+            want = entry.get(c) if isinstance(entry, dict) else entry
+            assert gate.rewind == (want is not None) and gate.rewind_from_step == (want or 0)
     cands = robust_tune.family_candidates(pipe, sae, [(-1.0, 0.2), (-1.0, 0.2, None, "tokens", 8)], kinds=("style",))
     assert list(cands) == ["CS family gate (tokens) λ=-1 implicit×0.2",
                            "CS family gate (tokens) λ=-1 implicit×0.2 from step 8"]

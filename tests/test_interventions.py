@@ -1235,7 +1235,8 @@ def test_rewind_redoes_the_late_flagged_samples_with_the_whole_edit(sd_dictionar
     draws it from its first latent, and sample 1 as the gated pass drew it (the plain image, bit for bit); one
     flagged at step 0 under a window from step 1 got the whole edit already and is not redone (one detector
     call); without a rewinding edit generate() is pipe(); bad set-ups get one clear error; nothing is left open."""
-    from diffusion_sae.interventions.ablate import ACTIVE_VERDICTS, ConceptEdit
+    from diffusion_sae.interventions.ablate import ConceptEdit
+    from diffusion_sae.interventions.rewind import ACTIVE_GATES
     from diffusion_sae.interventions.rewind import RewindError, generate
 
     pipe, sae, d = sd_dictionary
@@ -1265,7 +1266,7 @@ def test_rewind_redoes_the_late_flagged_samples_with_the_whole_edit(sd_dictionar
     assert torch.equal(generate(pipe, prompts, generator=_gens(2), **kw).images, plain)
     with pytest.raises(DictionaryError, match="give the edit a detector"):
         ConceptEdit("cat", rewind=True)
-    assert _no_hooks(pipe) and pipe not in ACTIVE_VERDICTS
+    assert _no_hooks(pipe) and pipe not in ACTIVE_GATES
 
 
 def test_rewind_with_several_images_per_prompt_and_numpy_output(sd_dictionary):
@@ -1286,6 +1287,56 @@ def test_rewind_with_several_images_per_prompt_and_numpy_output(sd_dictionary):
     assert det.seen == [2, 1] and out.shape == plain.shape
     assert (out[0] == plain[0]).all()
     assert abs(out[1] - whole[1]).max() < 1e-4 and abs(whole[1] - plain[1]).max() > 1e-3
+
+
+def test_steering_rewind_redoes_the_flagged_samples_from_the_first_step(pipes):
+    """FamilyGate(rewind=True), a detector at step 1 of 3 (k=2) flagging sample 0 of 2 prompts naming neither
+    concept: generate() gives sample 0 as the implicit fraction from step 0 draws it (no detector) and sample 1 as
+    the gated pass drew it (implicit 0), bit for bit; the second pass runs on sample 0 alone; a rewind without a
+    detector is refused; a CS rewind and a SAeUron-free pipeline leave nothing open."""
+    from diffusion_sae.interventions.rewind import ACTIVE_GATES, generate
+    from diffusion_sae.interventions.steer import FamilyGate, family_gate
+
+    pipe = pipes("sd")
+    block = "unet.up_blocks.1.attentions.0"
+    name = list_hookpoints(pipe, "text")[-2]
+    st = concept_steering(_sae(resolve_hookpoint(pipe, name).width), pipe, name, "a cat", -2.0)
+    prompts = ["a photo of a car", "a photo of a tree"]
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt", height=32, width=32)
+
+    def gate(**g):
+        out = st.scaled(1.0)
+        out.rows = family_gate(pipe, name, ["cat"], ["dog"], 1.0, **g)
+        return out
+    with steer_text_encoder(pipe, gate()):
+        whole = pipe(prompts, generator=_gens(2), **kw).images
+    with steer_text_encoder(pipe, gate(implicit_from_step=3)):
+        zero = pipe(prompts, generator=_gens(2), **kw).images     # the fraction never acts within 3 steps
+    assert (whole - zero).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    det = _PrefixDetector(block, 1, [True, False])
+    with steer_text_encoder(pipe, gate(implicit_from_step=2, detector=det, rewind=True)):
+        gated = pipe(prompts, generator=_gens(2), **kw).images
+        assert pipe in ACTIVE_GATES
+        out = generate(pipe, prompts, generator=_gens(2), **kw).images
+    assert det.seen == [2, 2, 1]
+    assert (gated[0] - whole[0]).abs().max() > 1e-3      # from step 2 alone the fraction did not reach it
+    torch.testing.assert_close(out[0], whole[0], rtol=0, atol=1e-5)
+    assert torch.equal(out[1], gated[1])
+    torch.testing.assert_close(out[1], zero[1], rtol=0, atol=1e-6)
+    # rewind_from_step=1: the redo gets the fraction from step 1, as the gate without a detector from step 1 does
+    with steer_text_encoder(pipe, gate(implicit_from_step=1)):
+        from_one = pipe(prompts, generator=_gens(2), **kw).images
+    det = _PrefixDetector(block, 1, [True, False])
+    with steer_text_encoder(pipe, gate(implicit_from_step=2, detector=det, rewind=True, rewind_from_step=1)):
+        later = generate(pipe, prompts, generator=_gens(2), **kw).images
+    assert (from_one[0] - whole[0]).abs().max() > 1e-3
+    torch.testing.assert_close(later[0], from_one[0], rtol=0, atol=1e-5)
+    assert torch.equal(later[1], gated[1])
+    with pytest.raises(SteeringError, match="give the gate a detector"):
+        FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, rewind=True)
+    with pytest.raises(SteeringError, match="rewind_from_step=2 must be below"):
+        FamilyGate([(1,)], [(2,)], 0.5, implicit_from_step=2, detector=det, rewind=True, rewind_from_step=2)
+    assert _no_hooks(pipe) and not _ours(pipe) and pipe not in ACTIVE_GATES
 
 
 def test_detector_gate_tuple_flags_any_of_its_detectors(pipes):

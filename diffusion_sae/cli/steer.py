@@ -60,6 +60,9 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                                        "on the samples the probe flags (e.g. 4 escalates the removal "
                                                        "where the image still heads to the concept; default 1: S "
                                                        "unchanged)."),
+              rewind: bool = typer.Option(False, help="With --detector: denoise every sample a probe flagged again "
+                                          "from its first latent with the implicit scale from the first step (a "
+                                          "second pass over the flagged samples; the others stay as generated)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -86,7 +89,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
     family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps,
-                             detector, detector_threshold, named_late)
+                             detector, detector_threshold, named_late, rewind)
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -137,7 +140,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
 
 
 def _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step=None,
-                    steps=None, detector=None, detector_threshold=None, named_late=None) -> dict | None:
+                    steps=None, detector=None, detector_threshold=None, named_late=None, rewind=False) -> dict | None:
     """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
     loads (a --detector probe is read here too); None without --rival."""
     if match is not None and match not in ("tokens", "embedding"):
@@ -164,7 +167,7 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
                                     ("--implicit-negative", implicit_negative),
                                     ("--implicit-from-step", implicit_from_step), ("--match", match),
                                     ("--detector", detector), ("--detector-threshold", detector_threshold),
-                                    ("--named-late", named_late)) if v]
+                                    ("--named-late", named_late), ("--rewind", rewind)) if v]
         if given:
             fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
         return None
@@ -179,11 +182,13 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
     if named_late is not None and not detector:
         fail("--named-late only acts with --detector (the folder of a saved concept probe) and "
              "--implicit-from-step >= 1: give both or leave --named-late out")
+    if rewind and not detector:
+        fail("--rewind redoes the samples a --detector flagged: give --detector (and --implicit-from-step >= 1)")
     dets = tuple(_detector(d, words["--concept-word"], p, from_step) for d, p in zip(detector or [], thresholds))
     det = None if not dets else dets[0] if len(dets) == 1 else dets
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
                 implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det,
-                named_late=late)
+                named_late=late, rewind=bool(rewind))
 
 
 def _detector(path: Path, concept_words: list[str], threshold: float, from_step: int):

@@ -427,10 +427,18 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
                               int(cs_params.get("family_from_step", {}).get(kind, 0)),
                               _detector_specs(det),
-                              float(cs_params.get("family_named_late", {}).get(kind, 1.0)))
+                              float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
+                              family_rewind(cs_params, kind, concept))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
+
+
+def family_rewind(cs_params: dict, kind: str, concept: str) -> int | None:
+    """params "family_rewind" for one concept: its kind's entry is the step the redo starts from for every concept
+    of the kind, or {concept: step} for some of them; None: no rewind."""
+    entry = cs_params.get("family_rewind", {}).get(kind)
+    return entry.get(concept) if isinstance(entry, dict) else entry
 
 
 def _detector_specs(det) -> list[tuple] | None:
@@ -444,7 +452,7 @@ def _detector_specs(det) -> list[tuple] | None:
 
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
                    implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0,
-                   detector: tuple | list[tuple] | None = None, named_late: float = 1.0):
+                   detector: tuple | list[tuple] | None = None, named_late: float = 1.0, rewind: int | None = None):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
     (`implicit_negative` on that prompt's negative branch; both only from denoising step
@@ -455,12 +463,18 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     fraction acts only on the samples the kind's shipped concept probe at that step (of that branch) flags
     (p(concept) >= threshold; any of them with a list; FamilyGate.detector).
     named_late, params key "family_named_late": the scale on prompts naming the concept from that step on, on
-    the flagged samples (FamilyGate.named_late)."""
+    the flagged samples (FamilyGate.named_late).
+    rewind, params key "family_rewind" (a step; None: no rewind): the flagged samples are denoised again with the
+    implicit fraction from that step on (FamilyGate.rewind, rewind_from_step; generation through
+    interventions.rewind.generate)."""
     from ..interventions.steer import family_gate
     from ..world.bundle import TEXT_HOOKPOINT
     from ..world.config import vocabulary_words
     from ..world.splits import HELD_OUT_NAMES
 
+    if rewind is not None and (isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0):
+        raise ValueError(f"family_rewind of {kind}: the denoising step the redo starts from (a whole number >= 0), "
+                         f"got {rewind!r}")
     st = steering_unit(text_sae, pipe, kind, concept, strength, contrast=True)
     rivals = [c for c in KINDS[kind] if c != concept]
     # the references an EmbeddingMatch compares against: canonical names and template words, never a held-out name
@@ -473,11 +487,12 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
         det = _shipped_detector(concept, specs if len(specs) > 1 else specs[0], load_probe)
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
                           neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det,
-                          named_late=named_late)
+                          named_late=named_late, rewind=rewind is not None and det is not None,
+                          rewind_from_step=int(rewind or 0))
     st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
                               "implicit_from_step": implicit_from_step,
                               "detector": None if detector is None else [list(d) for d in specs],
-                              "named_late": named_late}
+                              "named_late": named_late, "rewind": rewind if det is not None else None}
     return st
 
 

@@ -82,7 +82,6 @@ prompt); several concepts add up.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +90,7 @@ from ..concepts.dictionary import ConceptDictionary, DictionaryError
 from ..concepts.probe import branch_rows
 from ..errors import DiffusionSAEError
 from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve_hookpoint
+from .rewind import open_gate
 
 
 class StepGridError(DiffusionSAEError, ValueError):
@@ -420,6 +420,15 @@ class SampleVerdicts:
         # step whatever the detectors say.
         self.forced: list[torch.Tensor | None] = [None] * len(edit_detector)
 
+    @property
+    def rewinds(self) -> bool:
+        """Whether any edit asks for the rewind (interventions.rewind.generate reads only such gates)."""
+        return any(e.rewind for e in self.edits)
+
+    def rewind_rows(self) -> list:
+        """Per edit: the samples rewind redoes for it (its late-flagged ones), or None (no rewind, no verdict)."""
+        return [self.late_samples(e) if edit.rewind else None for e, edit in enumerate(self.edits)]
+
     def late_samples(self, e: int) -> torch.Tensor | None:
         """The samples of the last generation that edit e's detectors flagged after its first step, so that it
         missed steps it would have edited (bool [samples]), or None when no verdict is in."""
@@ -476,8 +485,6 @@ class SampleVerdicts:
         return out
 
 
-# The SampleVerdicts of every unlearn_concepts context open on a pipeline (rewind reads and forces them).
-ACTIVE_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def block_pairs(sae, dictionary) -> list[tuple]:
@@ -539,24 +546,19 @@ def unlearn_concepts(pipe, sae, dictionary, concepts, multiplier: float = -1.0,
             h.tracker = tracker
             h.verdicts = verdicts
         handles = []
-        if verdicts is not None:
-            ACTIVE_VERDICTS.setdefault(pipe, []).append(verdicts)
-        try:
+        with contextlib.ExitStack() as opened:
+            if verdicts is not None:
+                opened.enter_context(open_gate(pipe, verdicts))
             # The SAE edits what it was trained on: the block's output, input or update (":input" / ":update").
-            for h, hp in zip(hooks, targets):
-                handles.append(register_edit(hp, h, "diffusion_sae.saeuron"))
-            if verdicts is not None:
-                for i, det in enumerate(detectors):
-                    handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
-                                                 lambda x, i=i, v=verdicts: v.observe(i, x),
-                                                 f"diffusion_sae.saeuron_detector.{i}"))
-            yield hooks[0] if len(hooks) == 1 else hooks
-        finally:
-            for handle in handles:
-                handle.remove()
-            if verdicts is not None:
-                active = ACTIVE_VERDICTS.get(pipe, [])
-                if verdicts in active:
-                    active.remove(verdicts)
-                if not active:
-                    ACTIVE_VERDICTS.pop(pipe, None)
+            try:
+                for h, hp in zip(hooks, targets):
+                    handles.append(register_edit(hp, h, "diffusion_sae.saeuron"))
+                if verdicts is not None:
+                    for i, det in enumerate(detectors):
+                        handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
+                                                     lambda x, i=i, v=verdicts: v.observe(i, x),
+                                                     f"diffusion_sae.saeuron_detector.{i}"))
+                yield hooks[0] if len(hooks) == 1 else hooks
+            finally:
+                for handle in handles:
+                    handle.remove()

@@ -84,7 +84,8 @@ class ConceptSteering(Intervention):
     def steering(self, pipe):
         """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
         (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample; with
-        `named_late`, how much on the flagged samples of prompts naming the concept from implicit_from_step on)."""
+        `named_late`, how much on the flagged samples of prompts naming the concept from implicit_from_step on;
+        with `rewind`, ds.generate redoes the flagged samples)."""
         from .steer import concept_steering, family_gate
 
         if pipe not in self._built:
@@ -99,7 +100,8 @@ class ConceptSteering(Intervention):
                                       c.implicit_negative, match=c.match,
                                       neutral_words=None if c.neutral is None else list(c.neutral),
                                       implicit_from_step=c.implicit_from_step, detector=detector,
-                                      named_late=1.0 if c.named_late is None else c.named_late)
+                                      named_late=1.0 if c.named_late is None else c.named_late,
+                                      rewind=c.rewind is not None, rewind_from_step=c.rewind or 0)
             self._built[pipe] = st
         return self._built[pipe]
 

@@ -8,17 +8,30 @@ from its own first latent, with that edit active from its first step, and put th
 sample its gate flagged early (a probe of the prompt's branch at step 0) already got the whole edit and is not
 redone, nor is any sample no detector flagged, so they stay exactly the gated generation's images.
 
+The same holds for Concept Steerers' probe-gated implicit fraction (`FamilyGate(detector=..., rewind=True)` in
+`steer_text_encoder`): a flagged sample is redone with the encoding it got from the gate's step on (the implicit
+fraction) from the first step.
+
 This needs a second pipeline call, which a hook cannot make: generate with `generate(pipe, prompt, ...)` instead
-of `pipe(prompt, ...)` inside `unlearn_concepts` (plain `pipe(...)` gives the gated images, no rewind). The
+of `pipe(prompt, ...)` inside `unlearn_concepts` / `steer_text_encoder` (plain `pipe(...)` gives the gated images,
+no rewind). The
 initial noise of a redone sample must be the same as in the first pass, so `generator` must be one
 `torch.Generator` per image (their states are saved before the first pass), or `latents` must be given.
 """
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import torch
 
 from ..errors import DiffusionSAEError
-from .ablate import ACTIVE_VERDICTS
+
+# The rewindable gates open on each pipeline: every open `unlearn_concepts` context's SampleVerdicts and every
+# `steer_text_encoder` context's detector-gated encodings. Each has `rewind_rows()` (per part: None, or the
+# samples of the last generation to redo, bool [samples]) and `forced` (per part: None, or the samples to edit
+# from the first step during the second pass, whatever the detectors say).
+ACTIVE_GATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # Per-sample tensor arguments of the diffusers text-to-image pipelines: the second pass takes their rows.
 _ROW_KWARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
@@ -29,8 +42,22 @@ class RewindError(DiffusionSAEError, ValueError):
     """A generation that cannot be rewound as asked (one line)."""
 
 
+@contextlib.contextmanager
+def open_gate(pipe, gate):
+    """Within the block, `generate(pipe, ...)` reads and forces `gate` (see ACTIVE_GATES)."""
+    ACTIVE_GATES.setdefault(pipe, []).append(gate)
+    try:
+        yield gate
+    finally:
+        active = ACTIVE_GATES.get(pipe, [])
+        if gate in active:
+            active.remove(gate)
+        if not active:
+            ACTIVE_GATES.pop(pipe, None)
+
+
 def _rewinding(pipe) -> list:
-    return [v for v in ACTIVE_VERDICTS.get(pipe, []) if any(e.rewind for e in v.edits)]
+    return [v for v in ACTIVE_GATES.get(pipe, []) if v.rewinds]
 
 
 def _per_sample(value, n_prompts: int, per_prompt: int, name: str):
@@ -63,7 +90,8 @@ def _put(images, rows: list[int], new):
 
 
 def generate(pipe, prompt=None, **kwargs):
-    """`pipe(prompt, **kwargs)`, then the rewind of every open `unlearn_concepts` edit with `rewind=True`.
+    """`pipe(prompt, **kwargs)`, then the rewind of every open `unlearn_concepts` edit with `rewind=True` and of
+    every open `steer_text_encoder` FamilyGate with `rewind=True`.
 
     Returns the pipeline's output with the redone samples' images in place (the same type as `pipe(...)` gives).
     Without a rewinding edit this is exactly `pipe(prompt, **kwargs)`.
@@ -94,8 +122,7 @@ def generate(pipe, prompt=None, **kwargs):
     redo = torch.zeros(n, dtype=torch.bool)
     for v in active:
         per_edit = []
-        for e, edit in enumerate(v.edits):
-            late = v.late_samples(e) if edit.rewind else None
+        for late in v.rewind_rows():
             if late is not None and len(late) != n:
                 raise RewindError(f"rewind: the detectors read {len(late)} samples for {n} images")
             per_edit.append(late)
@@ -141,4 +168,4 @@ def generate(pipe, prompt=None, **kwargs):
     return out
 
 
-__all__ = ["generate", "RewindError"]
+__all__ = ["generate", "open_gate", "RewindError", "ACTIVE_GATES"]

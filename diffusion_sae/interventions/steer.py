@@ -41,6 +41,7 @@ from ..models.text_layers import encode_prompts as _encode_positive
 from ..models.text_layers import layer_activations as _layer_activations
 from ..models.text_layers import pipeline_family as _family
 from ..models.text_layers import split_hookpoints as _split_hookpoints
+from .rewind import open_gate
 
 
 class SteeringError(DiffusionSAEError, ValueError):
@@ -201,10 +202,16 @@ class FamilyGate:
     the flagged samples only, with a detector). Above 1 it escalates the removal where the image still heads
     to the concept although the prompt was steered from the first step, which is what an adversarial prompt
     that overpowers S looks like from the image side.
+
+    `rewind` (ours, needs a detector): a sample the detector flags got the late encoding (implicit fraction,
+    named_late) only from step k on, and an object's layout is decided before. `interventions.rewind.generate`
+    (in place of `pipe(...)`) denoises every flagged sample again from its first latent with that encoding
+    from step `rewind_from_step` (default 0, the first; below k) on; unflagged samples keep the gated pass's images.
     """
 
     def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,
-                 implicit_from_step: int = 0, detector=None, named_late: float = 1.0):
+                 implicit_from_step: int = 0, detector=None, named_late: float = 1.0, rewind: bool = False,
+                 rewind_from_step: int = 0):
         self.matcher = matcher if matcher is not None else TokenMatch(target, rivals)
         self.target, self.rivals = target, rivals
         self.implicit = float(implicit)
@@ -224,6 +231,13 @@ class FamilyGate:
         self.named_late = _check_strength(named_late)
         if self.named_late != 1.0 and self.implicit_from_step < 1:
             raise SteeringError(f"named_late={self.named_late:g} needs implicit_from_step >= 1 (the step it acts from)")
+        self.rewind = bool(rewind)
+        if self.rewind and not self.detectors:
+            raise SteeringError("rewind=True redoes the samples a detector flagged: give the gate a detector")
+        self.rewind_from_step = _check_from_step(rewind_from_step)
+        if self.rewind and self.rewind_from_step >= self.implicit_from_step:
+            raise SteeringError(f"rewind_from_step={self.rewind_from_step} must be below implicit_from_step="
+                                f"{self.implicit_from_step} (the redo starts the late encoding earlier)")
 
     @property
     def detectors(self) -> tuple:
@@ -319,13 +333,14 @@ COMMON_PROMPT_WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "image
 def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], rival_words: list[str],
                 implicit: float, implicit_negative: float | None = None, match: str = "tokens",
                 neutral_words: list[str] | None = None, min_similarity: float = 0.0,
-                implicit_from_step: int = 0, detector=None, named_late: float = 1.0) -> FamilyGate:
+                implicit_from_step: int = 0, detector=None, named_late: float = 1.0,
+                rewind: bool = False, rewind_from_step: int = 0) -> FamilyGate:
     """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them).
 
     match="tokens": exact token ids (a prompt filter); "embedding": nearest reference word in the first
     text encoder's token-embedding table (`EmbeddingMatch`), with `neutral_words` (default
-    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector, named_late: see
-    FamilyGate."""
+    COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector, named_late,
+    rewind, rewind_from_step: see FamilyGate."""
     hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
     implicit = _check_strength(implicit)
     if implicit_negative is not None:
@@ -335,7 +350,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     rivals = [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words]
     if match == "tokens":
         return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step,
-                          detector=detector, named_late=named_late)
+                          detector=detector, named_late=named_late, rewind=rewind, rewind_from_step=rewind_from_step)
     if match != "embedding":
         raise SteeringError(f"match must be 'tokens' or 'embedding', not {match!r}")
     words = set(concept_words) | set(rival_words)
@@ -346,7 +361,8 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     flat = lambda ts: [t for seq in ts for t in seq]  # noqa: E731
     matcher = EmbeddingMatch(encoder.get_input_embeddings().weight, flat(target), flat(rivals), neutral_ids,
                              special, min_similarity)
-    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector, named_late)
+    return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector, named_late,
+                      rewind, rewind_from_step)
 
 
 def _special_tokens(pipe, hps) -> set[int]:
@@ -584,6 +600,16 @@ class _EarlyEncodings(ModelHook):
         self.step_now: int | None = None
         self.denoising = False
         self._memo: dict = {}
+        # interventions.rewind: whether the gates ask for it, and during its second pass the samples that get the
+        # late encoding from the first step (one part: every gate's detectors flag the same samples)
+        self.rewinds = False
+        self.rewind_from = 0       # the step from which the forced samples get the late encoding
+        self.forced: list[torch.Tensor | None] = [None]
+
+    def rewind_rows(self) -> list:
+        """[the samples the detectors flagged in the last generation] (all of them got the late encoding only from
+        the gate's step), or [None] without a rewind or a verdict."""
+        return [self.flags.clone() if self.rewinds and self.flags is not None else None]
 
     def observe(self, detector, h: torch.Tensor) -> torch.Tensor:
         """Block hook of a detector: at its step, flag the samples (read on the rows of the detector's
@@ -666,12 +692,20 @@ class _EarlyEncodings(ModelHook):
             step = at if at is not None else step
         self.step_now = step
         keep = None        # rows that keep the late encoding (all of them when None)
+        forced = self.forced[0]
         if step >= self.stop:
             # With detectors, from the gate's step on only the flagged samples get the implicit fractions; the
             # others keep the early encoding. No verdict (no detection ran in this generation): all are steered.
             if not self.detecting or self.flags is None or not self.pairs or bool(self.flags.all()):
                 return args, kwargs
-            keep = self.flags
+            keep = self.flags if forced is None or forced.shape != self.flags.shape else self.flags | forced
+        elif forced is not None and step >= self.rewind_from:
+            # rewind's second pass: the forced samples get the late encoding from rewind_from_step on
+            if bool(forced.all()):
+                return args, kwargs
+            keep = forced
+        if keep is not None and bool(keep.all()):
+            return args, kwargs
         if not self.pairs:
             return args, kwargs
         lo = max(s for s in self.starts if s <= step)
@@ -779,6 +813,11 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
                                  lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))) if waits else None
     if early_hook is not None and detectors:
         early_hook.detecting = True
+        rewinding = [st.rows for st in steerings if isinstance(st.rows, FamilyGate) and st.rows.rewind]
+        early_hook.rewinds = bool(rewinding)
+        if rewinding:
+            # one verdict per sample picks one encoding for every gate: the earliest redo start of them
+            early_hook.rewind_from = min(g.rewind_from_step for g in rewinding)
 
     @functools.wraps(orig)     # the real signature stays readable for a wrapper stacked on this one
     def encode_prompt(*args, **kwargs):
@@ -829,13 +868,16 @@ def steer_text_encoder(pipe, steerings: Steering | list[Steering], negative_stee
     # Several steerings (and the step tracker) may wrap encode_prompt and be removed in any order (ds.remove).
     patch_attribute(pipe, "encode_prompt", encode_prompt)
     try:
-        if early_hook is not None:
-            handles.append(register_hook(denoiser, early_hook, "diffusion_sae.steering_implicit_from_step"))
-            for i, det in enumerate(detectors):
-                handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
-                                             lambda h, det=det: early_hook.observe(det, h),
-                                             f"diffusion_sae.steering_detector.{i}"))
-        yield pipe
+        with contextlib.ExitStack() as opened:
+            if early_hook is not None:
+                handles.append(register_hook(denoiser, early_hook, "diffusion_sae.steering_implicit_from_step"))
+                for i, det in enumerate(detectors):
+                    handles.append(register_edit(resolve_hookpoint(pipe, det.hookpoint),
+                                                 lambda h, det=det: early_hook.observe(det, h),
+                                                 f"diffusion_sae.steering_detector.{i}"))
+                if early_hook.rewinds:
+                    opened.enter_context(open_gate(pipe, early_hook))
+            yield pipe
     finally:
         for h in handles:
             h.remove()

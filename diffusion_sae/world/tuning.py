@@ -186,6 +186,7 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
         steer.setdefault("family", {})[kind] = imp
         steer["match"] = match
         steer.get("family_negative", {}).pop(kind, None)   # every candidate ran without a negative-branch fraction
+        steer.get("family_rewind", {}).pop(kind, None)     # ... and without a rewind
         if start:
             steer.setdefault("family_from_step", {})[kind] = start
         else:
