@@ -15,12 +15,13 @@ Round 3 keeps the shipped preset of each kind (λ, fraction, step, image-side pr
 probe of the prompt's branch at step 0 (p >= 0.5 or 0.8; any of the two probes flags): a prompt that asks for
 the concept in words the token matcher does not know is flagged before the image has decided.
 
-Round 5 keeps the shipped preset of each kind and adds the rewind (params key family_rewind, FamilyGate.rewind):
+Rounds 5-7 keep the shipped preset of each kind and add the rewind (params key family_rewind, FamilyGate.rewind):
 every sample the probe flags is denoised again from its first latent with the implicit fraction from the first step
 (generation goes through interventions.rewind.generate), against the preset, whose flagged samples get it from the
-gate's step on only.
+gate's step on only; rounds 6 (objects, colours) and 7 (styles) start the redo at later steps too and print every
+concept's figures, from which each concept's pick ships (params "family_rewind": {kind: {concept: step}}).
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5] [--kinds style,object,colour]
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7] [--kinds style,object,colour]
                                        [--implicit 16] [--empty 16]        (--concepts-per-kind 0: every concept)
 """
 from __future__ import annotations
@@ -55,6 +56,8 @@ ROUNDS = {
     # the rewind's redo from a later step, {kind: step} (objects and colours: round 5 moved styles' implicit
     # ratio by nothing)
     6: (None, {"object": 0, "colour": 0}, {"object": 4, "colour": 2}, {"object": 8, "colour": 4}),
+    # the same for the styles, per concept (round 5 judged them only as a kind)
+    7: (None, {"style": 0}, {"style": 6}, {"style": 10}),
 }
 
 
@@ -122,7 +125,7 @@ def main() -> int:
         cands = shipped_variants(pipe, text_sae, {
             "CS shipped" if tau is None else f"CS shipped + prompt probe 0 p≥{tau:g}": with_prompt_probe(tau)
             for tau in ROUNDS[3]})
-    elif a.round in (5, 6):
+    elif a.round in (5, 6, 7):
         cands = shipped_variants(pipe, text_sae, {rewind_name(v): with_rewind(v) for v in ROUNDS[a.round]})
     else:
         settings = [(None, f, None, "embedding", k, det) for f, k, det in ROUNDS[a.round]]

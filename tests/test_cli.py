@@ -206,8 +206,8 @@ def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_mod
 def test_steer_rewind_redoes_the_flagged_sample_with_the_implicit_scale_from_the_first_step(tmp_path):
     """--rewind: a prompt naming no style, the shipped step-7 probe at bar 0 (flags every sample): the sample is
     redone with the implicit scale from step 0, which is the run without --implicit-from-step and --detector, pixel
-    for pixel up to rounding, and differs from the gated run; --rewind without --detector exits 2 before the model
-    loads."""
+    for pixel up to rounding, and differs from the gated run; --rewind without --detector is refused (one line, exit
+    2 from the console script) before anything is written."""
     import numpy as np
     from PIL import Image
 
@@ -225,7 +225,7 @@ def test_steer_rewind_redoes_the_flagged_sample_with_the_implicit_scale_from_the
     assert np.abs(rewound - whole).max() <= 1
     assert np.abs(gated - whole).max() > 8
     r = run(*args, "--rewind", "--out", tmp_path / "x.png")
-    assert r.exit_code == 2 and "--rewind" in str(r.exception) and not (tmp_path / "x.png").exists()
+    assert isinstance(r.exception, UserError) and "--rewind" in str(r.exception) and not (tmp_path / "x.png").exists()
 
 
 def test_steer_repeated_detector_takes_one_threshold_per_probe_on_the_bundled_model(tmp_path):
