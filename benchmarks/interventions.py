@@ -8,8 +8,12 @@
    with a 20,480-latent SAE at up_blocks.1.attentions.1: the paper's ablation and the shipped edit
    (latent scaling, per-patch specific selection, evidence gate) / plain (target <= 1.03x) and the
    memory overhead.
+3. Rewind (--rewind N): the shipped Concept Steerers removal of square (its preset redoes the probe-flagged
+   samples from step 0) on N implicit and N empty tuning prompts, generated through `ds.generate` against the same
+   preset without the rewind (`pipe(...)`), and the share of samples redone: the rewind's cost on the prompts it
+   exists for (on prompts its probe does not flag it costs nothing).
 
-    python benchmarks/interventions.py [--skip-sd15] [--repeats 3]
+    python benchmarks/interventions.py [--skip-sd15] [--repeats 3] [--rewind 32]
 """
 from __future__ import annotations
 
@@ -146,13 +150,62 @@ def sd15(repeats: int) -> None:
           f"dictionary {means.numel() * 4 / 2**20:.1f} MiB")
 
 
+def rewind_cost(n: int, repeats: int) -> None:
+    from diffusion_sae.eval.shapes import removal_steering, steer_strength
+    from diffusion_sae.interventions.rewind import ACTIVE_GATES, generate
+    from diffusion_sae.interventions.steer import steer_text_encoder
+    from diffusion_sae.world import assets, bundle
+    from diffusion_sae.world.generalization import empty_prompts, implicit_prompts
+
+    pipe = assets.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    params = bundle.load_params()["steer"]
+    rows = [(p, seed) for ps in (implicit_prompts("object", n, "tuning"), empty_prompts(n, "tuning"))
+            for p, seed in zip(ps.prompts, ps.seeds)]
+    st = removal_steering(bundle.load_text_sae(), pipe, "object", "square",
+                          steer_strength(params, "object", "square"), params)
+    assert st.rows.rewind, "the shipped square preset has no rewind"
+    redone = []
+
+    def gated(p, prompt, **kw):
+        return p(prompt, **kw)
+
+    def run(fn):
+        def call():
+            with steer_text_encoder(pipe, st):
+                for i in range(0, len(rows), 16):
+                    chunk = rows[i:i + 16]
+                    fn(pipe, [p for p, _ in chunk], num_inference_steps=25, guidance_scale=bundle.GUIDANCE,
+                       generator=[torch.Generator().manual_seed(seed) for _, seed in chunk], output_type="pt")
+                    # the gated pass's verdicts are the first pass of generate's (after generate they are its
+                    # second pass's)
+                    flags = ACTIVE_GATES[pipe][0].rewind_rows()[0]
+                    if fn is gated:
+                        redone.append(0.0 if flags is None else float(flags.float().mean()))
+        return call
+
+    runs = {"gated (no rewind)": run(gated), "rewind": run(generate)}
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items():
+            times[k].append(time_generation(f, repeats=1, warmup=0, images_per_call=len(rows)).per_image_s)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"rewind: Concept Steerers' shipped square removal, {n} implicit + {n} empty tuning prompts, 25 steps "
+          f"(best of {repeats}); {100 * sum(redone) / max(len(redone), 1):.0f} % of samples redone")
+    for k, v in best.items():
+        print(f"  {k:18s} {v:9.4f} s/image {v / best['gated (no rewind)']:7.3f}x")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--rewind", type=int, default=0, help="also time the rewind on N implicit + N empty prompts")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bundled(a.repeats)
+    if a.rewind:
+        rewind_cost(a.rewind, a.repeats)
     if not a.skip_sd15:
         sd15(a.repeats)
     return 0
