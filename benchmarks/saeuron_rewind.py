@@ -10,7 +10,8 @@ preset's detectors flagged the sample, else the preset's own image; the built re
 generated through `diffusion_sae.generate`) must agree with it, and its time over the preset's is its cost. Implicit (object left out)
 and empty prompts of the tuning split; paired change counts the seeds whose plain image lacks the concept.
 
---kind style runs the same on styles (their implicit prompts leave the style out).
+--kind style runs the same on styles (their implicit prompts leave the style out). The last column is the judge-space
+FD ratio over the seeds whose plain image lacks the concept, as the generalization table computes it.
 
     python benchmarks/saeuron_rewind.py [--images 128] [--kind object|style] [--concepts circle,heart] [--probe-step 11]
 """
@@ -29,7 +30,7 @@ from diffusion_sae.eval.shapes import ShapesBench, saeuron_context  # noqa: E402
 from diffusion_sae.interventions import ablate  # noqa: E402
 from diffusion_sae.world import assets, bundle  # noqa: E402
 from diffusion_sae.world.bundle import KINDS  # noqa: E402
-from diffusion_sae.world.generalization import empty_prompts, implicit_prompts  # noqa: E402
+from diffusion_sae.world.generalization import _cat, empty_prompts, fd_ratio, implicit_prompts  # noqa: E402
 
 from saeuron_attack import with_image_probe  # noqa: E402
 from saeuron_detector import split_detectors  # noqa: E402
@@ -62,22 +63,28 @@ def main() -> int:
     sets = [implicit_prompts(a.kind, a.images, "tuning"), empty_prompts(a.images, "tuning")]
     t0 = time.perf_counter()
 
+    last: dict = {}
+
     def judged(factory=None):
         js = [bench.run(ps, factory) for ps in sets]
+        last["judged"] = _cat(*js)     # for the FD ratio of the last call
         return {k: torch.cat([j.pred[k] for j in js]) for k in KINDS}
 
     plain = judged()
+    plain_judged = last["judged"]
     print("| concept | probe step | base rate | preset: implicit / base | rewind: implicit / base | gate off: implicit / base "
           "| flagged | recall | paired change preset / rewind / gate off | built rewind: implicit / base, paired, "
-          "verdicts unlike the composite | seconds: built rewind / preset |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "verdicts unlike the composite | seconds: built rewind / preset | FD ratio: preset / built rewind |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in a.concepts.split(","):
         ci, p = KINDS[a.kind].index(c), with_image_probe(shipped[c], a.probe_step or None)
+        p.pop("rewind", None)     # the preset without the rewind (a shipped "rewind": true is what is measured here)
         image = split_detectors(p["detector"])[1]
         VERDICTS.clear()
         t = time.perf_counter()
         gated = judged(lambda: saeuron_context(pipe, blocks, {c: p}))
         t_gated = time.perf_counter() - t
+        gated_judged = last["judged"]
         per_call = len(p["detector"]) * len(p["blocks"])
         flags = torch.cat([torch.stack(VERDICTS[k:k + per_call]).any(0) for k in range(0, len(VERDICTS), per_call)])
         ungated = judged(lambda: saeuron_context(pipe, blocks, {c: {k: v for k, v in p.items() if k != "detector"}}))
@@ -86,6 +93,7 @@ def main() -> int:
         t = time.perf_counter()
         built = judged(lambda: saeuron_context(pipe, blocks, {c: dict(p, rewind=True)}))
         t_built = time.perf_counter() - t
+        built_judged = last["judged"]
         unlike = int(torch.stack([built[k] != rewind[k] for k in KINDS]).any(0).sum())
         lacks = plain[a.kind] != ci
 
@@ -101,7 +109,8 @@ def main() -> int:
               f"{rate(ungated) / base:.2f} | {100 * float(flags.float().mean()):.0f} % | {float(flags[~lacks].float().mean()):.2f} | "
               f"{100 * paired(gated):.0f} / {100 * paired(rewind):.0f} / {100 * paired(ungated):.0f} % | "
               f"{rate(built) / base:.2f}, {100 * paired(built):.0f} %, {unlike} of {len(lacks)} | "
-              f"{t_built / t_gated:.2f}x |", flush=True)
+              f"{t_built / t_gated:.2f}x | {fd_ratio(clf, plain_judged, gated_judged, lacks)[2]:.2f} / "
+              f"{fd_ratio(clf, plain_judged, built_judged, lacks)[2]:.2f} |", flush=True)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
     return 0
 
