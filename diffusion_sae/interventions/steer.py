@@ -156,9 +156,9 @@ def _gate_tokens(pipe, hps, text: str) -> list[int]:
     return toks
 
 
-def _check_from_step(k) -> int:
+def _check_from_step(k, name: str = "implicit_from_step") -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-        raise SteeringError(f"implicit_from_step must be a non-negative whole number of denoising steps "
+        raise SteeringError(f"{name} must be a non-negative whole number of denoising steps "
                             f"(0: from the first step), got {k!r}")
     return int(k)
 
@@ -234,7 +234,7 @@ class FamilyGate:
         self.rewind = bool(rewind)
         if self.rewind and not self.detectors:
             raise SteeringError("rewind=True redoes the samples a detector flagged: give the gate a detector")
-        self.rewind_from_step = _check_from_step(rewind_from_step)
+        self.rewind_from_step = _check_from_step(rewind_from_step, "rewind_from_step")
         if self.rewind and self.rewind_from_step >= self.implicit_from_step:
             raise SteeringError(f"rewind_from_step={self.rewind_from_step} must be below implicit_from_step="
                                 f"{self.implicit_from_step} (the redo starts the late encoding earlier)")
