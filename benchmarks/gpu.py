@@ -8,11 +8,14 @@ DDIM / Euler `--steps` steps (default 50), guidance 7.5, batch 1. Three modes pe
     steered   Concept Steerers: a 4x SAE (k = 32) on text_encoder layer 9, S built once, λ = -1
     ablated   SAeUron: a 16x BatchTopK-shaped SAE (k = 32) at the block the papers use
               (SD 1.5 up_blocks.1.attentions.1, SDXL up_blocks.0.attentions.1), top 8 features per step
+    ablated_subset  the same edit through the CPU's path: it asks the device which rows fired (one host-device
+              sync per step) and decodes those rows only; on a GPU `ablated` decodes every row without asking
 
 SAEs are float32 on the GPU (their maths runs in fp32 inside the fp16 pipeline). Random weights
 give the real architectures' cost, not meaningful images. Timings: `--images` timed images after one
-warm-up image, torch.cuda.synchronize() around each; peak memory is torch.cuda.max_memory_allocated
-per mode (reset before each).
+warm-up round, the modes taken in turn image by image (round robin), torch.cuda.synchronize() around each
+image; ratios of means and of medians; peak memory is torch.cuda.max_memory_allocated per mode (reset before
+each image).
 
     python benchmarks/gpu.py [--models sd15,sdxl] [--steps 50] [--images 3] [--json gpu.json]
     python benchmarks/gpu.py --smoke      # the same code path on the tiny CPU pipelines (not a benchmark)
@@ -36,6 +39,7 @@ SETUPS = {  # family: (size, text hookpoint, block hookpoint)
     "sdxl": (1024, "text_encoder.text_model.encoder.layers.9", "unet.up_blocks.0.attentions.1"),
 }
 TINY = {"sd15": "sd", "sdxl": "sdxl"}
+MODES = ("plain", "steered", "ablated", "ablated_subset")
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
@@ -75,29 +79,48 @@ def bench_family(fam: str, device: torch.device, dtype: torch.dtype, steps: int,
                                           steps=steps, guidance=7.5, height=size, width=size)
     steering = concept_steering(text_sae, pipe, text_hp, "cat", -1.0)
 
-    def run(ctx_factory) -> dict:
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(images + 1):
-            with ctx_factory():
+    import contextlib
+
+    from diffusion_sae.interventions import ablate
+
+    @contextlib.contextmanager
+    def row_subset():
+        # the scale edit's CPU path (asks the device which rows fired: one host-device sync per step), for comparison
+        free = ablate._sync_free
+        ablate._sync_free = lambda x: False
+        try:
+            with unlearn_concepts(pipe, block_sae, dictionary, "cat", multiplier=-1.0, top_n=8):
+                yield
+        finally:
+            ablate._sync_free = free
+
+    contexts = {"plain": contextlib.nullcontext,
+                "steered": lambda: steer_text_encoder(pipe, [steering]),
+                "ablated": lambda: unlearn_concepts(pipe, block_sae, dictionary, "cat", multiplier=-1.0, top_n=8),
+                "ablated_subset": row_subset}
+    times: dict = {m: [] for m in MODES}
+    peak = {m: 0.0 for m in MODES}
+    # Round robin: image i of every mode before image i + 1 of any, so the GPU's clock and the host's load drift
+    # over all modes alike (one mode after another read plain 1.46 s and 1.94 s per image in two runs on one H200).
+    for i in range(images + 1):
+        for m in MODES:
+            with contexts[m]():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 _sync(device)
                 t = time.perf_counter()
                 img = pipe(PROMPT, generator=torch.Generator().manual_seed(i), **kw).images
                 _sync(device)
-                if i:  # the first image warms up kernels and allocator
-                    times.append(time.perf_counter() - t)
-        assert img.shape[-1] == size
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        return {"s_per_image": sum(times) / len(times), "peak_gib": peak}
-
-    import contextlib
-
-    res = {"plain": run(contextlib.nullcontext),
-           "steered": run(lambda: steer_text_encoder(pipe, [steering])),
-           "ablated": run(lambda: unlearn_concepts(pipe, block_sae, dictionary, "cat", multiplier=-1.0, top_n=8))}
-    for m in ("steered", "ablated"):
+                if i:  # the first round warms up kernels and allocator
+                    times[m].append(time.perf_counter() - t)
+                if device.type == "cuda":
+                    peak[m] = max(peak[m], torch.cuda.max_memory_allocated(device) / 2**30)
+            assert img.shape[-1] == size
+    res = {m: {"s_per_image": sum(times[m]) / len(times[m]), "median_s": sorted(times[m])[len(times[m]) // 2],
+               "peak_gib": peak[m] if device.type == "cuda" else float("nan")} for m in MODES}
+    for m in MODES[1:]:
         res[m]["ratio"] = res[m]["s_per_image"] / res["plain"]["s_per_image"]
+        res[m]["median_ratio"] = res[m]["median_s"] / res["plain"]["median_s"]
     return {"size": size, "steps": steps, "build_s": build_s, "text_hookpoint": text_hp, "block_hookpoint": block_hp,
             "text_sae_latents": 4 * tw, "block_sae_latents": 16 * bw, **res}
 
@@ -134,13 +157,13 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
     out = {"device": gpu, "dtype": str(dtype), "torch": torch.__version__, "results": {}}
     print(f"{gpu}, {dtype}, {steps} steps, {images} timed image(s) per mode")
-    print(f"{'model':6s} {'size':>6s} {'mode':8s} {'s/image':>9s} {'x plain':>8s} {'peak GiB':>9s}")
+    print(f"{'model':6s} {'size':>6s} {'mode':14s} {'s/image':>9s} {'x plain':>8s} {'median x':>9s} {'peak GiB':>9s}")
     for fam in fams:
         r = bench_family(fam, device, dtype, steps, images, a.smoke)
         out["results"][fam] = r
-        for m in ("plain", "steered", "ablated"):
-            print(f"{fam:6s} {r['size']:>5d}² {m:8s} {r[m]['s_per_image']:9.3f} {r[m].get('ratio', 1.0):8.3f} "
-                  f"{r[m]['peak_gib']:9.2f}")
+        for m in MODES:
+            print(f"{fam:6s} {r['size']:>5d}² {m:14s} {r[m]['s_per_image']:9.3f} {r[m].get('ratio', 1.0):8.3f} "
+                  f"{r[m].get('median_ratio', 1.0):9.3f} {r[m]['peak_gib']:9.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

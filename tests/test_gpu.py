@@ -67,8 +67,10 @@ def test_shapescanvas_erasure_in_fp16_on_cuda_agrees_with_fp32_on_cpu():
         assert gpu["rest_accuracy"] >= 0.75, (key, gpu["rest_accuracy"])
         if key[0].startswith("Concept Steerers"):
             assert gpu["named"] <= 0.25 <= gpu["named_plain"], (key, gpu["named"], gpu["named_plain"])
-            # the implicit fraction (0.2 from step 8) acts on prompts that name no concept of the kind
-            assert gpu["paired_change"] > 0, (key, gpu["paired_change"])
+        # the implicit fraction acts only on samples the image-side probe flags, so few seeds change (none for
+        # solid and striped on the CPU with these 8 + 8 seeds); the GPU's share of changed seeds is the CPU's within 2 in 8
+        if cpu.get("paired_change") is not None:
+            assert abs(gpu["paired_change"] - cpu["paired_change"]) <= 0.25, (key, gpu["paired_change"], cpu["paired_change"])
 
 
 def test_cli_recipes_in_fp16_on_cuda(tmp_path):
@@ -126,3 +128,38 @@ def test_bundled_model_cli_in_fp16_on_cuda(tmp_path):
         r = CliRunner().invoke(app, args + ["--steps", "25", "--out", str(out), "--device", DEVICE, "--dtype", str(DTYPE)[6:]])
         assert r.exit_code == 0, (args, r.output, r.exception)
         assert out.stat().st_size > 1000
+
+
+def test_rewind_in_fp16_on_cuda(tmp_path):
+    """Rewind on the GPU in float16, both methods from the CLI on the bundled model, as the CPU tests in
+    test_cli.py check it: the shipped step-7 probe at bar 0 flags the sample late; `--rewind` redoes it from its
+    first latent with the edit from step 0, which is the run without a detector (mean pixel difference ≤ 0.5 of
+    255, both runs in float16 on the GPU), and not the gated image."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from diffusion_sae.cli import app
+    from diffusion_sae.world import bundle
+
+    def image(args, name, *extra, sub="0.png"):
+        r = CliRunner().invoke(app, [str(a) for a in (*args, *extra, "--save-images", tmp_path / name, "--device",
+                                                       DEVICE, "--dtype", str(DTYPE)[6:])])
+        assert r.exit_code == 0, (name, r.output, r.exception)
+        a = np.asarray(Image.open(tmp_path / name / sub), dtype=np.int16)
+        assert a.std() > 2, (name, a.std())
+        return a
+
+    probe = ["--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
+    steer = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival",
+             "dotted", "--rival", "solid", "--implicit", "1", "--prompt", "a red star", "--steps", 10]
+    unlearn = ["unlearn", "--concept", "striped", "--multiplier", "-10", "--top-n", 4,
+               "--prompt", "a red star in striped style"]
+    for name, args, gate, sub in (("steer", steer, ["--implicit-from-step", 8, *probe], "0.png"),
+                                  ("unlearn", unlearn, probe, "unlearned/0.png")):
+        whole = image(args, f"{name}-whole", sub=sub)
+        gated = image(args, f"{name}-gated", *gate, sub=sub)
+        rewound = image(args, f"{name}-rewound", *gate, "--rewind", sub=sub)
+        diff, effect = np.abs(rewound - whole), np.abs(gated - whole)
+        print(f"{name}: rewound vs whole mean {diff.mean():.3f} max {diff.max()}; gated vs whole max {effect.max()}")
+        assert diff.mean() <= 0.5 and effect.max() > 8, (name, diff.mean(), diff.max(), effect.max())

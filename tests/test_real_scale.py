@@ -77,7 +77,8 @@ def test_gpu_benchmark_code_path_on_tiny_cpu_pipelines(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]
     for fam in ("sd15", "sdxl"):
-        assert all(res[fam][m]["s_per_image"] > 0 for m in ("plain", "steered", "ablated"))
+        assert all(res[fam][m]["s_per_image"] > 0 for m in ("plain", "steered", "ablated", "ablated_subset"))
+        assert res[fam]["ablated"]["median_ratio"] > 0
 
 
 # Measured on a shared 2-core CPU (bf16, 2 steps, 64², build + collect/train + dictionary + 3 images),

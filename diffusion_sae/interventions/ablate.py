@@ -93,6 +93,12 @@ from ..models import StepTracker, as_tokens, from_tokens, register_edit, resolve
 from .rewind import open_gate
 
 
+def _sync_free(x: torch.Tensor) -> bool:
+    """Whether the scale edit takes its path without host-device syncs (on accelerators; on the CPU the
+    row subset is cheaper because nothing waits)."""
+    return x.device.type != "cpu"
+
+
 class StepGridError(DiffusionSAEError, ValueError):
     """The dictionary was built on another step grid than the sampler uses."""
 
@@ -328,6 +334,12 @@ class SAeUronHook:
                 return (recon_new + (recon_old - xs)).to(x.dtype)
             delta = new - acts
             touched = fire.any(-1)
+            if not any(self.patch) and _sync_free(x):
+                # On a GPU, asking which rows fired (touched.any(), nonzero) makes the host wait for the device
+                # at every step, and the UNet's later kernels queue up behind that wait. Decoding every row's
+                # change (zero where nothing fired) needs no answer from the device; untouched rows keep x.
+                d = sae.decode_change(delta, idx, x=xs)
+                return torch.where(touched[:, None], (xs + d).to(x.dtype), x)
             if not bool(touched.any()):
                 return x
             out = x.clone()
