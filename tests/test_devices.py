@@ -144,3 +144,20 @@ def test_cli_steer_on_tiny_sdxl_in_bf16_and_cuda_refused(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 2
         assert p.stderr.strip().count("\n") == 0 and "CUDA is not available" in p.stderr, p.stderr
+
+
+def test_bf16_component_diagnostic_runs_each_component_alone_in_bf16():
+    """benchmarks/bf16_components.py, the diagnostic for a GPU stack whose bf16 images part from float32: every
+    component of every tiny family runs alone in bf16 inside a float32 pipeline (no dtype error), each within the
+    plain tolerance of float32 on this stack, and the whole-bf16 row is the pipeline test's figure."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bf16_components
+
+    for fam in ("sd", "sdxl", "sd3", "flux"):
+        rows = bf16_components.diagnose(fam, "cpu")
+        assert {"vae", "text_encoder", "all (bf16 pipeline)"} <= set(rows), (fam, rows)
+        assert all(isinstance(v, float) and 0 < v < MEAN_TOL["plain"] for v in rows.values()), (fam, rows)
+    assert bf16_components.main(["--families", "sd,sdxl,nope"]) == 2
