@@ -136,3 +136,22 @@ def test_registry_hooks_stack_by_name_and_leave_the_module_as_it_was():
     assert torch.allclose(m(x), y + 1, atol=1e-6)
     shift.remove()
     assert registered(m) == {} and "forward" not in m.__dict__ and torch.equal(m(x), y)
+
+
+def test_clip_bpe_unreachable_is_one_clear_line(tmp_path, monkeypatch):
+    """No package index and no cached copy (a GPU machine cut off from the internet): a DiffusionSAEError (the CLI
+    prints it as one line, exit 2) that names the cache folder and DIFFUSION_SAE_CACHE, and nothing is left behind."""
+    import subprocess
+
+    from diffusion_sae.errors import DiffusionSAEError
+    from diffusion_sae.models import clip_bpe
+
+    def offline(cmd, **kw):
+        raise subprocess.CalledProcessError(1, cmd, stderr="ERROR: No matching distribution found for open-clip-torch")
+    monkeypatch.setattr(clip_bpe.subprocess, "run", offline)
+    with pytest.raises(DiffusionSAEError) as e:
+        clip_bpe.clip_tokenizer_files(tmp_path / "clip-bpe")
+    msg = str(e.value)
+    assert "\n" not in msg and "No matching distribution" in msg and "DIFFUSION_SAE_CACHE" in msg
+    assert str(tmp_path / "clip-bpe") in msg
+    assert list((tmp_path / "clip-bpe").iterdir()) == []

@@ -16,13 +16,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..errors import DiffusionSAEError
+
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 
 
-class ClipBpeUnavailable(RuntimeError):
-    """The CLIP BPE file could not be fetched (no PyPI access and no cached copy)."""
+class ClipBpeUnavailable(DiffusionSAEError, RuntimeError):
+    """The CLIP BPE file could not be fetched (no PyPI access and no cached copy): one line on the CLI, exit 2."""
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +53,9 @@ def _fetch_bpe_gz(cache_dir: Path) -> bytes:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             raise ClipBpeUnavailable(f"could not download {OPEN_CLIP_WHEEL} for CLIP's BPE file: "
-                                     f"{detail.strip().splitlines()[-1] if detail.strip() else e}") from e
+                                     f"{detail.strip().splitlines()[-1] if detail.strip() else e}; run once where "
+                                     f"the package index is reachable, or copy a clip-bpe folder (vocab.json, "
+                                     f"merges.txt) to {cache_dir} (set DIFFUSION_SAE_CACHE to its parent)") from e
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ClipBpeUnavailable(f"pip download {OPEN_CLIP_WHEEL} produced no wheel")
