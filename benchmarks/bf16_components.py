@@ -16,10 +16,13 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from diffusion_sae.eval.imageset import atomic_write_text  # noqa: E402
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
@@ -89,7 +92,6 @@ def diagnose(family: str, device: str) -> dict:
 
     pipe = load_pipeline(f"tiny:{family}", device=device, dtype="float32")
     pipe.set_progress_bar_config(disable=True)
-    # the module's own dtype/device properties read its first parameter, so they follow the cast
     ref = image(pipe, device)
     rows = {}
     for name, comp in pipe.components.items():
@@ -133,8 +135,7 @@ def main(argv=None) -> int:
         for name, v in rows.items():
             print(f"{fam:5s} {name:22s} " + (f"{v:.4f}" if isinstance(v, float) else v))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(Path(a.json), json.dumps(out, indent=1))
     return 0
 
 

@@ -28,11 +28,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from diffusion_sae.eval.imageset import atomic_write_text  # noqa: E402
 
 SETUPS = {  # family: (size, text hookpoint, block hookpoint)
     "sd15": (512, "text_encoder.text_model.encoder.layers.9", "unet.up_blocks.1.attentions.1"),
@@ -165,8 +168,7 @@ def main(argv=None) -> int:
             print(f"{fam:6s} {r['size']:>5d}² {m:14s} {r[m]['s_per_image']:9.3f} {r[m].get('ratio', 1.0):8.3f} "
                   f"{r[m].get('median_ratio', 1.0):9.3f} {r[m]['peak_gib']:9.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(Path(a.json), json.dumps(out, indent=1))
     return 0
 
 

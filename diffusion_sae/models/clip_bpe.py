@@ -54,8 +54,8 @@ def _fetch_bpe_gz(cache_dir: Path) -> bytes:
             detail = getattr(e, "stderr", "") or str(e)
             raise ClipBpeUnavailable(f"could not download {OPEN_CLIP_WHEEL} for CLIP's BPE file: "
                                      f"{detail.strip().splitlines()[-1] if detail.strip() else e}; run once where "
-                                     f"the package index is reachable, or copy a clip-bpe folder (vocab.json, "
-                                     f"merges.txt) to {cache_dir} (set DIFFUSION_SAE_CACHE to its parent)") from e
+                                     f"the package index is reachable, or put vocab.json and merges.txt from another "
+                                     f"machine's cache in {cache_dir} (DIFFUSION_SAE_CACHE sets its parent)") from e
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ClipBpeUnavailable(f"pip download {OPEN_CLIP_WHEEL} produced no wheel")
