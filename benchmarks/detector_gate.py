@@ -20,8 +20,9 @@ every sample the probe flags is denoised again from its first latent with the im
 (generation goes through interventions.rewind.generate), against the preset, whose flagged samples get it from the
 gate's step on only; rounds 6 (objects, colours) and 7 (styles) start the redo at later steps too and print every
 concept's figures, from which each concept's pick ships (params "family_rewind": {kind: {concept: step}}).
+Round 8 lowers the styles' and objects' probe threshold, with and without a larger implicit fraction.
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7] [--kinds style,object,colour]
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7|8] [--kinds style,object,colour]
                                        [--implicit 16] [--empty 16]        (--concepts-per-kind 0: every concept)
 """
 from __future__ import annotations
@@ -58,6 +59,10 @@ ROUNDS = {
     6: (None, {"object": 0, "colour": 0}, {"object": 4, "colour": 2}, {"object": 8, "colour": 4}),
     # the same for the styles, per concept (round 5 judged them only as a kind)
     7: (None, {"style": 0}, {"style": 6}, {"style": 10}),
+    # round 8 (styles, objects): the evaluation's empty prompt keeps circle, diamond, checkered and star at a third to
+    # a half of their base rate: the step-11 probe at a lower threshold (more of them flagged), and with it a larger
+    # implicit fraction; (threshold, fraction) per kind, None: the shipped preset
+    8: (None, (0.1, None), (0.1, 3.0), (0.2, 3.0)),
 }
 
 
@@ -102,6 +107,19 @@ def with_rewind(steps):
     return change
 
 
+def with_gate(threshold, fraction):
+    """Round 8's change: every detector of the styles and objects at this threshold; their implicit fraction
+    (params "family") at this value (None: the shipped one)."""
+    def change(cs):
+        for kind in ("style", "object"):
+            det = cs["family_detector"][kind]
+            for d in det if isinstance(det, list) else [det]:
+                d["threshold"] = threshold
+            if fraction is not None:
+                cs["family"][kind] = fraction
+    return change
+
+
 def rewind_name(steps) -> str:
     if steps is None:
         return "CS shipped (no rewind)"
@@ -125,6 +143,10 @@ def main() -> int:
         cands = shipped_variants(pipe, text_sae, {
             "CS shipped" if tau is None else f"CS shipped + prompt probe 0 p≥{tau:g}": with_prompt_probe(tau)
             for tau in ROUNDS[3]})
+    elif a.round == 8:
+        cands = shipped_variants(pipe, text_sae, {
+            "CS shipped" if v is None else f"CS shipped, probe p≥{v[0]:g}" + (f", fraction {v[1]:g}" if v[1] else ""):
+            (lambda cs: None) if v is None else with_gate(*v) for v in ROUNDS[8]})
     elif a.round in (5, 6, 7):
         cands = shipped_variants(pipe, text_sae, {rewind_name(v): with_rewind(v) for v in ROUNDS[a.round]})
     else:

@@ -12,7 +12,7 @@ Round 2 adds a probe of the conditional (prompt) branch at step 0: what the prom
 paraphrased) is readable before the image has decided, so the edit can start at step 1 on those samples,
 while the image-side probe still catches the samples of prompts that never ask for the concept.
 
-    python benchmarks/saeuron_detector.py [--round 1|2|3|4|5|6|7|8|9|10] [--named 8] [--implicit 16] [--empty 16] [--concepts a,b] [--concepts-per-kind 0]
+    python benchmarks/saeuron_detector.py [--round 1|2|3|4|5|6|7|8|9|10|11] [--named 8] [--implicit 16] [--empty 16] [--concepts a,b] [--concepts-per-kind 0]
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def variant(name: str, p: dict) -> dict:
                 q["top_n"] = g * p.get("top_n", 1)
         if "min_fire 1" in name:
             q["min_fire"] = 1
+        if "rewind" in name:
+            q["rewind"] = True
         if "min_fire÷2" in name:
             q["min_fire"] = max(1, p.get("min_fire", 1) // 2)
         if "+block" in name and EXTRA_BLOCK[kind_of(p)] not in p["blocks"]:
@@ -135,7 +137,11 @@ VARIANTS = {1: ("shipped", "probe 9 p≥0.2", "probe 5 p≥0.2", "probe 5 p≥0.
             # round 10 (objects and styles, judged with --implicit 128 --empty 128): the image-side probe read at step 11
             # instead of 5-9. A flagged sample is edited only after the probe's step, but at step 11 the probe flags far
             # more of the unnamed samples heading to the concept (circle: 40 % at step 5, 79 % at step 11; saeuron_rewind.py)
-            10: ("shipped", "prompt gate, probe 11")}
+            10: ("shipped", "prompt gate, probe 11"),
+            # round 11 (star, gradient, outlined: the presets with no image-side probe, implicit ratio 1.00 / 0.70 in the
+            # acceptance run): the step-11 probe with the rewind, which redoes a flagged sample with the edit from the
+            # preset's first step, judged on every axis (rest accuracy included, which saeuron_rewind.py does not measure)
+            11: ("shipped", "prompt gate, probe 11", "prompt gate, probe 11, rewind")}
 
 
 def main() -> int:
@@ -145,7 +151,7 @@ def main() -> int:
                     help="1: the image-side probe alone; 2: OR the prompt's-branch probe at step 0; 3: stronger edits "
                          "behind that gate; 4: the prompt gate alone with the strongest edits; 5-6: "
                          "objects and styles on more images; 7: objects' edits on all four object blocks; 8: those "
-                         "behind the prompt gate alone; 9: behind the stricter one; 10: the image-side probe at step 11")
+                         "behind the prompt gate alone; 9: behind the stricter one; 10: the image-side probe at step 11; 11: that probe with the rewind")
     ap.add_argument("--named", type=int, default=8, help="images per concept on named prompts")
     ap.add_argument("--implicit", type=int, default=16, help="images per kind on attribute-left-out prompts")
     ap.add_argument("--empty", type=int, default=16, help="images of the empty prompt")

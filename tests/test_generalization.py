@@ -168,6 +168,12 @@ def test_concept_row_by_hand():
     assert gen.concept_row(_StubJudge(), "style", "striped", runs, plain, erased=("dotted",))["paired_change"] == 0.0
     # solid (0) with it: implicit 3 and the second empty seed are left; implicit 3 changed
     assert gen.concept_row(_StubJudge(), "style", "striped", runs, plain, erased=("solid",))["paired_change"] == 0.5
+    # the intervals come from the same counts: named 1 of 4 (Wilson), rest 1 of 2 right, paired 1 of 4 changed
+    from diffusion_sae.eval.metrics import wilson_interval
+    assert row["ci"]["named"] == pytest.approx(list(wilson_interval(1, 4)))
+    assert row["ci"]["rest_accuracy"] == pytest.approx(list(wilson_interval(1, 2)))
+    assert row["ci"]["paired_change"] == pytest.approx(list(wilson_interval(1, 4)))
+    assert row["ci"]["implicit_rel"] == [0.0, 0.0]      # the edit left striped on none of the 6 seeds
     s = gen.summarize([row, dict(row, concept="dotted", named=0.5)])
     assert s["named"] == {"value": 0.5, "concept": "dotted"}
     assert s["implicit_rel"]["value"] == 0.0
@@ -225,6 +231,55 @@ def test_mean_violation_by_hand():
     res = {"rows": {"Concept Steerers (x)": [ok, dict(ok, named=0.10)], "SAeUron (x)": [ok]}}
     v = gen.mean_violations(res)
     assert v["Concept Steerers (x)"] == pytest.approx(0.5) and v["SAeUron (x)"] == pytest.approx(3.0)
+
+
+def test_wilson_interval_matches_scipy_and_paired_ratio_interval_by_resampling():
+    """Wilson against scipy's own; the implicit ratio's bootstrap covers its point estimate, narrows with 4x the
+    seeds, is fixed by its seed, and has no ratio where the plain model never drew the concept."""
+    from scipy.stats import binomtest
+
+    from diffusion_sae.eval.metrics import paired_ratio_interval, wilson_interval
+
+    for k, n in ((0, 20), (1, 20), (3, 20), (20, 20), (9, 128), (64, 128)):
+        ref = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-9), (k, n)
+    for bad in ((3, 2), (-1, 4), (1, 0), (0.5, 4), (True, 4)):
+        with pytest.raises(MetricInputError):
+            wilson_interval(*bad)
+    g = torch.Generator().manual_seed(0)
+    plain = (torch.rand(128, generator=g) < 0.15).tolist()
+    edited = [p and bool(torch.rand(1, generator=g) < 0.4) for p in plain]
+    est = sum(edited) / sum(plain)
+    lo, hi = paired_ratio_interval(edited, plain)
+    assert lo < est < hi and 0.0 <= lo and hi <= 1.0
+    assert paired_ratio_interval(edited, plain) == (lo, hi)
+    lo4, hi4 = paired_ratio_interval(edited * 4, plain * 4)
+    assert hi4 - lo4 < 0.7 * (hi - lo)
+    assert all(v != v for v in paired_ratio_interval([True, False], [False, False]))
+    with pytest.raises(MetricInputError):
+        paired_ratio_interval([True], [True, False])
+
+
+def test_noise_verdicts_tell_a_miss_the_counts_can_resolve_from_one_they_cannot():
+    """3 of 20 named images is past the 5 % bar beyond noise (Wilson low end 5.2 %), 2 of 20 is not (2.8 %); a
+    rest accuracy of 18 of 20 is within noise of 95 %, 17 of 20 is not (high end 94.8 %); FD has no interval; a held bar is
+    not listed; Concept Steerers' paired change has no bar."""
+    from diffusion_sae.eval.metrics import wilson_interval
+
+    ok = {"kind": "object", "named": 0.0, "held_out": 0.0, "implicit_all": 0.0, "implicit_all_plain": 0.5,
+          "rest_accuracy": 1.0, "paired_change": 0.0, "tv_other": 0.0, "fd_ratio": 0.0, "ci": {}}
+    rows = [dict(ok, concept="a", named=0.15, ci={"named": list(wilson_interval(3, 20))}),
+            dict(ok, concept="b", named=0.10, ci={"named": list(wilson_interval(2, 20))}),
+            dict(ok, concept="c", rest_accuracy=0.90, ci={"rest_accuracy": list(wilson_interval(18, 20))}),
+            dict(ok, concept="d", rest_accuracy=0.85, ci={"rest_accuracy": list(wilson_interval(17, 20))}),
+            dict(ok, concept="e", fd_ratio=0.5, paired_change=0.5)]
+    got = {(m[:3], c, axis): verdict for m, c, axis, v, lohi, bar, verdict in
+           gen.noise_verdicts({"rows": {"SAeUron (x)": rows, "Concept Steerers (x)": rows[4:]}})}
+    assert got == {("SAe", "object: a", "named"): "beyond noise", ("SAe", "object: b", "named"): "within noise",
+                   ("SAe", "object: c", "rest_accuracy"): "within noise",
+                   ("SAe", "object: d", "rest_accuracy"): "beyond noise",
+                   ("SAe", "object: e", "fd_ratio"): "no interval", ("SAe", "object: e", "paired_change"): "no interval",
+                   ("Con", "object: e", "fd_ratio"): "no interval"}
 
 
 def test_embedding_match_finds_held_out_names_on_the_bundled_model():

@@ -163,3 +163,38 @@ def artifact_rate(confidence: Sequence[float], threshold: float = 0.5) -> float:
     if c.size == 0:
         raise MetricInputError("artifact rate of an empty image set")
     return float((c < threshold).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling noise: 95 % intervals for the erasure axes
+# ---------------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) for a share of `successes` in `n` images. Unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or n, which is where erasure figures sit
+    (0 of 20 named images is not "0 % for sure": its interval is [0, 16 %])."""
+    if isinstance(successes, bool) or isinstance(n, bool) or int(successes) != successes or int(n) != n:
+        raise MetricInputError(f"counts must be whole numbers, got {successes!r} of {n!r}")
+    k, n = int(successes), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise MetricInputError(f"{k} successes of {n} images")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def paired_ratio_interval(edited: Sequence[bool], plain: Sequence[bool], n_boot: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of Σ edited / Σ plain (the implicit ratio: presence with the edit over the
+    plain base rate) over paired samples (same prompt and seed), resampling the pairs. A resample whose plain
+    count is 0 has no ratio and is dropped; (nan, nan) when the plain model never drew the concept."""
+    e, b = np.asarray(edited, dtype=bool), np.asarray(plain, dtype=bool)
+    if e.shape != b.shape or e.ndim != 1:
+        raise MetricInputError(f"{e.shape} edited against {b.shape} plain samples: not paired")
+    if not b.any():
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(n_boot, len(b)))
+    num, den = e[idx].sum(1), b[idx].sum(1)
+    ratios = num[den > 0] / den[den > 0]
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))

@@ -185,6 +185,13 @@ def shapes_eval_lines(res: dict) -> list[str]:
 
         lines.append("generalization (held-out seeds; named / held-out names / implicit / adversarial):")
         lines += ["  " + line for line in gen_summary(res["generalization"])]
+        from .generalization import noise_verdicts
+
+        tally: dict = {}
+        for m, *_, verdict in noise_verdicts(res["generalization"]):
+            tally.setdefault(m, {}).setdefault(verdict, 0)
+            tally[m][verdict] += 1
+        lines += [f"  {m}: bar misses {', '.join(f'{n} {v}' for v, n in sorted(t.items()))}" for m, t in tally.items()]
     for name, r in res.get("extra_methods", {}).get("rows", {}).items():
         if name != "plain":
             lines.append(f"{name}: agreement object {100 * r['object']:.1f} style {100 * r['style']:.1f} colour "

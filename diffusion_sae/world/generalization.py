@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..eval.metrics import artifact_rate, classifier_frechet_distance, histogram_tv_distance, paired_change_rate
+from ..eval.metrics import (artifact_rate, classifier_frechet_distance, histogram_tv_distance, paired_change_rate,
+                            paired_ratio_interval, wilson_interval)
 from .bundle import KINDS
 from .config import ALIASES, COLOUR_NAMES, EVAL_TEMPLATE, GUIDANCE, OBJECTS, STYLES, caption
 from .evaluate import LEFT_OUT, PromptSet
@@ -151,12 +152,14 @@ def empty_prompts(n: int, split: str = "evaluation") -> PromptSet:
 
 
 def _presence(j, kind: str, ci: int) -> float:
-    return float((j.pred[kind] == ci).float().mean())
+    # a share of whole images as an exact fraction (a float32 mean makes 19 of 20 = 0.94999999, under a 95 % bar)
+    hits = j.pred[kind] == ci
+    return int(hits.sum()) / len(hits) if len(hits) else float("nan")
 
 
 def _all_correct(j) -> float:
     ok = torch.stack([j.pred[k] == j.truth(k) for k in KINDS]).all(0)
-    return float(ok.float().mean())
+    return int(ok.sum()) / len(ok) if len(ok) else float("nan")
 
 
 def _cat(a, b):
@@ -215,7 +218,28 @@ def concept_row(classifier, kind: str, concept: str, runs: dict, plain: dict, er
     row["artifacts"] = artifact_rate(torch.cat([j.confidence for j in everything]).tolist(), ARTIFACT_THRESHOLD)
     row["artifacts_plain"] = artifact_rate(torch.cat([j.confidence for j in everything_plain]).tolist(),
                                            ARTIFACT_THRESHOLD)
+    row["ci"] = _intervals(runs, imp, imp_plain, kind, ci, lacks)
     return row
+
+
+def _count(j, kind: str, ci: int) -> tuple[int, int]:
+    hits = j.pred[kind] == ci
+    return int(hits.sum()), len(hits)
+
+
+def _intervals(runs: dict, imp, imp_plain, kind: str, ci: int, lacks: torch.Tensor) -> dict:
+    """95 % intervals of a row's count-based axes ({axis: [low, high]}, eval.metrics): Wilson for shares of
+    images, a paired bootstrap over seeds for the implicit ratio. They say which bar misses are beyond the
+    sampling noise of the run's image counts (`noise_verdicts`)."""
+    ok = torch.stack([runs["rest"].pred[k] == runs["rest"].truth(k) for k in KINDS]).all(0)
+    changed = torch.stack([imp.pred[k] != imp_plain.pred[k] for k in KINDS]).any(0)[lacks]
+    alias_counts = [_count(j, kind, ci) for j in runs["aliases"]]
+    counts = {"named": _count(runs["named"], kind, ci),
+              "held_out": (sum(k for k, _ in alias_counts), sum(n for _, n in alias_counts)),
+              "rest_accuracy": (int(ok.sum()), len(ok)), "paired_change": (int(changed.sum()), len(changed))}
+    out = {axis: wilson_interval(k, n) for axis, (k, n) in counts.items() if n}
+    out["implicit_rel"] = paired_ratio_interval((imp.pred[kind] == ci).tolist(), (imp_plain.pred[kind] == ci).tolist())
+    return {k: [float(v[0]), float(v[1])] for k, v in out.items()}
 
 
 def known_aliases(pipe, concept: str) -> list[str]:
@@ -315,6 +339,8 @@ def add_adversarial(pipe, classifier, methods: dict, res: dict, concepts_per_kin
                     row["adversarial"] = a["asr"]
                     row["adversarial_projected"] = a.get("asr_projected")
                     row["adversarial_prompt"] = a.get("projected_text")
+                    hits = round(a["asr"] * cfg.n_images)
+                    row.setdefault("ci", {})["adversarial"] = list(wilson_interval(hits, cfg.n_images))
     res["adversarial"] = out
     res["summary"] = {m: summarize(r) for m, r in res["rows"].items() if r}
     return res
@@ -488,11 +514,42 @@ def report_section(res: dict):
             "judge-space Fréchet distance to plain / the same plain images' distance to rendered ones. "
             "Artifacts: images whose least confident judge head is below 50 %.")
     scores = mean_violations(res)
+    misses = Table("Bar misses against sampling noise (95 % interval of the run's image counts: Wilson for shares, a "
+                   "paired bootstrap over seeds for the implicit ratio; TV and FD have none)",
+                   ["method", "concept", "axis", "value", "95 % interval", "bar", "verdict"],
+                   [[m, c, axis, f"{v:.2f}", "–" if lohi is None else f"{lohi[0]:.2f}–{lohi[1]:.2f}", f"{bar:g}", verdict]
+                    for m, c, axis, v, lohi, bar, verdict in noise_verdicts(res)])
     summary = Table("Worst concept per axis, and the mean bar violation (0 = every bar held for every concept)",
                     ["method", "worst", "mean bar violation"],
                     [[m, w, f"{scores[m]:.1f}"] for m, w in (line.split(" — worst: ") for line in summary_lines(res))])
     return Section("Generalization: named, held-out names, implicit and adversarial prompts", text,
-                   [summary, Table("Per concept, %", cols, rows)])
+                   [summary, misses, Table("Per concept, %", cols, rows)])
+
+
+def noise_verdicts(res: dict) -> list[tuple]:
+    """Every bar a concept misses, as (method, concept, axis, value, [low, high] or None, bar, verdict). The
+    verdict is "beyond noise" when the whole 95 % interval is past the bar, "within noise" when the bar lies
+    inside it (the run's image counts cannot tell that miss from a pass), "no interval" for TV and FD."""
+    from .robust_tune import BARS, axis_value
+
+    out = []
+    for m, rows in res["rows"].items():
+        paired = not m.startswith("Concept Steerers")
+        for r in rows:
+            for axis, bar, kind in BARS:
+                if axis == "paired_change" and not paired:
+                    continue
+                v = axis_value(r, axis)
+                if v is None or (v <= bar + 1e-6 if kind == "max" else v >= bar - 1e-6):
+                    continue
+                lohi = r.get("ci", {}).get(axis)
+                if lohi is None or lohi[0] != lohi[0]:
+                    verdict, lohi = "no interval", None
+                else:
+                    beyond = lohi[0] > bar if kind == "max" else lohi[1] < bar
+                    verdict = "beyond noise" if beyond else "within noise"
+                out.append((m, f"{r['kind']}: {r['concept']}", axis, v, lohi, bar, verdict))
+    return out
 
 
 def mean_violations(res: dict) -> dict[str, float]:
