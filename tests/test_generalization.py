@@ -314,7 +314,7 @@ def test_embedding_match_finds_held_out_names_on_the_bundled_model():
 def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     """params["steer"]["family_from_step"] ({kind: step}) reaches the FamilyGate of removal_steering; a kind it
     does not list keeps the implicit fraction at every step (0); the shipped params (family, family_from_step,
-    family_detector, whatever their values) reach the gate of every kind they list. A 5th element of a
+    family_detector, family_concepts, whatever their values) reach the gate of every concept they list. A 5th element of a
     family_candidates setting is the same step."""
     from diffusion_sae.eval.shapes import removal_steering, steer_strength
     from diffusion_sae.world import assets, bundle, robust_tune
@@ -330,20 +330,33 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     shipped = bundle.load_params()["steer"]
     assert shipped["family"]
     for kind, imp in shipped["family"].items():
-        c = bundle.KINDS[kind][0]
-        gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
-        assert gate.implicit == float(imp)
-        assert gate.implicit_from_step == int(shipped.get("family_from_step", {}).get(kind, 0))
-        det = shipped.get("family_detector", {}).get(kind)
-        if det is None:
-            assert gate.detector is None
-        else:
-            specs = det if isinstance(det, list) else [det]
-            assert len(gate.detectors) == len(specs)
-            for d, spec in zip(gate.detectors, specs):
-                assert isinstance(d, ConceptDetector) and d.concept == c
-                assert (d.step, d.threshold, d.branch) == (int(spec["step"]), float(spec["threshold"]),
-                                                           spec.get("branch", "uncond"))
+        for c in bundle.KINDS[kind]:
+            own = shipped.get("family_concepts", {}).get(kind, {}).get(c, {})
+            gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
+            assert gate.implicit == float(own.get("implicit", imp))
+            assert gate.implicit_from_step == int(shipped.get("family_from_step", {}).get(kind, 0))
+            det = shipped.get("family_detector", {}).get(kind)
+            if det is None:
+                assert gate.detector is None
+            else:
+                specs = det if isinstance(det, list) else [det]
+                assert len(gate.detectors) == len(specs)
+                for d, spec in zip(gate.detectors, specs):
+                    assert isinstance(d, ConceptDetector) and d.concept == c
+                    assert (d.step, d.threshold, d.branch) == (int(spec["step"]), float(own.get("threshold", spec["threshold"])),
+                                                               spec.get("branch", "uncond"))
+    # family_concepts: one concept's own implicit fraction and probe threshold, no other concept's
+    cs = {"family": {"object": 2.0}, "family_from_step": {"object": 12},
+          "family_detector": {"object": {"step": 11, "threshold": 0.2}},
+          "family_concepts": {"object": {obj: {"implicit": 3.0, "threshold": 0.1}}}}
+    first = removal_steering(sae, pipe, "object", obj, -1.0, cs).rows
+    second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, cs).rows
+    assert (first.implicit, first.detectors[0].threshold, first.detectors[0].step) == (3.0, 0.1, 11)
+    assert (second.implicit, second.detectors[0].threshold) == (2.0, 0.2)
+    for bad, match in (({"implicit": -1}, "implicit must be"), ({"threshold": 1.5}, "threshold must be"),
+                       ({"threshold": True}, "threshold must be"), ({"fraction": 2}, "unknown key")):
+        with pytest.raises(ValueError, match=match):
+            removal_steering(sae, pipe, "object", obj, -1.0, dict(cs, family_concepts={"object": {obj: bad}}))
     # family_rewind: a step for every concept of the kind, or {concept: step} for some; every shipped entry reaches
     # its concept's gate and no other concept's
     det = {"step": 11, "threshold": 0.2}

@@ -422,16 +422,38 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
     family = cs_params.get("family", {})
     if kind in family:
         neg = cs_params.get("family_negative", {}).get(kind)
-        det = cs_params.get("family_detector", {}).get(kind)
-        return family_removal(text_sae, pipe, kind, concept, strength, float(family[kind]),
+        det = _detector_specs(cs_params.get("family_detector", {}).get(kind))
+        own = family_concept(cs_params, kind, concept)
+        if det is not None and "threshold" in own:
+            det = [(step, float(own["threshold"]), branch) for step, _, branch in det]
+        return family_removal(text_sae, pipe, kind, concept, strength, float(own.get("implicit", family[kind])),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
                               int(cs_params.get("family_from_step", {}).get(kind, 0)),
-                              _detector_specs(det),
+                              det,
                               float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
                               family_rewind(cs_params, kind, concept))
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
+
+
+FAMILY_CONCEPT_KEYS = ("implicit", "threshold")
+
+
+def family_concept(cs_params: dict, kind: str, concept: str) -> dict:
+    """params "family_concepts" for one concept: {kind: {concept: {"implicit": fraction, "threshold": p}}} overrides
+    its kind's implicit fraction ("family") and its probes' threshold ("family_detector") for that concept alone;
+    {} where it has no entry."""
+    own = cs_params.get("family_concepts", {}).get(kind, {}).get(concept, {})
+    unknown = sorted(set(own) - set(FAMILY_CONCEPT_KEYS))
+    if unknown:
+        raise ValueError(f"family_concepts of {kind} / {concept}: unknown key(s) {unknown}; "
+                         f"use {', '.join(FAMILY_CONCEPT_KEYS)}")
+    for key, v in own.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or (key == "threshold" and v > 1):
+            raise ValueError(f"family_concepts of {kind} / {concept}: {key} must be a number "
+                             f"{'in [0, 1]' if key == 'threshold' else '>= 0'}, got {v!r}")
+    return own
 
 
 def family_rewind(cs_params: dict, kind: str, concept: str) -> int | None:

@@ -460,7 +460,8 @@ def default_methods(pipe, text_sae, blocks: dict, params: dict, group_size: int 
     if cs.get("family_detector"):
         # the same gate without the image-side probe (and so without the escalation on named prompts): the
         # previous preset, 0.2 of S from step 8 on every sample of a prompt that names none of the kind
-        blind = {k: v for k, v in cs.items() if k not in ("family_detector", "family_named_late", "family_rewind")}
+        blind = {k: v for k, v in cs.items() if k not in ("family_detector", "family_named_late", "family_rewind",
+                                                    "family_concepts")}
         blind.update(family={k: 0.2 for k in KINDS}, family_from_step={k: 8 for k in KINDS})
         out["Concept Steerers (no probe: 0.2 from step 8 on every sample)"] = {k: steer(False, blind)(k) for k in KINDS}
     if cs.get("family"):
