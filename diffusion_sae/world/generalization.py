@@ -151,15 +151,29 @@ def empty_prompts(n: int, split: str = "evaluation") -> PromptSet:
     return _prompt_set(attrs, _seeds(90_000, n, split), "", unknown=tuple(KINDS))
 
 
-def _presence(j, kind: str, ci: int) -> float:
-    # a share of whole images as an exact fraction (a float32 mean makes 19 of 20 = 0.94999999, under a 95 % bar)
+def _count(j, kind: str, ci: int) -> tuple[int, int]:
+    """(images the judge labels with the concept, images)."""
     hits = j.pred[kind] == ci
-    return int(hits.sum()) / len(hits) if len(hits) else float("nan")
+    return int(hits.sum()), len(hits)
+
+
+def _count_correct(j) -> tuple[int, int]:
+    """(images whose every judged attribute is the prompt's, images)."""
+    ok = torch.stack([j.pred[k] == j.truth(k) for k in KINDS]).all(0)
+    return int(ok.sum()), len(ok)
+
+
+def _share(k: int, n: int) -> float:
+    # an exact fraction of whole images (a float32 mean makes 19 of 20 = 0.94999999, under a 95 % bar)
+    return k / n if n else float("nan")
+
+
+def _presence(j, kind: str, ci: int) -> float:
+    return _share(*_count(j, kind, ci))
 
 
 def _all_correct(j) -> float:
-    ok = torch.stack([j.pred[k] == j.truth(k) for k in KINDS]).all(0)
-    return int(ok.sum()) / len(ok) if len(ok) else float("nan")
+    return _share(*_count_correct(j))
 
 
 def _cat(a, b):
@@ -222,21 +236,15 @@ def concept_row(classifier, kind: str, concept: str, runs: dict, plain: dict, er
     return row
 
 
-def _count(j, kind: str, ci: int) -> tuple[int, int]:
-    hits = j.pred[kind] == ci
-    return int(hits.sum()), len(hits)
-
-
 def _intervals(runs: dict, imp, imp_plain, kind: str, ci: int, lacks: torch.Tensor) -> dict:
     """95 % intervals of a row's count-based axes ({axis: [low, high]}, eval.metrics): Wilson for shares of
     images, a paired bootstrap over seeds for the implicit ratio. They say which bar misses are beyond the
     sampling noise of the run's image counts (`noise_verdicts`)."""
-    ok = torch.stack([runs["rest"].pred[k] == runs["rest"].truth(k) for k in KINDS]).all(0)
     changed = torch.stack([imp.pred[k] != imp_plain.pred[k] for k in KINDS]).any(0)[lacks]
     alias_counts = [_count(j, kind, ci) for j in runs["aliases"]]
     counts = {"named": _count(runs["named"], kind, ci),
               "held_out": (sum(k for k, _ in alias_counts), sum(n for _, n in alias_counts)),
-              "rest_accuracy": (int(ok.sum()), len(ok)), "paired_change": (int(changed.sum()), len(changed))}
+              "rest_accuracy": _count_correct(runs["rest"]), "paired_change": (int(changed.sum()), len(changed))}
     out = {axis: wilson_interval(k, n) for axis, (k, n) in counts.items() if n}
     out["implicit_rel"] = paired_ratio_interval((imp.pred[kind] == ci).tolist(), (imp_plain.pred[kind] == ci).tolist())
     return {k: [float(v[0]), float(v[1])] for k, v in out.items()}
