@@ -21,8 +21,9 @@ every sample the probe flags is denoised again from its first latent with the im
 gate's step on only; rounds 6 (objects, colours) and 7 (styles) start the redo at later steps too and print every
 concept's figures, from which each concept's pick ships (params "family_rewind": {kind: {concept: step}}).
 Round 8 lowers the styles' and objects' probe threshold, with and without a larger implicit fraction.
+Round 9 reads the probe late (step 15 or 19) and redoes every flagged sample from step 0.
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7|8] [--kinds style,object,colour]
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7|8|9] [--kinds style,object,colour]
                                        [--implicit 16] [--empty 16]        (--concepts-per-kind 0: every concept)
 """
 from __future__ import annotations
@@ -63,6 +64,11 @@ ROUNDS = {
     # a half of their base rate: the step-11 probe at a lower threshold (more of them flagged), and with it a larger
     # implicit fraction; (threshold, fraction) per kind, None: the shipped preset
     8: (None, (0.1, None), (0.1, 3.0), (0.2, 3.0)),
+    # round 9 (styles, objects): read the probe late, where it knows where a sample is heading, and redo every flagged
+    # sample from step 0 (the rewind makes the late verdict cost nothing in how early the fraction acts);
+    # (probe step, threshold) per kind for every concept (per-concept thresholds, fractions and rewinds dropped),
+    # None: the shipped preset. The step-15 and step-19 probes are fitted like the shipped ones (bundle.fit_probes).
+    9: (None, (15, 0.2), (19, 0.2), (19, 0.4)),
 }
 
 
@@ -120,6 +126,18 @@ def with_gate(threshold, fraction):
     return change
 
 
+def with_late_rewind(step, threshold):
+    """Round 9's change: the styles' and objects' probe at this step and threshold, the implicit fraction from the
+    next step, and every flagged sample redone from step 0; the per-concept overrides of those kinds dropped."""
+    def change(cs):
+        for kind in ("style", "object"):
+            cs["family_detector"][kind] = {"step": step, "threshold": threshold}
+            cs["family_from_step"][kind] = step + 1
+            cs["family_rewind"][kind] = 0
+            cs.get("family_concepts", {}).pop(kind, None)
+    return change
+
+
 def rewind_name(steps) -> str:
     if steps is None:
         return "CS shipped (no rewind)"
@@ -147,6 +165,10 @@ def main() -> int:
         cands = shipped_variants(pipe, text_sae, {
             "CS shipped" if v is None else f"CS shipped, probe p≥{v[0]:g}" + (f", fraction {v[1]:g}" if v[1] else ""):
             (lambda cs: None) if v is None else with_gate(*v) for v in ROUNDS[8]})
+    elif a.round == 9:
+        cands = shipped_variants(pipe, text_sae, {
+            "CS shipped" if v is None else f"CS probe {v[0]} p≥{v[1]:g}, redo from 0":
+            (lambda cs: None) if v is None else with_late_rewind(*v) for v in ROUNDS[9]})
     elif a.round in (5, 6, 7):
         cands = shipped_variants(pipe, text_sae, {rewind_name(v): with_rewind(v) for v in ROUNDS[a.round]})
     else:

@@ -11,7 +11,11 @@ other prompt attributes, generation seeds 500-515 of the tuning split); the eval
 With --prompt-probe P the kind's detector also ORs the prompt's-branch probe at step 0 (p >= P): every sample
 of a prompt the model reads as the concept is then escalated, not only those the image-side probe still flags.
 
-    python benchmarks/escalate_attack.py [--steps 20] [--prompt-probe 0.5]
+With --candidate FILE (a params JSON with a "steer" section, e.g. a preset written by `tune --out`) the shipped
+preset and that candidate are attacked instead, each at its own named_late: a change to the probe's step or the
+rewind (detector_gate.py --round 9) moves where the escalation acts, so it must be judged here too.
+
+    python benchmarks/escalate_attack.py [--steps 20] [--prompt-probe 0.5] [--candidate preset.json]
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt-probe", type=float, default=None)
+    ap.add_argument("--candidate", default=None, help="params JSON whose \"steer\" preset is attacked beside the shipped one")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
@@ -42,7 +47,14 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for kind in ("style", "object"):
         builders = {}
-        for v in NAMED_LATE:
+        if a.candidate:
+            import json
+
+            with open(a.candidate) as f:
+                cand = json.load(f)["steer"]
+            builders = {"shipped": steerers_builder(pipe, text_sae, kind, params["steer"]),
+                        "candidate": steerers_builder(pipe, text_sae, kind, cand)}
+        for v in () if a.candidate else NAMED_LATE:
             cs = copy.deepcopy(params["steer"])
             cs.setdefault("family_named_late", {})[kind] = v
             if a.prompt_probe is not None:

@@ -26,9 +26,12 @@ from diffusion_sae.world import assets, bundle  # noqa: E402
 from saeuron_detector import split_detectors  # noqa: E402
 
 
-def with_image_probe(p: dict, step: int | None, gamma: float = 1.0) -> dict:
-    """Preset p with its image-side probe(s) at `step` (None: unchanged); the prompt's-branch gate is kept."""
+def with_image_probe(p: dict, step: int | None, gamma: float = 1.0, rewind: bool | None = None) -> dict:
+    """Preset p with its image-side probe(s) at `step` (None: unchanged); the prompt's-branch gate is kept;
+    rewind True / False sets the preset's "rewind" (None: as shipped)."""
     q = dict(p, multiplier=p.get("multiplier", -1.0) * gamma)
+    if rewind is not None:
+        q["rewind"] = rewind
     if step is None or not p.get("detector"):
         return q
     cond, image = split_detectors(p["detector"])
@@ -37,7 +40,7 @@ def with_image_probe(p: dict, step: int | None, gamma: float = 1.0) -> dict:
 
 
 VARIANTS = {"shipped": (None, 1.0), "image probe 5": (5, 1.0), "image probe 5, γ×1.5": (5, 1.5), "image probe 7": (7, 1.0),
-            "image probe 9": (9, 1.0), "image probe 11": (11, 1.0)}
+            "image probe 9": (9, 1.0), "image probe 11": (11, 1.0), "image probe 19 + rewind": (19, 1.0, True)}
 
 # Tuning attack configurations: (attack seed, object, style, colour, first generation seed). One attack's success
 # hangs on its seed and prompt (16 images): --configs N averages over the first N.
@@ -68,9 +71,9 @@ def main() -> int:
         if not concepts:
             continue
 
-        def builder(step, gamma):
+        def builder(step, gamma, rewind=None):
             def build(concept):
-                pc = {concept: with_image_probe(shipped[concept], step, gamma)}
+                pc = {concept: with_image_probe(shipped[concept], step, gamma, rewind)}
                 return lambda: saeuron_context(pipe, blocks, pc)
             return build
 

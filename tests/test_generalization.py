@@ -223,6 +223,28 @@ def test_several_concepts_at_once_and_one_after_another():
         assert r["rest_accuracy"] >= 0.75, r
 
 
+def test_concepts_with_their_own_probe_step_removed_at_once():
+    """The first three objects read their probes at different steps (a concept's own "step"): one context cannot
+    hold such gates (one verdict per sample picks one encoding), so the group removal at once reads every probe at
+    the kind's step, and entering it does not raise; stacked, each keeps its own step."""
+    from diffusion_sae.eval.shapes import removal_steering, steer_strength
+    from diffusion_sae.interventions.steer import SteeringError, steer_text_encoder
+    from diffusion_sae.world import assets, bundle
+
+    pipe, sae, params = assets.load_pipeline(), bundle.load_text_sae(), bundle.load_params()
+    cs, objects = params["steer"], bundle.KINDS["object"][:3]
+    own = [removal_steering(sae, pipe, "object", c, steer_strength(cs, "object", c), cs).rows for c in objects]
+    assert len({g.detectors[0].step for g in own}) > 1
+    with pytest.raises(SteeringError, match="same step"):
+        with steer_text_encoder(pipe, [removal_steering(sae, pipe, "object", c, -1.0, cs) for c in objects]):
+            pass
+    methods = gen.group_methods(pipe, sae, {}, params, size=3)
+    with methods["Concept Steerers (shipped, 3 at once)"]["object"](objects[0])():
+        pass
+    with methods["Concept Steerers (shipped, 3 one after another)"]["object"](objects[0])():
+        pass
+
+
 def test_mean_violation_by_hand():
     """0 when every bar holds; a named presence of 10 % is one bar (5 %) past it; Concept Steerers' paired change
     carries no bar (its text edit touches every sample), SAeUron's does (5 %: 20 % is 3 bars past)."""
@@ -334,7 +356,8 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
             own = shipped.get("family_concepts", {}).get(kind, {}).get(c, {})
             gate = removal_steering(sae, pipe, kind, c, steer_strength(shipped, kind, c), shipped).rows
             assert gate.implicit == float(own.get("implicit", imp))
-            assert gate.implicit_from_step == int(shipped.get("family_from_step", {}).get(kind, 0))
+            assert gate.implicit_from_step == (int(own["step"]) + 1 if "step" in own
+                                               else int(shipped.get("family_from_step", {}).get(kind, 0)))
             det = shipped.get("family_detector", {}).get(kind)
             if det is None:
                 assert gate.detector is None
@@ -343,8 +366,10 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
                 assert len(gate.detectors) == len(specs)
                 for d, spec in zip(gate.detectors, specs):
                     assert isinstance(d, ConceptDetector) and d.concept == c
-                    assert (d.step, d.threshold, d.branch) == (int(spec["step"]), float(own.get("threshold", spec["threshold"])),
-                                                               spec.get("branch", "uncond"))
+                    branch = spec.get("branch", "uncond")
+                    step = int(own["step"]) if "step" in own and branch == "uncond" else int(spec["step"])
+                    assert (d.step, d.threshold, d.branch) == (step, float(own.get("threshold", spec["threshold"])),
+                                                               branch)
     # family_concepts: one concept's own implicit fraction and probe threshold, no other concept's
     cs = {"family": {"object": 2.0}, "family_from_step": {"object": 12},
           "family_detector": {"object": {"step": 11, "threshold": 0.2}},
@@ -353,8 +378,16 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, cs).rows
     assert (first.implicit, first.detectors[0].threshold, first.detectors[0].step) == (3.0, 0.1, 11)
     assert (second.implicit, second.detectors[0].threshold) == (2.0, 0.2)
+    assert first.implicit_from_step == second.implicit_from_step == 12
+    # its own probe step: the image-side probe read there, the fraction from the next step, a rewind still below it
+    late = dict(cs, family_concepts={"object": {obj: {"step": 19}}}, family_rewind={"object": {obj: 0}})
+    first = removal_steering(sae, pipe, "object", obj, -1.0, late).rows
+    second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, late).rows
+    assert (first.detectors[0].step, first.implicit_from_step, first.rewind, first.rewind_from_step) == (19, 20, True, 0)
+    assert (second.detectors[0].step, second.implicit_from_step, second.rewind) == (11, 12, False)
     for bad, match in (({"implicit": -1}, "implicit must be"), ({"threshold": 1.5}, "threshold must be"),
-                       ({"threshold": True}, "threshold must be"), ({"fraction": 2}, "unknown key")):
+                       ({"threshold": True}, "threshold must be"), ({"fraction": 2}, "unknown key"),
+                       ({"step": 13}, "step must be one of"), ({"step": True}, "step must be one of")):
         with pytest.raises(ValueError, match=match):
             removal_steering(sae, pipe, "object", obj, -1.0, dict(cs, family_concepts={"object": {obj: bad}}))
     # family_rewind: a step for every concept of the kind, or {concept: step} for some; every shipped entry reaches

@@ -144,7 +144,7 @@ def tune_cmd(method: str = typer.Option("saeuron", help="saeuron (per-concept to
                                             "comma-separated integers >= 0 (0: every step), e.g. '0,12'."),
              detectors: str = typer.Option("none", help="robust-steer: detectors to try, ';' between them: 'none' or 'STEP:THRESHOLD' "
                                            "(the implicit fraction acts only on samples the kind's shipped probe at STEP, one of "
-                                           "5, 7, 9, 11, flags with p >= THRESHOLD in [0, 1]; only paired with a later --from-steps "
+                                           "5, 7, 9, 11, 15, 19, flags with p >= THRESHOLD in [0, 1]; only paired with a later --from-steps "
                                            "step), e.g. 'none;11:0.2'."),
              concepts_per_kind: int = typer.Option(2, help="robust-*: concepts of the kind scored (the first N)."),
              blocks: str = typer.Option("unet.up_blocks.1.attentions.1", help="saeuron: block sets to try, ';' between sets, '+' within one, e.g. 'unet.up_blocks.1.attentions.1;unet.up_blocks.1.attentions.0+unet.up_blocks.1.attentions.1'."),

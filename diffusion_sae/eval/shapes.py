@@ -424,11 +424,16 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         neg = cs_params.get("family_negative", {}).get(kind)
         det = _detector_specs(cs_params.get("family_detector", {}).get(kind))
         own = family_concept(cs_params, kind, concept)
+        from_step = int(cs_params.get("family_from_step", {}).get(kind, 0))
         if det is not None and "threshold" in own:
             det = [(step, float(own["threshold"]), branch) for step, _, branch in det]
+        if det is not None and "step" in own:
+            # the image-side probes read at the concept's own step, the fraction acting from the next one
+            det = [(int(own["step"]) if branch == "uncond" else step, p, branch) for step, p, branch in det]
+            from_step = int(own["step"]) + 1
         return family_removal(text_sae, pipe, kind, concept, strength, float(own.get("implicit", family[kind])),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
-                              int(cs_params.get("family_from_step", {}).get(kind, 0)),
+                              from_step,
                               det,
                               float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
                               family_rewind(cs_params, kind, concept))
@@ -437,19 +442,26 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
                          contrast=contrast_kind(cs_params, kind))
 
 
-FAMILY_CONCEPT_KEYS = ("implicit", "threshold")
+FAMILY_CONCEPT_KEYS = ("implicit", "threshold", "step")
 
 
 def family_concept(cs_params: dict, kind: str, concept: str) -> dict:
-    """params "family_concepts" for one concept: {kind: {concept: {"implicit": fraction, "threshold": p}}} overrides
-    its kind's implicit fraction ("family") and its probes' threshold ("family_detector") for that concept alone;
-    {} where it has no entry."""
+    """params "family_concepts" for one concept: {kind: {concept: {"implicit": fraction, "threshold": p, "step": s}}}
+    overrides its kind's implicit fraction ("family"), its probes' threshold ("family_detector") and the step its
+    image-side probes read (one of bundle.PROBE_STEPS; the fraction then acts from step s + 1 on, "family_from_step")
+    for that concept alone; {} where it has no entry."""
+    from ..world.bundle import PROBE_STEPS
+
     own = cs_params.get("family_concepts", {}).get(kind, {}).get(concept, {})
     unknown = sorted(set(own) - set(FAMILY_CONCEPT_KEYS))
     if unknown:
         raise ValueError(f"family_concepts of {kind} / {concept}: unknown key(s) {unknown}; "
                          f"use {', '.join(FAMILY_CONCEPT_KEYS)}")
-    for key, v in own.items():
+    step = own.get("step")
+    if step is not None and (isinstance(step, bool) or step not in PROBE_STEPS):
+        raise ValueError(f"family_concepts of {kind} / {concept}: step must be one of the shipped probe steps "
+                         f"{', '.join(map(str, PROBE_STEPS))}, got {step!r}")
+    for key, v in ((k, v) for k, v in own.items() if k != "step"):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or (key == "threshold" and v > 1):
             raise ValueError(f"family_concepts of {kind} / {concept}: {key} must be a number "
                              f"{'in [0, 1]' if key == 'threshold' else '>= 0'}, got {v!r}")

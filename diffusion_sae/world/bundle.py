@@ -30,7 +30,7 @@ KINDS = {"style": STYLES, "object": OBJECTS, "colour": COLOUR_NAMES}
 # The block each kind's concept probe reads (the unconditional branch, patch mean); the steps shipped.
 PROBE_HOOKPOINTS = {"style": "unet.up_blocks.1.attentions.0", "object": "unet.up_blocks.0.attentions.1",
                     "colour": "unet.up_blocks.1.attentions.0"}
-PROBE_STEPS = (5, 7, 9, 11)
+PROBE_STEPS = (5, 7, 9, 11, 15, 19)
 # probes of the conditional (prompt) branch: what a prompt asks for is readable from the first step on
 COND_PROBE_STEPS = (0, 1)
 PROBE_PROMPTS = 32      # named prompts per concept a probe is fitted on (tuning seeds)

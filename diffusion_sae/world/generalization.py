@@ -26,6 +26,7 @@ Adversarial prompts are measured by `diffusion_sae.eval.attack` and merged in by
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -399,8 +400,14 @@ def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> 
     together = params.get("saeuron_multi", {})
     groups = {k: tuple(KINDS[k][:size]) for k in ("style", "object")}
 
-    def steering(kind, c):
-        return removal_steering(text_sae, pipe, kind, c, steer_strength(cs, kind, c), cs)
+    def steering(kind, c, shared_step=False):
+        params_c = cs
+        if shared_step and "step" in cs.get("family_concepts", {}).get(kind, {}).get(c, {}):
+            # one context's detectors give one verdict per sample, which picks one encoding for all its gates, so
+            # removing several at once reads every probe at the kind's step (a concept's own "step" is dropped)
+            params_c = copy.deepcopy(cs)
+            del params_c["family_concepts"][kind][c]["step"]
+        return removal_steering(text_sae, pipe, kind, c, steer_strength(cs, kind, c), params_c)
 
     @contextlib.contextmanager
     def stacked(factories):
@@ -411,7 +418,7 @@ def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> 
 
     def cs_builder(kind, sequential):
         def build(concept):
-            sts = [steering(kind, c) for c in groups[kind]]
+            sts = [steering(kind, c, shared_step=not sequential) for c in groups[kind]]
             if sequential:
                 return lambda: stacked([lambda st=st: steer_text_encoder(pipe, st) for st in sts])
             return lambda: steer_text_encoder(pipe, sts)

@@ -66,7 +66,7 @@ class RebuildConfig:
     dictionary_prompts: int = 20
     kinds: tuple = ("style", "object", "colour")
     # concept probes (bundle.PROBE_STEPS, bundle.PROBE_PROMPTS)
-    probe_steps: tuple = (5, 7, 9, 11)
+    probe_steps: tuple = (5, 7, 9, 11, 15, 19)
     cond_probe_steps: tuple = (0, 1)     # probes of the prompt's branch (bundle.COND_PROBE_STEPS)
     probe_prompts: int = 32
     # evaluation
