@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 
@@ -30,6 +31,15 @@ from diffusion_sae.eval.attack import AttackConfig, run_attack_benchmark, steere
 from diffusion_sae.world import assets, bundle  # noqa: E402
 
 NAMED_LATE = (1.0, 2.0, 4.0)
+
+
+def escalated(steer: dict, kind: str, named_late: float, prompt_probe: float | None) -> dict:
+    """A copy of the steer preset with the kind's named_late at this value (and the prompt's-branch probe ORed in)."""
+    cs = copy.deepcopy(steer)
+    cs.setdefault("family_named_late", {})[kind] = named_late
+    if prompt_probe is not None:
+        cs["family_detector"][kind] = [cs["family_detector"][kind], {"step": 0, "threshold": prompt_probe, "branch": "cond"}]
+    return cs
 
 
 def main() -> int:
@@ -42,25 +52,19 @@ def main() -> int:
     pipe.set_progress_bar_config(disable=True)
     text_sae, params = bundle.load_text_sae(), bundle.load_params()
     cfg = AttackConfig(steps=a.steps, n_images=16, seed=1, image_seed=500, object="heart", style="wavy", colour="blue")
+    cand = None
+    if a.candidate:
+        with open(a.candidate) as f:
+            cand = json.load(f)["steer"]
     t0 = time.perf_counter()
     print("| kind | concept | named_late | presence under steering | attack success (continuous) |")
     print("|---|---|---|---|---|")
     for kind in ("style", "object"):
-        builders = {}
-        if a.candidate:
-            import json
-
-            with open(a.candidate) as f:
-                cand = json.load(f)["steer"]
-            builders = {"shipped": steerers_builder(pipe, text_sae, kind, params["steer"]),
-                        "candidate": steerers_builder(pipe, text_sae, kind, cand)}
-        for v in () if a.candidate else NAMED_LATE:
-            cs = copy.deepcopy(params["steer"])
-            cs.setdefault("family_named_late", {})[kind] = v
-            if a.prompt_probe is not None:
-                cs["family_detector"][kind] = [cs["family_detector"][kind],
-                                               {"step": 0, "threshold": a.prompt_probe, "branch": "cond"}]
-            builders[f"named_late {v:g}"] = steerers_builder(pipe, text_sae, kind, cs)
+        if cand is not None:
+            presets = {"shipped": params["steer"], "candidate": cand}
+        else:
+            presets = {f"named_late {v:g}": escalated(params["steer"], kind, v, a.prompt_probe) for v in NAMED_LATE}
+        builders = {name: steerers_builder(pipe, text_sae, kind, cs) for name, cs in presets.items()}
         res = run_attack_benchmark(pipe, clf, builders, kind, list(bundle.KINDS[kind][:3]), cfg)
         for name, rows in res["rows"].items():
             for r in rows:

@@ -425,12 +425,13 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
         det = _detector_specs(cs_params.get("family_detector", {}).get(kind))
         own = family_concept(cs_params, kind, concept)
         from_step = int(cs_params.get("family_from_step", {}).get(kind, 0))
-        if det is not None and "threshold" in own:
-            det = [(step, float(own["threshold"]), branch) for step, _, branch in det]
-        if det is not None and "step" in own:
-            # the image-side probes read at the concept's own step, the fraction acting from the next one
-            det = [(int(own["step"]) if branch == "uncond" else step, p, branch) for step, p, branch in det]
-            from_step = int(own["step"]) + 1
+        if det is not None:
+            # the concept's own threshold for every probe; its own step for the image-side ones, the fraction then
+            # acting from the next step
+            det = [(int(own["step"]) if "step" in own and branch == "uncond" else step,
+                    float(own.get("threshold", p)), branch) for step, p, branch in det]
+            if "step" in own:
+                from_step = int(own["step"]) + 1
         return family_removal(text_sae, pipe, kind, concept, strength, float(own.get("implicit", family[kind])),
                               None if neg is None else float(neg), cs_params.get("match", "tokens"),
                               from_step,
