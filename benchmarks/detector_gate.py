@@ -22,8 +22,10 @@ gate's step on only; rounds 6 (objects, colours) and 7 (styles) start the redo a
 concept's figures, from which each concept's pick ships (params "family_rewind": {kind: {concept: step}}).
 Round 8 lowers the styles' and objects' probe threshold, with and without a larger implicit fraction.
 Round 9 reads the probe late (step 15 or 19) and redoes every flagged sample from step 0.
+Round 10 adds the per-position ablation of the concept's N text-SAE features (params "ablate") to the shipped preset,
+on every prompt; round 11 on the prompts naming the concept only (the family gate's target rows).
 
-    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|3|4|5|6|7|8|9] [--kinds style,object,colour]
+    python benchmarks/detector_gate.py [--concepts-per-kind 3] [--round 1|2|...|11] [--kinds style,object,colour]
                                        [--implicit 16] [--empty 16]        (--concepts-per-kind 0: every concept)
 """
 from __future__ import annotations
@@ -69,6 +71,12 @@ ROUNDS = {
     # (probe step, threshold) per kind for every concept (per-concept thresholds, fractions and rewinds dropped),
     # None: the shipped preset. The step-15 and step-19 probes are fitted like the shipped ones (bundle.fit_probes).
     9: (None, (15, 0.2), (19, 0.2), (19, 0.4)),
+    # round 10 (styles, objects): the shipped preset with each concept's N text-SAE features taken out at every
+    # position of every prompt (params "ablate", interventions.steer.FeatureAblation), whole (quantile None) or
+    # only above the rivals' quantile q (params "ablate_ceiling"); (N, q) per kind, None: the shipped preset
+    # (every prompt: "ablate_everywhere"; round 11 keeps it to the prompts naming the concept)
+    10: (None, (16, None), (16, 0.9), (16, 0.5)),
+    11: (None, 16),
 }
 
 
@@ -138,6 +146,18 @@ def with_late_rewind(step, threshold):
     return change
 
 
+def with_ablation(n, q=None, everywhere=True):
+    """Round 10's change: the styles' and objects' n-feature ablation (params "ablate") on every prompt, capped at
+    the rivals' q-quantile (params "ablate_ceiling"; None: whole); round 11's on the prompts naming the concept."""
+    def change(cs):
+        cs["ablate"] = {"style": n, "object": n}
+        if q is not None:
+            cs["ablate_ceiling"] = {"style": q, "object": q}
+        if everywhere:
+            cs["ablate_everywhere"] = ["style", "object"]
+    return change
+
+
 def rewind_name(steps) -> str:
     if steps is None:
         return "CS shipped (no rewind)"
@@ -169,6 +189,14 @@ def main() -> int:
         cands = shipped_variants(pipe, text_sae, {
             "CS shipped" if v is None else f"CS probe {v[0]} p≥{v[1]:g}, redo from 0":
             (lambda cs: None) if v is None else with_late_rewind(*v) for v in ROUNDS[9]})
+    elif a.round == 10:
+        cands = shipped_variants(pipe, text_sae, {
+            "CS shipped" if v is None else f"CS shipped + ablate {v[0]} features" + (f" above q{v[1]:g}" if v[1] else ""):
+            (lambda cs: None) if v is None else with_ablation(*v) for v in ROUNDS[10]})
+    elif a.round == 11:
+        cands = shipped_variants(pipe, text_sae, {
+            "CS shipped" if n is None else f"CS shipped + ablate {n} features where named": (lambda cs: None)
+            if n is None else with_ablation(n, everywhere=False) for n in ROUNDS[11]})
     elif a.round in (5, 6, 7):
         cands = shipped_variants(pipe, text_sae, {rewind_name(v): with_rewind(v) for v in ROUNDS[a.round]})
     else:

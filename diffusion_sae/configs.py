@@ -140,6 +140,13 @@ class SteeringConfig(Config):
     # With detector: ds.generate denoises every flagged sample again from its first latent with the late encoding
     # (implicit fraction, named_late) from this step on (FamilyGate.rewind; None: no rewind; below implicit_from_step)
     rewind: int | None = None
+    # Per-position feature ablation (ours, steer.FeatureAblation): the concept's N text-SAE features (highest mean
+    # activation on the concept prompts above the baseline prompts, or the empty prompt without baseline) are
+    # taken out at every position of every prompt, times ablate_scale (None: off); with ablate_ceiling q, only what
+    # exceeds the baseline prompts' q-quantile of each feature (ranked by that excess)
+    ablate_features: int | None = None
+    ablate_scale: float = 1.0
+    ablate_ceiling: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "concept", _as_tuple(self.concept))
@@ -175,6 +182,22 @@ class SteeringConfig(Config):
                 raise ConfigError(f"SteeringConfig.rewind must be the denoising step the redo starts from (a whole "
                                   f"number >= 0) or None, not {r!r}")
             object.__setattr__(self, "rewind", int(r))
+        n = self.ablate_features
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ConfigError(f"SteeringConfig.ablate_features must be a number of SAE features >= 1 (e.g. 16) or None, "
+                              f"not {n!r}")
+        object.__setattr__(self, "ablate_scale", _finite(self, "ablate_scale"))
+        if not self.ablate_scale > 0.0:
+            raise ConfigError(f"SteeringConfig.ablate_scale must be > 0 (1 takes the features' reading out), "
+                              f"not {self.ablate_scale!r}")
+        if self.ablate_ceiling is not None:
+            q = _finite(self, "ablate_ceiling")
+            if not 0.0 <= q <= 1.0:
+                raise ConfigError(f"SteeringConfig.ablate_ceiling must be a quantile in [0, 1] (e.g. 0.99), not {q!r}")
+            object.__setattr__(self, "ablate_ceiling", q)
+        for name, on in (("ablate_scale", self.ablate_scale != 1.0), ("ablate_ceiling", self.ablate_ceiling is not None)):
+            if n is None and on:
+                raise ConfigError(f"SteeringConfig.{name} only acts with ablate_features: give both or leave it out")
         if self.rivals:
             if self.gate is not None:
                 raise ConfigError("SteeringConfig: gate and rivals are exclusive: the family gate (rivals) already "

@@ -498,3 +498,31 @@ def test_demo_writes_its_files(tmp_path):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(res) >= {"remove_style", "unlearn_object", "add_style", "sweep"}
     assert "Concept Steerers removes" in out
+
+
+def test_steer_ablate_features_changes_a_named_prompt_and_bad_values_fail_in_one_line(tmp_path, capsys):
+    """--ablate-features N reaches the steering: at λ = 0 (S is zero) the only change is the concept's N text-SAE
+    features taken out, which moves a prompt naming the concept; bad values and λ > 0 are refused before anything
+    is written (one line, exit code 2)."""
+    from _cli import run_main
+
+    import numpy as np
+    from PIL import Image
+
+    args = ["steer", "--concept", "square", "--strength", "0", "--prompt", "a red square in striped style", "--steps", 6]
+
+    def image(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+    base, ablated = image("base"), image("ablated", "--ablate-features", 16)
+    assert np.abs(ablated - base).max() > 8
+    for extra, says in ((("--ablate-features", 0), "--ablate-features must be"),
+                        (("--ablate-ceiling", "0.9"), "only acts with --ablate-features"),
+                        (("--ablate-features", 4, "--ablate-ceiling", "2"), "quantile")):
+        code, _, err = run_main([str(a) for a in (*args, *extra, "--save-images", tmp_path / "bad")], capsys)
+        assert code == 2 and "\n" not in err and says in err, (extra, err)
+    code, _, err = run_main(["steer", "--concept", "square", "--strength", "1", "--prompt", "a red square",
+                             "--ablate-features", "4", "--save-images", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "strengths <= 0" in err
+    assert not (tmp_path / "bad").exists()

@@ -63,6 +63,14 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               rewind: bool = typer.Option(False, help="With --detector: denoise every sample a probe flagged again "
                                           "from its first latent with the implicit scale from the first step (a "
                                           "second pass over the flagged samples; the others stay as generated)."),
+              ablate_features: Optional[int] = typer.Option(None, help="Also take the concept's N text-SAE features out at "
+                                                            "every position of every prompt (ours: the SAE's reading "
+                                                            "follows the concept to any position and synonym; N features "
+                                                            "most active on the concept above --baseline / the empty "
+                                                            "prompt). Removal only (λ < 0)."),
+              ablate_ceiling: Optional[str] = typer.Option(None, help="With --ablate-features: keep each feature up to "
+                                                           "this quantile (e.g. 0.99) of its activation on the baseline "
+                                                           "prompts; only the excess is taken out (default: all of it)."),
               save_images: Optional[Path] = typer.Option(None, help="Also save each image as DIR/<row>.png (one strength only; "
                                                          "the layout `eval nudity --images` reads)."),
               out: Optional[Path] = typer.Option(None, help="Image grid PNG (rows: prompts, columns: strengths); "
@@ -70,7 +78,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
               device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, offload: str = OFFLOAD_OPT):
     """Concept Steerers: generate with a concept removed (λ<0) or added (λ>0) over a strength grid."""
     from ..eval.generate import images_under
-    from ..interventions.steer import SteeringError, concept_steering, family_gate, steer_text_encoder
+    from ..interventions.steer import (SteeringError, concept_feature_ablation, concept_steering, family_gate,
+                                       steer_text_encoder)
     from ..world import bundle
 
     if strength is not None:
@@ -90,6 +99,18 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
         fail("give either --baseline or --baseline-file, not both")
     family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps,
                              detector, detector_threshold, named_late, rewind)
+    ceiling = None
+    if ablate_ceiling is not None:
+        ceiling = parse_number(ablate_ceiling, "--ablate-ceiling")
+        if not 0.0 <= ceiling <= 1.0:
+            fail(f"--ablate-ceiling must be a quantile in [0, 1] (e.g. 0.99), got {ablate_ceiling!r}")
+        if ablate_features is None:
+            fail("--ablate-ceiling only acts with --ablate-features: give both or leave it out")
+    if ablate_features is not None:
+        if ablate_features < 1:
+            fail(f"--ablate-features must be a number of SAE features >= 1 (e.g. 16), got {ablate_features}")
+        if any(lam > 0 for lam in lams):
+            fail("--ablate-features removes a concept: use it with strengths <= 0")
     concepts = {c: c for c in concept or []}
     if concept_file is not None:
         concepts = {concept_file.name: prompt_lines(concept_file, "--concept-file")}
@@ -116,6 +137,11 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     try:
         base = {c: concept_steering(sae_obj, pipe, hp, text, 1.0, baseline=base_prompts, gate=gate, keep=keep or None)
                 for c, text in concepts.items()}
+        if ablate_features is not None:
+            contrast = ([base_prompts] if isinstance(base_prompts, str) else list(base_prompts)) if base_prompts else [""]
+            for text, s in zip(concepts.values(), base.values()):
+                s.ablation = concept_feature_ablation(sae_obj, pipe, hp, [text] if isinstance(text, str) else list(text),
+                                                      contrast, ablate_features, ceiling_quantile=ceiling)
         if family is not None:
             rows = family_gate(pipe, hp, **family)
             for s in base.values():

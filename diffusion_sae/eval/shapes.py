@@ -432,15 +432,38 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
                     float(own.get("threshold", p)), branch) for step, p, branch in det]
             if "step" in own:
                 from_step = int(own["step"]) + 1
-        return family_removal(text_sae, pipe, kind, concept, strength, float(own.get("implicit", family[kind])),
-                              None if neg is None else float(neg), cs_params.get("match", "tokens"),
-                              from_step,
-                              det,
-                              float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
-                              family_rewind(cs_params, kind, concept))
+        st = family_removal(text_sae, pipe, kind, concept, strength, float(own.get("implicit", family[kind])),
+                            None if neg is None else float(neg), cs_params.get("match", "tokens"),
+                            from_step,
+                            det,
+                            float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
+                            family_rewind(cs_params, kind, concept))
+        st.ablation = removal_ablation(text_sae, pipe, kind, concept, cs_params)
+        return st
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
                          gate=bool(cs_params.get("gate")), orthogonal=orthogonal_kind(cs_params, kind),
                          contrast=contrast_kind(cs_params, kind))
+
+
+def removal_ablation(text_sae, pipe, kind: str, concept: str, cs_params: dict):
+    """params "ablate" {kind: n} (and "ablate_scale" {kind: x}, default 1; "ablate_ceiling" {kind: q}, default
+    none): the concept's n text-SAE features taken out at every position of every prompt
+    (interventions.steer.FeatureAblation), chosen on the same contrastive contexts as S (the concept against
+    its rivals); with a ceiling only what exceeds the rivals' q-quantile. It acts on the prompts the removal's
+    family gate reads as naming the concept ("ablate_everywhere" lists kinds, or true, where it acts on every
+    prompt instead). None where the kind has no entry."""
+    from ..interventions.steer import concept_feature_ablation
+    from ..world.bundle import TEXT_HOOKPOINT
+
+    n = cs_params.get("ablate", {}).get(kind)
+    if n is None:
+        return None
+    rivals = [p for c in KINDS[kind] if c != concept for p in concept_contexts(kind, c)]
+    q = cs_params.get("ablate_ceiling", {}).get(kind)
+    ab = concept_feature_ablation(text_sae, pipe, TEXT_HOOKPOINT, concept_contexts(kind, concept), rivals, int(n),
+                                  float(cs_params.get("ablate_scale", {}).get(kind, 1.0)), None if q is None else float(q))
+    ab.everywhere = _listed(cs_params.get("ablate_everywhere", False), kind)
+    return ab
 
 
 FAMILY_CONCEPT_KEYS = ("implicit", "threshold", "step")

@@ -86,7 +86,7 @@ class ConceptSteering(Intervention):
         (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample; with
         `named_late`, how much on the flagged samples of prompts naming the concept from implicit_from_step on;
         with `rewind`, ds.generate redoes the flagged samples)."""
-        from .steer import concept_steering, family_gate
+        from .steer import concept_feature_ablation, concept_steering, family_gate
 
         if pipe not in self._built:
             c = self.config
@@ -102,6 +102,10 @@ class ConceptSteering(Intervention):
                                       implicit_from_step=c.implicit_from_step, detector=detector,
                                       named_late=1.0 if c.named_late is None else c.named_late,
                                       rewind=c.rewind is not None, rewind_from_step=c.rewind or 0)
+            if c.ablate_features is not None:
+                st.ablation = concept_feature_ablation(self.sae, pipe, self.hookpoint, list(c.concept),
+                                                       list(c.baseline) if c.baseline else [""],
+                                                       c.ablate_features, c.ablate_scale, c.ablate_ceiling)
             self._built[pipe] = st
         return self._built[pipe]
 

@@ -71,18 +71,23 @@ class Steering:
     # concept is named, 0 where a rival is, a fraction where none of its family is); the negative branch
     # reuses the prompt's scales. Exclusive with `gate`.
     rows: object = None
+    # ablation (ours): a `FeatureAblation` at the same layer, applied with S on every prompt and position
+    # (ungated: the SAE's own reading of each token decides how much it removes)
+    ablation: "FeatureAblation | None" = None
 
     def scaled(self, factor: float) -> "Steering":
         return Steering(self.hookpoints, self.matrix * factor, self.widths, self.label, dict(self.meta),
-                        self.gate, self.rows)
+                        self.gate, self.rows, self.ablation)
 
     def __add__(self, other: "Steering") -> "Steering":
         if other.hookpoints != self.hookpoints:
             raise SteeringError(f"cannot add steerings at {self.hookpoints} and {other.hookpoints}")
         if self.gate != other.gate or self.rows is not other.rows:
             raise SteeringError("steerings with different gates cannot be summed: pass them as a list")
+        if self.ablation is not other.ablation:
+            raise SteeringError("steerings with different feature ablations cannot be summed: pass them as a list")
         return Steering(self.hookpoints, self.matrix + other.matrix, self.widths,
-                        f"{self.label}+{other.label}", {})
+                        f"{self.label}+{other.label}", {}, ablation=self.ablation)
 
 
 def _check_strength(strength) -> float:
@@ -487,6 +492,101 @@ def feature_steering(sae, hookpoint: str | list[str], features, strength: float,
     return Steering(names, strength * s, widths, f"features {sorted(feats)}", {"features": feats, "strength": strength})
 
 
+@dataclass
+class FeatureAblation:
+    """Per-position removal of a concept's text-SAE features (ours, after Interpret-then-Deactivate, Tian et
+    al. 2025, arXiv 2503.09446): at every token position t of the steered layer,
+
+        h_t <- h_t - scale * W_dec^T (m * ReLU(a_t - c)),    a_t = ReLU(W_enc (h_t - b_dec) + b_enc)
+
+    with m the 0/1 mask of `features` and c their `ceiling` (0 when None: the features' whole reading goes).
+    A ceiling at the level the concept's rivals reach leaves a rival's prompt as it was and clips only what
+    exceeds it: features an SAE shares between related concepts (a square's and a circle's) are not taken
+    from the rival. S is a per-position matrix fitted on prompts that name the concept, so an input that
+    carries the concept at other positions (a white-box attack's prepended embeddings) passes under it; the
+    SAE's reading follows the concept to any position and any word that evokes it. Applied on both guidance
+    branches, on the rows its steering's gate says name the concept (a FamilyGate's "target" rows, a token
+    gate's matching rows; every prompt when the steering has no gate or with `everywhere`). Ungated, it moves every prompt: an
+    SAE's features are shared between related concepts (on the bundled model a square's top features fire
+    on circles too), so it costs the rest of the model far more than S does.
+    """
+
+    sae: object
+    hookpoint: str
+    features: torch.Tensor        # [n] latent indices
+    scale: float = 1.0
+    label: str = ""
+    ceiling: torch.Tensor | None = None   # [n] activation kept per feature (None: 0)
+    everywhere: bool = False              # True: every prompt, whatever its steering's gate says
+
+    def __post_init__(self):
+        self.scale = _check_strength(self.scale)
+        feats = torch.as_tensor(self.features).flatten().long()
+        L = self.sae.cfg.num_latents
+        if not len(feats):
+            raise SteeringError("feature ablation: no features given; pass SAE latent indices, e.g. [12, 873]")
+        if int(feats.min()) < 0 or int(feats.max()) >= L:
+            raise SteeringError(f"feature ablation: feature index out of range for an SAE with {L} latents")
+        self.features = feats
+        c = torch.zeros(len(feats)) if self.ceiling is None else torch.as_tensor(self.ceiling, dtype=torch.float32).flatten()
+        if c.shape != feats.shape or not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+            raise SteeringError(f"feature ablation: ceiling must hold one finite activation >= 0 per feature "
+                                f"({len(feats)}), got shape {tuple(c.shape)}")
+        self.ceiling = c
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """What the ablation subtracts from h [..., d] (same shape)."""
+        p = next(self.sae.parameters())
+        x = h.to(p.device, p.dtype)
+        a = self.sae.pre_acts(x)[..., self.features.to(p.device)]
+        z = a.new_zeros(*a.shape[:-1], self.sae.cfg.num_latents)
+        z[..., self.features.to(p.device)] = torch.relu(a - self.ceiling.to(p.device, p.dtype))
+        return (self.scale * _bias_free_decode(self.sae, z, x=x)).to(h.device, h.dtype)
+
+
+@torch.no_grad()
+def concept_feature_ablation(sae, pipe, hookpoint: str, concept_prompts: list[str], contrast_prompts: list[str],
+                             n_features: int = 16, scale: float = 1.0,
+                             ceiling_quantile: float | None = None) -> FeatureAblation:
+    """A FeatureAblation of the concept's `n_features` latents at `hookpoint` (one text-encoder layer, the SAE's).
+
+    ceiling_quantile None: the latents whose mean ReLU pre-activation (over prompts and positions) is highest on
+    `concept_prompts` above `contrast_prompts` (e.g. the same prompts with the concept's rivals), taken out whole.
+    ceiling_quantile q (e.g. 0.99): each latent's ceiling is the q-quantile of its activation over every token of
+    the contrast prompts, the latents are ranked by the mean excess over it on the concept prompts, and only
+    that excess is taken out."""
+    names = _split_hookpoints(hookpoint)
+    if len(names) != 1:
+        raise SteeringError(f"feature ablation reads one layer (the SAE's), got {names}; make one per layer")
+    if isinstance(n_features, bool) or not isinstance(n_features, int) or not 0 < n_features <= sae.cfg.num_latents:
+        raise SteeringError(f"n_features must be a whole number in 1..{sae.cfg.num_latents}, got {n_features!r}")
+    if ceiling_quantile is not None and (isinstance(ceiling_quantile, bool) or not isinstance(ceiling_quantile, float)
+                                         or not 0.0 <= ceiling_quantile <= 1.0):
+        raise SteeringError(f"ceiling_quantile must be a probability in [0, 1] or None, got {ceiling_quantile!r}")
+    for what, ps in (("concept", concept_prompts), ("contrast", contrast_prompts)):
+        # a contrast prompt may be "" (the empty prompt); a concept prompt must say something
+        if isinstance(ps, str) or not ps or any(not isinstance(q, str) or (what == "concept" and not q.strip())
+                                                for q in ps):
+            raise SteeringError(f"{what} prompts: give a non-empty list of prompts (\"\" is the empty prompt)")
+    _text_hookpoints(pipe, names)
+    p = next(sae.parameters())
+
+    def codes(prompts):
+        h = layer_activations(pipe, names, prompts)
+        _check_width(sae, h.shape[-1], hookpoint)
+        return sae.pre_acts(h.to(p.device, p.dtype)).float().flatten(0, 1).cpu()     # [prompts * tokens, L]
+
+    concept, contrast = codes(list(concept_prompts)), codes(list(contrast_prompts))
+    if ceiling_quantile is None:
+        feats = (concept.mean(0) - contrast.mean(0)).topk(n_features).indices
+        ceiling = None
+    else:
+        level = contrast.quantile(ceiling_quantile, dim=0)
+        feats = torch.relu(concept - level).mean(0).topk(n_features).indices
+        ceiling = level[feats]
+    return FeatureAblation(sae, names[0], feats, scale, f"{concept_prompts[0]} ({n_features} features)", ceiling)
+
+
 # ---------------------------------------------------------------------------------------------
 # Applying them
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +597,7 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     on the prompt call (+S) are reused for the negative call (−S), expanded to its batch.
     """
     terms: dict[str, list[tuple]] = {}
+    ablations: dict[str, list[tuple]] = {}
     hookpoints, components = {}, {}
     for st in steerings:
         hps = _text_hookpoints(pipe, st.hookpoints)
@@ -511,9 +612,36 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
             hookpoints[hp.name] = dataclasses.replace(hp, read="output")   # S is added to the layer's output
             components[hp.name] = hp.component
             off += w
+        if st.ablation is not None:
+            ab = st.ablation
+            if ab.hookpoint not in hookpoints:
+                raise SteeringError(f"feature ablation at {ab.hookpoint!r} is not one of its steering's layers {st.hookpoints}")
+            if hookpoints[ab.hookpoint].width is not None:
+                _check_width(ab.sae, hookpoints[ab.hookpoint].width, ab.hookpoint)
+            ablations.setdefault(ab.hookpoint, []).append(
+                (ab, None if ab.everywhere else tuple(st.gate) if st.gate else st.rows))
     ids, masks = {}, {}
     # The layer hook of a gated steering needs the token ids: read them where the encoder receives them.
     handles = _id_hooks(pipe, [components[n] for n, ts in terms.items() if any(g for _, g in ts)], ids)
+
+    def named_mask(name, gate, batch, sign):
+        """1 on the rows whose prompt names the concept (a FamilyGate's "target" rows, a token gate's matching
+        rows), the prompt's mask reused on its negative branch as row_mask does."""
+        if isinstance(gate, tuple):
+            return row_mask(name, gate, batch, sign)
+        key = (components[name], gate, "named")
+        if sign < 0 and key in masks and batch % len(masks[key][0]) == 0:
+            m = masks[key][0]
+            return m.repeat_interleave(batch // len(m))
+        tok = ids.get(components[name])
+        if tok is None or tok.shape[0] != batch:
+            raise SteeringError(f"a gated feature ablation could not read the token ids of {components[name]}")
+        matcher = getattr(gate, "matcher", None)
+        labels = matcher(tok) if matcher is not None else ["target" if float(v) != 0 else None for v in gate(tok)]
+        m = torch.tensor([label == "target" for label in labels], dtype=torch.float32)
+        if sign > 0:
+            masks[key] = (m, m)
+        return m
 
     def row_mask(name, gate, batch, sign):
         step = getattr(sign_of_call, "step", None)   # an early encoding (implicit_from_step), else None
@@ -544,6 +672,14 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
             if sign == 0:
                 return h
             new = h
+            for ab, gate in ablations.get(name, ()):
+                # read on the layer's own output, before any S is added; only on the rows whose prompt names the
+                # concept when the steering is gated (ungated, it moves every prompt: see FeatureAblation)
+                cut = ab(h)
+                if gate is not None:
+                    m = named_mask(name, gate, h.shape[0], sign).to(h.device, h.dtype)
+                    cut = m.view(-1, *([1] * (h.dim() - 1))) * cut
+                new = new - cut
             for mat, gate in ts:
                 s = mat.to(h.device, h.dtype)
                 if s.dim() == 2 and s.shape[0] != h.shape[-2]:
