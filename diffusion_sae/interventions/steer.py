@@ -624,18 +624,29 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
     # The layer hook of a gated steering needs the token ids: read them where the encoder receives them.
     handles = _id_hooks(pipe, [components[n] for n, ts in terms.items() if any(g for _, g in ts)], ids)
 
+    def reused(key, branch: int, batch: int):
+        """A negative call's mask: the prompt call's (branch 0: prompt scales, 1: negative-branch scales), expanded
+        to the batch; None when the prompt call left none."""
+        if key not in masks or batch % len(masks[key][branch]):
+            return None
+        m = masks[key][branch]
+        return m.repeat_interleave(batch // len(m))
+
+    def tokens(name, batch: int, what: str):
+        tok = ids.get(components[name])
+        if tok is None or tok.shape[0] != batch:
+            raise SteeringError(f"a gated {what} could not read the token ids of {components[name]}")
+        return tok
+
     def named_mask(name, gate, batch, sign):
         """1 on the rows whose prompt names the concept (a FamilyGate's "target" rows, a token gate's matching
         rows), the prompt's mask reused on its negative branch as row_mask does."""
         if isinstance(gate, tuple):
             return row_mask(name, gate, batch, sign)
         key = (components[name], gate, "named")
-        if sign < 0 and key in masks and batch % len(masks[key][0]) == 0:
-            m = masks[key][0]
-            return m.repeat_interleave(batch // len(m))
-        tok = ids.get(components[name])
-        if tok is None or tok.shape[0] != batch:
-            raise SteeringError(f"a gated feature ablation could not read the token ids of {components[name]}")
+        if sign < 0 and (m := reused(key, 0, batch)) is not None:
+            return m
+        tok = tokens(name, batch, "feature ablation")
         matcher = getattr(gate, "matcher", None)
         labels = matcher(tok) if matcher is not None else ["target" if float(v) != 0 else None for v in gate(tok)]
         m = torch.tensor([label == "target" for label in labels], dtype=torch.float32)
@@ -648,12 +659,9 @@ def _add_hooks(pipe, steerings: list[Steering], sign_of_call):
         # The step is part of the key: a negative-only call (prompt embeddings given, as when another
         # steering's encode_prompt wrapper calls this one) must reuse the mask of its own encoding's step.
         key = (components[name], gate, step)
-        if sign < 0 and key in masks and batch % len(masks[key][1]) == 0:
-            neg = masks[key][1]
-            return neg.repeat_interleave(batch // len(neg))
-        tok = ids.get(components[name])
-        if tok is None or tok.shape[0] != batch:
-            raise SteeringError(f"a gated steering could not read the token ids of {components[name]}")
+        if sign < 0 and (neg := reused(key, 1, batch)) is not None:
+            return neg
+        tok = tokens(name, batch, "steering")
         if isinstance(gate, tuple):
             n = len(gate)
             m = torch.tensor([any(tuple(r[i:i + n]) == gate for i in range(len(r) - n + 1)) for r in tok.tolist()])
