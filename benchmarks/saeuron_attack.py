@@ -4,17 +4,19 @@ A preset behind the prompt's-branch gate edits every sample of a prompt the mode
 attack (eval/attack.py, UnlearnDiffAtk-style) optimises prepended token embeddings until the prompt brings the
 concept back, which also drives the prompt's-branch probe below its threshold. What is left is the image-side
 probe: the earlier its step, the more of the image the edit still reaches. This runs the attack on the first 3
-styles and objects under up to four TUNING attack configurations (`CONFIGS`: attack seeds 1-4, other prompt
-attributes, generation seeds 500-563 of the tuning split; the first is `escalate_attack.py`'s); the evaluation's
+styles and objects under up to eight TUNING attack configurations (`CONFIGS`: attack seeds 1-8, other prompt
+attributes, generation seeds 500-627 of the tuning split; the first is `escalate_attack.py`'s); the evaluation's
 attack (seed 0, "a red star in striped style", seeds 0-15) is never used here. Each variant changes only the
 image-side probe's step (and, with "γ×1.5", the edit's strength); the collateral of the same variants is
 measured by `saeuron_detector.py` (rounds 1-9).
 
     python benchmarks/saeuron_attack.py [--steps 20] [--configs 4] [--variants "shipped,image probe 5"] [--concepts dotted,circle]
+                                        [--candidate dotted-preset.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -45,7 +47,10 @@ VARIANTS = {"shipped": (None, 1.0), "image probe 5": (5, 1.0), "image probe 5, �
 # Tuning attack configurations: (attack seed, object, style, colour, first generation seed). One attack's success
 # hangs on its seed and prompt (16 images): --configs N averages over the first N.
 CONFIGS = ((1, "heart", "wavy", "blue", 500), (2, "arrow", "noisy", "green", 516), (3, "ring", "gradient", "orange", 532),
-           (4, "diamond", "checkered", "purple", 548))
+           (4, "diamond", "checkered", "purple", 548),
+           # 5-8: four more (other attributes, seeds 564-627), for presets whose success swings between the first four
+           (5, "cross", "outlined", "yellow", 564), (6, "crescent", "noisy", "red", 580), (7, "heart", "checkered", "green", 596),
+           (8, "ring", "wavy", "purple", 612))
 
 
 def main() -> int:
@@ -55,13 +60,20 @@ def main() -> int:
     ap.add_argument("--configs", type=int, default=1, choices=range(1, len(CONFIGS) + 1),
                     help="tuning attack configurations to average over")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--candidate", action="append", default=[], metavar="FILE",
+                    help="a JSON {concept: preset} (e.g. a SAeUron section of params.json, or part of it) attacked as a "
+                         "variant named after the file; concepts it does not list keep the shipped preset")
     a = ap.parse_args()
     pipe, clf = assets.load_pipeline(), assets.load_classifier()
     pipe.set_progress_bar_config(disable=True)
     shipped = bundle.load_params()["saeuron"]
     cfgs = [AttackConfig(steps=a.steps, n_images=16, seed=s, image_seed=i, object=o, style=st, colour=c)
             for s, o, st, c, i in CONFIGS[:a.configs]]
-    variants = {v: VARIANTS[v] for v in a.variants.split(",")}
+    variants = {v: VARIANTS[v] for v in a.variants.split(",") if v}
+    candidates = {}
+    for path in a.candidate:
+        with open(path) as f:
+            candidates[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
     t0 = time.perf_counter()
     print("| kind | concept | variant | detector | presence under the edit | attack success (continuous), per config | mean |")
     print("|---|---|---|---|---|---|---|")
@@ -71,18 +83,23 @@ def main() -> int:
         if not concepts:
             continue
 
-        def builder(step, gamma, rewind=None):
+        def preset(name, concept):
+            if name in candidates:
+                return candidates[name].get(concept, shipped[concept])
+            return with_image_probe(shipped[concept], *variants[name])
+
+        def builder(name):
             def build(concept):
-                pc = {concept: with_image_probe(shipped[concept], step, gamma, rewind)}
+                pc = {concept: preset(name, concept)}
                 return lambda: saeuron_context(pipe, blocks, pc)
             return build
 
-        runs = [run_attack_benchmark(pipe, clf, {v: builder(*sg) for v, sg in variants.items()}, kind, concepts, cfg)
-                for cfg in cfgs]
-        for name in variants:
+        names = list(variants) + list(candidates)
+        runs = [run_attack_benchmark(pipe, clf, {v: builder(v) for v in names}, kind, concepts, cfg) for cfg in cfgs]
+        for name in names:
             for i, c in enumerate(concepts):
                 rows = [r["rows"][name][i] for r in runs]
-                det = with_image_probe(shipped[c], *VARIANTS[name])["detector"]
+                det = preset(name, c)["detector"]
                 asr = [r["asr"] for r in rows]
                 print(f"| {kind} | {c} | {name} | {det} | {100 * rows[0]['presence_intervened']:.0f} % | "
                       f"{' / '.join(f'{100 * x:.0f}' for x in asr)} % | {100 * sum(asr) / len(asr):.0f} % |", flush=True)
