@@ -1,9 +1,10 @@
 """Inference cost of the interventions, measured in one run (the papers' Table 4 in miniature).
 
 1. Bundled ShapesCanvas pipeline, 4 images x 25 steps: plain vs Concept Steerers (S built once per
-   concept; the paper's ungated S, and the shipped FamilyGate removal with its embedding word matcher;
-   target <= 1.01x) vs SAeUron (the shipped block-output edits: one style at one block, and the costliest
-   object preset, triangle: four blocks, 128 features; target <= 1.3x) — seconds per image and ratios.
+   concept; the paper's ungated S, and the shipped FamilyGate removal with its embedding word matcher, with
+   and without its per-position feature ablation; target <= 1.01x) vs SAeUron (the shipped block-output
+   edits: one style at one block, and the costliest object preset, triangle: four blocks, 128 features;
+   target <= 1.3x) — seconds per image and ratios.
 2. An SD 1.5-size UNet built from config (random weights, 64x64 latents, 2 DDIM steps, guidance on)
    with a 20,480-latent SAE at up_blocks.1.attentions.1: the paper's ablation and the shipped edit
    (latent scaling, per-patch specific selection, evidence gate) / plain (target <= 1.03x) and the
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -59,6 +61,14 @@ def bundled(repeats: int) -> None:
         with steer_text_encoder(pipe, st_shipped):
             return gen()
 
+    # the same removal without its per-position feature ablation (the text SAE's encode at every text-encoder call)
+    st_no_ablation = copy.copy(st_shipped)
+    st_no_ablation.ablation = None
+
+    def steered_no_ablation():
+        with steer_text_encoder(pipe, st_no_ablation):
+            return gen()
+
     def unlearned_style():  # the shipped SAeUron edit of one style (block-output SAE(s) its preset names)
         with saeuron_context(pipe, style_blocks, {"dotted": params["saeuron"]["dotted"]}):
             return gen()
@@ -68,7 +78,7 @@ def bundled(repeats: int) -> None:
             return gen()
 
     # Interleave the runs so that machine noise hits every variant alike.
-    fns = {"plain": gen, "steered-paper": steered, "steered-shipped": steered_shipped,
+    fns = {"plain": gen, "steered-paper": steered, "steered-shipped": steered_shipped, "shipped-no-ablat": steered_no_ablation,
            "saeuron-style": unlearned_style, "saeuron-object": unlearned_object}
     times = {k: [] for k in fns}
     for f in fns.values():
