@@ -6,7 +6,7 @@ side such a sample still heads to the concept, so the kind's concept probe flags
 "family_named_late") scales S on prompts naming the concept from the gate's step on, on the flagged samples
 only. This runs the attack on the first 3 styles and objects with a TUNING configuration (other attack seed,
 other prompt attributes, generation seeds 500-515 of the tuning split; --configs N averages over the first N of
-`saeuron_attack.CONFIGS`, seeds 500-563); the evaluation's attack (seed 0, "a red star in striped style", seeds 0-15)
+`saeuron_attack.CONFIGS`, up to 8, seeds 500-627); the evaluation's attack (seed 0, "a red star in striped style", seeds 0-15)
 is never used here.
 
 With --prompt-probe P the kind's detector also ORs the prompt's-branch probe at step 0 (p >= P): every sample
