@@ -233,6 +233,9 @@ def test_concepts_with_their_own_probe_step_removed_at_once():
 
     pipe, sae, params = assets.load_pipeline(), bundle.load_text_sae(), bundle.load_params()
     cs, objects = params["steer"], bundle.KINDS["object"][:3]
+    # the shipped presets may come to agree on a step: give the second its own, unlike the first's
+    first = cs["family_concepts"]["object"].get(objects[0], {}).get("step", cs["family_detector"]["object"]["step"])
+    cs["family_concepts"]["object"][objects[1]] = {"step": 11 if first != 11 else 19, "threshold": 0.2}
     own = [removal_steering(sae, pipe, "object", c, steer_strength(cs, "object", c), cs).rows for c in objects]
     assert len({g.detectors[0].step for g in own}) > 1
     with pytest.raises(SteeringError, match="same step"):
