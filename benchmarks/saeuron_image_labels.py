@@ -23,10 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from diffusion_sae.concepts.dictionary import HIST_EDGES, ConceptDictionary, _specificity  # noqa: E402
+from diffusion_sae.concepts.dictionary import build_concept_dictionary  # noqa: E402
 from diffusion_sae.eval.metrics import paired_change_rate  # noqa: E402
 from diffusion_sae.eval.shapes import ShapesBench, saeuron_context  # noqa: E402
-from diffusion_sae.models import StepTracker, as_tokens, read_tensor, resolve_hookpoint  # noqa: E402
 from diffusion_sae.world import assets, bundle  # noqa: E402
 from diffusion_sae.world.bundle import KINDS  # noqa: E402
 from diffusion_sae.world.config import GUIDANCE  # noqa: E402
@@ -41,42 +40,19 @@ def subset(ps, a: int, b: int):
     return type(ps)(*(getattr(ps, f)[a:b] for f in ps.__dataclass_fields__))
 
 
-def judge_labelled_dictionary(pipe, clf, kind: str, hookpoint: str, sae, build_sets, timesteps) -> tuple:
-    """The block's concept dictionary with each sample under the concept the judge reads in its image."""
-    hp, names = resolve_hookpoint(pipe, hookpoint), list(KINDS[kind])
-    L = sae.cfg.num_latents
-    sums = torch.zeros(len(names), STEPS, L)
-    hist = torch.zeros(len(names), STEPS, L, len(HIST_EDGES) + 1)
-    counts = torch.zeros(len(names))
-    tracker, per_step = StepTracker(pipe), {}
+def judge_labelled_dictionary(pipe, clf, kind: str, hookpoint: str, sae, build_sets) -> tuple:
+    """The block's concept dictionary with each sample under the concept the judge reads in its image
+    (build_concept_dictionary's labeller), and the number of samples per judged concept."""
+    names = list(KINDS[kind])
+    groups = {f"set {i}": ps for i, ps in enumerate(build_sets)}
 
-    def hook(mod, args, kwargs, out):
-        tok, _ = as_tokens(read_tensor(hp, mod, args, kwargs, out), hookpoint)
-        z = sae.dense_latents(tok[tracker.branches(tok.shape[0])["cond"]].to(sae.dtype)).float()
-        per_step[tracker.step_index] = (z.mean(1), torch.bucketize(z, HIST_EDGES).to(torch.uint8))
+    def judge(images):
+        return [names[i] for i in clf.predict(images)[kind].tolist()]
 
-    handle = hp.module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with tracker, torch.no_grad():
-            for ps in build_sets:
-                for i in range(0, len(ps.prompts), 64):
-                    per_step.clear()
-                    gens = [torch.Generator().manual_seed(int(s)) for s in ps.seeds[i:i + 64]]
-                    imgs = pipe(ps.prompts[i:i + 64], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                                generator=gens, output_type="pt").images
-                    labels = clf.predict(imgs.float())[kind].tolist()
-                    for t, (zmean, bins) in per_step.items():
-                        for r, ci in enumerate(labels):
-                            sums[ci, t] += zmean[r]
-                            hist[ci, t].scatter_add_(1, bins[r].T.long().contiguous(), torch.ones(L, bins.shape[1]))
-                    for ci in labels:
-                        counts[ci] += 1
-    finally:
-        handle.remove()
-    bars, excess = _specificity(hist, 0.95)
-    means = sums / counts.clamp(min=1)[:, None, None]
-    d = ConceptDictionary(hp.name, names, means, counts.tolist(), timesteps, {"labelled_by": "judge"}, bars, excess)
-    return d, counts
+    d = build_concept_dictionary(pipe, sae, hookpoint, {g: list(ps.prompts) for g, ps in groups.items()},
+                                 seeds={g: [int(s) for s in ps.seeds] for g, ps in groups.items()}, steps=STEPS,
+                                 guidance=GUIDANCE, batch_size=64, labeller=judge, labels=names)
+    return d, torch.tensor(d.counts)
 
 
 def main() -> int:
@@ -99,7 +75,7 @@ def main() -> int:
     labelled = dict(blocks)
     for h, (sae, d) in blocks.items():
         if any(h in shipped[c]["blocks"] for c in concepts):
-            nd, counts = judge_labelled_dictionary(pipe, clf, kind, h, sae, build, d.timesteps)
+            nd, counts = judge_labelled_dictionary(pipe, clf, kind, h, sae, build)
             labelled[h] = (sae, nd)
             print(f"{h}: samples per judged label {dict(zip(names, counts.int().tolist()))}", flush=True)
     bench = ShapesBench(pipe, clf, batch_size=64)

@@ -278,6 +278,43 @@ def test_dictionary_shapes_scores_and_roundtrip(sd_dictionary, tmp_path):
         d.scores("cst")
 
 
+def test_dictionary_labelled_by_the_image_files_samples_under_the_labellers_concept(sd_dictionary):
+    """With a labeller each sample counts under the concept its finished image is given, whatever group its prompt
+    sits in: a labeller that swaps cat and dog (the jobs run group by group, one batch) gives the prompt-labelled
+    dictionary with those two rows swapped, means and per-patch tables alike; per-group seeds equal to the prompt
+    indices reproduce the default seeding."""
+    pipe, sae, d = sd_dictionary
+    name = "unet.up_blocks.1.attentions.1"
+    calls = []
+
+    def swap(images):
+        calls.append(images.shape)
+        assert images.min() >= 0 and images.max() <= 1
+        return ["dog", "dog", "cat", "cat", "car", "car"]
+
+    groups = {f"group {i}": ps for i, ps in enumerate(CONCEPTS.values())}
+    lab = build_concept_dictionary(pipe, sae, name, groups, seeds={g: [0, 1] for g in groups}, steps=3,
+                                   guidance=5.0, height=32, width=32, labeller=swap, labels=["cat", "dog", "car"])
+    assert len(calls) == 1 and calls[0][0] == 6
+    assert lab.concepts == ["cat", "dog", "car"] and lab.counts == [2, 2, 2]
+    order = [1, 0, 2]
+    for table in ("means", "bars", "excess"):
+        assert torch.allclose(getattr(lab, table), getattr(d, table)[order], atol=1e-6), table
+    assert not torch.allclose(lab.means[0], d.means[0], atol=1e-4)   # the swap is visible
+    one = build_concept_dictionary(pipe, sae, name, groups, steps=3, guidance=5.0, height=32, width=32,
+                                   labeller=lambda im: ["cat"] * len(im), labels=["cat", "dog", "car"])
+    assert one.counts == [6, 0, 0]
+    assert torch.allclose(one.means[0], d.means.mean(0), atol=1e-6) and one.means[1:].abs().max() == 0
+    with pytest.raises(DictionaryError, match="labeller must return one of"):
+        build_concept_dictionary(pipe, sae, name, groups, steps=3, height=32, width=32,
+                                 labeller=lambda im: ["bird"] * len(im), labels=["cat", "dog"])
+    with pytest.raises(DictionaryError, match="labeller and labels go together"):
+        build_concept_dictionary(pipe, sae, name, groups, steps=3, labeller=swap)
+    with pytest.raises(DictionaryError, match="expected one per prompt"):
+        build_concept_dictionary(pipe, sae, name, groups, seeds={"group 0": [0, 1]}, steps=3)
+    assert _no_hooks(pipe)
+
+
 def test_unlearning_noop_is_exact_and_faithful_is_not(sd_dictionary):
     pipe, sae, d = sd_dictionary
     base = _gen(pipe, "a cat")

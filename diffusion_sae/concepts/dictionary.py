@@ -239,11 +239,17 @@ def _specificity(hist: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict[str, list[str]],
-                             seeds: list[int] | None = None, steps: int = 25, guidance: float = 5.0,
-                             batch_size: int = 32, progress=None, bar_quantile: float = 0.95,
-                             **call_kwargs) -> ConceptDictionary:
+                             seeds: list[int] | dict[str, list[int]] | None = None, steps: int = 25,
+                             guidance: float = 5.0, batch_size: int = 32, progress=None, bar_quantile: float = 0.95,
+                             labeller=None, labels: list[str] | None = None, **call_kwargs) -> ConceptDictionary:
     """Run the pipeline on every concept's prompts and average the SAE latents per concept and step
-    (plus the per-patch statistics of 'specific' selection, see the module docstring)."""
+    (plus the per-patch statistics of 'specific' selection, see the module docstring).
+
+    seeds: a list (prompt i of every concept gets seeds[i % len]) or {concept: [one seed per prompt]}.
+    labeller, labels: file each sample under the concept its finished image shows instead of the key its prompt is
+    listed under. labeller(images [B, 3, H, W] in [0, 1]) returns one name of `labels` per image, and `labels` are
+    the dictionary's concepts; the keys of prompts_by_concept are then only groups of prompts (e.g. prompts that
+    name no concept at all). A concept no sample was judged to show keeps zero means and a count of 0."""
     if not 0 < bar_quantile < 1:
         raise DictionaryError(f"bar_quantile must be in (0, 1), got {bar_quantile}")
     if not prompts_by_concept or not isinstance(prompts_by_concept, dict):
@@ -255,18 +261,42 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
         raise DictionaryError(f"--steps must be a positive number of denoising steps, got {steps}")
     if not math.isfinite(guidance):
         raise DictionaryError(f"--guidance must be a finite number, got {guidance}")
+    if (labeller is None) != (labels is None):
+        raise DictionaryError("labeller and labels go together: labels lists the concepts labeller may return")
+    if labels is not None and (not labels or not all(isinstance(c, str) for c in labels) or len(set(labels)) < len(labels)):
+        raise DictionaryError(f"labels must be distinct concept names, got {labels!r:.80}")
+    if isinstance(seeds, dict):
+        for c, ps in prompts_by_concept.items():
+            if len(seeds.get(c, ())) != len(ps):
+                raise DictionaryError(f"seeds of {c!r}: expected one per prompt ({len(ps)}), got "
+                                      f"{len(seeds.get(c, ()))}")
     hp = resolve_hookpoint(pipe, hookpoint)
     if hp.kind != "denoiser":
         raise DictionaryError(f"hookpoint {hookpoint!r} is not a denoiser block; SAeUron reads e.g. "
                               "unet.up_blocks.1.attentions.1")
     L = sae.cfg.num_latents
-    concepts = list(prompts_by_concept)
+    groups = list(prompts_by_concept)
+    concepts = list(labels) if labels is not None else groups
     sums = torch.zeros(len(concepts), steps, L)
     hist = torch.zeros(len(concepts), steps, L, len(HIST_EDGES) + 1)
-    counts = [len(prompts_by_concept[c]) for c in concepts]
-    jobs = [(ci, p, i) for ci, c in enumerate(concepts) for i, p in enumerate(prompts_by_concept[c])]
-    state = {"rows": None}
+    counts = [0] * len(concepts) if labels is not None else [len(prompts_by_concept[c]) for c in concepts]
+    jobs = [(gi, p, i) for gi, g in enumerate(groups) for i, p in enumerate(prompts_by_concept[g])]
+    # per step of the batch: (patch means, per-patch histogram bins); filed under a concept when the rows' labels
+    # are known, which with a labeller is only after the batch's images are finished
+    state = {"rows": None, "steps": {}}
     tracker = StepTracker(pipe)
+
+    def file_batch(rows):
+        for t, (zmean, bins) in state["steps"].items():
+            for r, ci in enumerate(rows):
+                sums[ci, t] += zmean[r]
+                hist[ci, t].scatter_add_(1, bins[r].T.long().contiguous(), torch.ones(L, bins.shape[1]))
+        state["steps"].clear()
+
+    def seed_of(gi, j):
+        if isinstance(seeds, dict):
+            return seeds[groups[gi]][j]
+        return seeds[j % len(seeds)] if seeds else j
 
     def hook(mod, args, kwargs, out):
         x = read_tensor(hp, mod, args, kwargs, out)
@@ -278,10 +308,10 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
             raise DictionaryError(f"denoiser step {t} outside the dictionary's {steps}-step grid")
         z = sae.dense_latents(rows.to(sae.dtype))           # [B, P, L]
         zmean = z.mean(1).float().cpu()                      # mean over patches
-        bins = torch.bucketize(z.float().cpu(), HIST_EDGES)  # [B, P, L]
-        for r, ci in enumerate(state["rows"]):
-            sums[ci, t] += zmean[r]
-            hist[ci, t].scatter_add_(1, bins[r].T.contiguous(), torch.ones(L, bins.shape[1]))
+        # uint8 bins (97 edges): a batch's steps wait for their labels without holding int64 [B, P, L] per step
+        state["steps"][t] = (zmean, torch.bucketize(z.float().cpu(), HIST_EDGES).to(torch.uint8))
+        if labeller is None:
+            file_batch(state["rows"])
 
     handle = hp.module.register_forward_hook(hook, with_kwargs=True)
     timesteps = None
@@ -289,19 +319,30 @@ def build_concept_dictionary(pipe, sae, hookpoint: str, prompts_by_concept: dict
         with tracker:
             for i in range(0, len(jobs), batch_size):
                 chunk = jobs[i:i + batch_size]
-                state["rows"] = [ci for ci, _, _ in chunk]
-                gens = [torch.Generator().manual_seed(int(seeds[j % len(seeds)] if seeds else j))
-                        for _, _, j in chunk]
-                pipe([p for _, p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                     generator=gens, output_type="latent", **call_kwargs)
+                state["rows"] = [gi for gi, _, _ in chunk]
+                gens = [torch.Generator().manual_seed(int(seed_of(gi, j))) for gi, _, j in chunk]
+                out = pipe([p for _, p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                           generator=gens, output_type="latent" if labeller is None else "pt", **call_kwargs)
+                if labeller is not None:
+                    judged = list(labeller(out.images.float()))
+                    bad = [v for v in judged if v not in concepts]
+                    if len(judged) != len(chunk) or bad:
+                        raise DictionaryError(f"labeller must return one of {concepts} per image; got {len(judged)} "
+                                              f"labels for {len(chunk)} images{f', unknown {bad[:3]}' if bad else ''}")
+                    rows = [concepts.index(v) for v in judged]
+                    for ci in rows:
+                        counts[ci] += 1
+                    file_batch(rows)
                 if timesteps is None:
                     timesteps = [float(t) for t in pipe.scheduler.timesteps]
                 if progress is not None:
                     progress(min(i + batch_size, len(jobs)), len(jobs))
     finally:
         handle.remove()
-    means = sums / torch.tensor(counts, dtype=torch.float32)[:, None, None]
+    means = sums / torch.tensor(counts, dtype=torch.float32).clamp(min=1)[:, None, None]
     meta = {"steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
             "prompts": prompts_by_concept, "seeds": seeds, "k": sae.cfg.k, "bar_quantile": bar_quantile}
+    if labeller is not None:
+        meta["labelled_by"] = getattr(labeller, "__name__", type(labeller).__name__)
     bars, excess = _specificity(hist, bar_quantile) if len(concepts) > 1 else (None, None)
     return ConceptDictionary(hp.name, concepts, means, counts, timesteps, meta, bars, excess)

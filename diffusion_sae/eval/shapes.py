@@ -458,9 +458,9 @@ def removal_ablation(text_sae, pipe, kind: str, concept: str, cs_params: dict):
     n = cs_params.get("ablate", {}).get(kind)
     if n is None:
         return None
-    rivals = [p for c in KINDS[kind] if c != concept for p in concept_contexts(kind, c)]
+    own, rivals = contrast_contexts(kind, concept)
     q = cs_params.get("ablate_ceiling", {}).get(kind)
-    ab = concept_feature_ablation(text_sae, pipe, TEXT_HOOKPOINT, concept_contexts(kind, concept), rivals, int(n),
+    ab = concept_feature_ablation(text_sae, pipe, TEXT_HOOKPOINT, own, rivals, int(n),
                                   float(cs_params.get("ablate_scale", {}).get(kind, 1.0)), None if q is None else float(q))
     ab.everywhere = _listed(cs_params.get("ablate_everywhere", False), kind)
     return ab
@@ -566,14 +566,19 @@ def steering_unit(text_sae, pipe, kind: str, concept: str, strength: float = 1.0
     hp = hookpoint or TEXT_HOOKPOINT
     g = concept if gate else None
     if contrast:
-        rivals = [p for c in KINDS[kind] if c != concept for p in concept_contexts(kind, c)]
-        return concept_steering(text_sae, pipe, hp, concept_contexts(kind, concept), strength,
-                                baseline=rivals, gate=g)
+        own, rivals = contrast_contexts(kind, concept)
+        return concept_steering(text_sae, pipe, hp, own, strength, baseline=rivals, gate=g)
     return concept_steering(text_sae, pipe, hp, concept_text(kind, concept), strength,
                             baseline=baseline, gate=g, keep=keep_concepts(kind) if orthogonal else None)
 
 
 CONTEXTS = 40
+
+
+def contrast_contexts(kind: str, concept: str) -> tuple[list[str], list[str]]:
+    """The concept's contexts and its rivals' (every other concept of its kind, in the same draws): the two sides
+    that S and the feature ablation are both read from."""
+    return concept_contexts(kind, concept), [p for c in KINDS[kind] if c != concept for p in concept_contexts(kind, c)]
 
 
 def concept_contexts(kind: str, concept: str, n: int = CONTEXTS, seed: int = 7) -> list[str]:
