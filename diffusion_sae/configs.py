@@ -137,6 +137,10 @@ class SteeringConfig(Config):
     # With detector: the factor on S, from implicit_from_step on, for prompts naming the concept, on the samples
     # the detector flags (FamilyGate.named_late; None: 1, no change). Above 1 it escalates the removal there.
     named_late: float | None = None
+    # With detector: the factor on S, from implicit_from_step on, for prompts the gate reads as naming a rival, on the
+    # samples the detector flags (FamilyGate.rival_late; None: 0, such prompts are never steered). For a name of the
+    # concept the matcher misreads as a rival's word.
+    rival_late: float | None = None
     # With detector: ds.generate denoises every flagged sample again from its first latent with the late encoding
     # (implicit fraction, named_late) from this step on (FamilyGate.rewind; None: no rewind; below implicit_from_step)
     rewind: int | None = None
@@ -176,6 +180,11 @@ class SteeringConfig(Config):
                 raise ConfigError(f"SteeringConfig.named_late must be a factor > 0 on S (e.g. 4 escalates the "
                                   f"removal), not {x!r}")
             object.__setattr__(self, "named_late", x)
+        if self.rival_late is not None:
+            x = _finite(self, "rival_late")
+            if not x >= 0.0:
+                raise ConfigError(f"SteeringConfig.rival_late must be a factor >= 0 on S (e.g. 2), not {x!r}")
+            object.__setattr__(self, "rival_late", x)
         r = self.rewind
         if r is not None:
             if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
@@ -216,6 +225,9 @@ class SteeringConfig(Config):
             if self.detector is None and self.named_late is not None:
                 raise ConfigError("SteeringConfig.named_late only acts with detector (a saved ConceptProbe folder) "
                                   "and implicit_from_step >= 1: give both or leave named_late out")
+            if self.detector is None and self.rival_late is not None:
+                raise ConfigError("SteeringConfig.rival_late only acts with detector (a saved ConceptProbe folder) "
+                                  "and implicit_from_step >= 1: give both or leave rival_late out")
             if self.detector is None and self.rewind is not None:
                 raise ConfigError("SteeringConfig.rewind redoes the samples a detector flagged: give detector (a saved "
                                   "ConceptProbe folder) or leave rewind out")
@@ -230,6 +242,7 @@ class SteeringConfig(Config):
                                       ("detector", self.detector is not None),
                                       ("detector_threshold", self.detector_threshold != 0.5),
                                       ("named_late", self.named_late is not None),
+                                      ("rival_late", self.rival_late is not None),
                                       ("rewind", self.rewind is not None)) if on]
             if unused:
                 raise ConfigError(f"SteeringConfig.{unused[0]} only acts with rivals (the family gate): "

@@ -203,6 +203,32 @@ def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_mod
     assert np.abs(four - base).max() > 8
 
 
+def test_steer_rival_late_steers_a_flagged_prompt_naming_a_rival_on_the_bundled_model(tmp_path):
+    """--rival-late reaches the family gate: a prompt naming a rival (dotted) is left plain by the gate without it, and
+    with it at 0 (bit for bit); at 2 its sample, which the shipped style probe flags (bar 0), is steered; without
+    --detector it is refused (one line, exit 2) before anything is written."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_sae.world import bundle
+
+    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
+            "--rival", "solid", "--implicit", "1", "--prompt", "a red star in dotted style", "--steps", 10]
+    gate = ["--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
+
+    def image(name, *extra):
+        ok(*args, *extra, "--save-images", tmp_path / name)
+        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+    base, zero, two = image("base", *gate), image("zero", *gate, "--rival-late", "0"), image("two", *gate, "--rival-late", "2")
+    assert np.array_equal(zero, base)
+    assert np.abs(two - base).max() > 8
+    r = run(*args, "--rival-late", "2", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "--rival-late" in str(r.exception) and not (tmp_path / "x.png").exists()
+    r = run(*args, *gate, "--rival-late", "-1", "--out", tmp_path / "x.png")
+    assert isinstance(r.exception, UserError) and "--rival-late must be a factor >= 0" in str(r.exception)
+
+
 def test_steer_rewind_redoes_the_flagged_sample_with_the_implicit_scale_from_the_first_step(tmp_path):
     """--rewind: a prompt naming no style, the shipped step-7 probe at bar 0 (flags every sample): the sample is
     redone with the implicit scale from step 0, which is the run without --implicit-from-step and --detector, pixel

@@ -274,6 +274,25 @@ def test_named_late_setting_round_trips_and_is_checked(tmp_path):
         SteeringConfig(concept="a cat", named_late=4.0)
 
 
+def test_rival_late_setting_round_trips_reaches_the_gate_and_is_checked(tmp_path, shapes):
+    pipe, sae = shapes
+    folder = bundle.probe_dir("style", 7)
+    gate = dict(concept="striped style", concept_words="striped", rivals=["dotted", "solid"], implicit=0.2)
+    s = SteeringConfig(**gate, implicit_from_step=8, detector=folder, rival_late=2)
+    assert s.rival_late == 2.0 and isinstance(s.rival_late, float)
+    assert SteeringConfig.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert ds.ConceptSteering(sae, **gate, implicit_from_step=8, detector=folder, rival_late=2).steering(pipe).rows.rival_late == 2.0
+    assert ds.ConceptSteering(sae, **gate, implicit_from_step=8, detector=folder).steering(pipe).rows.rival_late == 0.0
+    with pytest.raises(ConfigError, match="rival_late must be a factor >= 0"):
+        SteeringConfig(**gate, implicit_from_step=8, detector=folder, rival_late=-1.0)
+    with pytest.raises(ConfigError, match="rival_late must be a finite number"):
+        SteeringConfig(**gate, implicit_from_step=8, detector=folder, rival_late=float("nan"))
+    with pytest.raises(ConfigError, match="rival_late only acts with detector"):
+        SteeringConfig(**gate, implicit_from_step=8, rival_late=2.0)
+    with pytest.raises(ConfigError, match="rival_late only acts with rivals"):
+        SteeringConfig(concept="a cat", rival_late=2.0)
+
+
 def test_rewind_setting_round_trips_reaches_the_gate_and_is_checked(tmp_path, shapes):
     pipe, sae = shapes
     folder = bundle.probe_dir("style", 7)

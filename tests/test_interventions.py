@@ -1145,6 +1145,26 @@ def test_detector_gate_steers_only_the_flagged_samples(pipes):
     assert _no_hooks(pipe) and not _ours(pipe)
 
 
+def test_detector_gate_rival_late_steers_only_flagged_rival_prompts(pipes):
+    """rival_late: a prompt naming a rival stays bit for bit plain unless the detector flags its sample; the flagged
+    one is steered from step k; the implicit fraction never reaches a rival prompt; without a detector it is refused."""
+    from diffusion_sae.interventions.steer import FamilyGate
+
+    pipe, block, prompts, under, zero, late = _two_unnamed(pipes, 1)
+    rival = ["a photo of a dog", "a photo of a dog"]
+    plain = _gen(pipe, rival)
+    off = _detected(pipe, _FixedDetector(block, 0, [True, True]), rival)      # rival_late 0: the shipped default
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+    out = _detected(pipe, _FixedDetector(block, 0, [True, False]), rival, rival_late=1.0)
+    torch.testing.assert_close(out[1], plain[1], rtol=0, atol=1e-6)
+    assert (out[0] - plain[0]).abs().max() > 1e-3
+    unnamed = _detected(pipe, _FixedDetector(block, 0, [True]), ["a photo of a dog"], implicit=1.0)
+    assert (unnamed - plain[:1]).abs().max() < 1e-6      # the rival prompt is not "unnamed": implicit does not reach it
+    with pytest.raises(SteeringError, match="rival_late=0.5 steers the rival prompts a detector flags"):
+        FamilyGate([(1,)], [(2,)], 0.1, implicit_from_step=1, rival_late=0.5)
+    assert _no_hooks(pipe) and not _ours(pipe)
+
+
 def test_detector_gate_sdxl_swaps_pooled_embeddings_per_sample(pipes):
     pipe = pipes("sdxl")
     block = next(h for h in list_hookpoints(pipe, "denoiser") if "attentions" in h)

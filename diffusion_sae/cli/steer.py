@@ -60,6 +60,11 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
                                                        "on the samples the probe flags (e.g. 4 escalates the removal "
                                                        "where the image still heads to the concept; default 1: S "
                                                        "unchanged)."),
+              rival_late: Optional[str] = typer.Option(None, help="With --detector: from --implicit-from-step on, "
+                                                       "scale S by this factor (>= 0) on prompts the gate reads as "
+                                                       "naming a --rival, on the samples the probe flags (for a name of "
+                                                       "the concept the matcher misreads; default 0: such prompts are "
+                                                       "never steered)."),
               rewind: bool = typer.Option(False, help="With --detector: denoise every sample a probe flagged again "
                                           "from its first latent with the implicit scale from the first step (a "
                                           "second pass over the flagged samples; the others stay as generated)."),
@@ -98,7 +103,7 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
     if baseline is not None and baseline_file is not None:
         fail("give either --baseline or --baseline-file, not both")
     family = _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step, steps,
-                             detector, detector_threshold, named_late, rewind)
+                             detector, detector_threshold, named_late, rewind, rival_late)
     ceiling = None
     if ablate_ceiling is not None:
         ceiling = parse_number(ablate_ceiling, "--ablate-ceiling")
@@ -166,7 +171,8 @@ def steer_cmd(model: str = typer.Option(SHAPES), sae: Optional[Path] = typer.Opt
 
 
 def _family_options(rival, concept_word, implicit, implicit_negative, match, gate, implicit_from_step=None,
-                    steps=None, detector=None, detector_threshold=None, named_late=None, rewind=False) -> dict | None:
+                    steps=None, detector=None, detector_threshold=None, named_late=None, rewind=False,
+                    rival_late=None) -> dict | None:
     """The family gate's arguments (steer.family_gate) from --rival and its companions, checked before the model
     loads (a --detector probe is read here too); None without --rival."""
     if match is not None and match not in ("tokens", "embedding"):
@@ -184,6 +190,11 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
         late = parse_number(named_late, "--named-late")
         if not late > 0.0:
             fail(f"--named-late must be a factor > 0 on S (e.g. 4 escalates the removal), got {named_late!r}")
+    rival_scale = 0.0
+    if rival_late is not None:
+        rival_scale = parse_number(rival_late, "--rival-late")
+        if not rival_scale >= 0.0:
+            fail(f"--rival-late must be a factor >= 0 on S (e.g. 2), got {rival_late!r}")
     words = {"--rival": list(rival or []), "--concept-word": list(concept_word or [])}
     for opt, ws in words.items():
         if any(not w.strip() for w in ws):
@@ -193,7 +204,8 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
                                     ("--implicit-negative", implicit_negative),
                                     ("--implicit-from-step", implicit_from_step), ("--match", match),
                                     ("--detector", detector), ("--detector-threshold", detector_threshold),
-                                    ("--named-late", named_late), ("--rewind", rewind)) if v]
+                                    ("--named-late", named_late), ("--rival-late", rival_late),
+                                    ("--rewind", rewind)) if v]
         if given:
             fail(f"{given[0]} only acts with --rival (the family gate): name the concept's rivals, e.g. --rival dog")
         return None
@@ -208,13 +220,16 @@ def _family_options(rival, concept_word, implicit, implicit_negative, match, gat
     if named_late is not None and not detector:
         fail("--named-late only acts with --detector (the folder of a saved concept probe) and "
              "--implicit-from-step >= 1: give both or leave --named-late out")
+    if rival_late is not None and not detector:
+        fail("--rival-late only acts with --detector (the folder of a saved concept probe) and "
+             "--implicit-from-step >= 1: give both or leave --rival-late out")
     if rewind and not detector:
         fail("--rewind redoes the samples a --detector flagged: give --detector (and --implicit-from-step >= 1)")
     dets = tuple(_detector(d, words["--concept-word"], p, from_step) for d, p in zip(detector or [], thresholds))
     det = None if not dets else dets[0] if len(dets) == 1 else dets
     return dict(concept_words=words["--concept-word"], rival_words=words["--rival"], implicit=imp,
                 implicit_negative=imp_neg, match=match or "embedding", implicit_from_step=from_step, detector=det,
-                named_late=late, rewind=bool(rewind))
+                named_late=late, rewind=bool(rewind), rival_late=rival_scale)
 
 
 def _detector(path: Path, concept_words: list[str], threshold: float, from_step: int):

@@ -437,7 +437,8 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
                             from_step,
                             det,
                             float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
-                            family_rewind(cs_params, kind, concept))
+                            family_rewind(cs_params, kind, concept),
+                            float(cs_params.get("family_rival", {}).get(kind, 0.0)))
         st.ablation = removal_ablation(text_sae, pipe, kind, concept, cs_params)
         return st
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
@@ -510,7 +511,8 @@ def _detector_specs(det) -> list[tuple] | None:
 
 def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, implicit: float,
                    implicit_negative: float | None = None, match: str = "tokens", implicit_from_step: int = 0,
-                   detector: tuple | list[tuple] | None = None, named_late: float = 1.0, rewind: int | None = None):
+                   detector: tuple | list[tuple] | None = None, named_late: float = 1.0, rewind: int | None = None,
+                   rival_late: float = 0.0):
     """The shipped removal (world v2): contrastive S scaled per prompt by a FamilyGate — 1 where the prompt
     names the concept, 0 where it names only a rival of its kind, `implicit` where it names none
     (`implicit_negative` on that prompt's negative branch; both only from denoising step
@@ -524,7 +526,9 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     the flagged samples (FamilyGate.named_late).
     rewind, params key "family_rewind" (a step; None: no rewind): the flagged samples are denoised again with the
     implicit fraction from that step on (FamilyGate.rewind, rewind_from_step; generation through
-    interventions.rewind.generate)."""
+    interventions.rewind.generate).
+    rival_late, params key "family_rival": the scale on prompts read as naming a rival, from that step on, on the
+    flagged samples (FamilyGate.rival_late; 0: such prompts are never steered)."""
     from ..interventions.steer import family_gate
     from ..world.bundle import TEXT_HOOKPOINT
     from ..world.config import vocabulary_words
@@ -546,11 +550,12 @@ def family_removal(text_sae, pipe, kind: str, concept: str, strength: float, imp
     st.rows = family_gate(pipe, TEXT_HOOKPOINT, [concept], rivals, implicit, implicit_negative, match=match,
                           neutral_words=neutral, implicit_from_step=implicit_from_step, detector=det,
                           named_late=named_late, rewind=rewind is not None and det is not None,
-                          rewind_from_step=int(rewind or 0))
+                          rewind_from_step=int(rewind or 0), rival_late=rival_late if det is not None else 0.0)
     st.meta["family_gate"] = {"implicit": implicit, "implicit_negative": implicit_negative, "match": match,
                               "implicit_from_step": implicit_from_step,
                               "detector": None if detector is None else [list(d) for d in specs],
-                              "named_late": named_late, "rewind": rewind if det is not None else None}
+                              "named_late": named_late, "rewind": rewind if det is not None else None,
+                              "rival_late": st.rows.rival_late}
     return st
 
 

@@ -85,7 +85,8 @@ class ConceptSteering(Intervention):
         """The Steering (matrix S) for this pipeline, built once per pipeline; with `rivals`, its FamilyGate
         (steer.family_gate) decides per prompt how much of S applies (and with `detector`, per sample; with
         `named_late`, how much on the flagged samples of prompts naming the concept from implicit_from_step on;
-        with `rewind`, ds.generate redoes the flagged samples)."""
+        with `rival_late`, how much on the flagged samples of prompts read as naming a rival; with `rewind`,
+        ds.generate redoes the flagged samples)."""
         from .steer import concept_feature_ablation, concept_steering, family_gate
 
         if pipe not in self._built:
@@ -101,7 +102,8 @@ class ConceptSteering(Intervention):
                                       neutral_words=None if c.neutral is None else list(c.neutral),
                                       implicit_from_step=c.implicit_from_step, detector=detector,
                                       named_late=1.0 if c.named_late is None else c.named_late,
-                                      rewind=c.rewind is not None, rewind_from_step=c.rewind or 0)
+                                      rewind=c.rewind is not None, rewind_from_step=c.rewind or 0,
+                                      rival_late=c.rival_late or 0.0)
             if c.ablate_features is not None:
                 st.ablation = concept_feature_ablation(self.sae, pipe, self.hookpoint, list(c.concept),
                                                        list(c.baseline) if c.baseline else [""],

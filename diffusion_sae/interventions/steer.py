@@ -212,11 +212,16 @@ class FamilyGate:
     named_late) only from step k on, and an object's layout is decided before. `interventions.rewind.generate`
     (in place of `pipe(...)`) denoises every flagged sample again from its first latent with that encoding
     from step `rewind_from_step` (default 0, the first; below k) on; unflagged samples keep the gated pass's images.
+
+    `rival_late` (ours, default 0; needs a detector): the scale on prompts read as naming a rival, from step k on, on
+    the flagged samples only. The matcher's reading of a word can be wrong (an unfamiliar name for the concept whose
+    nearest reference is a rival's word), and then 0 leaves such a prompt wholly unsteered; with a scale here the image
+    side still removes the concept where the sample heads to it. Unflagged rival prompts stay bit for bit plain.
     """
 
     def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,
                  implicit_from_step: int = 0, detector=None, named_late: float = 1.0, rewind: bool = False,
-                 rewind_from_step: int = 0):
+                 rewind_from_step: int = 0, rival_late: float = 0.0):
         self.matcher = matcher if matcher is not None else TokenMatch(target, rivals)
         self.target, self.rivals = target, rivals
         self.implicit = float(implicit)
@@ -240,6 +245,10 @@ class FamilyGate:
         if self.rewind and not self.detectors:
             raise SteeringError("rewind=True redoes the samples a detector flagged: give the gate a detector")
         self.rewind_from_step = _check_from_step(rewind_from_step, "rewind_from_step")
+        self.rival_late = _check_strength(rival_late)
+        if self.rival_late != 0.0 and not self.detectors:
+            raise SteeringError(f"rival_late={self.rival_late:g} steers the rival prompts a detector flags: give the "
+                                "gate a detector")
         if self.rewind and self.rewind_from_step >= self.implicit_from_step:
             raise SteeringError(f"rewind_from_step={self.rewind_from_step} must be below implicit_from_step="
                                 f"{self.implicit_from_step} (the redo starts the late encoding earlier)")
@@ -255,7 +264,7 @@ class FamilyGate:
     def delayed(self) -> bool:
         """Whether the implicit fractions wait for a later step (and are not 0, so that waiting changes anything)."""
         return self.implicit_from_step > 0 and (self.implicit != 0.0 or self.implicit_negative != 0.0
-                                                or self.named_late != 1.0)
+                                                or self.named_late != 1.0 or self.rival_late != 0.0)
 
     def branches(self, tok: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt scales, negative-branch scales), one per prompt row of tok; `step` (a denoiser call index,
@@ -263,12 +272,13 @@ class FamilyGate:
         early = step is not None and step < self.implicit_from_step
         imp, imp_neg = (0.0, 0.0) if early else (self.implicit, self.implicit_negative)
         named = 1.0 if early else self.named_late
+        rival = 0.0 if early else self.rival_late
         pos, neg = [], []
         for label in self.matcher(tok):
             if label == "target":
                 pos.append(named), neg.append(named)
             elif label == "rival":
-                pos.append(0.0), neg.append(0.0)
+                pos.append(rival), neg.append(rival)
             else:
                 pos.append(imp), neg.append(imp_neg)
         return torch.tensor(pos), torch.tensor(neg)
@@ -339,13 +349,13 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
                 implicit: float, implicit_negative: float | None = None, match: str = "tokens",
                 neutral_words: list[str] | None = None, min_similarity: float = 0.0,
                 implicit_from_step: int = 0, detector=None, named_late: float = 1.0,
-                rewind: bool = False, rewind_from_step: int = 0) -> FamilyGate:
+                rewind: bool = False, rewind_from_step: int = 0, rival_late: float = 0.0) -> FamilyGate:
     """A FamilyGate from words (each word's own token ids, as the first encoder's tokenizer gives them).
 
     match="tokens": exact token ids (a prompt filter); "embedding": nearest reference word in the first
     text encoder's token-embedding table (`EmbeddingMatch`), with `neutral_words` (default
     COMMON_PROMPT_WORDS) as the references that name nothing. implicit_from_step, detector, named_late,
-    rewind, rewind_from_step: see FamilyGate."""
+    rewind, rewind_from_step, rival_late: see FamilyGate."""
     hps = _text_hookpoints(pipe, _split_hookpoints(hookpoint))
     implicit = _check_strength(implicit)
     if implicit_negative is not None:
@@ -355,7 +365,8 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     rivals = [tuple(_gate_tokens(pipe, hps, w)) for w in rival_words]
     if match == "tokens":
         return FamilyGate(target, rivals, implicit, implicit_negative, implicit_from_step=implicit_from_step,
-                          detector=detector, named_late=named_late, rewind=rewind, rewind_from_step=rewind_from_step)
+                          detector=detector, named_late=named_late, rewind=rewind, rewind_from_step=rewind_from_step,
+                          rival_late=rival_late)
     if match != "embedding":
         raise SteeringError(f"match must be 'tokens' or 'embedding', not {match!r}")
     words = set(concept_words) | set(rival_words)
@@ -367,7 +378,7 @@ def family_gate(pipe, hookpoint: str | list[str], concept_words: list[str], riva
     matcher = EmbeddingMatch(encoder.get_input_embeddings().weight, flat(target), flat(rivals), neutral_ids,
                              special, min_similarity)
     return FamilyGate(target, rivals, implicit, implicit_negative, matcher, implicit_from_step, detector, named_late,
-                      rewind, rewind_from_step)
+                      rewind, rewind_from_step, rival_late)
 
 
 def _special_tokens(pipe, hps) -> set[int]:

@@ -187,6 +187,7 @@ def tune_robust_params(pipe, clf, params: dict, method: str, kind: str, *, conce
         steer["match"] = match
         steer.get("family_negative", {}).pop(kind, None)   # every candidate ran without a negative-branch fraction
         steer.get("family_rewind", {}).pop(kind, None)     # ... and without a rewind
+        steer.get("family_rival", {}).pop(kind, None)      # ... or a scale on flagged rival prompts
         if start:
             steer.setdefault("family_from_step", {})[kind] = start
         else:
