@@ -388,7 +388,21 @@ def test_family_first_step_reaches_the_gate_from_params_and_candidates():
     second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, late).rows
     assert (first.detectors[0].step, first.implicit_from_step, first.rewind, first.rewind_from_step) == (19, 20, True, 0)
     assert (second.detectors[0].step, second.implicit_from_step, second.rewind) == (11, 12, False)
+    # family_rival (kind) and its per-concept "rival": the scale on flagged prompts read as a rival's; none without a
+    # detector
+    rival = dict(cs, family_rival={"object": 2.0}, family_concepts={"object": {obj: {"rival": 4.0}}})
+    first = removal_steering(sae, pipe, "object", obj, -1.0, rival).rows
+    second = removal_steering(sae, pipe, "object", bundle.KINDS["object"][1], -1.0, rival).rows
+    assert (first.rival_late, second.rival_late) == (4.0, 2.0)
+    assert removal_steering(sae, pipe, "object", obj, -1.0, cs).rows.rival_late == 0.0
+    blind = {k: v for k, v in rival.items() if k != "family_detector"}
+    assert removal_steering(sae, pipe, "object", obj, -1.0, blind).rows.rival_late == 0.0
+    for c in bundle.KINDS["object"]:
+        own = shipped.get("family_concepts", {}).get("object", {}).get(c, {})
+        gate = removal_steering(sae, pipe, "object", c, steer_strength(shipped, "object", c), shipped).rows
+        assert gate.rival_late == float(own.get("rival", shipped.get("family_rival", {}).get("object", 0.0)))
     for bad, match in (({"implicit": -1}, "implicit must be"), ({"threshold": 1.5}, "threshold must be"),
+                       ({"rival": -2}, "rival must be"),
                        ({"threshold": True}, "threshold must be"), ({"fraction": 2}, "unknown key"),
                        ({"step": 13}, "step must be one of"), ({"step": True}, "step must be one of")):
         with pytest.raises(ValueError, match=match):

@@ -438,7 +438,7 @@ def removal_steering(text_sae, pipe, kind: str, concept: str, strength: float, c
                             det,
                             float(cs_params.get("family_named_late", {}).get(kind, 1.0)),
                             family_rewind(cs_params, kind, concept),
-                            float(cs_params.get("family_rival", {}).get(kind, 0.0)))
+                            float(own.get("rival", cs_params.get("family_rival", {}).get(kind, 0.0))))
         st.ablation = removal_ablation(text_sae, pipe, kind, concept, cs_params)
         return st
     return steering_unit(text_sae, pipe, kind, concept, strength, baseline=cs_params.get("baseline"),
@@ -467,14 +467,15 @@ def removal_ablation(text_sae, pipe, kind: str, concept: str, cs_params: dict):
     return ab
 
 
-FAMILY_CONCEPT_KEYS = ("implicit", "threshold", "step")
+FAMILY_CONCEPT_KEYS = ("implicit", "threshold", "step", "rival")
 
 
 def family_concept(cs_params: dict, kind: str, concept: str) -> dict:
-    """params "family_concepts" for one concept: {kind: {concept: {"implicit": fraction, "threshold": p, "step": s}}}
-    overrides its kind's implicit fraction ("family"), its probes' threshold ("family_detector") and the step its
-    image-side probes read (one of bundle.PROBE_STEPS; the fraction then acts from step s + 1 on, "family_from_step")
-    for that concept alone; {} where it has no entry."""
+    """params "family_concepts" for one concept: {kind: {concept: {"implicit": fraction, "threshold": p, "step": s,
+    "rival": scale}}} overrides its kind's implicit fraction ("family"), its probes' threshold ("family_detector"), the
+    step its image-side probes read (one of bundle.PROBE_STEPS; the fraction then acts from step s + 1 on,
+    "family_from_step") and the scale on flagged prompts read as naming a rival ("family_rival") for that concept alone;
+    {} where it has no entry."""
     from ..world.bundle import PROBE_STEPS
 
     own = cs_params.get("family_concepts", {}).get(kind, {}).get(concept, {})
