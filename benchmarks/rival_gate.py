@@ -61,7 +61,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     totals = {}
     for kind in a.kinds.split(","):
-        scales = [float(shipped["family"][kind]) if s == "family" else float(s) for s in a.scales.split(",")]
+        scales = list(dict.fromkeys(float(shipped["family"][kind]) if s == "family" else float(s)
+                                    for s in a.scales.split(",")))   # colours: the family fraction is 4 already
         for concept in KINDS[kind]:
             ci = KINDS[kind].index(concept)
             named = named_prompts(kind, concept, a.named, split="tuning")
@@ -71,6 +72,7 @@ def main() -> int:
             for x in scales:
                 cs = copy.deepcopy(shipped)
                 cs.setdefault("family_rival", {})[kind] = x
+                cs.get("family_concepts", {}).get(kind, {}).get(concept, {}).pop("rival", None)  # the kind's x for all
                 st = removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept), cs)
                 rest_run = bench.run(rest, lambda st=st: steer_text_encoder(pipe, st))
                 st.rows.matcher = Misread(st.rows.matcher)
