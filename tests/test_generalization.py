@@ -241,6 +241,14 @@ def test_concepts_with_their_own_probe_step_removed_at_once():
     with pytest.raises(SteeringError, match="same step"):
         with steer_text_encoder(pipe, [removal_steering(sae, pipe, "object", c, -1.0, cs) for c in objects]):
             pass
+    # at once no gate steers its rivals' prompts (the verdict is shared); one after another each keeps its own scale
+    for c in objects:
+        at_once = gen.group_member_steering(sae, pipe, cs, "object", c, at_once=True).rows
+        alone = gen.group_member_steering(sae, pipe, cs, "object", c, at_once=False).rows
+        want = cs["family_concepts"]["object"].get(c, {}).get("rival", cs.get("family_rival", {}).get("object", 0.0))
+        assert (at_once.rival_late, alone.rival_late) == (0.0, float(want))
+        assert at_once.detectors[0].step == cs["family_detector"]["object"]["step"]
+    assert any(gen.group_member_steering(sae, pipe, cs, "object", c, at_once=False).rows.rival_late for c in objects)
     methods = gen.group_methods(pipe, sae, {}, params, size=3)
     with methods["Concept Steerers (shipped, 3 at once)"]["object"](objects[0])():
         pass

@@ -217,6 +217,9 @@ class FamilyGate:
     the flagged samples only. The matcher's reading of a word can be wrong (an unfamiliar name for the concept whose
     nearest reference is a rival's word), and then 0 leaves such a prompt wholly unsteered; with a scale here the image
     side still removes the concept where the sample heads to it. Unflagged rival prompts stay bit for bit plain.
+    Several gates in one `steer_text_encoder` share one verdict per sample (a sample any detector flags is flagged),
+    so there each gate's rival_late also acts on samples only another gate's probe flagged; the bundled presets
+    leave it at 0 when removing several concepts at once.
     """
 
     def __init__(self, target, rivals, implicit: float, implicit_negative: float | None = None, matcher=None,

@@ -387,27 +387,35 @@ def summarize(rows: list[dict]) -> dict:
 SAEURON_PAPER = {"percentile": 99.999, "multiplier": -1.0, "selection": "paper"}
 
 
+def group_member_steering(text_sae, pipe, cs: dict, kind: str, concept: str, at_once: bool):
+    """One concept's shipped Concept Steerers removal as a member of a group. One after another it is the concept's
+    own. At once, one context's detectors give one verdict per sample, which picks one encoding for all its gates,
+    so every probe is read at the kind's step (a concept's own "step" is dropped), and no gate steers prompts naming
+    its rivals: with a shared verdict, a rival prompt that one concept's probe flags would get every gate's rival
+    scale (at once the rest prompts lost up to a quarter of their accuracy in the 2026-11-27 acceptance run)."""
+    from ..eval.shapes import removal_steering, steer_strength
+
+    params_c = cs
+    if at_once:
+        params_c = copy.deepcopy(cs)
+        params_c.pop("family_rival", None)
+        own = params_c.get("family_concepts", {}).get(kind, {}).get(concept, {})
+        own.pop("step", None), own.pop("rival", None)
+    return removal_steering(text_sae, pipe, kind, concept, steer_strength(cs, kind, concept), params_c)
+
+
 def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> dict:
     """Both shipped methods removing the first `size` styles and objects together: at once (one hook per
     layer holding every edit; SAeUron with the presets' "saeuron_multi" options) and one after another
     (each concept's own hook stacked on the previous ones, as a user erasing them in turn would)."""
     import contextlib
 
-    from ..eval.shapes import removal_steering, saeuron_context, steer_strength
+    from ..eval.shapes import saeuron_context
     from ..interventions.steer import steer_text_encoder
 
     cs, sa = params.get("steer", {}), params.get("saeuron", {})
     together = params.get("saeuron_multi", {})
     groups = {k: tuple(KINDS[k][:size]) for k in ("style", "object")}
-
-    def steering(kind, c, shared_step=False):
-        params_c = cs
-        if shared_step and "step" in cs.get("family_concepts", {}).get(kind, {}).get(c, {}):
-            # one context's detectors give one verdict per sample, which picks one encoding for all its gates, so
-            # removing several at once reads every probe at the kind's step (a concept's own "step" is dropped)
-            params_c = copy.deepcopy(cs)
-            del params_c["family_concepts"][kind][c]["step"]
-        return removal_steering(text_sae, pipe, kind, c, steer_strength(cs, kind, c), params_c)
 
     @contextlib.contextmanager
     def stacked(factories):
@@ -418,7 +426,7 @@ def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> 
 
     def cs_builder(kind, sequential):
         def build(concept):
-            sts = [steering(kind, c, shared_step=not sequential) for c in groups[kind]]
+            sts = [group_member_steering(text_sae, pipe, cs, kind, c, at_once=not sequential) for c in groups[kind]]
             if sequential:
                 return lambda: stacked([lambda st=st: steer_text_encoder(pipe, st) for st in sts])
             return lambda: steer_text_encoder(pipe, sts)
