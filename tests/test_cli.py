@@ -182,23 +182,36 @@ def test_concepts_probe_branch_cond_is_written_with_its_branch(tmp_path):
     assert json.loads((tmp_path / "uncond" / "concept_probe.json").read_text())["meta"]["branch"] == "uncond"
 
 
+def _striped_removal(prompt: str) -> list:
+    """`steer` removing striped behind a family gate (rivals dotted and solid, implicit scale 1), 10 steps."""
+    return ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
+            "--rival", "solid", "--implicit", "1", "--prompt", prompt, "--steps", 10]
+
+
+def _flag_every_sample() -> list:
+    """The shipped step-7 style probe as detector at bar 0 (it flags every sample), the scale acting from step 8."""
+    from diffusion_sae.world import bundle
+
+    return ["--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
+
+
+def _saved_image(tmp_path, args: list, name: str, *extra):
+    """Run `steer` with --save-images into tmp_path/name; the first image as int16 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    ok(*args, *extra, "--save-images", tmp_path / name)
+    return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
+
+
 def test_steer_named_late_escalates_the_flagged_named_samples_on_the_bundled_model(tmp_path):
     """--named-late reaches the family gate: 1 is the run without it, image for image; 4 changes a prompt naming the
     concept whose sample the shipped style probe flags (bar 0: every sample)."""
     import numpy as np
-    from PIL import Image
 
-    from diffusion_sae.world import bundle
-
-    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
-            "--rival", "solid", "--implicit", "1", "--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7),
-            "--detector-threshold", "0", "--prompt", "a red star in striped style", "--steps", 10]
-
-    def image(name, *extra):
-        ok(*args, *extra, "--save-images", tmp_path / name)
-        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
-
-    base, one, four = image("base"), image("one", "--named-late", "1"), image("four", "--named-late", "4")
+    args = _striped_removal("a red star in striped style") + _flag_every_sample()
+    base, one, four = (_saved_image(tmp_path, args, "base"), _saved_image(tmp_path, args, "one", "--named-late", "1"),
+                       _saved_image(tmp_path, args, "four", "--named-late", "4"))
     assert np.array_equal(one, base)
     assert np.abs(four - base).max() > 8
 
@@ -208,19 +221,11 @@ def test_steer_rival_late_steers_a_flagged_prompt_naming_a_rival_on_the_bundled_
     with it at 0 (bit for bit); at 2 its sample, which the shipped style probe flags (bar 0), is steered; without
     --detector it is refused (one line, exit 2) before anything is written."""
     import numpy as np
-    from PIL import Image
 
-    from diffusion_sae.world import bundle
-
-    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
-            "--rival", "solid", "--implicit", "1", "--prompt", "a red star in dotted style", "--steps", 10]
-    gate = ["--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
-
-    def image(name, *extra):
-        ok(*args, *extra, "--save-images", tmp_path / name)
-        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
-
-    base, zero, two = image("base", *gate), image("zero", *gate, "--rival-late", "0"), image("two", *gate, "--rival-late", "2")
+    args, gate = _striped_removal("a red star in dotted style"), _flag_every_sample()
+    base = _saved_image(tmp_path, args + gate, "base")
+    zero = _saved_image(tmp_path, args + gate, "zero", "--rival-late", "0")
+    two = _saved_image(tmp_path, args + gate, "two", "--rival-late", "2")
     assert np.array_equal(zero, base)
     assert np.abs(two - base).max() > 8
     r = run(*args, "--rival-late", "2", "--out", tmp_path / "x.png")
@@ -235,19 +240,10 @@ def test_steer_rewind_redoes_the_flagged_sample_with_the_implicit_scale_from_the
     for pixel up to rounding, and differs from the gated run; --rewind without --detector is refused (one line, exit
     2 from the console script) before anything is written."""
     import numpy as np
-    from PIL import Image
 
-    from diffusion_sae.world import bundle
-
-    args = ["steer", "--concept", "striped style", "--strength", "-2", "--concept-word", "striped", "--rival", "dotted",
-            "--rival", "solid", "--implicit", "1", "--prompt", "a red star", "--steps", 10]
-    gate = ["--implicit-from-step", 8, "--detector", bundle.probe_dir("style", 7), "--detector-threshold", "0"]
-
-    def image(name, *extra):
-        ok(*args, *extra, "--save-images", tmp_path / name)
-        return np.asarray(Image.open(tmp_path / name / "0.png"), dtype=np.int16)
-
-    whole, gated, rewound = image("whole"), image("gated", *gate), image("rewound", *gate, "--rewind")
+    args, gate = _striped_removal("a red star"), _flag_every_sample()
+    whole, gated = _saved_image(tmp_path, args, "whole"), _saved_image(tmp_path, args + gate, "gated")
+    rewound = _saved_image(tmp_path, args + gate, "rewound", "--rewind")
     assert np.abs(rewound - whole).max() <= 1
     assert np.abs(gated - whole).max() > 8
     r = run(*args, "--rewind", "--out", tmp_path / "x.png")
