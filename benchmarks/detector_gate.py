@@ -252,7 +252,8 @@ def main() -> int:
     cfg = GeneralizationConfig(concepts_per_kind=a.concepts_per_kind or None, kinds=kinds, implicit=a.implicit,
                                empty=a.empty, only=only)
     res = robust_tune.tune(pipe, clf, cands, cfg, paired=False)
-    print(f"tuning split, {a.concepts_per_kind} concepts per kind, {time.perf_counter() - t0:.0f} s")
+    scope = a.concepts if a.concepts else f"{a.concepts_per_kind} concepts per kind"
+    print(f"tuning split, {scope}, {time.perf_counter() - t0:.0f} s")
     print("| kind | setting | mean violation | implicit / base (worst) | paired change (worst) | FD ratio (worst) | rest accuracy (worst) |")
     print("|---|---|---|---|---|---|---|")
     for kind in kinds:

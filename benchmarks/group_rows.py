@@ -33,8 +33,7 @@ def main() -> int:
                if k.startswith(prefixes)}
     if not methods:
         ap.error(f"--methods {a.methods!r} matches none of the group methods")
-    # the full run's settings (world/benchmark.py, `eval shapes` without --quick)
-    cfg = gen.GeneralizationConfig(concepts_per_kind=None, implicit=64, empty=64, named=20, rest=20)
+    cfg = gen.eval_config()     # the full run's settings (`eval shapes` without --quick)
     t0 = time.perf_counter()
     g = gen.run_generalization(pipe, clf, methods, cfg)
     print(f"{g['images_generated']} images in {time.perf_counter() - t0:.0f} s (evaluation split)")

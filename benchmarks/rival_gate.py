@@ -23,14 +23,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from diffusion_sae.eval.metrics import paired_change_rate  # noqa: E402
 from diffusion_sae.eval.shapes import ShapesBench, removal_steering, steer_strength  # noqa: E402
 from diffusion_sae.interventions.steer import steer_text_encoder  # noqa: E402
 from diffusion_sae.world import assets, bundle  # noqa: E402
 from diffusion_sae.world.bundle import KINDS  # noqa: E402
-from diffusion_sae.world.generalization import named_prompts, rest_prompts  # noqa: E402
+from diffusion_sae.world.generalization import _all_correct, named_prompts, rest_prompts  # noqa: E402
 
 
 class Misread:
@@ -68,7 +67,6 @@ def main() -> int:
             named = named_prompts(kind, concept, a.named, split="tuning")
             rest = rest_prompts(kind, concept, a.rest, split="tuning")
             plain_named, plain_rest = bench.run(named), bench.run(rest)
-            ok = lambda j: torch.stack([j.pred[k] == j.truth(k) for k in KINDS]).all(0)  # noqa: E731
             for x in scales:
                 cs = copy.deepcopy(shipped)
                 cs.setdefault("family_rival", {})[kind] = x
@@ -79,7 +77,7 @@ def main() -> int:
                 named_run = bench.run(named, lambda st=st: steer_text_encoder(pipe, st))
                 present = float((named_run.pred[kind] == ci).float().mean())
                 present_plain = float((plain_named.pred[kind] == ci).float().mean())
-                acc, acc_plain = float(ok(rest_run).float().mean()), float(ok(plain_rest).float().mean())
+                acc, acc_plain = _all_correct(rest_run), _all_correct(plain_rest)
                 change = paired_change_rate({k: v.tolist() for k, v in plain_rest.pred.items()},
                                             {k: v.tolist() for k, v in rest_run.pred.items()},
                                             [True] * len(rest.prompts))

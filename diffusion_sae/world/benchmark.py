@@ -139,16 +139,8 @@ def run_shapes_eval(out: Path, opts: ShapesEvalOptions, extra: dict[str, Context
             from ..eval.attack import AttackConfig
             from . import generalization as gen
 
-            gcfg = gen.GeneralizationConfig(
-                concepts_per_kind=opts.gen_concepts or opts.concepts_per_kind or (2 if quick else None),
-                steps=opts.steps, guidance=opts.guidance, implicit=opts.gen_implicit or (12 if quick else 64),
-                empty=opts.gen_implicit or (12 if quick else 64),
-                # 20 named images (and per held-out name) in the full run: one image is then 5 %, the bar itself;
-                # with 8 a single image (12 %) fails it. The first 8 prompts and seeds are those of the 8-image run.
-                named=8 if quick else 20,
-                # the same for the rest prompts (accuracy >= 95 %): with 8, one wrong image is 88 %, and the plain
-                # model's own rest accuracy sat at 88 % for a colour
-                rest=8 if quick else 20)
+            gcfg = gen.eval_config(quick, opts.gen_concepts or opts.concepts_per_kind, opts.steps, opts.guidance,
+                                   opts.gen_implicit)
             methods = gen.default_methods(pipe, text_sae, blocks, bundle.load_params(), group_size=group)
             tick = (lambda *a: progress("generalization", 1)) if progress else None
             g = gen.run_generalization(pipe, clf, methods, gcfg,
