@@ -516,6 +516,49 @@ def test_replace_edit_moves_concept_free_images_less_than_the_scale_flip(shapes)
     assert _registered(pipe) == []
 
 
+def test_saeuron_extra_edits_and_the_below_gate_on_the_bundled_model(shapes):
+    """A preset's "extra_edits" equal the same presets' contexts stacked, bit for bit; the extra edit gated
+    [0, 0.5, "cond", "below"] (the shipped gradient's prior edit) leaves a prompt that asks for gradient exactly
+    as the main edit alone draws it and moves a prompt without the style; bad "extra_edits" are one error."""
+    import contextlib
+
+    from diffusion_sae.eval.shapes import saeuron_context
+
+    pipe, _ = shapes
+    blocks = bundle.load_blocks("style")
+    main = {"blocks": ["unet.up_blocks.1.attentions.0"], "top_n": 32, "multiplier": -8.0, "scaling": "latent",
+            "selection": "specific", "min_fire": 3, "window": [1, 25], "detector": [0, 0.5, "cond"]}
+    prior = {"blocks": ["unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1"], "top_n": 24,
+             "multiplier": -2.0, "scaling": "latent", "selection": "specific", "min_fire": 1, "window": [1, 25],
+             "detector": [0, 0.5, "cond", "below"]}
+    prompts = ["a red star in gradient style", "a blue heart", "", "a green ring in gradient style"]
+
+    def gen():
+        g = [torch.Generator().manual_seed(700 + i) for i in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=2.0, generator=g, output_type="pt").images
+
+    plain = gen()
+    with saeuron_context(pipe, blocks, {"gradient": main}):
+        main_only = gen()
+    with saeuron_context(pipe, blocks, {"gradient": dict(main, extra_edits=[prior])}):
+        both = gen()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(saeuron_context(pipe, blocks, {"gradient": main}))
+        stack.enter_context(saeuron_context(pipe, blocks, {"gradient": prior}))
+        stacked = gen()
+    torch.testing.assert_close(both, stacked, rtol=0, atol=0)
+    for i in (0, 3):        # the prompt asks for gradient: the below gate keeps the prior edit off
+        torch.testing.assert_close(both[i], main_only[i], rtol=0, atol=0)
+    for i in (1, 2):        # no gradient asked for: the main edit's gate is shut, the prior edit acts
+        torch.testing.assert_close(main_only[i], plain[i], rtol=0, atol=0)
+        assert float((both[i] - plain[i]).abs().mean()) > 1e-3
+    for bad in ({"top_n": 4}, [{"extra_edits": []}], ["x"]):
+        with pytest.raises(ValueError, match="extra_edits"):
+            with saeuron_context(pipe, blocks, {"gradient": dict(main, extra_edits=bad)}):
+                pass
+    assert _registered(pipe) == []
+
+
 def test_two_interventions_removed_by_name_in_any_order(shapes):
     pipe, sae = shapes
     block, dictionary = bundle.load_block_sae(), bundle.load_dictionary("object")

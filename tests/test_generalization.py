@@ -441,7 +441,7 @@ def test_saeuron_preset_detectors_resolve_to_the_shipped_probes():
     """A SAeUron preset's "detector" ([step, p], [step, p, branch] or a list of them) gives the kind's shipped
     probes of that branch and step as one detector or a tuple (any of them gates); every shipped preset's
     detector resolves."""
-    from diffusion_sae.concepts.probe import ConceptDetector
+    from diffusion_sae.concepts.probe import ConceptDetector, ProbeError
     from diffusion_sae.eval.shapes import _shipped_detector
     from diffusion_sae.world import bundle
 
@@ -451,7 +451,49 @@ def test_saeuron_preset_detectors_resolve_to_the_shipped_probes():
     assert isinstance(two, tuple) and [(d.step, d.threshold, d.branch, d.concept) for d in two] == [
         (0, 0.5, "cond", "circle"), (5, 0.2, "uncond", "circle")]
     assert two[0].hookpoint == bundle.PROBE_HOOKPOINTS["object"]
+    # a fourth entry "below" flags the complement: exactly the samples under the threshold
+    below = _shipped_detector("gradient", [0, 0.5, "cond", "below"], bundle.load_probe)
+    above = _shipped_detector("gradient", [0, 0.5, "cond"], bundle.load_probe)
+    assert below.below and not above.below and "p < 0.5" in repr(below)
+    probe = above.probe
+    tokens = torch.randn(64, 4, probe.mean.shape[-1], generator=torch.Generator().manual_seed(0)) * 3
+    p = probe.probabilities(tokens)[:, probe.index("gradient")]
+    assert torch.equal(below(tokens), p < 0.5) and torch.equal(above(tokens), ~below(tokens))
+    with pytest.raises(ProbeError, match="below"):
+        probe.detector("gradient", 0.5, below="yes")
     for concept, p in bundle.load_params()["saeuron"].items():
         if p.get("detector"):
             dets = _shipped_detector(concept, p["detector"], bundle.load_probe)
             assert all(d.concept == concept for d in (dets if isinstance(dets, tuple) else (dets,)))
+
+
+def test_method_rows_splice_replaces_rows_and_refuses_attacked_ones(tmp_path):
+    """benchmarks/method_rows.py --splice: a rerun row replaces the full run's row of the same method and concept,
+    the method's summary and the report follow it, the report says what was spliced; a row whose concept was
+    attacked in the full run is refused (the attack is not rerun), and nothing is written then."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from method_rows import splice
+
+    src = Path(__file__).resolve().parents[1] / "docs" / "eval-generalization-full"
+    for f in ("results.json", "report.json"):
+        shutil.copy(src / f, tmp_path / f)
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = res["generalization"]["rows"]["SAeUron (shipped)"]
+    row = dict(next(r for r in rows if r["concept"] == "noisy"), named=0.9)
+    splice(tmp_path, {"rows": {"SAeUron (shipped)": [row]}}, "test change")
+    after = json.loads((tmp_path / "results.json").read_text())["generalization"]
+    assert next(r for r in after["rows"]["SAeUron (shipped)"] if r["concept"] == "noisy")["named"] == 0.9
+    assert after["summary"]["SAeUron (shipped)"]["named"] == {"value": 0.9, "concept": "noisy"}
+    assert after["rows"]["Concept Steerers (shipped)"] == res["generalization"]["rows"]["Concept Steerers (shipped)"]
+    md = (tmp_path / "report.md").read_text()
+    assert "SAeUron (shipped): noisy from a rerun" in md and "test change" in md
+    before = (tmp_path / "results.json").read_text()
+    attacked = dict(next(r for r in rows if r["concept"] == "dotted"))
+    with pytest.raises(SystemExit, match="attacked"):
+        splice(tmp_path, {"rows": {"SAeUron (shipped)": [attacked]}}, "x")
+    assert (tmp_path / "results.json").read_text() == before

@@ -86,8 +86,8 @@ class ConceptProbe:
         """The guidance branch it reads: "uncond" (probes saved before branches existed read it) or "cond"."""
         return str(self.meta.get("branch", "uncond"))
 
-    def detector(self, concept: str, threshold: float = 0.5) -> "ConceptDetector":
-        return ConceptDetector(self, concept, threshold)
+    def detector(self, concept: str, threshold: float = 0.5, below: bool = False) -> "ConceptDetector":
+        return ConceptDetector(self, concept, threshold, below)
 
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -132,12 +132,15 @@ class ConceptProbe:
 
 
 class ConceptDetector:
-    """Per-sample verdict of a probe for one concept: p(concept | x_t) >= threshold."""
+    """Per-sample verdict of a probe for one concept: p(concept | x_t) >= threshold; with below=True the
+    complement, p < threshold (e.g. an edit for the samples whose prompt does not ask for the concept)."""
 
-    def __init__(self, probe: ConceptProbe, concept: str, threshold: float = 0.5):
+    def __init__(self, probe: ConceptProbe, concept: str, threshold: float = 0.5, below: bool = False):
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
             raise ProbeError(f"detector threshold must be a probability in [0, 1], not {threshold!r}")
-        self.probe, self.concept, self.threshold = probe, concept, float(threshold)
+        if not isinstance(below, bool):
+            raise ProbeError(f"detector below must be True or False, not {below!r}")
+        self.probe, self.concept, self.threshold, self.below = probe, concept, float(threshold), below
         self.index = probe.index(concept)
 
     @property
@@ -154,11 +157,12 @@ class ConceptDetector:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, n, d] -> bool [B]."""
-        return self.probe.probabilities(tokens)[:, self.index] >= self.threshold
+        p = self.probe.probabilities(tokens)[:, self.index]
+        return p < self.threshold if self.below else p >= self.threshold
 
     def __repr__(self) -> str:
         return (f"ConceptDetector({self.concept!r} at {self.hookpoint}, step {self.step}, {self.branch} branch, "
-                f"p >= {self.threshold:g})")
+                f"p {'<' if self.below else '>='} {self.threshold:g})")
 
 
 BRANCHES = ("uncond", "cond")

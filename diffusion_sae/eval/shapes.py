@@ -359,12 +359,15 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
     names; `blocks` = {hookpoint: (sae, dictionary)}. A concept without "blocks" uses the first block (the
     paper's single hookpoint). "detector": [probe step, threshold] gates the concept's edits per sample with
     its kind's shipped concept probe (ConceptEdit.detector); [probe step, threshold, "cond"] reads the
-    prompt's branch (bundle.COND_PROBE_STEPS), and a list of such gates with any of them."""
+    prompt's branch (bundle.COND_PROBE_STEPS), and a list of such gates with any of them. "extra_edits": a list
+    of further presets of the same concept (each with its own blocks, strength, window and gate), applied
+    beside the concept's main edit: a concept drawn from its prompt and the same concept drawn by the model's
+    prior can sit in different blocks (README: gradient)."""
     from ..interventions.ablate import ConceptEdit, unlearn_concepts
     from ..world.bundle import load_probe
 
     per_block: dict[str, list] = {}
-    for c, p in params.items():
+    for c, p in _with_extra_edits(params):
         names = p.get("blocks") or [next(iter(blocks))]
         missing = [b for b in names if b not in blocks]
         if missing:
@@ -385,18 +388,31 @@ def saeuron_context(pipe, blocks: dict, params: dict, faithful: bool = False):
         yield
 
 
+def _with_extra_edits(params: dict) -> list[tuple[str, dict]]:
+    """(concept, preset) for every concept's main preset and each of its "extra_edits", checked first."""
+    out = []
+    for c, p in params.items():
+        extra = p.get("extra_edits", [])
+        if not isinstance(extra, list) or not all(isinstance(e, dict) and "extra_edits" not in e for e in extra):
+            raise ValueError(f"SAeUron params for {c!r}: \"extra_edits\" must be a list of presets (dicts without "
+                             f"\"extra_edits\" of their own), not {extra!r}")
+        out += [(c, p), *((c, e) for e in extra)]
+    return out
+
+
 DEFAULT_SAEURON = {"top_n": 1, "multiplier": -1.0}
 
 
 def _shipped_detector(concept: str, spec, load_probe):
     """The ConceptDetector(s) of a preset's "detector" for a ShapesCanvas concept: [probe step, threshold]
-    or [probe step, threshold, branch], or a list of those (a tuple of detectors: any of them gates)."""
+    or [probe step, threshold, branch(, "below")], or a list of those (a tuple of detectors: any of them gates)."""
     kind = next(k for k, cs in KINDS.items() if concept in cs)
     if spec and isinstance(spec[0], (list, tuple)):
         return tuple(_shipped_detector(concept, s, load_probe) for s in spec)
     step, threshold, *rest = spec
     branch = rest[0] if rest else "uncond"
-    return load_probe(kind, int(step), branch=branch).detector(concept, float(threshold))
+    # a fourth entry "below" flags the samples under the threshold (the edit acts where the probe does not see it)
+    return load_probe(kind, int(step), branch=branch).detector(concept, float(threshold), below=rest[1:] == ["below"])
 
 
 def concept_text(kind: str, concept: str) -> str:

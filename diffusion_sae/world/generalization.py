@@ -453,7 +453,9 @@ def group_methods(pipe, text_sae, blocks: dict, params: dict, size: int = 3) -> 
         def build(concept):
             if sequential:
                 return lambda: stacked([lambda c=c: saeuron_context(pipe, blocks[kind], {c: sa[c]}) for c in groups[kind]])
-            pc = {c: dict(sa[c], **together) for c in groups[kind]}
+            # the several-at-once options hold for each of a concept's edits, its extra ones included
+            pc = {c: dict(sa[c], **together, **({"extra_edits": [dict(e, **together) for e in sa[c]["extra_edits"]]}
+                                              if "extra_edits" in sa[c] else {})) for c in groups[kind]}
             return lambda: saeuron_context(pipe, blocks[kind], pc)
         return build
 
