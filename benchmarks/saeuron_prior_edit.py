@@ -105,14 +105,15 @@ def candidates(pipe, clf, kind: str, concepts: list[str], named: int, n: int, ta
 
     cfg = GeneralizationConfig(kinds=(kind,), only={kind: tuple(concepts)}, named=named, implicit=n, empty=n)
     res = robust_tune.tune(pipe, clf, {name: cand(e) for name, e in table.items()}, cfg, paired=True)
-    print("| concept | preset | violation | named % | implicit / base | paired change | FD ratio | TV other | rest accuracy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| concept | preset | violation | named % | implicit / base | paired change | FD ratio | TV other | rest accuracy "
+          "| damage (ties) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(concepts):
         for name, rows in res.rows.items():
             r = rows[i]
-            print(f"| {c} | {name} | {robust_tune.violation(r, paired=True):.2f} | {100 * r['named']:.0f} | "
+            print(f"| {c} | {name} | {robust_tune.violation(r, paired=True):.3f} | {100 * r['named']:.0f} | "
                   f"{robust_tune.axis_value(r, 'implicit_rel'):.2f} | {100 * r['paired_change']:.0f} % | {r['fd_ratio']:.2f} | "
-                  f"{r['tv_other']:.2f} | {100 * r['rest_accuracy']:.0f} % |", flush=True)
+                  f"{r['tv_other']:.2f} | {100 * r['rest_accuracy']:.0f} % | {robust_tune.damage(r):.3f} |", flush=True)
 
 
 def main() -> int:

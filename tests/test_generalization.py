@@ -461,10 +461,11 @@ def test_saeuron_preset_detectors_resolve_to_the_shipped_probes():
     assert torch.equal(below(tokens), p < 0.5) and torch.equal(above(tokens), ~below(tokens))
     with pytest.raises(ProbeError, match="below"):
         probe.detector("gradient", 0.5, below="yes")
-    for concept, p in bundle.load_params()["saeuron"].items():
-        if p.get("detector"):
-            dets = _shipped_detector(concept, p["detector"], bundle.load_probe)
-            assert all(d.concept == concept for d in (dets if isinstance(dets, tuple) else (dets,)))
+    for concept, preset in bundle.load_params()["saeuron"].items():
+        for p in (preset, *preset.get("extra_edits", [])):     # a concept's further edits resolve too
+            if p.get("detector"):
+                dets = _shipped_detector(concept, p["detector"], bundle.load_probe)
+                assert all(d.concept == concept for d in (dets if isinstance(dets, tuple) else (dets,)))
 
 
 def test_method_rows_splice_replaces_rows_and_refuses_attacked_ones(tmp_path):
