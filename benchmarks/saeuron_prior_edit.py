@@ -15,7 +15,7 @@ axis by `robust_tune` (named, implicit, rest accuracy, paired change, TV, FD). T
 branch at step 0 with "below": it acts only where the prompt does not ask for the concept, which leaves named
 prompts to the main edit (ungated, the extra edit lifts gradient's named presence from 9 % to 50-56 %).
 
-    python benchmarks/saeuron_prior_edit.py --screen [--kind style] [--concepts gradient,outlined] [--images 128]
+    python benchmarks/saeuron_prior_edit.py --screen [--kind style] [--concepts gradient,outlined] [--images 128] [--variants "a;b"]
     python benchmarks/saeuron_prior_edit.py [--kind style] [--concepts gradient] [--named 32] [--images 128]
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def prior_edit(p: dict) -> dict:
     return {**SPECIFIC, "detector": [0, 0.5, "cond", "below"], **p}
 
 
-def screen(pipe, clf, kind: str, concepts: list[str], n: int) -> None:
+def screen(pipe, clf, kind: str, concepts: list[str], n: int, names: list[str]) -> None:
     shipped, blocks = bundle.load_params()["saeuron"], bundle.load_blocks(kind)
     bench = ShapesBench(pipe, clf, batch_size=64)
     sets = [implicit_prompts(kind, n, "tuning"), empty_prompts(n, "tuning")]
@@ -81,7 +81,8 @@ def screen(pipe, clf, kind: str, concepts: list[str], n: int) -> None:
         ci = KINDS[kind].index(c)
         lacks = plain[kind] != ci
         base = float((plain[kind] == ci).float().mean())
-        for name, change in SCREEN[kind].items():
+        for name in names:
+            change = SCREEN[kind][name]
             p = {k: v for k, v in shipped[c].items() if k not in ("detector", "rewind", "extra_edits")}
             p.update(change)
             out, j = judged(lambda: saeuron_context(pipe, blocks, {c: p}))
@@ -99,7 +100,13 @@ def candidates(pipe, clf, kind: str, concepts: list[str], named: int, n: int, ta
         def build(concept):
             p = {k: v for k, v in shipped[concept].items() if k != "extra_edits"}
             if extra is not None:   # blocks and min_fire default to the main edit's
-                p["extra_edits"] = [prior_edit({"blocks": p["blocks"], "min_fire": p.get("min_fire", 1), **extra})]
+                second = dict(extra)
+                for k, v in second.pop("main", {}).items():    # changes to the main edit (null drops the key)
+                    if v is None:
+                        p.pop(k, None)
+                    else:
+                        p[k] = v
+                p["extra_edits"] = [prior_edit({"blocks": p["blocks"], "min_fire": p.get("min_fire", 1), **second})]
             return lambda: saeuron_context(pipe, blocks[kind], {concept: p})
         return {kind: build}
 
@@ -123,10 +130,12 @@ def main() -> int:
     ap.add_argument("--concepts", default="gradient")
     ap.add_argument("--images", type=int, default=128, help="implicit and empty prompts each")
     ap.add_argument("--named", type=int, default=32, help="named images per concept (--candidates)")
+    ap.add_argument("--variants", default="", help="--screen: ';'-separated names of SCREEN's edits (default: all)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                     help="score this extra edit (JSON: the changes to a prior edit, e.g. '{\"blocks\": [...], "
                          "\"top_n\": 16, \"multiplier\": -4, \"detector\": [19, 0.2], \"rewind\": true}') beside "
-                         "the shipped preset, instead of the built-in candidates; repeatable")
+                         "the shipped preset, instead of the built-in candidates; a key \"main\" holds changes to the "
+                         "main edit (null drops a key); repeatable")
     a = ap.parse_args()
     table = CANDIDATES
     if a.extra:
@@ -140,6 +149,9 @@ def main() -> int:
             if not isinstance(table[name], dict):
                 ap.error(f"--extra {name}: give a JSON object of preset keys")
     concepts = a.concepts.split(",")
+    names = a.variants.split(";") if a.variants else list(SCREEN[a.kind])
+    if any(n not in SCREEN[a.kind] for n in names):
+        ap.error(f"--variants: give names among {'; '.join(SCREEN[a.kind])}")
     bad = [c for c in concepts if c not in KINDS[a.kind]]
     if bad:
         ap.error(f"--concepts: {bad[0]!r} is not a {a.kind} of ShapesCanvas")
@@ -147,7 +159,7 @@ def main() -> int:
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     if a.screen:
-        screen(pipe, clf, a.kind, concepts, a.images)
+        screen(pipe, clf, a.kind, concepts, a.images, names)
     else:
         candidates(pipe, clf, a.kind, concepts, a.named, a.images, table)
     print(f"tuning split, {time.perf_counter() - t0:.0f} s")
