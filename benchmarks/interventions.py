@@ -4,7 +4,8 @@
    concept; the paper's ungated S, and the shipped FamilyGate removal with its embedding word matcher, with
    and without its per-position feature ablation; target <= 1.01x) vs SAeUron (the shipped block-output
    edits: one style at one block, and the costliest object preset, triangle: four blocks, 128 features;
-   target <= 1.3x) — seconds per image and ratios.
+   target <= 1.3x; and gradient, whose preset adds a second edit at two further blocks) — seconds per image and
+   ratios.
 2. An SD 1.5-size UNet built from config (random weights, 64x64 latents, 2 DDIM steps, guidance on)
    with a 20,480-latent SAE at up_blocks.1.attentions.1: the paper's ablation and the shipped edit
    (latent scaling, per-patch specific selection, evidence gate) / plain (target <= 1.03x) and the
@@ -77,9 +78,19 @@ def bundled(repeats: int) -> None:
         with saeuron_context(pipe, object_blocks, {"triangle": params["saeuron"]["triangle"]}):
             return gen()
 
+    # gradient: a main edit at one block and an extra edit at both up_blocks.0 attentions, which acts on every prompt
+    # that does not ask for gradient (all four here): three block SAEs on every sample
+    grad = params["saeuron"]["gradient"]
+    grad_blocks = bundle.load_blocks("style", list(dict.fromkeys(
+        [*grad["blocks"], *(b for e in grad.get("extra_edits", []) for b in e["blocks"])])))
+
+    def unlearned_gradient():
+        with saeuron_context(pipe, grad_blocks, {"gradient": grad}):
+            return gen()
+
     # Interleave the runs so that machine noise hits every variant alike.
     fns = {"plain": gen, "steered-paper": steered, "steered-shipped": steered_shipped, "shipped-no-ablat": steered_no_ablation,
-           "saeuron-style": unlearned_style, "saeuron-object": unlearned_object}
+           "saeuron-style": unlearned_style, "saeuron-object": unlearned_object, "saeuron-gradient": unlearned_gradient}
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
