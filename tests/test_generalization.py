@@ -461,6 +461,8 @@ def test_saeuron_preset_detectors_resolve_to_the_shipped_probes():
     assert torch.equal(below(tokens), p < 0.5) and torch.equal(above(tokens), ~below(tokens))
     with pytest.raises(ProbeError, match="below"):
         probe.detector("gradient", 0.5, below="yes")
+    with pytest.raises(ValueError, match="give \\[probe step, threshold"):
+        _shipped_detector("gradient", [0, 0.5, "cond", "bleow"], bundle.load_probe)
     for concept, preset in bundle.load_params()["saeuron"].items():
         for p in (preset, *preset.get("extra_edits", [])):     # a concept's further edits resolve too
             if p.get("detector"):

@@ -412,6 +412,9 @@ def _shipped_detector(concept: str, spec, load_probe):
     step, threshold, *rest = spec
     branch = rest[0] if rest else "uncond"
     # a fourth entry "below" flags the samples under the threshold (the edit acts where the probe does not see it)
+    if rest[1:] not in ([], ["below"]):
+        raise ValueError(f"SAeUron detector for {concept!r}: {list(spec)!r}: give [probe step, threshold(, branch"
+                         f"(, \"below\"))]")
     return load_probe(kind, int(step), branch=branch).detector(concept, float(threshold), below=rest[1:] == ["below"])
 
 
