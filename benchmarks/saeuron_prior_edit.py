@@ -10,13 +10,16 @@ prompts: the concept's share of its plain base rate, the paired change (seeds wh
 and the judge-space FD ratio on those seeds. An edit that cannot lower the base rate ungated cannot do it behind
 any gate.
 
---candidates (default): the shipped preset beside the shipped preset plus one "extra_edits" entry, scored on every
-axis by `robust_tune` (named, implicit, rest accuracy, paired change, TV, FD). The extra edit reads the prompt's
-branch at step 0 with "below": it acts only where the prompt does not ask for the concept, which leaves named
-prompts to the main edit (ungated, the extra edit lifts gradient's named presence from 9 % to 50-56 %).
+Without --screen: the shipped preset's main edit alone (the row "shipped": its "extra_edits" dropped, so the
+presets as they were before second edits existed) beside the main edit plus one second edit, scored on every axis by
+`robust_tune` (named, implicit, rest accuracy, paired change, TV, FD). The built-in candidates are gradient's: a second
+edit at up_blocks.0 that reads the prompt's branch at step 0 with "below", so it acts only where the prompt does not
+ask for the concept and leaves named prompts to the main edit (ungated, it lifts gradient's named presence from 9 % to
+50-56 %). Each `--extra NAME=JSON` replaces them with a second edit of your own (blocks and firing count default to the
+main edit's; a key "main" changes the main edit, e.g. its gate).
 
     python benchmarks/saeuron_prior_edit.py --screen [--kind style] [--concepts gradient,outlined] [--images 128] [--variants "a;b"]
-    python benchmarks/saeuron_prior_edit.py [--kind style] [--concepts gradient] [--named 32] [--images 128]
+    python benchmarks/saeuron_prior_edit.py [--kind style] [--concepts gradient] [--named 32] [--images 128] [--extra NAME=JSON ...]
 """
 from __future__ import annotations
 
